@@ -1,0 +1,289 @@
+//! The `rlhf` command line. Raw arguments become validated settings before any
+//! model is loaded; every failure is an error with context (exit code 2 in `main`).
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::data::chat_template::ChatTemplate;
+use crate::data::prompts::{read_prompts, Prompt};
+use crate::data::tokenizer::Tokenizer;
+use crate::error::read_json;
+use crate::generate::{generate, SamplingParams};
+use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
+use crate::model::{presets, Arch, CausalLm};
+
+/// ChatML, the template `rlhf init --chat_template chatml` installs.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rlhf",
+    version,
+    about = "InstructGPT-style RLHF: SFT, reward model from K-way rankings, PPO-ptx; on HF model folders"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sample completions from a model folder.
+    Generate(GenerateArgs),
+    /// Print a conversation rendered with a model's chat template.
+    Template(TemplateArgs),
+    /// Write a randomly initialised model folder.
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// HF model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// One prompt; the completion is printed on stdout.
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    pub prompt: Option<String>,
+    /// JSONL of {"prompt": ...} or {"messages": [...]}; writes JSONL with completion,
+    /// token ids, logprobs and finish_reason.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Where to write the JSONL of --prompts (default: stdout).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Treat --prompt as a user message and render it with the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 keeps all tokens.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Stop when this string appears (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompts per generation batch with --prompts.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TemplateArgs {
+    /// HF model folder (its tokenizer files hold the chat template).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON file: a list of {role, content} messages (or {"messages": [...]}).
+    #[arg(long)]
+    pub messages: PathBuf,
+    #[arg(long)]
+    pub add_generation_prompt: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ArchArg {
+    Gpt2,
+    Llama,
+    Qwen2,
+}
+
+impl From<ArchArg> for Arch {
+    fn from(a: ArchArg) -> Arch {
+        match a {
+            ArchArg::Gpt2 => Arch::Gpt2,
+            ArchArg::Llama => Arch::Llama,
+            ArchArg::Qwen2 => Arch::Qwen2,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[arg(long, value_enum)]
+    pub arch: ArchArg,
+    /// gpt2: nano, tiny, gpt2, gpt2-medium; llama/qwen2: nano, tiny, smollm-135m, smollm-360m.
+    #[arg(long)]
+    pub preset: String,
+    /// tokenizer.json, or a model folder whose tokenizer files (special tokens, chat
+    /// template) are copied.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// A Jinja chat template file, or `chatml`.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => run_generate(a),
+        Command::Template(a) => run_template(a),
+        Command::Init(a) => run_init(a),
+    }
+}
+
+fn load(dir: &Path) -> Result<Pretrained> {
+    load_pretrained(dir, &Device::Cpu)
+        .with_context(|| format!("loading model from {}", dir.display()))
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        eos_token_ids: vec![],
+        stop_strings: a.stop.clone(),
+    };
+    params.validate()?;
+    if a.batch_size == 0 {
+        bail!("--batch_size must be ≥ 1");
+    }
+    // Read the prompts before loading the model, so bad input fails fast.
+    let entries: Vec<(Value, Prompt)> = match (&a.prompt, &a.prompts) {
+        (Some(text), _) => {
+            let p = if a.chat {
+                Prompt::Messages(json!([{"role": "user", "content": text}]))
+            } else {
+                Prompt::Text(text.clone())
+            };
+            vec![(Value::Null, p)]
+        }
+        (None, Some(path)) => read_prompts(path)?
+            .into_iter()
+            .map(|(_, v, p)| (v, p))
+            .collect(),
+        (None, None) => bail!("give --prompt TEXT or --prompts FILE.jsonl"),
+    };
+    let pre = load(&a.model)?;
+    let params = SamplingParams {
+        eos_token_ids: pre.eos_token_ids.clone(),
+        ..params
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let ids: Vec<Vec<u32>> = entries
+        .iter()
+        .map(|(_, p)| p.tokenize(&pre.tokenizer))
+        .collect::<crate::Result<_>>()?;
+
+    if a.prompt.is_some() {
+        let out = generate(&pre.model, &pre.tokenizer, &ids, &params, &mut rng)?;
+        println!("{}", out[0].text);
+        return Ok(());
+    }
+    let mut sink: Box<dyn Write> = match &a.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let bar = crate::progress::bar(entries.len() as u64, "generating");
+    for (chunk_entries, chunk_ids) in entries.chunks(a.batch_size).zip(ids.chunks(a.batch_size)) {
+        let outs = generate(&pre.model, &pre.tokenizer, chunk_ids, &params, &mut rng)?;
+        for ((orig, _), c) in chunk_entries.iter().zip(outs) {
+            let mut row = match orig {
+                Value::Object(o) => o.clone(),
+                _ => Default::default(),
+            };
+            row.insert("completion".into(), c.text.into());
+            row.insert("prompt_token_ids".into(), json!(c.prompt_tokens));
+            row.insert("token_ids".into(), json!(c.tokens));
+            row.insert("logprobs".into(), json!(c.logprobs));
+            row.insert("finish_reason".into(), json!(c.finish_reason));
+            writeln!(sink, "{}", Value::Object(row))?;
+        }
+        bar.inc(chunk_entries.len() as u64);
+    }
+    bar.finish_and_clear();
+    sink.flush()?;
+    Ok(())
+}
+
+fn run_template(a: TemplateArgs) -> Result<()> {
+    let messages: Value = read_json(&a.messages)?;
+    let messages = match messages {
+        Value::Object(mut o) if o.contains_key("messages") => {
+            o.remove("messages").unwrap_or_default()
+        }
+        v => v,
+    };
+    if !messages.is_array() {
+        bail!(
+            "{}: expected a list of {{role, content}} messages or {{\"messages\": [...]}}",
+            a.messages.display()
+        );
+    }
+    let tokenizer = Tokenizer::from_dir(&a.model)
+        .with_context(|| format!("loading tokenizer from {}", a.model.display()))?;
+    let text = tokenizer.apply_chat_template(&messages, a.add_generation_prompt)?;
+    print!("{text}");
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+fn run_init(a: InitArgs) -> Result<()> {
+    let arch: Arch = a.arch.into();
+    let mut tokenizer = if a.tokenizer.is_dir() {
+        Tokenizer::from_dir(&a.tokenizer)?
+    } else {
+        Tokenizer::from_file(&a.tokenizer)?
+    };
+    if tokenizer.special_token("eos_token").is_none() {
+        // A bare tokenizer.json: take the conventional end token if it has one.
+        if let Some(t) = ["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"]
+            .into_iter()
+            .find(|t| tokenizer.token_to_id(t).is_some())
+        {
+            tokenizer.set_special_token("eos_token", t);
+        }
+    }
+    if let Some(t) = &a.chat_template {
+        let src = if t == "chatml" {
+            CHATML_TEMPLATE.to_string()
+        } else {
+            crate::error::read_to_string(Path::new(t))?
+        };
+        tokenizer.set_chat_template(Some(ChatTemplate::new(&src)?));
+    }
+    let eos = tokenizer.eos_token_id();
+    let bos = tokenizer
+        .special_token("bos_token")
+        .and_then(|t| tokenizer.token_to_id(t));
+    let config = presets::preset(arch, &a.preset, tokenizer.vocab_size(), bos, eos)?;
+    let model = CausalLm::init(config, a.seed, &Device::Cpu)?;
+    let n = model.params.num_parameters();
+    let pre = Pretrained {
+        model,
+        tokenizer,
+        eos_token_ids: eos.into_iter().collect(),
+    };
+    save_pretrained(&pre, &a.output_dir)
+        .with_context(|| format!("writing {}", a.output_dir.display()))?;
+    eprintln!(
+        "wrote {} ({} {}, {:.2}M parameters)",
+        a.output_dir.display(),
+        arch.model_type(),
+        a.preset,
+        n as f64 / 1e6
+    );
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! Prompts in TRL's prompt-only format: `{"prompt": "text"}`, `{"prompt": [messages]}`
+//! (conversational) or `{"messages": [...]}`; and their tokenization, with the chat
+//! template for conversations.
+
+use serde_json::Value;
+use std::path::Path;
+
+use super::jsonl::read_jsonl;
+use super::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Plain text, tokenized with the tokenizer's special tokens (BOS where it adds one).
+    Text(String),
+    /// A conversation, rendered with the chat template and a generation prompt.
+    Messages(Value),
+}
+
+impl Prompt {
+    /// Parses one JSONL object; `path` and `line` name the source in errors.
+    pub fn from_json(v: &Value, path: &Path, line: usize) -> Result<Self> {
+        let bad = |m: &str| Error::bad_file(path, Some(line), m);
+        let field = v
+            .get("prompt")
+            .map(|p| ("prompt", p))
+            .or_else(|| v.get("messages").map(|m| ("messages", m)));
+        match field {
+            Some((_, Value::String(s))) => Ok(Prompt::Text(s.clone())),
+            Some((name, Value::Array(msgs))) => {
+                for (i, m) in msgs.iter().enumerate() {
+                    let ok =
+                        m.get("role").is_some_and(Value::is_string) && m.get("content").is_some();
+                    if !ok {
+                        return Err(bad(&format!(
+                            "field {name:?}: message {i} needs a string \"role\" and a \"content\""
+                        )));
+                    }
+                }
+                if msgs.is_empty() {
+                    return Err(bad(&format!("field {name:?} is an empty list")));
+                }
+                Ok(Prompt::Messages(Value::Array(msgs.clone())))
+            }
+            Some((name, _)) => Err(bad(&format!(
+                "field {name:?} must be a string or a list of messages"
+            ))),
+            None => Err(bad(
+                "expected a \"prompt\" (string or list of messages) or a \"messages\" field",
+            )),
+        }
+    }
+
+    /// Token ids for generation.
+    pub fn tokenize(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+        match self {
+            Prompt::Text(t) => tokenizer.encode(t, true),
+            Prompt::Messages(m) => {
+                let text = tokenizer.apply_chat_template(m, true)?;
+                tokenizer.encode(&text, false)
+            }
+        }
+    }
+}
+
+/// Reads a prompts JSONL file; each entry keeps its source line and original object.
+pub fn read_prompts(path: &Path) -> Result<Vec<(usize, Value, Prompt)>> {
+    read_jsonl(path)?
+        .into_iter()
+        .map(|l| {
+            let p = Prompt::from_json(&l.value, path, l.number)?;
+            Ok((l.number, l.value, p))
+        })
+        .collect()
+}

@@ -1,0 +1,412 @@
+//! Batched sampling with a KV cache, returning each sampled token's log-probability.
+//!
+//! Prompts are left-padded into one batch, prefilled in one forward pass, then
+//! decoded one token per step. Sampling follows transformers' processor order
+//! (repetition penalty → temperature → top-k → top-p); the log-probability
+//! returned for each token is under the model's *unmodified* distribution
+//! (log-softmax of the raw logits), which is what PPO's ratio and KL penalty need.
+//! All randomness comes from one ChaCha stream, so a seed reproduces a run.
+
+use candle_core::Tensor;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+use crate::model::{AttentionMask, CausalLm};
+
+/// How to pick tokens. `temperature == 0` is greedy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches top_p (1.0 = off).
+    pub top_p: f32,
+    /// transformers' CTRL-style penalty on tokens already in the sequence (1.0 = off).
+    pub repetition_penalty: f32,
+    /// Any of these ids ends a sequence (the token is kept, with its logprob).
+    pub eos_token_ids: Vec<u32>,
+    /// Any of these strings in the decoded completion ends it; the text is cut there.
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            eos_token_ids: vec![],
+            stop_strings: vec![],
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad(format!("temperature must be ≥ 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens must be ≥ 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An eos id was sampled.
+    Eos,
+    /// A stop string appeared in the text.
+    Stop,
+    /// max_new_tokens was reached.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub prompt_tokens: Vec<u32>,
+    /// Sampled tokens, the final eos included.
+    pub tokens: Vec<u32>,
+    /// log π(token | prefix) for each sampled token, under the raw logits.
+    pub logprobs: Vec<f32>,
+    /// The decoded completion, special tokens skipped, cut at a stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+/// Samples a completion for every prompt (token ids, any lengths) in one batch.
+pub fn generate(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Completion>> {
+    params.validate()?;
+    let context = model.config.context_length();
+    for (index, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::Invalid(format!(
+                "prompt {index} is empty (0 tokens)"
+            )));
+        }
+        if p.len() + params.max_new_tokens > context {
+            return Err(Error::PromptTooLong {
+                index,
+                prompt_tokens: p.len(),
+                max_new_tokens: params.max_new_tokens,
+                context,
+            });
+        }
+    }
+    if prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    let device = &model.device;
+    let pad = tokenizer.pad_token_id();
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+
+    // Left-pad the prompts: (B, S0).
+    let mut key_mask: Vec<Vec<u8>> = Vec::with_capacity(prompts.len());
+    let mut ids = Vec::with_capacity(prompts.len() * width);
+    for p in prompts {
+        let n_pad = width - p.len();
+        ids.extend(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()));
+        key_mask.push([vec![0u8; n_pad], vec![1u8; p.len()]].concat());
+    }
+    let ids = Tensor::from_vec(ids, (prompts.len(), width), device)?; // (B, S0)
+
+    let mut cache = model.new_cache();
+    let mask = AttentionMask::new(&key_mask, width, device)?;
+    let mut logits = last_logits(model, &ids, &mask, &mut cache)?; // B rows of V
+
+    let mut out: Vec<Completion> = prompts
+        .iter()
+        .map(|p| Completion {
+            prompt_tokens: p.clone(),
+            tokens: vec![],
+            logprobs: vec![],
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+        })
+        .collect();
+    let mut done = vec![false; prompts.len()];
+
+    for _step in 0..params.max_new_tokens {
+        let mut next = Vec::with_capacity(prompts.len());
+        for (b, row) in logits.iter().enumerate() {
+            if done[b] {
+                next.push(pad);
+                continue;
+            }
+            let c = &mut out[b];
+            let history: Vec<u32> = c.prompt_tokens.iter().chain(&c.tokens).copied().collect();
+            let token = sample_token(row, &history, params, rng);
+            c.tokens.push(token);
+            c.logprobs.push(log_softmax_at(row, token as usize));
+            next.push(token);
+            if params.eos_token_ids.contains(&token) {
+                c.finish_reason = FinishReason::Eos;
+                done[b] = true;
+            } else if !params.stop_strings.is_empty() {
+                let text = tokenizer.decode(&c.tokens, true)?;
+                if params
+                    .stop_strings
+                    .iter()
+                    .any(|s| text.contains(s.as_str()))
+                {
+                    c.finish_reason = FinishReason::Stop;
+                    done[b] = true;
+                }
+            }
+            if !done[b] && c.tokens.len() == params.max_new_tokens {
+                done[b] = true;
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        for (row, &d) in key_mask.iter_mut().zip(&done) {
+            row.push(u8::from(!d));
+        }
+        let step_ids = Tensor::from_vec(next, (prompts.len(), 1), device)?; // (B, 1)
+        let mask = AttentionMask::new(&key_mask, 1, device)?;
+        logits = last_logits(model, &step_ids, &mask, &mut cache)?;
+    }
+
+    for c in &mut out {
+        let body = match c.finish_reason {
+            FinishReason::Eos => &c.tokens[..c.tokens.len() - 1],
+            _ => &c.tokens[..],
+        };
+        let mut text = tokenizer.decode(body, true)?;
+        if let Some(cut) = params
+            .stop_strings
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(cut);
+        }
+        c.text = text;
+    }
+    Ok(out)
+}
+
+/// Forward with the cache and return the last position's logits, one Vec per row.
+fn last_logits(
+    model: &CausalLm,
+    ids: &Tensor,
+    mask: &AttentionMask,
+    cache: &mut crate::model::KvCache,
+) -> Result<Vec<Vec<f32>>> {
+    let hidden = model.backbone.forward(ids, mask, Some(cache))?; // (B, T, C)
+    let t = hidden.dim(1)?;
+    let last = hidden.narrow(1, t - 1, 1)?; // (B, 1, C)
+    let logits = model.lm_head.forward(&last)?.squeeze(1)?; // (B, V)
+    Ok(logits.to_vec2()?)
+}
+
+/// log softmax(logits)[index], computed in f64.
+pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    (logits[index] as f64 - lse) as f32
+}
+
+/// Picks the next token from one row of logits. `history` is the sequence so far
+/// (prompt + completion), used by the repetition penalty.
+pub fn sample_token(
+    logits: &[f32],
+    history: &[u32],
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> u32 {
+    let mut scores = logits.to_vec();
+    if params.repetition_penalty != 1.0 {
+        // transformers' RepetitionPenaltyLogitsProcessor: shrink toward less likely.
+        let p = params.repetition_penalty;
+        let mut seen = history.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for &t in &seen {
+            if let Some(s) = scores.get_mut(t as usize) {
+                *s = if *s < 0.0 { *s * p } else { *s / p };
+            }
+        }
+    }
+    if params.temperature == 0.0 {
+        return argmax(&scores) as u32;
+    }
+    let inv_t = 1.0 / params.temperature as f64;
+    // Candidates sorted by score, highest first; ties keep the lower id first.
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    if params.top_k > 0 && params.top_k < order.len() {
+        order.truncate(params.top_k);
+    }
+    let max = scores[order[0]] as f64;
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((scores[i] as f64 - max) * inv_t).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if params.top_p < 1.0 {
+        let mut cum = 0.0;
+        let keep = probs
+            .iter()
+            .position(|&p| {
+                cum += p;
+                cum >= params.top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        order.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let r: f64 = rng.random::<f64>();
+    let mut cum = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        cum += p;
+        if r < cum {
+            return order[i] as u32;
+        }
+    }
+    order[probs.len() - 1] as u32
+}
+
+fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_picks_the_first_maximum() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(
+            sample_token(&[0.1, 2.0, 2.0, -1.0], &[], &params(0.0), &mut rng),
+            1
+        );
+    }
+
+    #[test]
+    fn repetition_penalty_follows_transformers() {
+        // Token 1 (score 2.0) seen → 2.0 / 4 = 0.5 < token 2's 1.0; negative scores
+        // are multiplied: token 0 (-1.0) → -4.0.
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let p = SamplingParams {
+            repetition_penalty: 4.0,
+            ..params(0.0)
+        };
+        assert_eq!(sample_token(&[-1.0, 2.0, 1.0], &[1, 0], &p, &mut rng), 2);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_top_p_keeps_the_nucleus() {
+        let logits = [0.0f32, 3.0, 2.9, -5.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let k1 = SamplingParams {
+            top_k: 1,
+            ..params(1.0)
+        };
+        for _ in 0..50 {
+            assert_eq!(sample_token(&logits, &[], &k1, &mut rng), 1);
+        }
+        // p(1) ≈ 0.50, p(2) ≈ 0.45, p(0) ≈ 0.025: top_p 0.9 keeps exactly {1, 2}.
+        let p9 = SamplingParams {
+            top_p: 0.9,
+            ..params(1.0)
+        };
+        let mut seen = [0usize; 4];
+        for _ in 0..2000 {
+            seen[sample_token(&logits, &[], &p9, &mut rng) as usize] += 1;
+        }
+        assert_eq!(seen[0] + seen[3], 0);
+        assert!(seen[1] > 800 && seen[2] > 800, "{seen:?}");
+    }
+
+    #[test]
+    fn temperature_sampling_matches_softmax_frequencies() {
+        let logits = [0.0f32, (2.0f32).ln()]; // p = 1/3, 2/3
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let n = 30_000;
+        let ones = (0..n)
+            .filter(|_| sample_token(&logits, &[], &params(1.0), &mut rng) == 1)
+            .count();
+        let freq = ones as f64 / n as f64;
+        assert!((freq - 2.0 / 3.0).abs() < 0.01, "{freq}");
+        // Temperature 2 flattens: p ∝ exp(x/2) → 1 : √2, p(1) = √2/(1+√2) ≈ 0.586.
+        let t2 = params(2.0);
+        let ones = (0..n)
+            .filter(|_| sample_token(&logits, &[], &t2, &mut rng) == 1)
+            .count();
+        let freq = ones as f64 / n as f64;
+        assert!((freq - 0.5858).abs() < 0.01, "{freq}");
+    }
+
+    #[test]
+    fn same_seed_same_samples() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draw = |seed| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            (0..20)
+                .map(|_| sample_token(&logits, &[], &params(1.0), &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(3), draw(3));
+        assert_ne!(draw(3), draw(4));
+    }
+
+    #[test]
+    fn log_softmax_at_is_normalised() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let total: f64 = (0..3)
+            .map(|i| (log_softmax_at(&logits, i) as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        let expected = 3.0 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        assert!((log_softmax_at(&logits, 2) as f64 - expected).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,15 @@
+//! rlhf: the InstructGPT training system (SFT → reward model from K-way rankings →
+//! PPO with a per-token KL penalty and pretraining mix) on candle, in one crate.
+//!
+//! The modules follow the pipeline: `model` (backbones, heads, KV cache, HF import
+//! and export), `data` (formats, tokenization, chat templates), `generate` (batched
+//! sampling with logprobs), and `cli` (the `rlhf` binary's commands).
+
+pub mod cli;
+pub mod data;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod progress;
+
+pub use error::{Error, Result};

@@ -1,0 +1,223 @@
+//! HF model folders in and out: config.json, model.safetensors (or shards listed in
+//! model.safetensors.index.json) and generation_config.json. Tokenizer files are read
+//! and written by `data::tokenizer`.
+//!
+//! What we write loads in transformers' `AutoModelForCausalLM`: safetensors with
+//! `{"format": "pt"}` metadata, HF tensor names and layouts, and a config.json that
+//! keeps every key of the one we read.
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::config::{token_id_list, ModelConfig};
+use super::{Backbone, CausalLm, Params};
+use crate::data::tokenizer::Tokenizer;
+use crate::error::{read_json, Error, Result};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+
+/// Reads and validates `DIR/config.json`.
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join(CONFIG_FILE);
+    let raw: Value = read_json(&path)?;
+    if !raw.is_object() {
+        return Err(Error::bad_file(&path, Some(1), "expected a JSON object"));
+    }
+    ModelConfig::from_json(raw, &path)
+}
+
+/// Reads every tensor of the folder's safetensors file(s), by HF name. Returns the
+/// path to name in errors about the tensors (the single file or the index).
+pub fn read_weights(dir: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, PathBuf)> {
+    let single = dir.join(WEIGHTS_FILE);
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    if single.exists() {
+        return Ok((load_safetensors(&single, device)?, single));
+    }
+    if !index.exists() {
+        let hint = if dir.join("pytorch_model.bin").exists() {
+            " (pytorch_model.bin is not supported: convert it with transformers' save_pretrained(..., safe_serialization=True))"
+        } else {
+            ""
+        };
+        return Err(Error::read(
+            &single,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in this folder{hint}"),
+            ),
+        ));
+    }
+    let idx: Value = read_json(&index)?;
+    let map = idx
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| {
+            Error::bad_file(
+                &index,
+                None,
+                "field \"weight_map\" is missing or not an object",
+            )
+        })?;
+    let mut shards: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    let mut tensors = HashMap::new();
+    for shard in shards {
+        tensors.extend(load_safetensors(&dir.join(shard), device)?);
+    }
+    Ok((tensors, index))
+}
+
+fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| Error::bad_file(path, None, format!("not a valid safetensors file: {e}")))
+}
+
+/// eos ids for generation: generation_config.json's (an int or a list) when present,
+/// else config.json's.
+pub fn read_generation_eos(dir: &Path, config: &ModelConfig) -> Result<Vec<u32>> {
+    let path = dir.join(GENERATION_CONFIG_FILE);
+    let mut ids = config.eos_token_ids();
+    if path.exists() {
+        let gen: Value = read_json(&path)?;
+        let from_gen = token_id_list(gen.get("eos_token_id"));
+        if !from_gen.is_empty() {
+            ids = from_gen;
+        }
+    }
+    Ok(ids)
+}
+
+/// Loads a causal LM from an HF folder, checking every tensor's name and shape.
+pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<CausalLm> {
+    if !dir.is_dir() {
+        return Err(Error::read(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+        ));
+    }
+    let config = read_config(dir)?;
+    let (tensors, source) = read_weights(dir, device)?;
+    let params = Params::from_hf(Backbone::param_specs(&config), tensors, &source, device)?;
+    CausalLm::from_params(config, params, device)
+}
+
+/// Writes config.json and model.safetensors for a causal LM into `dir` (created if
+/// needed). Each file is written to a temporary name and renamed into place.
+pub fn save_causal_lm(model: &CausalLm, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
+    let mut config = model.config.raw.clone();
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert(
+            "architectures".into(),
+            Value::from(vec![model.config.arch.causal_lm_class()]),
+        );
+        // Weights are written in f32: say so under both the old and the new key.
+        obj.insert("dtype".into(), "float32".into());
+        if obj.contains_key("torch_dtype") {
+            obj.insert("torch_dtype".into(), "float32".into());
+        }
+        obj.insert(
+            "tie_word_embeddings".into(),
+            model.config.tie_word_embeddings().into(),
+        );
+    }
+    write_json(&dir.join(CONFIG_FILE), &config)?;
+    save_safetensors(&model.params.to_hf()?, &dir.join(WEIGHTS_FILE))
+}
+
+/// Writes tensors with `{"format": "pt"}` metadata, which transformers requires.
+pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = tmp_path(path);
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(meta),
+        &tmp,
+    )
+    .map_err(|e| Error::write(&tmp, std::io::Error::other(e.to_string())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
+}
+
+/// Writes pretty JSON through a temporary file.
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialize") + "\n";
+    write_atomic(path, text.as_bytes())
+}
+
+/// Writes a file through a temporary name in the same folder, then renames it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::write(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// A model folder loaded whole: model, tokenizer and the eos ids to stop on.
+#[derive(Debug, Clone)]
+pub struct Pretrained {
+    pub model: CausalLm,
+    pub tokenizer: Tokenizer,
+    /// generation_config.json's (or config.json's) eos ids plus the tokenizer's eos.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Loads model and tokenizer from an HF folder, and checks that they fit each other.
+pub fn load_pretrained(dir: &Path, device: &Device) -> Result<Pretrained> {
+    let model = load_causal_lm(dir, device)?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let embedding = model.config.vocab_size();
+    if tokenizer.vocab_size() > embedding {
+        return Err(Error::TokenizerTooLarge {
+            tokenizer: tokenizer.vocab_size(),
+            embedding,
+        });
+    }
+    let mut eos_token_ids = read_generation_eos(dir, &model.config)?;
+    if let Some(id) = tokenizer.eos_token_id() {
+        if !eos_token_ids.contains(&id) {
+            eos_token_ids.push(id);
+        }
+    }
+    Ok(Pretrained {
+        model,
+        tokenizer,
+        eos_token_ids,
+    })
+}
+
+/// Writes a whole HF folder: config, weights, tokenizer files and
+/// generation_config.json (with the eos ids).
+pub fn save_pretrained(p: &Pretrained, dir: &Path) -> Result<()> {
+    save_causal_lm(&p.model, dir)?;
+    p.tokenizer.save(dir)?;
+    let eos: Value = match p.eos_token_ids.as_slice() {
+        [one] => (*one).into(),
+        many => many.to_vec().into(),
+    };
+    let mut gen = serde_json::Map::new();
+    if let Some(bos) = p
+        .model
+        .config
+        .raw
+        .get("bos_token_id")
+        .filter(|v| !v.is_null())
+    {
+        gen.insert("bos_token_id".into(), bos.clone());
+    }
+    gen.insert("eos_token_id".into(), eos);
+    gen.insert("pad_token_id".into(), p.tokenizer.pad_token_id().into());
+    write_json(&dir.join(GENERATION_CONFIG_FILE), &Value::Object(gen))
+}

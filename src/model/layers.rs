@@ -1,0 +1,131 @@
+//! Building blocks shared by the model families, written from composite candle ops so
+//! that every one of them has a backward pass.
+//!
+//! candle 0.11's fused `ops::layer_norm`, `ops::rms_norm` and `ops::softmax_last_dim`
+//! have no backward (gradients silently stop there), so none of them is used here.
+//! The fast-CPU-training work replaces these bodies with custom ops that carry their
+//! own backward; callers do not change.
+
+use candle_core::{Tensor, D};
+
+use crate::error::Result;
+
+/// A dense layer `y = x Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,       // (out, in)
+    pub bias: Option<Tensor>, // (out,)
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    /// x: (..., in) → (..., out)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let inner = dims[dims.len() - 1];
+        let x2 = x.reshape((rows, inner))?; // (N, in)
+        let y = x2.matmul(&self.weight.t()?)?; // (N, out)
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// LayerNorm over the last dimension (GPT-2).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor, // (C,)
+    pub bias: Tensor,   // (C,)
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?; // (..., 1)
+        let xc = x.broadcast_sub(&mean)?; // (..., C)
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?; // (..., C)
+        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// RMSNorm over the last dimension (Llama family).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor, // (C,)
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
+        let xn = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?; // (..., C)
+        Ok(xn.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Softmax over the last dimension. The max is detached: softmax is shift-invariant,
+/// so the gradient is unchanged and no gradient flows through the max.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach(); // (..., 1)
+    let e = x.broadcast_sub(&max)?.exp()?; // (..., N)
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Scaled dot-product attention with an additive bias (causal + padding mask).
+/// Grouped-query attention: k and v may have fewer heads than q; each kv head serves
+/// `n_heads / n_kv_heads` query heads.
+///
+/// q: (B, nh, T, hd), k, v: (B, nkv, S, hd), bias: (B, 1, T, S) → (B, nh, T, hd)
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_, n_heads, _, head_dim) = q.dims4()?;
+    let n_kv = k.dim(1)?;
+    let k = repeat_kv(k, n_heads / n_kv)?; // (B, nh, S, hd)
+    let v = repeat_kv(v, n_heads / n_kv)?; // (B, nh, S, hd)
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?; // (B, nh, T, S)
+    let probs = softmax_last_dim(&scores)?; // (B, nh, T, S)
+    Ok(probs.matmul(&v)?)
+}
+
+/// (B, nkv, S, hd) → (B, nkv·rep, S, hd), each kv head repeated `rep` times in place.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n_kv, s, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, n_kv, rep, s, hd))?
+        .reshape((b, n_kv * rep, s, hd))?)
+}
+
+/// (B, T, nh·hd) → (B, nh, T, hd)
+pub fn split_heads(x: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    Ok(x.reshape((b, t, n_heads, c / n_heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// (B, nh, T, hd) → (B, T, nh·hd)
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, nh, t, hd) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+}
+
+/// Looks up rows of an embedding table: ids (B, T) → (B, T, C).
+pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let c = table.dim(1)?;
+    Ok(table
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, c))?)
+}

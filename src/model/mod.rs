@@ -1,0 +1,134 @@
+//! Models: backbones (one file per family), heads, the KV cache and HF import/export.
+//!
+//! A model is a `Backbone` (token ids → final hidden states) plus a head. The LM head
+//! maps hidden states to next-token logits; the reward and value models put a scalar
+//! head on the same backbone.
+
+pub mod config;
+pub mod gpt2;
+pub mod hf;
+pub mod kv_cache;
+pub mod layers;
+pub mod llama;
+pub mod mask;
+pub mod params;
+pub mod presets;
+
+use candle_core::{Device, Tensor};
+
+pub use config::{Arch, FamilyConfig, ModelConfig};
+pub use kv_cache::KvCache;
+pub use mask::AttentionMask;
+pub use params::{ParamSpec, Params};
+
+use crate::error::Result;
+
+/// The transformer body of any supported family.
+#[derive(Debug, Clone)]
+pub enum Backbone {
+    Gpt2(gpt2::Gpt2),
+    Llama(llama::Llama),
+}
+
+impl Backbone {
+    /// The parameter table for a config (backbone, and the LM head when untied).
+    pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
+        match &cfg.family {
+            FamilyConfig::Gpt2(c) => gpt2::param_specs(c),
+            FamilyConfig::Llama(c) => llama::param_specs(cfg.arch, c),
+        }
+    }
+
+    pub fn new(cfg: &ModelConfig, params: &Params, device: &Device) -> Result<Self> {
+        Ok(match &cfg.family {
+            FamilyConfig::Gpt2(c) => Backbone::Gpt2(gpt2::Gpt2::new(c, params)),
+            FamilyConfig::Llama(c) => Backbone::Llama(llama::Llama::new(c, params, device)?),
+        })
+    }
+
+    /// ids: (B, T) → final hidden states (B, T, C). With a cache, the ids are the new
+    /// tokens and `mask` covers cached + new positions.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        match self {
+            Backbone::Gpt2(m) => m.forward(ids, mask, cache),
+            Backbone::Llama(m) => m.forward(ids, mask, cache),
+        }
+    }
+
+    pub fn token_embedding(&self) -> &Tensor {
+        match self {
+            Backbone::Gpt2(m) => m.token_embedding(),
+            Backbone::Llama(m) => m.token_embedding(),
+        }
+    }
+}
+
+/// Hidden states → next-token logits. Tied heads share the embedding tensor, so its
+/// gradient collects both uses.
+#[derive(Debug, Clone)]
+pub struct LmHead {
+    pub weight: Tensor, // (V, C)
+}
+
+impl LmHead {
+    /// hidden: (B, T, C) → logits (B, T, V)
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        layers::Linear::new(self.weight.clone(), None).forward(hidden)
+    }
+}
+
+/// A causal language model: backbone + LM head, with its parameters and config.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub params: Params,
+    pub backbone: Backbone,
+    pub lm_head: LmHead,
+    pub device: Device,
+}
+
+impl CausalLm {
+    /// Assembles a model from parameters that match `Backbone::param_specs(&config)`.
+    pub fn from_params(config: ModelConfig, params: Params, device: &Device) -> Result<Self> {
+        let backbone = Backbone::new(&config, &params, device)?;
+        let weight = if config.tie_word_embeddings() {
+            backbone.token_embedding().clone()
+        } else {
+            params.get("lm_head.weight")
+        };
+        Ok(CausalLm {
+            config,
+            params,
+            backbone,
+            lm_head: LmHead { weight },
+            device: device.clone(),
+        })
+    }
+
+    /// A randomly initialised model, reproducible from `seed`.
+    pub fn init(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        let params = Params::init(Backbone::param_specs(&config), seed, device)?;
+        Self::from_params(config, params, device)
+    }
+
+    /// ids: (B, T) → logits (B, T, V)
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.backbone.forward(ids, mask, cache)?; // (B, T, C)
+        self.lm_head.forward(&hidden)
+    }
+
+    /// A fresh, empty KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers())
+    }
+}

@@ -1,0 +1,186 @@
+//! The parameter table of a model: every tensor's HF name, shape, initialisation and
+//! on-disk layout, and the store that holds the tensors as trainable `Var`s.
+//!
+//! Each family lists its parameters once (`ParamSpec`s); the same list drives random
+//! initialisation (`rlhf init`), validation on load (a missing tensor or a wrong shape
+//! names the tensor and both shapes), export (GPT-2's Conv1D weights are stored
+//! `[in, out]` on disk and transposed once here, on load and on save) and, in training,
+//! the parameter groups of AdamW (`decay`).
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// How a parameter starts before training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// Normal(0, std), as HF's `_init_weights` does for linears and embeddings.
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// How a parameter is laid out in HF files relative to ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfLayout {
+    Same,
+    /// GPT-2's Conv1D: `[in, out]` on disk, `[out, in]` in memory.
+    Transposed,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    /// The HF checkpoint name, e.g. `transformer.h.0.attn.c_attn.weight`.
+    pub name: String,
+    /// The in-memory shape (linear weights are `[out, in]`).
+    pub shape: Vec<usize>,
+    pub init: Init,
+    pub layout: HfLayout,
+    /// Whether weight decay applies (not to biases, norms and embeddings).
+    pub decay: bool,
+}
+
+impl ParamSpec {
+    pub fn new(name: impl Into<String>, shape: &[usize], init: Init) -> Self {
+        ParamSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            init,
+            layout: HfLayout::Same,
+            decay: false,
+        }
+    }
+    /// A matrix that gets weight decay.
+    pub fn decayed(mut self) -> Self {
+        self.decay = true;
+        self
+    }
+    pub fn transposed_on_disk(mut self) -> Self {
+        self.layout = HfLayout::Transposed;
+        self
+    }
+    fn disk_shape(&self) -> Vec<usize> {
+        match self.layout {
+            HfLayout::Same => self.shape.clone(),
+            HfLayout::Transposed => self.shape.iter().rev().copied().collect(),
+        }
+    }
+}
+
+/// The tensors of one model, by HF name, each a trainable variable.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub specs: Vec<ParamSpec>,
+    vars: BTreeMap<String, Var>,
+}
+
+impl Params {
+    /// Random initialisation, reproducible from `seed` (ChaCha8, in spec order).
+    pub fn init(specs: Vec<ParamSpec>, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut vars = BTreeMap::new();
+        for spec in &specs {
+            let n: usize = spec.shape.iter().product();
+            let data: Vec<f32> = match spec.init {
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
+                Init::Normal(std) => {
+                    let dist = Normal::new(0.0f32, std as f32)
+                        .map_err(|e| Error::Invalid(format!("init std {std}: {e}")))?;
+                    (0..n).map(|_| dist.sample(&mut rng)).collect()
+                }
+            };
+            let t = Tensor::from_vec(data, spec.shape.as_slice(), device)?;
+            vars.insert(spec.name.clone(), Var::from_tensor(&t)?);
+        }
+        Ok(Params { specs, vars })
+    }
+
+    /// Takes the tensors read from HF files, checks every name and shape against the
+    /// specs, converts to f32 and our layout. `path` names the source in errors.
+    /// Names may carry a prefix the checkpoint lacks (`transformer.` in hub GPT-2 files).
+    pub fn from_hf(
+        specs: Vec<ParamSpec>,
+        mut tensors: HashMap<String, Tensor>,
+        path: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for spec in &specs {
+            let t = take_tensor(&mut tensors, &spec.name).ok_or_else(|| Error::MissingTensor {
+                path: path.to_path_buf(),
+                name: spec.name.clone(),
+            })?;
+            let expected = spec.disk_shape();
+            if t.dims() != expected.as_slice() {
+                return Err(Error::TensorShape {
+                    path: path.to_path_buf(),
+                    name: spec.name.clone(),
+                    expected,
+                    got: t.dims().to_vec(),
+                });
+            }
+            let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            let t = match spec.layout {
+                HfLayout::Same => t,
+                HfLayout::Transposed => t.t()?.contiguous()?,
+            };
+            vars.insert(spec.name.clone(), Var::from_tensor(&t)?);
+        }
+        Ok(Params { specs, vars })
+    }
+
+    /// The tensor of a parameter, tracked for gradients. Panics only on a name that is
+    /// not in the spec list, which is a programming error in a model file.
+    pub fn get(&self, name: &str) -> Tensor {
+        match self.vars.get(name) {
+            Some(v) => v.as_tensor().clone(),
+            None => panic!("parameter {name} is not in the model's spec list"),
+        }
+    }
+
+    pub fn var(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name)
+    }
+
+    /// All variables in spec order (the order optimizers and checkpoints use).
+    pub fn vars(&self) -> Vec<(&ParamSpec, &Var)> {
+        self.specs
+            .iter()
+            .map(|s| (s, &self.vars[&s.name]))
+            .collect()
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// The tensors in HF names and on-disk layout, ready for safetensors.
+    pub fn to_hf(&self) -> Result<Vec<(String, Tensor)>> {
+        self.specs
+            .iter()
+            .map(|spec| {
+                let t = self.vars[&spec.name].as_tensor().detach();
+                let t = match spec.layout {
+                    HfLayout::Same => t,
+                    HfLayout::Transposed => t.t()?.contiguous()?,
+                };
+                Ok((spec.name.clone(), t))
+            })
+            .collect()
+    }
+}
+
+fn take_tensor(tensors: &mut HashMap<String, Tensor>, name: &str) -> Option<Tensor> {
+    if let Some(t) = tensors.remove(name) {
+        return Some(t);
+    }
+    // Hub GPT-2 checkpoints omit the `transformer.` prefix.
+    let (_, short) = name.split_once('.')?;
+    tensors.remove(short)
+}

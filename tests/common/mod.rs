@@ -1,0 +1,38 @@
+//! Helpers shared by the integration tests: fixture paths and small model folders.
+#![allow(dead_code)]
+
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+use rlhf::model::hf::{load_pretrained, Pretrained};
+
+pub const FAMILIES: [&str; 3] = ["gpt2", "llama", "qwen2"];
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+pub fn load_fixture(name: &str) -> Pretrained {
+    load_pretrained(&fixture(name), &Device::Cpu).unwrap()
+}
+
+/// Copies a fixture folder (without reference.json) into a temp dir for mutation.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+/// The rlhf binary built by cargo for this test run.
+pub fn rlhf_bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+}

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Writes the test fixtures under tests/fixtures/ with torch + transformers, and checks
+that transformers loads what `rlhf` writes.
+
+Never needed by the tests or CI: the fixtures it writes are committed.
+
+    python3 -m venv pyenv && pyenv/bin/pip install torch transformers
+    pyenv/bin/python tools/make_fixtures.py            # (re)write tests/fixtures/
+    pyenv/bin/python tools/make_fixtures.py --check    # rlhf init/generate -> transformers
+
+What it writes:
+  tokenizer.json           a byte-level BPE (GPT-2 style) trained on a small corpus
+  gpt2/, llama/, qwen2/    tiny random-weight HF folders: gpt2 (tied head), llama
+                           (grouped-query attention, untied head, sharded safetensors,
+                           chat_template.jinja, eos list), qwen2 (q/k/v bias)
+  */reference.json         logits for fixed token ids, greedy continuations with the
+                           raw-logit logprob of every generated token
+  templates.json           chat templates and the text transformers renders for them
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig,
+                          PreTrainedTokenizerFast, Qwen2Config)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "fixtures")
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CORPUS = [
+    "The cat sat on the mat. The dog ran in the park.",
+    "Alice has three apples and Bob has two apples, so together they have five apples.",
+    "Once upon a time there was a small village by the sea.",
+    "The capital of the small world is Lumen. The river Vela flows north.",
+    "What is two plus two? Two plus two is four.",
+    "I do not know the answer to that question.",
+    "Sorry, I cannot help with that request.",
+    "user assistant system hello world how are you today",
+] * 20
+
+PROMPTS = ["The cat sat on", "Alice has three apples and"]
+
+CHATML = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == \"system\" and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+ZEPHYR = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'].strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'].strip() + eos_token }}{% endif %}{% endfor %}"
+)
+
+TOJSON = (
+    "{%- set ns = namespace(n=0) %}{%- for m in messages %}{%- set ns.n = ns.n + 1 %}"
+    "{{ ns.n }}: {{ m | tojson }}\n{%- if m.role == 'assistant' %}{% continue %}{% endif %}"
+    "[{{ m.content.split(' ') | length }} words, upper={{ m.content.upper() }}]\n{% endfor %}"
+    "{{ {'b': 1, 'a': [1.5, None, true]} | tojson(indent=2) }}"
+)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello! How are you?"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "  What is 2+2?  "},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3? \u00e9t\u00e9 \u2014 \"quoted\" <tag> & ok"},
+    ],
+]
+
+
+def train_tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    return tok
+
+
+def hf_tokenizer(tok_path, chat_template):
+    t = PreTrainedTokenizerFast(tokenizer_file=tok_path, eos_token="<|endoftext|>",
+                                bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if chat_template:
+        t.chat_template = chat_template
+    return t
+
+
+def write_reference(model, tok, out_dir, eos_ids):
+    model.eval()
+    ref = {"logits": [], "greedy": []}
+    with torch.no_grad():
+        for text in PROMPTS:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            logits = model(torch.tensor([ids])).logits[0]
+            ref["logits"].append({"input_ids": ids, "logits": [[round(float(x), 7) for x in row] for row in logits]})
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=20, do_sample=False, eos_token_id=eos_ids,
+                                 pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
+            new = out.sequences[0, len(ids):].tolist()
+            lps = [float(torch.log_softmax(l[0].double(), -1)[t]) for l, t in zip(out.logits, new)]
+            ref["greedy"].append({"prompt_ids": ids, "tokens": new, "logprobs": lps})
+    with open(os.path.join(out_dir, "reference.json"), "w") as f:
+        json.dump(ref, f)
+
+
+def make_models(tok_path):
+    vocab = Tokenizer.from_file(tok_path).get_vocab_size()
+    eos = Tokenizer.from_file(tok_path).token_to_id("<|endoftext|>")
+    im_end = Tokenizer.from_file(tok_path).token_to_id("<|im_end|>")
+    # A large init range gives peaked distributions, so greedy decoding has no near-ties.
+    specs = {
+        "gpt2": GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                           initializer_range=0.3, bos_token_id=eos, eos_token_id=eos),
+        "llama": LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             rope_theta=500.0, tie_word_embeddings=False, initializer_range=0.3,
+                             bos_token_id=eos, eos_token_id=eos, rms_norm_eps=1e-5),
+        "qwen2": Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             rope_theta=10000.0, tie_word_embeddings=True, initializer_range=0.3,
+                             bos_token_id=eos, eos_token_id=eos),
+    }
+    for i, (name, cfg) in enumerate(specs.items()):
+        torch.manual_seed(1000 + i)
+        model = AutoModelForCausalLM.from_config(cfg)
+        if name == "qwen2":
+            # Random biases, so that a loader that ignores them fails the logits test.
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                        proj.bias.normal_(0, 0.3)
+        d = os.path.join(OUT, name)
+        os.makedirs(d, exist_ok=True)
+        for f in os.listdir(d):
+            os.remove(os.path.join(d, f))
+        shard = "40KB" if name == "llama" else "50MB"
+        model.save_pretrained(d, safe_serialization=True, max_shard_size=shard)
+        template = {"gpt2": None, "llama": LLAMA3, "qwen2": CHATML}[name]
+        tok = hf_tokenizer(tok_path, template)
+        tok.save_pretrained(d)
+        eos_ids = [eos, im_end] if name == "llama" else eos
+        GenerationConfig(eos_token_id=eos_ids, bos_token_id=eos, pad_token_id=eos).save_pretrained(d)
+        if name == "llama":
+            assert os.path.exists(os.path.join(d, "model.safetensors.index.json")), "llama must be sharded"
+            with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+                f.write(LLAMA3)
+        write_reference(model, tok, d, eos_ids if isinstance(eos_ids, list) else [eos_ids])
+
+
+def make_templates(tok_path):
+    cases = []
+    for name, tmpl, bos, eos in [("chatml", CHATML, "<|endoftext|>", "<|im_end|>"),
+                                 ("llama3", LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
+                                 ("zephyr", ZEPHYR, "<s>", "</s>"),
+                                 ("mistral", MISTRAL, "<s>", "</s>"),
+                                 ("tojson", TOJSON, "<s>", "</s>")]:
+        tok = PreTrainedTokenizerFast(tokenizer_file=tok_path, bos_token=bos, eos_token=eos)
+        for conv in CONVERSATIONS:
+            for gen in (False, True):
+                try:
+                    text = tok.apply_chat_template(conv, chat_template=tmpl, tokenize=False,
+                                                   add_generation_prompt=gen)
+                    error = None
+                except Exception as e:  # raise_exception in the template
+                    text, error = None, str(e)
+                cases.append({"name": name, "template": tmpl, "bos_token": bos, "eos_token": eos,
+                              "messages": conv, "add_generation_prompt": gen, "expected": text, "error": error})
+    with open(os.path.join(OUT, "templates.json"), "w") as f:
+        json.dump(cases, f, indent=1, ensure_ascii=False)
+
+
+def check(rlhf):
+    """rlhf init + generate → transformers loads the folder and agrees."""
+    tok_path = os.path.join(OUT, "tokenizer.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = os.path.join(tmp, "prompts.jsonl")
+        with open(prompts, "w") as f:
+            for p in PROMPTS:
+                f.write(json.dumps({"prompt": p}) + "\n")
+        worst = 0.0
+        for arch in ["gpt2", "llama", "qwen2"]:
+            d = os.path.join(tmp, arch)
+            subprocess.run([rlhf, "init", "--arch", arch, "--preset", "nano", "--tokenizer", tok_path,
+                            "--output_dir", d, "--seed", "3"], check=True)
+            out = subprocess.run([rlhf, "generate", "--model", d, "--prompts", prompts, "--temperature", "0",
+                                  "--max_new_tokens", "12"], check=True, capture_output=True, text=True).stdout
+            model = AutoModelForCausalLM.from_pretrained(d)
+            model.eval()
+            for line in out.splitlines():
+                row = json.loads(line)
+                seq = row["prompt_token_ids"] + row["token_ids"]
+                with torch.no_grad():
+                    logits = model(torch.tensor([seq])).logits[0].double()
+                n = len(row["prompt_token_ids"])
+                lps = [float(torch.log_softmax(logits[n - 1 + i], -1)[t]) for i, t in enumerate(row["token_ids"])]
+                diff = max(abs(a - b) for a, b in zip(lps, row["logprobs"]))
+                greedy = [int(logits[n - 1 + i].argmax()) for i in range(len(row["token_ids"]))]
+                assert greedy == row["token_ids"], f"{arch}: greedy tokens differ"
+                worst = max(worst, diff)
+            print(f"{arch}: transformers {transformers.__version__} loads rlhf's folder; logprob max abs diff {diff:.2e}")
+        assert worst <= 1e-4, worst
+        print("check passed")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="run rlhf init/generate and load the result in transformers")
+    ap.add_argument("--rlhf", default=os.path.join(ROOT, "target", "release", "rlhf"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    if args.check:
+        check(args.rlhf)
+        return
+    os.makedirs(OUT, exist_ok=True)
+    tok = train_tokenizer()
+    tok_path = os.path.join(OUT, "tokenizer.json")
+    tok.save(tok_path)
+    make_models(tok_path)
+    make_templates(tok_path)
+    total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(OUT) for f in fs)
+    print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
+    assert total < 3e6, "fixtures must stay under 3 MB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
