@@ -43,6 +43,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
 pub struct GenerateArgs {
     /// HF model folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
@@ -83,6 +84,7 @@ pub struct GenerateArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
 pub struct TemplateArgs {
     /// HF model folder (its tokenizer files hold the chat template).
     #[arg(long)]
@@ -112,6 +114,7 @@ impl From<ArchArg> for Arch {
 }
 
 #[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
 pub struct InitArgs {
     #[arg(long, value_enum)]
     pub arch: ArchArg,
@@ -127,6 +130,9 @@ pub struct InitArgs {
     /// A Jinja chat template file, or `chatml`.
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// Embedding rows, when larger than the tokenizer (e.g. 50257 for GPT-2's shape).
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -159,19 +165,17 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         bail!("--batch_size must be ≥ 1");
     }
     // Read the prompts before loading the model, so bad input fails fast.
-    let entries: Vec<(Value, Prompt)> = match (&a.prompt, &a.prompts) {
+    // (source line, original object, prompt)
+    let entries: Vec<(usize, Value, Prompt)> = match (&a.prompt, &a.prompts) {
         (Some(text), _) => {
             let p = if a.chat {
                 Prompt::Messages(json!([{"role": "user", "content": text}]))
             } else {
                 Prompt::Text(text.clone())
             };
-            vec![(Value::Null, p)]
+            vec![(0, Value::Null, p)]
         }
-        (None, Some(path)) => read_prompts(path)?
-            .into_iter()
-            .map(|(_, v, p)| (v, p))
-            .collect(),
+        (None, Some(path)) => read_prompts(path)?,
         (None, None) => bail!("give --prompt TEXT or --prompts FILE.jsonl"),
     };
     let pre = load(&a.model)?;
@@ -180,10 +184,23 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         ..params
     };
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-    let ids: Vec<Vec<u32>> = entries
-        .iter()
-        .map(|(_, p)| p.tokenize(&pre.tokenizer))
-        .collect::<crate::Result<_>>()?;
+    let context = pre.model.config.context_length();
+    let mut ids: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
+    for (line, _, p) in &entries {
+        let t = p.tokenize(&pre.tokenizer)?;
+        if t.len() + params.max_new_tokens > context {
+            let at = match &a.prompts {
+                Some(path) => format!("{}:{line}: ", path.display()),
+                None => String::new(),
+            };
+            bail!(
+                "{at}prompt has {} tokens and max_new_tokens is {}, but the model's context is {context} tokens",
+                t.len(),
+                params.max_new_tokens
+            );
+        }
+        ids.push(t);
+    }
 
     if a.prompt.is_some() {
         let out = generate(&pre.model, &pre.tokenizer, &ids, &params, &mut rng)?;
@@ -199,7 +216,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let bar = crate::progress::bar(entries.len() as u64, "generating");
     for (chunk_entries, chunk_ids) in entries.chunks(a.batch_size).zip(ids.chunks(a.batch_size)) {
         let outs = generate(&pre.model, &pre.tokenizer, chunk_ids, &params, &mut rng)?;
-        for ((orig, _), c) in chunk_entries.iter().zip(outs) {
+        for ((_, orig, _), c) in chunk_entries.iter().zip(outs) {
             let mut row = match orig {
                 Value::Object(o) => o.clone(),
                 _ => Default::default(),
@@ -268,7 +285,15 @@ fn run_init(a: InitArgs) -> Result<()> {
     let bos = tokenizer
         .special_token("bos_token")
         .and_then(|t| tokenizer.token_to_id(t));
-    let config = presets::preset(arch, &a.preset, tokenizer.vocab_size(), bos, eos)?;
+    let vocab_size = match a.vocab_size {
+        Some(v) if v < tokenizer.vocab_size() => bail!(
+            "--vocab_size {v} is smaller than the tokenizer's {} tokens",
+            tokenizer.vocab_size()
+        ),
+        Some(v) => v,
+        None => tokenizer.vocab_size(),
+    };
+    let config = presets::preset(arch, &a.preset, vocab_size, bos, eos)?;
     let model = CausalLm::init(config, a.seed, &Device::Cpu)?;
     let n = model.params.num_parameters();
     let pre = Pretrained {
