@@ -261,43 +261,48 @@ pub fn sample_token(
     if params.temperature == 0.0 {
         return argmax(&scores) as u32;
     }
-    let inv_t = 1.0 / params.temperature as f64;
-    // Candidates sorted by score, highest first; ties keep the lower id first.
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    if params.top_k > 0 && params.top_k < order.len() {
-        order.truncate(params.top_k);
+    // Candidate ids: the whole vocabulary unless top-k or top-p cut it. Only top-p
+    // needs an order, so the common case (plain temperature sampling) sorts nothing.
+    let mut candidates: Vec<usize> = (0..scores.len()).collect();
+    if params.top_k > 0 && params.top_k < candidates.len() {
+        let k = params.top_k;
+        // Highest score first; ties keep the lower id (a total, deterministic order).
+        candidates.select_nth_unstable_by(k - 1, |&a, &b| {
+            scores[b].total_cmp(&scores[a]).then(a.cmp(&b))
+        });
+        candidates.truncate(k);
     }
-    let max = scores[order[0]] as f64;
-    let mut probs: Vec<f64> = order
+    let max = candidates
         .iter()
-        .map(|&i| ((scores[i] as f64 - max) * inv_t).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+        .map(|&i| scores[i])
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    let inv_t = 1.0 / params.temperature as f64;
+    let weight = |i: usize| ((scores[i] as f64 - max) * inv_t).exp();
     if params.top_p < 1.0 {
+        candidates.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
+        let total: f64 = weights.iter().sum();
         let mut cum = 0.0;
-        let keep = probs
+        let keep = weights
             .iter()
-            .position(|&p| {
-                cum += p;
+            .position(|&w| {
+                cum += w / total;
                 cum >= params.top_p as f64
             })
-            .map_or(probs.len(), |i| i + 1);
-        probs.truncate(keep);
-        order.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
+            .map_or(candidates.len(), |i| i + 1);
+        candidates.truncate(keep);
     }
-    let r: f64 = rng.random::<f64>();
+    let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
+    let total: f64 = weights.iter().sum();
+    let r = rng.random::<f64>() * total;
     let mut cum = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        cum += p;
+    for (&i, w) in candidates.iter().zip(&weights) {
+        cum += w;
         if r < cum {
-            return order[i] as u32;
+            return i as u32;
         }
     }
-    order[probs.len() - 1] as u32
+    candidates[candidates.len() - 1] as u32
 }
 
 fn argmax(xs: &[f32]) -> usize {

@@ -10,6 +10,9 @@ use candle_core::{Tensor, D};
 
 use crate::error::Result;
 
+/// Up to this many rows, `Linear` computes (W·xᵀ)ᵀ instead of x·Wᵀ.
+const SKINNY_ROWS: usize = 16;
+
 /// A dense layer `y = x Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -28,7 +31,13 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let inner = dims[dims.len() - 1];
         let x2 = x.reshape((rows, inner))?; // (N, in)
-        let y = x2.matmul(&self.weight.t()?)?; // (N, out)
+        let y = if rows <= SKINNY_ROWS {
+            // Few rows (a decoding step): W·xᵀ streams the weight once in its stored
+            // layout, 1.5–2× faster than x·Wᵀ with the gemm crate (measured).
+            self.weight.matmul(&x2.t()?)?.t()? // (N, out)
+        } else {
+            x2.matmul(&self.weight.t()?)? // (N, out)
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
