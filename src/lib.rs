@@ -10,6 +10,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod ops;
 pub mod progress;
 
 pub use error::{Error, Result};

@@ -135,7 +135,7 @@ impl Gpt2 {
                 Some(cache) => cache.append(i, &k, &v)?, // (B, nh, S, hd) each
                 None => (k, v),
             };
-            let y = merge_heads(&attention(&q, &k, &v, &mask.bias)?)?; // (B, T, C)
+            let y = merge_heads(&attention(&q, &k, &v, mask)?)?; // (B, T, C)
             x = (x + block.c_proj.forward(&y)?)?;
             let h = block.ln_2.forward(&x)?; // (B, T, C)
             let h = block.c_fc.forward(&h)?; // (B, T, M)

@@ -3,14 +3,17 @@
 //!
 //! candle 0.11's fused `ops::layer_norm`, `ops::rms_norm` and `ops::softmax_last_dim`
 //! have no backward (gradients silently stop there), so none of them is used here.
-//! The fast-CPU-training work replaces these bodies with custom ops that carry their
-//! own backward; callers do not change.
+//! On CPU, the norms and attention run as fused kernels with their own backward
+//! (`crate::ops`); the composite versions stay as their references and serve other
+//! devices.
 
 use candle_core::{Tensor, D};
 
+use super::mask::AttentionMask;
 use crate::error::Result;
+use crate::ops;
 
-/// Up to this many rows, `Linear` computes (W·xᵀ)ᵀ instead of x·Wᵀ.
+/// Up to this many rows, `Linear` uses the skinny kernel instead of gemm.
 const SKINNY_ROWS: usize = 16;
 
 /// A dense layer `y = x Wᵀ + b`.
@@ -31,10 +34,9 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let inner = dims[dims.len() - 1];
         let x2 = x.reshape((rows, inner))?; // (N, in)
-        let y = if rows <= SKINNY_ROWS {
-            // Few rows (a decoding step): W·xᵀ streams the weight once in its stored
-            // layout, 1.5–2× faster than x·Wᵀ with the gemm crate (measured).
-            self.weight.matmul(&x2.t()?)?.t()? // (N, out)
+        let y = if rows <= SKINNY_ROWS && x.device().is_cpu() {
+            // Few rows (a decoding step): stream the weight once (see ops::matmul).
+            ops::matmul::skinny_matmul(&x2, &self.weight)? // (N, out)
         } else {
             x2.matmul(&self.weight.t()?)? // (N, out)
         };
@@ -58,6 +60,14 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            return Ok(ops::norm::layer_norm(x, &self.weight, &self.bias, self.eps)?);
+        }
+        self.forward_composite(x)
+    }
+
+    /// The same computation from candle ops (the kernel's reference; other devices).
+    pub fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?; // (..., 1)
         let xc = x.broadcast_sub(&mean)?; // (..., C)
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
@@ -75,6 +85,14 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            return Ok(ops::norm::rms_norm(x, &self.weight, self.eps)?);
+        }
+        self.forward_composite(x)
+    }
+
+    /// The same computation from candle ops (the kernel's reference; other devices).
+    pub fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
         let xn = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?; // (..., C)
         Ok(xn.broadcast_mul(&self.weight)?)
@@ -89,12 +107,21 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-/// Scaled dot-product attention with an additive bias (causal + padding mask).
-/// Grouped-query attention: k and v may have fewer heads than q; each kv head serves
-/// `n_heads / n_kv_heads` query heads.
+/// Causal scaled dot-product attention under a padding mask. Grouped-query attention:
+/// k and v may have fewer heads than q; each kv head serves `n_heads / n_kv_heads`
+/// query heads. On CPU this is the fused kernel of `ops::attention`.
 ///
-/// q: (B, nh, T, hd), k, v: (B, nkv, S, hd), bias: (B, 1, T, S) → (B, nh, T, hd)
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// q: (B, nh, T, hd), k, v: (B, nkv, S, hd) → (B, nh, T, hd)
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+    if q.device().is_cpu() {
+        return Ok(ops::attention::causal_attention(q, k, v, &mask.causal)?);
+    }
+    attention_composite(q, k, v, &mask.bias(q.device())?)
+}
+
+/// Attention from candle ops with an additive bias (B, 1, T, S): the fused kernel's
+/// reference, and the path on other devices.
+pub fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (_, n_heads, _, head_dim) = q.dims4()?;
     let n_kv = k.dim(1)?;
     let k = repeat_kv(k, n_heads / n_kv)?; // (B, nh, S, hd)

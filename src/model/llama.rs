@@ -170,7 +170,7 @@ impl Llama {
                 Some(cache) => cache.append(i, &k, &v)?, // (B, nkv, S, hd) each
                 None => (k, v),
             };
-            let y = merge_heads(&attention(&q, &k, &v, &mask.bias)?)?; // (B, T, nh·hd)
+            let y = merge_heads(&attention(&q, &k, &v, mask)?)?; // (B, T, nh·hd)
             x = (x + layer.o_proj.forward(&y)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?; // (B, T, H)
             let gate = layer.gate_proj.forward(&h)?.silu()?; // (B, T, I)

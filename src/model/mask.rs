@@ -7,18 +7,21 @@
 //! left-padded prompt gets the same positions as the prompt alone.
 
 use candle_core::{Device, Tensor};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::ops::attention::CausalMask;
 
-/// Additive bias for masked scores. Finite, so that a row with every key masked (a
-/// padding query) gives a uniform softmax instead of NaN.
+/// Additive bias for masked scores in the composite attention. Finite, so that a row
+/// with every key masked (a padding query) gives a uniform softmax instead of NaN.
 pub const MASKED: f32 = -1e30;
 
 /// The per-forward inputs that encode padding and causality.
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
     pub position_ids: Tensor, // (B, T) u32
-    pub bias: Tensor,         // (B, 1, T, S) f32: 0 where attended, MASKED elsewhere
+    /// Which keys each query sees (used by the fused kernel and to build `bias`).
+    pub causal: CausalMask,
 }
 
 impl AttentionMask {
@@ -35,35 +38,60 @@ impl AttentionMask {
         }
         let offset = s - query_len;
         let mut positions = Vec::with_capacity(b * query_len);
-        let mut bias = vec![MASKED; b * query_len * s];
-        for (bi, row) in key_mask.iter().enumerate() {
+        for row in key_mask {
+            // The count of real tokens before j: for a real token that is its position;
+            // for padding any value works (it is masked).
             let mut seen = 0u32;
             for (j, &m) in row.iter().enumerate() {
                 if j >= offset {
                     positions.push(seen);
-                    // Causal: query j - offset sees keys 0..=j.
-                    let q = j - offset;
-                    let base = (bi * query_len + q) * s;
-                    for (k, &mk) in row[..=j].iter().enumerate() {
-                        if mk != 0 {
-                            bias[base + k] = 0.0;
-                        }
-                    }
                 }
                 seen += u32::from(m != 0);
             }
         }
-        // The pushed value is the count of real tokens strictly before j; for a real
-        // token that is its position, for padding any value works (it is masked).
         let position_ids = Tensor::from_vec(positions, (b, query_len), device)?;
-        let bias = Tensor::from_vec(bias, (b, 1, query_len, s), device)?;
-        Ok(AttentionMask { position_ids, bias })
+        let causal = CausalMask {
+            key_mask: Arc::new(key_mask.concat()),
+            batch: b,
+            keys: s,
+            queries: query_len,
+        };
+        Ok(AttentionMask {
+            position_ids,
+            causal,
+        })
     }
 
     /// Full-sequence mask (no cache): every position is a query.
     pub fn full(key_mask: &[Vec<u8>], device: &Device) -> Result<Self> {
         let s = key_mask.first().map_or(0, Vec::len);
         Self::new(key_mask, s, device)
+    }
+
+    /// The additive bias of the composite attention: (B, 1, T, S), 0 where a query sees
+    /// a key and `MASKED` elsewhere.
+    pub fn bias(&self, device: &Device) -> Result<Tensor> {
+        let CausalMask {
+            key_mask,
+            batch: b,
+            keys: s,
+            queries: t,
+        } = &self.causal;
+        let (b, s, t) = (*b, *s, *t);
+        let offset = s - t;
+        let mut bias = vec![MASKED; b * t * s];
+        for bi in 0..b {
+            let row = &key_mask[bi * s..(bi + 1) * s];
+            for q in 0..t {
+                let base = (bi * t + q) * s;
+                for (j, &m) in row[..=offset + q].iter().enumerate() {
+                    if m != 0 {
+                        bias[base + j] = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(bias, (b, 1, t, s), device)?)
     }
 }
 
@@ -78,7 +106,7 @@ mod tests {
         let pos: Vec<Vec<u32>> = m.position_ids.to_vec2().unwrap();
         assert_eq!(pos[0][2..], [0, 1]);
         assert_eq!(pos[1], [0, 1, 2, 3]);
-        let b = m.bias.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = m.bias(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // Row 0, query 3 (last): sees keys 2 and 3 only.
         let row = &b[3 * 4..4 * 4];
         assert_eq!(row, [MASKED, MASKED, 0.0, 0.0]);
@@ -92,7 +120,7 @@ mod tests {
         let mask = vec![vec![0, 1, 1, 1]];
         let m = AttentionMask::new(&mask, 1, &Device::Cpu).unwrap();
         assert_eq!(m.position_ids.to_vec2::<u32>().unwrap(), [[2]]);
-        let b = m.bias.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = m.bias(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(b, [MASKED, 0.0, 0.0, 0.0]);
     }
 }

@@ -1,0 +1,248 @@
+//! Fused causal attention with padding mask and grouped-query heads, forward and
+//! backward, on CPU. Scores, mask and softmax are never materialised as tensors: each
+//! (batch, kv-head) task walks its query rows, so memory is O(S) per task, and the
+//! backward recomputes the probabilities (as FlashAttention does) instead of storing
+//! them.
+//!
+//! For query row t of a head: s_j = scale·q_t·k_j over the keys it may see (causal,
+//! not padding), p = softmax(s), o_t = Σ_j p_j v_j. Backward with D_t = dO_t·o_t:
+//!   dS_j = p_j (dO_t·v_j − D_t),  dq_t = scale Σ_j dS_j k_j,
+//!   dk_j += scale dS_j q_t,        dv_j += p_j dO_t.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+use super::{axpy, dot, f32_slice, PARALLEL_MIN_WORK};
+
+/// Which keys each query may attend to: key j is visible to query t (at key index
+/// `offset + t`) iff j ≤ offset + t and `key_mask[b·S + j] != 0`.
+#[derive(Debug, Clone)]
+pub struct CausalMask {
+    pub key_mask: Arc<Vec<u8>>, // (B, S) row-major
+    pub batch: usize,
+    pub keys: usize,
+    pub queries: usize,
+}
+
+impl CausalMask {
+    fn offset(&self) -> usize {
+        self.keys - self.queries
+    }
+    fn visible(&self, b: usize, t: usize) -> impl Iterator<Item = usize> + '_ {
+        let row = &self.key_mask[b * self.keys..(b + 1) * self.keys];
+        (0..=self.offset() + t).filter(move |&j| row[j] != 0)
+    }
+}
+
+struct Dims {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    s: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn of(q: &Shape, k: &Shape) -> Result<Self> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        Ok(Dims { b, nh, nkv, t, s, hd })
+    }
+    /// Offset of row `row` of head `h` in batch `b` for a tensor with `heads` heads.
+    fn at(&self, b: usize, h: usize, heads: usize, len: usize, row: usize) -> usize {
+        ((b * heads + h) * len + row) * self.hd
+    }
+}
+
+struct AttentionOp {
+    mask: CausalMask,
+    scale: f32,
+}
+
+/// Softmax probabilities of query row `t` over its visible keys, into `probs`
+/// (indices in `keys`). Returns nothing if the row sees no key (a padding query).
+fn row_probs(q_row: &[f32], k: &[f32], keys: &[usize], kbase: usize, hd: usize, scale: f32, probs: &mut Vec<f32>) {
+    probs.clear();
+    let mut max = f32::NEG_INFINITY;
+    for &j in keys {
+        let s = scale * dot(q_row, &k[kbase + j * hd..kbase + (j + 1) * hd]);
+        max = max.max(s);
+        probs.push(s);
+    }
+    let mut sum = 0f32;
+    for p in probs.iter_mut() {
+        *p = (*p - max).exp();
+        sum += *p;
+    }
+    let inv = 1.0 / sum;
+    probs.iter_mut().for_each(|p| *p *= inv);
+}
+
+impl AttentionOp {
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32], d: &Dims) -> Vec<f32> {
+        let mut out = vec![0f32; d.b * d.nh * d.t * d.hd];
+        let rep = d.nh / d.nkv;
+        // One task per (batch, query head): its output rows are contiguous.
+        let task = |(bh, o): (usize, &mut [f32])| {
+            let (b, h) = (bh / d.nh, bh % d.nh);
+            let kbase = d.at(b, h / rep, d.nkv, d.s, 0);
+            let mut probs = Vec::with_capacity(d.s);
+            let mut keys = Vec::with_capacity(d.s);
+            for t in 0..d.t {
+                keys.clear();
+                keys.extend(self.mask.visible(b, t));
+                let orow = &mut o[t * d.hd..(t + 1) * d.hd];
+                if keys.is_empty() {
+                    continue; // a padding query: output 0, never read
+                }
+                let qrow = &q[d.at(b, h, d.nh, d.t, t)..][..d.hd];
+                row_probs(qrow, k, &keys, kbase, d.hd, self.scale, &mut probs);
+                for (&j, &p) in keys.iter().zip(&probs) {
+                    axpy(p, &v[kbase + j * d.hd..kbase + (j + 1) * d.hd], orow);
+                }
+            }
+        };
+        let per_task = d.t * d.hd;
+        let work = d.b * d.nh * d.t * d.s * d.hd;
+        if work >= PARALLEL_MIN_WORK {
+            out.par_chunks_mut(per_task).enumerate().for_each(task);
+        } else {
+            out.chunks_mut(per_task).enumerate().for_each(task);
+        }
+        out
+    }
+
+    /// (dq, dk, dv) given the inputs, the output o and its gradient dout.
+    fn backward(&self, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let rep = d.nh / d.nkv;
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        let q_per_group = rep * d.t * d.hd; // dq rows of one (batch, kv head)
+        let kv_per_group = d.s * d.hd;
+        // One task per (batch, kv head): it owns that head's dk/dv rows and the dq
+        // rows of the query heads that share it, so no two tasks write the same place.
+        let task = |(g, (dqg, (dkg, dvg))): (usize, (&mut [f32], (&mut [f32], &mut [f32])))| {
+            let (b, kvh) = (g / d.nkv, g % d.nkv);
+            let kbase = d.at(b, kvh, d.nkv, d.s, 0);
+            let mut probs = Vec::with_capacity(d.s);
+            let mut keys = Vec::with_capacity(d.s);
+            for r in 0..rep {
+                let h = kvh * rep + r;
+                for t in 0..d.t {
+                    keys.clear();
+                    keys.extend(self.mask.visible(b, t));
+                    if keys.is_empty() {
+                        continue;
+                    }
+                    let qoff = d.at(b, h, d.nh, d.t, t);
+                    let (qrow, orow, drow) = (&q[qoff..][..d.hd], &o[qoff..][..d.hd], &dout[qoff..][..d.hd]);
+                    row_probs(qrow, k, &keys, kbase, d.hd, self.scale, &mut probs);
+                    let dsum = dot(drow, orow);
+                    let dqrow = &mut dqg[(r * d.t + t) * d.hd..][..d.hd];
+                    for (&j, &p) in keys.iter().zip(&probs) {
+                        let krow = &k[kbase + j * d.hd..][..d.hd];
+                        let vrow = &v[kbase + j * d.hd..][..d.hd];
+                        let ds = p * (dot(drow, vrow) - dsum) * self.scale;
+                        axpy(ds, krow, dqrow);
+                        axpy(ds, qrow, &mut dkg[j * d.hd..][..d.hd]);
+                        axpy(p, drow, &mut dvg[j * d.hd..][..d.hd]);
+                    }
+                }
+            }
+        };
+        let work = d.b * d.nh * d.t * d.s * d.hd;
+        if work >= PARALLEL_MIN_WORK {
+            dq.par_chunks_mut(q_per_group)
+                .zip(dk.par_chunks_mut(kv_per_group).zip(dv.par_chunks_mut(kv_per_group)))
+                .enumerate()
+                .for_each(task);
+        } else {
+            dq.chunks_mut(q_per_group)
+                .zip(dk.chunks_mut(kv_per_group).zip(dv.chunks_mut(kv_per_group)))
+                .enumerate()
+                .for_each(task);
+        }
+        (dq, dk, dv)
+    }
+}
+
+fn cpu_data(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => Ok(f32_slice(s, layout, "attention backward")?.to_vec()),
+        _ => candle_core::bail!("fused attention: CPU tensors only"),
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "rlhf-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(lq.shape(), lk.shape())?;
+        let q = f32_slice(sq, lq, "attention q")?;
+        let k = f32_slice(sk, lk, "attention k")?;
+        let v = f32_slice(sv, lv, "attention v")?;
+        Ok((CpuStorage::F32(self.forward(q, k, v, &d)), lq.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = Dims::of(q.shape(), k.shape())?;
+        let (dq, dk, dv) = self.backward(
+            &cpu_data(q)?,
+            &cpu_data(k)?,
+            &cpu_data(v)?,
+            &cpu_data(o)?,
+            &cpu_data(dout)?,
+            &d,
+        );
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Causal attention. q: (B, nh, T, hd), k, v: (B, nkv, S, hd) → (B, nh, T, hd).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (bk, nkv, s, hdk) = k.dims4()?;
+    if b != bk || hd != hdk || nh % nkv != 0 || v.dims() != k.dims() {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit", q.dims(), k.dims(), v.dims());
+    }
+    if mask.batch != b || mask.keys != s || mask.queries != t {
+        candle_core::bail!(
+            "attention: mask is for (B={}, T={}, S={}), tensors are (B={b}, T={t}, S={s})",
+            mask.batch,
+            mask.queries,
+            mask.keys
+        );
+    }
+    let op = AttentionOp {
+        mask: mask.clone(),
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}

@@ -1,0 +1,53 @@
+//! CPU kernels with their own backward pass, as candle custom ops: fused LayerNorm,
+//! RMSNorm and causal attention. The model code calls them through `model::layers`,
+//! which falls back to the composite candle ops on other devices; the composite
+//! versions are also the references the kernels are tested against.
+//!
+//! Parallel loops split work into fixed chunks and reduce partial sums in chunk order,
+//! so results are bit-identical from run to run (resumed training depends on it).
+
+pub mod attention;
+pub mod matmul;
+pub mod norm;
+
+use candle_core::{CpuStorage, Layout, Result};
+
+/// Below this many multiply-adds a kernel runs on the calling thread: waking the
+/// thread pool costs more than it saves (decoding steps on small models).
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 15;
+
+/// The f32 data of a contiguous tensor argument.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<f32>()?[start..end]),
+        None => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
+    }
+}
+
+/// Σ aᵢ·bᵢ with eight independent accumulators, so that the compiler vectorises it.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// y += α·x
+#[inline]
+pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
