@@ -77,7 +77,7 @@ fn generate_prompts_file_writes_jsonl_with_logprobs() {
     assert_eq!(rows[0]["id"], 1, "input fields are kept");
     for r in &rows {
         let n = r["token_ids"].as_array().unwrap().len();
-        assert!(n >= 1 && n <= 5);
+        assert!((1..=5).contains(&n));
         assert_eq!(r["logprobs"].as_array().unwrap().len(), n);
         assert!(["eos", "length", "stop"].contains(&r["finish_reason"].as_str().unwrap()));
         assert!(r["completion"].is_string());

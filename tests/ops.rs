@@ -17,7 +17,16 @@ fn randn(shape: &[usize], seed: u64) -> Var {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Σ out ⊙ R for a fixed random R: a scalar whose gradient is R.
@@ -43,24 +52,43 @@ fn layer_norm_matches_composite() {
         let x = randn(&[rows, c], 1);
         let w = randn(&[c], 2);
         let b = randn(&[c], 3);
-        let ln = LayerNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), eps: 1e-5 };
+        let ln = LayerNorm {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+            eps: 1e-5,
+        };
         let fused = ln.forward(x.as_tensor()).unwrap();
         let composite = ln.forward_composite(x.as_tensor()).unwrap();
         assert!(max_diff(&fused, &composite) <= 1e-4, "values ({rows}, {c})");
-        assert_grads_match(&[&x, &w, &b], &fused, &composite, 2e-3, &format!("layer_norm ({rows}, {c})"));
+        assert_grads_match(
+            &[&x, &w, &b],
+            &fused,
+            &composite,
+            2e-3,
+            &format!("layer_norm ({rows}, {c})"),
+        );
     }
 }
 
 #[test]
 fn rms_norm_matches_composite() {
-    for (rows, c) in [(1, 1), (2, 3, ), (17, 96), (260, 255)] {
+    for (rows, c) in [(1, 1), (2, 3), (17, 96), (260, 255)] {
         let x = randn(&[rows, c], 4);
         let w = randn(&[c], 5);
-        let n = RmsNorm { weight: w.as_tensor().clone(), eps: 1e-6 };
+        let n = RmsNorm {
+            weight: w.as_tensor().clone(),
+            eps: 1e-6,
+        };
         let fused = n.forward(x.as_tensor()).unwrap();
         let composite = n.forward_composite(x.as_tensor()).unwrap();
         assert!(max_diff(&fused, &composite) <= 1e-4, "values ({rows}, {c})");
-        assert_grads_match(&[&x, &w], &fused, &composite, 2e-3, &format!("rms_norm ({rows}, {c})"));
+        assert_grads_match(
+            &[&x, &w],
+            &fused,
+            &composite,
+            2e-3,
+            &format!("rms_norm ({rows}, {c})"),
+        );
     }
 }
 
@@ -88,8 +116,13 @@ fn attention_matches_composite() {
             .collect();
         let mask = AttentionMask::new(&key_mask, t, &Device::Cpu).unwrap();
         let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask).unwrap();
-        let composite =
-            attention_composite(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask.bias(&Device::Cpu).unwrap()).unwrap();
+        let composite = attention_composite(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            &mask.bias(&Device::Cpu).unwrap(),
+        )
+        .unwrap();
         // Padding queries (no visible key) are unspecified; compare the real ones only.
         let keep = query_keep(&key_mask, t, nh, hd);
         let (f, c) = ((&fused * &keep).unwrap(), (&composite * &keep).unwrap());
@@ -121,13 +154,25 @@ fn query_keep(key_mask: &[Vec<u8>], t: usize, nh: usize, hd: usize) -> Tensor {
 #[test]
 fn skinny_matmul_matches_matmul() {
     use rlhf::ops::matmul::skinny_matmul;
-    for (n, inner, out) in [(1, 1, 1), (3, 7, 5), (8, 256, 768), (5, 33, 130), (16, 100, 1030)] {
+    for (n, inner, out) in [
+        (1, 1, 1),
+        (3, 7, 5),
+        (8, 256, 768),
+        (5, 33, 130),
+        (16, 100, 1030),
+    ] {
         let x = randn(&[n, inner], 40);
         let w = randn(&[out, inner], 41);
         let fused = skinny_matmul(x.as_tensor(), w.as_tensor()).unwrap();
         let reference = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
         let d = max_diff(&fused, &reference);
         assert!(d <= 1e-4, "({n}, {inner}, {out}): {d}");
-        assert_grads_match(&[&x, &w], &fused, &reference, 1e-4, &format!("skinny ({n}, {inner}, {out})"));
+        assert_grads_match(
+            &[&x, &w],
+            &fused,
+            &reference,
+            1e-4,
+            &format!("skinny ({n}, {inner}, {out})"),
+        );
     }
 }

@@ -95,7 +95,7 @@ impl ChatTemplate {
 fn describe(e: &minijinja::Error) -> String {
     let mut msg = match e.kind() {
         ErrorKind::InvalidOperation if e.detail().is_some() => {
-            format!("{}", e.detail().unwrap_or_default())
+            e.detail().unwrap_or_default().to_string()
         }
         _ => e.to_string(),
     };

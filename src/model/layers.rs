@@ -61,7 +61,12 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() {
-            return Ok(ops::norm::layer_norm(x, &self.weight, &self.bias, self.eps)?);
+            return Ok(ops::norm::layer_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?);
         }
         self.forward_composite(x)
     }

@@ -106,7 +106,13 @@ mod tests {
         let pos: Vec<Vec<u32>> = m.position_ids.to_vec2().unwrap();
         assert_eq!(pos[0][2..], [0, 1]);
         assert_eq!(pos[1], [0, 1, 2, 3]);
-        let b = m.bias(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = m
+            .bias(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // Row 0, query 3 (last): sees keys 2 and 3 only.
         let row = &b[3 * 4..4 * 4];
         assert_eq!(row, [MASKED, MASKED, 0.0, 0.0]);
@@ -120,7 +126,13 @@ mod tests {
         let mask = vec![vec![0, 1, 1, 1]];
         let m = AttentionMask::new(&mask, 1, &Device::Cpu).unwrap();
         assert_eq!(m.position_ids.to_vec2::<u32>().unwrap(), [[2]]);
-        let b = m.bias(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = m
+            .bias(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(b, [MASKED, 0.0, 0.0, 0.0]);
     }
 }

@@ -48,13 +48,23 @@ impl Dims {
     fn of(q: &Shape, k: &Shape) -> Result<Self> {
         let (b, nh, t, hd) = q.dims4()?;
         let (_, nkv, s, _) = k.dims4()?;
-        Ok(Dims { b, nh, nkv, t, s, hd })
+        Ok(Dims {
+            b,
+            nh,
+            nkv,
+            t,
+            s,
+            hd,
+        })
     }
     /// Offset of row `row` of head `h` in batch `b` for a tensor with `heads` heads.
     fn at(&self, b: usize, h: usize, heads: usize, len: usize, row: usize) -> usize {
         ((b * heads + h) * len + row) * self.hd
     }
 }
+
+/// (group index, (dq rows, (dk rows, dv rows))) of one (batch, kv head).
+type GroupGrads<'a> = (usize, (&'a mut [f32], (&'a mut [f32], &'a mut [f32])));
 
 struct AttentionOp {
     mask: CausalMask,
@@ -63,7 +73,15 @@ struct AttentionOp {
 
 /// Softmax probabilities of query row `t` over its visible keys, into `probs`
 /// (indices in `keys`). Returns nothing if the row sees no key (a padding query).
-fn row_probs(q_row: &[f32], k: &[f32], keys: &[usize], kbase: usize, hd: usize, scale: f32, probs: &mut Vec<f32>) {
+fn row_probs(
+    q_row: &[f32],
+    k: &[f32],
+    keys: &[usize],
+    kbase: usize,
+    hd: usize,
+    scale: f32,
+    probs: &mut Vec<f32>,
+) {
     probs.clear();
     let mut max = f32::NEG_INFINITY;
     for &j in keys {
@@ -115,7 +133,15 @@ impl AttentionOp {
     }
 
     /// (dq, dk, dv) given the inputs, the output o and its gradient dout.
-    fn backward(&self, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &[f32],
+        dout: &[f32],
+        d: &Dims,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let rep = d.nh / d.nkv;
         let mut dq = vec![0f32; q.len()];
         let mut dk = vec![0f32; k.len()];
@@ -124,7 +150,7 @@ impl AttentionOp {
         let kv_per_group = d.s * d.hd;
         // One task per (batch, kv head): it owns that head's dk/dv rows and the dq
         // rows of the query heads that share it, so no two tasks write the same place.
-        let task = |(g, (dqg, (dkg, dvg))): (usize, (&mut [f32], (&mut [f32], &mut [f32])))| {
+        let task = |(g, (dqg, (dkg, dvg))): GroupGrads| {
             let (b, kvh) = (g / d.nkv, g % d.nkv);
             let kbase = d.at(b, kvh, d.nkv, d.s, 0);
             let mut probs = Vec::with_capacity(d.s);
@@ -138,7 +164,11 @@ impl AttentionOp {
                         continue;
                     }
                     let qoff = d.at(b, h, d.nh, d.t, t);
-                    let (qrow, orow, drow) = (&q[qoff..][..d.hd], &o[qoff..][..d.hd], &dout[qoff..][..d.hd]);
+                    let (qrow, orow, drow) = (
+                        &q[qoff..][..d.hd],
+                        &o[qoff..][..d.hd],
+                        &dout[qoff..][..d.hd],
+                    );
                     row_probs(qrow, k, &keys, kbase, d.hd, self.scale, &mut probs);
                     let dsum = dot(drow, orow);
                     let dqrow = &mut dqg[(r * d.t + t) * d.hd..][..d.hd];
@@ -156,7 +186,10 @@ impl AttentionOp {
         let work = d.b * d.nh * d.t * d.s * d.hd;
         if work >= PARALLEL_MIN_WORK {
             dq.par_chunks_mut(q_per_group)
-                .zip(dk.par_chunks_mut(kv_per_group).zip(dv.par_chunks_mut(kv_per_group)))
+                .zip(
+                    dk.par_chunks_mut(kv_per_group)
+                        .zip(dv.par_chunks_mut(kv_per_group)),
+                )
                 .enumerate()
                 .for_each(task);
         } else {
@@ -196,7 +229,10 @@ impl CustomOp3 for AttentionOp {
         let q = f32_slice(sq, lq, "attention q")?;
         let k = f32_slice(sk, lk, "attention k")?;
         let v = f32_slice(sv, lv, "attention v")?;
-        Ok((CpuStorage::F32(self.forward(q, k, v, &d)), lq.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.forward(q, k, v, &d)),
+            lq.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -230,7 +266,12 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -
     let (b, nh, t, hd) = q.dims4()?;
     let (bk, nkv, s, hdk) = k.dims4()?;
     if b != bk || hd != hdk || nh % nkv != 0 || v.dims() != k.dims() {
-        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit", q.dims(), k.dims(), v.dims());
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
     }
     if mask.batch != b || mask.keys != s || mask.queries != t {
         candle_core::bail!(
@@ -244,5 +285,6 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -
         mask: mask.clone(),
         scale: 1.0 / (hd as f32).sqrt(),
     };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }

@@ -57,8 +57,12 @@ mod avx2 {
             let wp = w.as_ptr().add(o * inner);
             for b in 0..n {
                 let xp = x.as_ptr().add(b * inner);
-                let (mut a0, mut a1, mut a2, mut a3) =
-                    (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
                 let mut k = 0;
                 while k < full {
                     let xv = _mm256_loadu_ps(xp.add(k));
@@ -95,7 +99,13 @@ impl CustomOp2 for SkinnyMatmul {
         "rlhf-skinny-matmul"
     }
 
-    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, inner) = lx.shape().dims2()?;
         let (out, _) = lw.shape().dims2()?;
         let x = f32_slice(sx, lx, "skinny matmul x")?;
@@ -118,7 +128,13 @@ impl CustomOp2 for SkinnyMatmul {
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = dy.matmul(w)?; // (n, out)·(out, in) = (n, in)
         let dw = dy.t()?.matmul(x)?; // (out, n)·(n, in) = (out, in)
         Ok((Some(dx), Some(dw)))
@@ -130,7 +146,11 @@ pub fn skinny_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (_, inner) = x.dims2()?;
     let (_, w_inner) = w.dims2()?;
     if inner != w_inner {
-        candle_core::bail!("skinny matmul: x {:?} and W {:?} do not fit", x.dims(), w.dims());
+        candle_core::bail!(
+            "skinny matmul: x {:?} and W {:?} do not fit",
+            x.dims(),
+            w.dims()
+        );
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, SkinnyMatmul)
 }

@@ -54,7 +54,13 @@ fn forward(kind: Kind, x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32) -> Vec
 }
 
 /// (dx, dw, db) for rows of x with upstream gradient dy.
-fn backward(kind: Kind, x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn backward(
+    kind: Kind,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let c = w.len();
     let mut dx = vec![0f32; x.len()];
     // Each chunk of rows accumulates its own (dw, db); chunks are summed in order.
@@ -149,7 +155,13 @@ impl CustomOp3 for LayerNormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = backward(Kind::Layer, &cpu_vec(x)?, &cpu_vec(w)?, &cpu_vec(dy)?, self.eps);
+        let (dx, dw, db) = backward(
+            Kind::Layer,
+            &cpu_vec(x)?,
+            &cpu_vec(w)?,
+            &cpu_vec(dy)?,
+            self.eps,
+        );
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -168,15 +180,33 @@ impl CustomOp2 for RmsNormOp {
         "rlhf-rms-norm"
     }
 
-    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(sx, lx, "rms_norm x")?;
         let w = f32_slice(sw, lw, "rms_norm weight")?;
         let y = forward(Kind::Rms, x, w, None, self.eps);
         Ok((CpuStorage::F32(y), lx.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = backward(Kind::Rms, &cpu_vec(x)?, &cpu_vec(w)?, &cpu_vec(dy)?, self.eps);
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = backward(
+            Kind::Rms,
+            &cpu_vec(x)?,
+            &cpu_vec(w)?,
+            &cpu_vec(dy)?,
+            self.eps,
+        );
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -187,8 +217,11 @@ impl CustomOp2 for RmsNormOp {
 
 /// LayerNorm of x (..., C) with weight and bias (C,), on CPU f32 tensors.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps: eps as f32 })
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp { eps: eps as f32 },
+    )
 }
 
 /// RMSNorm of x (..., C) with weight (C,), on CPU f32 tensors.
