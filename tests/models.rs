@@ -153,8 +153,14 @@ fn left_padded_batch_equals_each_sequence_alone() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let together = generate(&pre.model, &pre.tokenizer, &seqs, &params, &mut rng).unwrap();
         for (s, c) in seqs.iter().zip(&together) {
-            let alone =
-                generate(&pre.model, &pre.tokenizer, &[s.clone()], &params, &mut rng).unwrap();
+            let alone = generate(
+                &pre.model,
+                &pre.tokenizer,
+                std::slice::from_ref(s),
+                &params,
+                &mut rng,
+            )
+            .unwrap();
             assert_eq!(c.tokens, alone[0].tokens, "{name}");
         }
     }
@@ -277,7 +283,7 @@ fn stop_strings_end_generation_and_cut_the_text() {
     let free = generate(
         &pre.model,
         &pre.tokenizer,
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
         &params,
         &mut rng,
     )
