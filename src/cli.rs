@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, Parser, Subcommand};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -17,6 +17,10 @@ use crate::error::read_json;
 use crate::generate::{generate, SamplingParams};
 use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
 use crate::model::{presets, Arch, CausalLm};
+use crate::pretrain::PretrainArgs;
+use crate::sft::SftArgs;
+use crate::train::args::merge_config;
+use crate::train::trainer::TrainSummary;
 
 /// ChatML, the template `rlhf init --chat_template chatml` installs.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -40,6 +44,10 @@ pub enum Command {
     Template(TemplateArgs),
     /// Write a randomly initialised model folder.
     Init(InitArgs),
+    /// Pretrain a causal LM (and its tokenizer) on text.
+    Pretrain(PretrainArgs),
+    /// Supervised fine-tuning on demonstrations (InstructGPT step 1).
+    Sft(SftArgs),
 }
 
 #[derive(Debug, Args)]
@@ -96,28 +104,11 @@ pub struct TemplateArgs {
     pub add_generation_prompt: bool,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ArchArg {
-    Gpt2,
-    Llama,
-    Qwen2,
-}
-
-impl From<ArchArg> for Arch {
-    fn from(a: ArchArg) -> Arch {
-        match a {
-            ArchArg::Gpt2 => Arch::Gpt2,
-            ArchArg::Llama => Arch::Llama,
-            ArchArg::Qwen2 => Arch::Qwen2,
-        }
-    }
-}
-
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
 pub struct InitArgs {
     #[arg(long, value_enum)]
-    pub arch: ArchArg,
+    pub arch: Arch,
     /// gpt2: nano, tiny, gpt2, gpt2-medium; llama/qwen2: nano, tiny, smollm-135m, smollm-360m.
     #[arg(long)]
     pub preset: String,
@@ -137,12 +128,61 @@ pub struct InitArgs {
     pub seed: u64,
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+/// Runs a parsed command line; `matches` tells which flags were given explicitly
+/// (they override a `--config` file).
+pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
+    let sub = |name: &str| {
+        matches
+            .subcommand_matches(name)
+            .expect("clap parsed this subcommand")
+    };
     match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Template(a) => run_template(a),
         Command::Init(a) => run_init(a),
+        Command::Pretrain(a) => {
+            let a = merge_config(&a, sub("pretrain"), a.config.as_deref())?;
+            let summary = crate::pretrain::run(&a)?;
+            report("pretrain", a.train.output_dir()?, &summary);
+            Ok(())
+        }
+        Command::Sft(a) => {
+            let a = merge_config(&a, sub("sft"), a.config.as_deref())?;
+            let summary = crate::sft::run(&a)?;
+            report("sft", a.train.output_dir()?, &summary);
+            Ok(())
+        }
     }
+}
+
+fn report(stage: &str, out: &Path, s: &TrainSummary) {
+    let eval: Vec<String> = s
+        .eval
+        .iter()
+        .map(|(k, v)| format!("eval {k} {v:.4}"))
+        .collect();
+    eprintln!(
+        "{stage}: {} steps{}, last loss {:.4}{}{}; model written to {}",
+        s.state.global_step,
+        s.resumed_from
+            .map(|r| format!(" (resumed at {r})"))
+            .unwrap_or_default(),
+        s.last_loss,
+        if eval.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", eval.join(", "))
+        },
+        if s.state.skipped_nonfinite_steps > 0 {
+            format!(
+                ", {} non-finite steps skipped",
+                s.state.skipped_nonfinite_steps
+            )
+        } else {
+            String::new()
+        },
+        out.display()
+    );
 }
 
 fn load(dir: &Path) -> Result<Pretrained> {
@@ -258,7 +298,7 @@ fn run_template(a: TemplateArgs) -> Result<()> {
 }
 
 fn run_init(a: InitArgs) -> Result<()> {
-    let arch: Arch = a.arch.into();
+    let arch = a.arch;
     let mut tokenizer = if a.tokenizer.is_dir() {
         Tokenizer::from_dir(&a.tokenizer)?
     } else {

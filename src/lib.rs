@@ -3,14 +3,20 @@
 //!
 //! The modules follow the pipeline: `model` (backbones, heads, KV cache, HF import
 //! and export), `data` (formats, tokenization, chat templates), `generate` (batched
-//! sampling with logprobs), and `cli` (the `rlhf` binary's commands).
+//! sampling with logprobs), `losses` (pure loss functions), `train` (optimizer,
+//! schedule, checkpoints, the shared loop), `pretrain` and `sft` (the stages), and
+//! `cli` (the `rlhf` binary's commands).
 
 pub mod cli;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod losses;
 pub mod model;
 pub mod ops;
+pub mod pretrain;
 pub mod progress;
+pub mod sft;
+pub mod train;
 
 pub use error::{Error, Result};

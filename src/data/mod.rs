@@ -3,4 +3,6 @@
 pub mod chat_template;
 pub mod jsonl;
 pub mod prompts;
+pub mod sft;
+pub mod text;
 pub mod tokenizer;

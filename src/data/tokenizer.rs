@@ -89,6 +89,39 @@ impl Tokenizer {
         })
     }
 
+    /// Trains a byte-level BPE tokenizer (GPT-2 style) on `docs` with HF tokenizers'
+    /// trainer; `special` tokens get the first ids.
+    pub fn train_bpe(docs: &[String], vocab_size: usize, special: &[&str]) -> Result<Self> {
+        use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+        use tokenizers::models::TrainerWrapper;
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(
+                special
+                    .iter()
+                    .map(|s| tokenizers::AddedToken::from(s.to_string(), true))
+                    .collect(),
+            )
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        let mut inner = tokenizers::Tokenizer::new(BPE::default());
+        inner.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+        inner.with_decoder(Some(ByteLevel::default()));
+        inner
+            .train(&mut trainer, docs.iter())
+            .map_err(|e| Error::Tokenizer(format!("training BPE: {e}")))?;
+        Ok(Tokenizer {
+            inner,
+            config: json!({}),
+            special_tokens: BTreeMap::new(),
+            chat_template: None,
+        })
+    }
+
     /// Number of ids the tokenizer can produce (added tokens included).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

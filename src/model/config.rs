@@ -101,7 +101,7 @@ impl LlamaConfig {
 }
 
 /// Which checkpoint family a folder holds; decides parameter names and blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Gpt2,

@@ -29,29 +29,44 @@ impl AttentionMask {
     /// Query i sits at key index S - query_len + i and sees keys j ≤ that index whose
     /// mask is 1.
     pub fn new(key_mask: &[Vec<u8>], query_len: usize, device: &Device) -> Result<Self> {
-        let b = key_mask.len();
-        let s = key_mask.first().map_or(0, Vec::len);
-        if key_mask.iter().any(|row| row.len() != s) || query_len > s || query_len == 0 {
+        let segments: Vec<Vec<u32>> = key_mask
+            .iter()
+            .map(|row| row.iter().map(|&m| u32::from(m != 0)).collect())
+            .collect();
+        Self::from_segments(&segments, query_len, device)
+    }
+
+    /// Packed rows: `segments[b][j]` is 0 for padding and the example number (1, 2,
+    /// ...) otherwise. A token attends only to earlier tokens of its own example, and
+    /// positions restart at 0 with each example, so a packed row computes exactly what
+    /// its examples would compute one by one.
+    pub fn from_segments(segments: &[Vec<u32>], query_len: usize, device: &Device) -> Result<Self> {
+        let b = segments.len();
+        let s = segments.first().map_or(0, Vec::len);
+        if segments.iter().any(|row| row.len() != s) || query_len > s || query_len == 0 {
             return Err(Error::Invalid(format!(
                 "attention mask rows must have equal length ≥ query length {query_len}"
             )));
         }
         let offset = s - query_len;
         let mut positions = Vec::with_capacity(b * query_len);
-        for row in key_mask {
-            // The count of real tokens before j: for a real token that is its position;
-            // for padding any value works (it is masked).
-            let mut seen = 0u32;
-            for (j, &m) in row.iter().enumerate() {
+        for row in segments {
+            // The count of earlier tokens of the same example: for a real token that
+            // is its position; for padding any value works (it is masked).
+            let (mut seen, mut current) = (0u32, 0u32);
+            for (j, &seg) in row.iter().enumerate() {
+                if seg != 0 && seg != current {
+                    (seen, current) = (0, seg);
+                }
                 if j >= offset {
                     positions.push(seen);
                 }
-                seen += u32::from(m != 0);
+                seen += u32::from(seg != 0);
             }
         }
         let position_ids = Tensor::from_vec(positions, (b, query_len), device)?;
         let causal = CausalMask {
-            key_mask: Arc::new(key_mask.concat()),
+            segments: Arc::new(segments.concat()),
             batch: b,
             keys: s,
             queries: query_len,
@@ -71,27 +86,21 @@ impl AttentionMask {
     /// The additive bias of the composite attention: (B, 1, T, S), 0 where a query sees
     /// a key and `MASKED` elsewhere.
     pub fn bias(&self, device: &Device) -> Result<Tensor> {
-        let CausalMask {
-            key_mask,
-            batch: b,
-            keys: s,
-            queries: t,
-        } = &self.causal;
-        let (b, s, t) = (*b, *s, *t);
-        let offset = s - t;
-        let mut bias = vec![MASKED; b * t * s];
-        for bi in 0..b {
-            let row = &key_mask[bi * s..(bi + 1) * s];
-            for q in 0..t {
-                let base = (bi * t + q) * s;
-                for (j, &m) in row[..=offset + q].iter().enumerate() {
-                    if m != 0 {
-                        bias[base + j] = 0.0;
-                    }
+        let c = &self.causal;
+        let mut bias = vec![MASKED; c.batch * c.queries * c.keys];
+        for bi in 0..c.batch {
+            for q in 0..c.queries {
+                let base = (bi * c.queries + q) * c.keys;
+                for j in c.visible(bi, q) {
+                    bias[base + j] = 0.0;
                 }
             }
         }
-        Ok(Tensor::from_vec(bias, (b, 1, t, s), device)?)
+        Ok(Tensor::from_vec(
+            bias,
+            (c.batch, 1, c.queries, c.keys),
+            device,
+        )?)
     }
 }
 
@@ -134,5 +143,31 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(b, [MASKED, 0.0, 0.0, 0.0]);
+    }
+}
+
+#[cfg(test)]
+mod packed_tests {
+    use super::*;
+
+    #[test]
+    fn packed_rows_restart_positions_and_block_attention() {
+        let segs = vec![vec![1, 1, 1, 2, 2, 0]];
+        let m = AttentionMask::from_segments(&segs, 6, &Device::Cpu).unwrap();
+        assert_eq!(
+            m.position_ids.to_vec2::<u32>().unwrap()[0][..5],
+            [0, 1, 2, 0, 1]
+        );
+        let b = m
+            .bias(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // Query 4 (second example, position 1) sees keys 3 and 4 only.
+        assert_eq!(&b[4 * 6..5 * 6], [MASKED, MASKED, MASKED, 0.0, 0.0, MASKED]);
+        // The padding query sees nothing.
+        assert!(b[5 * 6..].iter().all(|&x| x == MASKED));
     }
 }

@@ -15,11 +15,13 @@ use std::sync::Arc;
 
 use super::{axpy, dot, f32_slice, PARALLEL_MIN_WORK};
 
-/// Which keys each query may attend to: key j is visible to query t (at key index
-/// `offset + t`) iff j ≤ offset + t and `key_mask[b·S + j] != 0`.
+/// Which keys each query may attend to. `segments[b·S + j]` is 0 for padding and an
+/// example number otherwise; key j is visible to query t (at key index `offset + t`)
+/// iff j ≤ offset + t and key j belongs to the query's example (for packed rows; an
+/// unpacked row is one example).
 #[derive(Debug, Clone)]
 pub struct CausalMask {
-    pub key_mask: Arc<Vec<u8>>, // (B, S) row-major
+    pub segments: Arc<Vec<u32>>, // (B, S) row-major
     pub batch: usize,
     pub keys: usize,
     pub queries: usize,
@@ -29,9 +31,13 @@ impl CausalMask {
     fn offset(&self) -> usize {
         self.keys - self.queries
     }
-    fn visible(&self, b: usize, t: usize) -> impl Iterator<Item = usize> + '_ {
-        let row = &self.key_mask[b * self.keys..(b + 1) * self.keys];
-        (0..=self.offset() + t).filter(move |&j| row[j] != 0)
+
+    /// The keys query `t` of row `b` sees, in increasing order.
+    pub fn visible(&self, b: usize, t: usize) -> impl Iterator<Item = usize> + '_ {
+        let row = &self.segments[b * self.keys..(b + 1) * self.keys];
+        let me = self.offset() + t;
+        let seg = row[me];
+        (0..=me).filter(move |&j| seg != 0 && row[j] == seg)
     }
 }
 

@@ -1,0 +1,190 @@
+//! Pretraining from scratch (or continued): trains a byte-level BPE tokenizer when
+//! none is given, packs text into blocks of the context length and trains the causal
+//! LM. Its HF folder is what SFT starts from, and its text is PPO-ptx's data.
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use crate::cli::CHATML_TEMPLATE;
+use crate::data::chat_template::ChatTemplate;
+use crate::data::sft::SftExample;
+use crate::data::text::{pack_blocks, read_documents};
+use crate::data::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+use crate::model::hf::{load_pretrained, Pretrained};
+use crate::model::{presets, Arch, CausalLm};
+use crate::sft::split_eval;
+use crate::train::args::TrainingArgs;
+use crate::train::lm_task::{LmTask, Row};
+use crate::train::trainer::{train, TrainSummary};
+
+pub const DEFAULT_LEARNING_RATE: f64 = 3e-4;
+/// Special tokens of a tokenizer trained here: end of text, and ChatML's markers.
+pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct PretrainArgs {
+    /// Text: .txt (documents separated by blank lines) or JSONL with a "text" field.
+    #[arg(long, visible_alias = "data")]
+    pub dataset: Option<PathBuf>,
+    #[arg(long)]
+    pub eval_dataset: Option<PathBuf>,
+    /// Fraction of the blocks held out for evaluation.
+    #[arg(long, default_value_t = 0.0)]
+    pub eval_split: f64,
+    /// Continue pretraining this model folder instead of starting from --arch/--preset.
+    #[arg(long, visible_alias = "model")]
+    pub model_name_or_path: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Arch::Gpt2)]
+    pub arch: Arch,
+    /// Model size: gpt2 nano, tiny, gpt2, gpt2-medium; llama/qwen2 nano, tiny, smollm-135m, smollm-360m.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// A tokenizer.json or model folder to use instead of training one.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary size of a trained tokenizer.
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    /// Tokens per training block (default: the model's context length).
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// A TOML or YAML file with any of these settings; flags override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainingArgs,
+}
+
+/// Builds the model to pretrain: an existing folder, or a fresh preset with the
+/// given (or a newly trained) tokenizer.
+fn starting_model(args: &PretrainArgs, docs: &[String]) -> Result<Pretrained> {
+    if let Some(dir) = &args.model_name_or_path {
+        return load_pretrained(dir, &Device::Cpu);
+    }
+    let mut tokenizer = match &args.tokenizer {
+        Some(p) if p.is_dir() => Tokenizer::from_dir(p)?,
+        Some(p) => Tokenizer::from_file(p)?,
+        None => {
+            eprintln!(
+                "training a {}-token BPE tokenizer on {} documents",
+                args.vocab_size,
+                docs.len()
+            );
+            let mut t = Tokenizer::train_bpe(docs, args.vocab_size, &SPECIAL_TOKENS)?;
+            t.set_special_token("eos_token", SPECIAL_TOKENS[0]);
+            t.set_special_token("bos_token", SPECIAL_TOKENS[0]);
+            t.set_special_token("pad_token", SPECIAL_TOKENS[0]);
+            t.set_chat_template(Some(ChatTemplate::new(CHATML_TEMPLATE)?));
+            t
+        }
+    };
+    if tokenizer.special_token("eos_token").is_none() {
+        if let Some(t) = SPECIAL_TOKENS
+            .iter()
+            .find(|t| tokenizer.token_to_id(t).is_some())
+        {
+            tokenizer.set_special_token("eos_token", t);
+        }
+    }
+    let eos = tokenizer.eos_token_id();
+    let bos = tokenizer
+        .special_token("bos_token")
+        .and_then(|t| tokenizer.token_to_id(t));
+    let config = presets::preset(args.arch, &args.preset, tokenizer.vocab_size(), bos, eos)?;
+    let model = CausalLm::init(config, args.train.seed, &Device::Cpu)?;
+    // Generation stops at the end of text and at the end of a ChatML turn.
+    let eos_token_ids = SPECIAL_TOKENS
+        .iter()
+        .filter(|t| **t != "<|im_start|>")
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .chain(eos)
+        .fold(vec![], |mut v, id| {
+            if !v.contains(&id) {
+                v.push(id);
+            }
+            v
+        });
+    Ok(Pretrained {
+        model,
+        tokenizer,
+        eos_token_ids,
+    })
+}
+
+fn blocks(docs: &[String], pre: &Pretrained, block: usize) -> Result<Vec<Row>> {
+    let eos = pre
+        .tokenizer
+        .eos_token_id()
+        .or_else(|| pre.eos_token_ids.first().copied())
+        .ok_or_else(|| {
+            Error::Invalid("the tokenizer has no eos_token to separate documents".into())
+        })?;
+    Ok(pack_blocks(docs, &pre.tokenizer, eos, block)?
+        .into_iter()
+        .map(|ids| {
+            let n = ids.len();
+            Row::single(SftExample {
+                ids,
+                loss_mask: vec![1; n],
+            })
+        })
+        .collect())
+}
+
+/// Runs pretraining with settings already merged with any config file.
+pub fn run(args: &PretrainArgs) -> Result<TrainSummary> {
+    args.train.validate()?;
+    let dataset = args
+        .dataset
+        .as_deref()
+        .ok_or_else(|| Error::Invalid("--dataset (or --data) is required".into()))?;
+    if !(0.0..1.0).contains(&args.eval_split) {
+        return Err(Error::Invalid(format!(
+            "eval_split must be in [0, 1), got {}",
+            args.eval_split
+        )));
+    }
+    let docs = read_documents(dataset)?;
+    let pre = starting_model(args, &docs)?;
+    let context = pre.model.config.context_length();
+    let block = args.block_size.unwrap_or(context);
+    if block < 2 || block > context {
+        return Err(Error::Invalid(format!(
+            "block_size must be in [2, {context}] (the model's context), got {block}"
+        )));
+    }
+    let rows = blocks(&docs, &pre, block)?;
+    if rows.is_empty() {
+        return Err(Error::bad_file(
+            dataset,
+            None,
+            format!("the text is shorter than one block of {block} tokens"),
+        ));
+    }
+    let (train_rows, eval_rows) = match &args.eval_dataset {
+        Some(p) => (rows, blocks(&read_documents(p)?, &pre, block)?),
+        None => split_eval(rows, args.eval_split, args.train.seed),
+    };
+    eprintln!(
+        "pretraining {} ({:.2}M parameters) on {} blocks of {block} tokens",
+        pre.model.config.arch.model_type(),
+        pre.model.params.num_parameters() as f64 / 1e6,
+        train_rows.len()
+    );
+    let mut task = LmTask::new(
+        pre,
+        train_rows,
+        eval_rows,
+        args.train.per_device_train_batch_size,
+        args.train.per_device_eval_batch_size,
+        args.train.seed,
+    );
+    let lr = args.train.learning_rate.unwrap_or(DEFAULT_LEARNING_RATE);
+    let resolved = serde_json::to_value(args).expect("args serialize");
+    train(&mut task, &args.train, lr, &resolved, "pretrain")
+}

@@ -1,0 +1,266 @@
+//! The causal-LM objective over token rows, shared by pretraining and SFT: mean
+//! next-token cross-entropy over the target tokens of a batch.
+//!
+//! Rows are single examples (right-padded per batch) or packed: several examples
+//! laid end to end in one row of `max_length`, each attending only to itself and with
+//! its own position ids (`AttentionMask::from_segments`), so packing computes the same
+//! loss as padding. The epoch's row order is a ChaCha shuffle of (seed, epoch): a
+//! resumed run sees the same batches as an uninterrupted one.
+
+use candle_core::Tensor;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::trainer::{LossParts, TrainTask};
+use crate::data::sft::SftExample;
+use crate::error::Result;
+use crate::losses::nll_sum;
+use crate::model::hf::{save_pretrained, Pretrained};
+use crate::model::{AttentionMask, Params};
+
+/// One row of a batch: tokens, targets, and which example each token belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub ids: Vec<u32>,
+    pub loss_mask: Vec<u8>,
+    /// 1, 2, ... per example in the row (all 1 when unpacked).
+    pub segments: Vec<u32>,
+}
+
+impl Row {
+    pub fn single(ex: SftExample) -> Self {
+        let n = ex.ids.len();
+        Row {
+            ids: ex.ids,
+            loss_mask: ex.loss_mask,
+            segments: vec![1; n],
+        }
+    }
+
+    /// Target positions of next-token prediction: position t predicts token t + 1,
+    /// which counts when it is a training token of the same example.
+    pub fn target_weights(&self) -> impl Iterator<Item = f32> + '_ {
+        (0..self.ids.len().saturating_sub(1)).map(|t| {
+            let same = self.segments[t + 1] == self.segments[t];
+            f32::from(u8::from(same && self.loss_mask[t + 1] == 1))
+        })
+    }
+
+    pub fn num_targets(&self) -> usize {
+        self.target_weights().filter(|&w| w > 0.0).count()
+    }
+}
+
+/// Packs examples greedily, in order, into rows of at most `max_length` tokens.
+pub fn pack(examples: Vec<SftExample>, max_length: usize) -> Vec<Row> {
+    let mut rows = vec![];
+    let mut cur: Option<Row> = None;
+    for ex in examples {
+        let fits = cur
+            .as_ref()
+            .is_some_and(|r| r.ids.len() + ex.ids.len() <= max_length);
+        if !fits {
+            rows.extend(cur.take());
+            cur = Some(Row::single(ex));
+            continue;
+        }
+        let r = cur.as_mut().expect("checked above");
+        let seg = r.segments.last().copied().unwrap_or(0) + 1;
+        r.segments.extend(std::iter::repeat_n(seg, ex.ids.len()));
+        r.ids.extend(ex.ids);
+        r.loss_mask.extend(ex.loss_mask);
+    }
+    rows.extend(cur);
+    rows
+}
+
+pub struct LmTask {
+    pub pre: Pretrained,
+    pub train_rows: Vec<Row>,
+    pub eval_rows: Vec<Row>,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub seed: u64,
+    /// The shuffled row order of the most recent epoch asked for.
+    order: RefCell<(usize, Vec<usize>)>,
+}
+
+impl LmTask {
+    pub fn new(
+        pre: Pretrained,
+        train_rows: Vec<Row>,
+        eval_rows: Vec<Row>,
+        batch_size: usize,
+        eval_batch_size: usize,
+        seed: u64,
+    ) -> Self {
+        LmTask {
+            pre,
+            train_rows,
+            eval_rows,
+            batch_size,
+            eval_batch_size,
+            seed,
+            order: RefCell::new((usize::MAX, vec![])),
+        }
+    }
+
+    fn batch_rows(&self, epoch: usize, index: usize) -> Vec<usize> {
+        let mut order = self.order.borrow_mut();
+        if order.0 != epoch {
+            let mut perm: Vec<usize> = (0..self.train_rows.len()).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            perm.shuffle(&mut rng);
+            *order = (epoch, perm);
+        }
+        let start = index * self.batch_size;
+        let end = (start + self.batch_size).min(order.1.len());
+        order.1[start..end].to_vec()
+    }
+
+    /// Σ NLL over the targets of `rows` and the number of targets.
+    pub fn loss_sum(&self, rows: &[&Row]) -> Result<(Tensor, usize, usize)> {
+        let device = &self.pre.model.device;
+        let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        let pad = self.pre.tokenizer.pad_token_id();
+        let mut ids = Vec::with_capacity(rows.len() * width);
+        let mut segments = Vec::with_capacity(rows.len());
+        let mut picked = vec![]; // flat positions (b·(T−1) + t) with a target
+        let mut targets = vec![];
+        for (b, r) in rows.iter().enumerate() {
+            let n = r.ids.len();
+            ids.extend(
+                r.ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, width - n)),
+            );
+            segments.push(
+                r.segments
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, width - n))
+                    .collect::<Vec<u32>>(),
+            );
+            for (t, w) in r.target_weights().enumerate() {
+                if w > 0.0 {
+                    picked.push((b * (width - 1) + t) as u32);
+                    targets.push(r.ids[t + 1]);
+                }
+            }
+        }
+        let tokens = rows.iter().map(|r| r.ids.len()).sum();
+        if picked.is_empty() {
+            return Ok((
+                Tensor::zeros((), candle_core::DType::F32, device)?,
+                0,
+                tokens,
+            ));
+        }
+        let ids = Tensor::from_vec(ids, (rows.len(), width), device)?; // (B, T)
+        let mask = AttentionMask::from_segments(&segments, width, device)?;
+        let hidden = self.pre.model.backbone.forward(&ids, &mask, None)?; // (B, T, C)
+        let c = hidden.dim(2)?;
+        let hidden = hidden
+            .narrow(1, 0, width - 1)?
+            .reshape((rows.len() * (width - 1), c))?; // (B·(T−1), C)
+                                                      // Only positions with a target go through the LM head: prompts cost nothing.
+        let n = picked.len();
+        let picked = Tensor::from_vec(picked, n, device)?; // (N,)
+        let logits = self
+            .pre
+            .model
+            .lm_head
+            .forward(&hidden.index_select(&picked, 0)?)?; // (N, V)
+        let targets = Tensor::from_vec(targets, n, device)?; // (N,)
+        let weights = Tensor::ones(n, candle_core::DType::F32, device)?; // (N,)
+        Ok((nll_sum(&logits, &targets, &weights)?, n, tokens))
+    }
+}
+
+impl TrainTask for LmTask {
+    fn batches_per_epoch(&self) -> usize {
+        self.train_rows.len().div_ceil(self.batch_size)
+    }
+
+    fn batch_weight(&self, epoch: usize, index: usize) -> Result<f64> {
+        Ok(self
+            .batch_rows(epoch, index)
+            .iter()
+            .map(|&i| self.train_rows[i].num_targets())
+            .sum::<usize>() as f64)
+    }
+
+    fn batch_loss(&mut self, epoch: usize, index: usize) -> Result<LossParts> {
+        let idx = self.batch_rows(epoch, index);
+        let rows: Vec<&Row> = idx.iter().map(|&i| &self.train_rows[i]).collect();
+        let (sum, _, tokens) = self.loss_sum(&rows)?;
+        Ok(LossParts { sum, tokens })
+    }
+
+    fn params(&self) -> &Params {
+        &self.pre.model.params
+    }
+
+    fn evaluate(&mut self) -> Result<BTreeMap<String, f64>> {
+        let mut out = BTreeMap::new();
+        if self.eval_rows.is_empty() {
+            return Ok(out);
+        }
+        let (mut total, mut count) = (0.0, 0usize);
+        for chunk in self.eval_rows.chunks(self.eval_batch_size) {
+            let rows: Vec<&Row> = chunk.iter().collect();
+            let (sum, n, _) = self.loss_sum(&rows)?;
+            total += sum
+                .detach()
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            count += n;
+        }
+        let loss = total / count.max(1) as f64;
+        out.insert("loss".into(), loss);
+        out.insert("perplexity".into(), loss.exp());
+        Ok(out)
+    }
+
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        save_pretrained(&self.pre, dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(ids: &[u32], mask: &[u8]) -> SftExample {
+        SftExample {
+            ids: ids.to_vec(),
+            loss_mask: mask.to_vec(),
+        }
+    }
+
+    #[test]
+    fn packing_fills_rows_and_never_crosses_examples_in_targets() {
+        let rows = pack(
+            vec![
+                ex(&[1, 2, 3], &[0, 1, 1]),
+                ex(&[4, 5], &[1, 1]),
+                ex(&[6, 7, 8, 9], &[0, 0, 1, 1]),
+            ],
+            6,
+        );
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].ids, [1, 2, 3, 4, 5]);
+        assert_eq!(rows[0].segments, [1, 1, 1, 2, 2]);
+        // Targets: 2, 3 (example 1); not 4 (first token of example 2, other segment); 5.
+        let w: Vec<f32> = rows[0].target_weights().collect();
+        assert_eq!(w, [1.0, 1.0, 0.0, 1.0]);
+        assert_eq!(rows[1].ids, [6, 7, 8, 9]);
+    }
+}

@@ -1,0 +1,12 @@
+//! The shared training machinery: settings (`args`), AdamW and gradient clipping
+//! (`optimizer`), learning-rate schedules (`schedule`), atomic checkpoints
+//! (`checkpoint`), metrics files (`metrics`), the loop (`trainer`) and the causal-LM
+//! objective used by pretraining and SFT (`lm_task`).
+
+pub mod args;
+pub mod checkpoint;
+pub mod lm_task;
+pub mod metrics;
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;

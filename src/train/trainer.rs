@@ -1,0 +1,379 @@
+//! The shared training loop: pretraining, SFT, the reward model and PPO's updates all
+//! run through `train`. A task supplies micro-batch losses; the loop owns gradient
+//! accumulation, clipping, AdamW, the schedule, non-finite handling, logging,
+//! evaluation, checkpoints and exact resume.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use super::args::TrainingArgs;
+use super::checkpoint;
+use super::metrics::MetricsWriter;
+use super::optimizer::{AdamW, AdamWConfig, GradAccumulator};
+use super::schedule::lr_factor;
+use crate::error::{read_json, Error, Result};
+use crate::model::hf::{save_safetensors, write_json};
+use crate::model::Params;
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+pub const TRAINING_ARGS_FILE: &str = "training_args.json";
+
+/// One micro-batch's loss as numerator and the size it is averaged over. The loop
+/// divides each numerator by the total `count` of the optimizer step's micro-batches,
+/// so accumulating 4 batches of B equals one batch of 4B.
+pub struct LossParts {
+    pub sum: Tensor, // scalar
+    /// Tokens processed (for tokens/s).
+    pub tokens: usize,
+}
+
+/// What a training stage provides to the loop.
+pub trait TrainTask {
+    /// Micro-batches in one epoch.
+    fn batches_per_epoch(&self) -> usize;
+    /// The averaging weight of micro-batch `index` of `epoch` (e.g. its target tokens).
+    fn batch_weight(&self, epoch: usize, index: usize) -> Result<f64>;
+    /// The loss numerator of micro-batch `index` of `epoch`.
+    fn batch_loss(&mut self, epoch: usize, index: usize) -> Result<LossParts>;
+    fn params(&self) -> &Params;
+    /// Held-out metrics (names without the `eval/` prefix); empty when there is no
+    /// eval set.
+    fn evaluate(&mut self) -> Result<BTreeMap<String, f64>>;
+    /// Writes the model as an HF folder.
+    fn save_model(&self, dir: &Path) -> Result<()>;
+    /// Extra state to checkpoint (RNG streams, controllers); `Null` when none.
+    fn state(&self) -> Value {
+        Value::Null
+    }
+    fn load_state(&mut self, _state: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What is saved in trainer_state.json and restored on resume.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Completed optimizer steps (including skipped non-finite ones).
+    pub global_step: u64,
+    pub total_steps: u64,
+    pub skipped_nonfinite_steps: u64,
+    pub consecutive_nonfinite: u64,
+    pub tokens_seen: u64,
+    #[serde(default)]
+    pub task: Value,
+}
+
+/// Summary of a finished run.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub state: TrainerState,
+    pub last_loss: f64,
+    pub eval: BTreeMap<String, f64>,
+    pub resumed_from: Option<u64>,
+}
+
+fn adamw_config(args: &TrainingArgs) -> AdamWConfig {
+    AdamWConfig {
+        beta1: args.adam_beta1,
+        beta2: args.adam_beta2,
+        eps: args.adam_epsilon,
+        weight_decay: args.weight_decay,
+    }
+}
+
+/// Runs the loop to the end, resuming from the newest valid checkpoint in the output
+/// folder when there is one (unless `overwrite_output_dir`). `lr` is the resolved
+/// peak learning rate; `resolved_config` is saved beside every checkpoint.
+pub fn train(
+    task: &mut dyn TrainTask,
+    args: &TrainingArgs,
+    lr: f64,
+    resolved_config: &Value,
+    label: &str,
+) -> Result<TrainSummary> {
+    let out = args.output_dir()?.to_path_buf();
+    std::fs::create_dir_all(&out).map_err(|e| Error::write(&out, e))?;
+    let nb = task.batches_per_epoch();
+    if nb == 0 {
+        return Err(Error::Invalid("the training set yields no batch".into()));
+    }
+    let accum = args.gradient_accumulation_steps;
+    let total_steps = if args.max_steps > 0 {
+        args.max_steps as u64
+    } else {
+        ((args.num_train_epochs * nb as f64) / accum as f64)
+            .ceil()
+            .max(1.0) as u64
+    };
+    let warmup = if args.warmup_steps > 0 {
+        args.warmup_steps
+    } else {
+        (args.warmup_ratio * total_steps as f64).ceil() as usize
+    };
+
+    let mut opt = AdamW::new(task.params(), adamw_config(args));
+    let mut state = TrainerState {
+        total_steps,
+        ..Default::default()
+    };
+    let mut resumed_from = None;
+    if args.overwrite_output_dir {
+        for (_, dir) in checkpoint::list(&out)? {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::write(&dir, e))?;
+        }
+    } else if let Some((step, dir)) = checkpoint::find_resumable(&out)? {
+        resume_from(&dir, task, &mut opt, &mut state)?;
+        state.total_steps = total_steps;
+        resumed_from = Some(step);
+        eprintln!("resuming from {} (step {step})", dir.display());
+    } else if args.resume {
+        return Err(Error::Invalid(format!(
+            "--resume: no valid checkpoint in {}",
+            out.display()
+        )));
+    }
+    write_json(&out.join(TRAINING_ARGS_FILE), resolved_config)?;
+
+    let mut metrics = MetricsWriter::create(&out)?;
+    let mut acc = GradAccumulator::new(task.params());
+    let bar = crate::progress::bar(total_steps, label);
+    bar.set_position(state.global_step);
+    let (mut window_loss, mut window_steps, mut window_tokens) = (0.0, 0usize, 0usize);
+    let mut window_start = Instant::now();
+    let mut last_loss = f64::NAN;
+    let mut eval = BTreeMap::new();
+
+    let stop_at = args.stop_after_steps.map_or(total_steps, |n| {
+        (state.global_step + n as u64).min(total_steps)
+    });
+    while state.global_step < stop_at {
+        let step = state.global_step;
+        let step_lr = lr
+            * lr_factor(
+                args.lr_scheduler_type,
+                step as usize,
+                warmup,
+                total_steps as usize,
+            );
+        let micro: Vec<(usize, usize)> = (0..accum)
+            .map(|i| {
+                let m = step as usize * accum + i;
+                (m / nb, m % nb)
+            })
+            .collect();
+        let total_weight: f64 = micro
+            .iter()
+            .map(|&(e, i)| task.batch_weight(e, i))
+            .sum::<Result<f64>>()?;
+        acc.zero();
+        let mut loss = 0.0;
+        let mut tokens = 0;
+        if total_weight > 0.0 {
+            for &(e, i) in &micro {
+                let parts = task.batch_loss(e, i)?;
+                let scaled = (parts.sum / total_weight)?;
+                loss += scaled
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
+                tokens += parts.tokens;
+                let grads = scaled.backward()?;
+                acc.add(task.params(), &grads)?;
+            }
+        }
+        let grad_norm = acc.clip(args.max_grad_norm);
+        state.global_step += 1;
+        state.tokens_seen += tokens as u64;
+        window_tokens += tokens;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            state.skipped_nonfinite_steps += 1;
+            state.consecutive_nonfinite += 1;
+            bar.println(format!(
+                "step {}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped",
+                state.global_step
+            ));
+            if state.consecutive_nonfinite >= args.max_nonfinite_steps as u64 {
+                return Err(Error::Invalid(format!(
+                    "aborting: {} non-finite steps in a row (last at step {}); lower --learning_rate or check the data. The last checkpoint is intact.",
+                    state.consecutive_nonfinite, state.global_step
+                )));
+            }
+        } else {
+            state.consecutive_nonfinite = 0;
+            if total_weight > 0.0 {
+                opt.update(task.params(), &acc.buffers, step_lr)?;
+            }
+            last_loss = loss;
+            window_loss += loss;
+            window_steps += 1;
+        }
+        bar.set_position(state.global_step);
+        bar.set_message(format!("{label} loss {loss:.4} lr {step_lr:.2e}"));
+
+        let s = state.global_step;
+        let epoch = (s as usize * accum) as f64 / nb as f64;
+        if args.logging_steps > 0
+            && (s % args.logging_steps as u64 == 0 || s == total_steps)
+            && window_steps > 0
+        {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let mut m = BTreeMap::new();
+            m.insert("train/loss".to_string(), window_loss / window_steps as f64);
+            m.insert("train/learning_rate".to_string(), step_lr);
+            m.insert("train/grad_norm".to_string(), grad_norm);
+            m.insert("train/epoch".to_string(), epoch);
+            m.insert(
+                "train/tokens_per_second".to_string(),
+                window_tokens as f64 / secs,
+            );
+            m.insert(
+                "train/skipped_nonfinite_steps".to_string(),
+                state.skipped_nonfinite_steps as f64,
+            );
+            metrics.log(s, &m)?;
+            bar.set_message(format!(
+                "{label} loss {:.4} lr {step_lr:.2e} {:.0} tok/s",
+                window_loss / window_steps as f64,
+                window_tokens as f64 / secs
+            ));
+            (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
+            window_start = Instant::now();
+        }
+        let epoch_end = (s as usize * accum) / nb > ((s as usize - 1) * accum) / nb;
+        let eval_now = match args.eval_steps {
+            Some(n) if n > 0 => s % n as u64 == 0,
+            _ => epoch_end,
+        };
+        if eval_now || s == total_steps {
+            eval = task.evaluate()?;
+            if !eval.is_empty() {
+                let m: BTreeMap<String, f64> = eval
+                    .iter()
+                    .map(|(k, v)| (format!("eval/{k}"), *v))
+                    .collect();
+                metrics.log(s, &m)?;
+                let text: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                bar.println(format!("step {s}: eval {}", text.join(", ")));
+            }
+        }
+        if args.save_steps > 0 && s % args.save_steps as u64 == 0 && s < stop_at {
+            save_checkpoint(
+                task,
+                &opt,
+                &state,
+                &out,
+                args.save_total_limit,
+                resolved_config,
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+    // A final checkpoint, so that an interrupted or finished run resumes from here.
+    save_checkpoint(
+        task,
+        &opt,
+        &state,
+        &out,
+        args.save_total_limit,
+        resolved_config,
+    )?;
+    if state.global_step < total_steps {
+        eprintln!(
+            "stopped at step {} of {total_steps} (--stop_after_steps); rerun the same command to continue",
+            state.global_step
+        );
+        return Ok(TrainSummary {
+            state,
+            last_loss,
+            eval,
+            resumed_from,
+        });
+    }
+    task.save_model(&out)?;
+    write_json(
+        &out.join(TRAINER_STATE_FILE),
+        &serde_json::to_value(&state).expect("state serializes"),
+    )?;
+    Ok(TrainSummary {
+        state,
+        last_loss,
+        eval,
+        resumed_from,
+    })
+}
+
+/// A non-finite state is never written.
+fn ensure_finite(params: &Params) -> Result<()> {
+    for (spec, var) in params.vars() {
+        let ok = var
+            .as_tensor()
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite());
+        if !ok {
+            return Err(Error::Invalid(format!(
+                "parameter {} holds non-finite values; not saving it",
+                spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn save_checkpoint(
+    task: &mut dyn TrainTask,
+    opt: &AdamW,
+    state: &TrainerState,
+    out: &Path,
+    limit: Option<usize>,
+    resolved_config: &Value,
+) -> Result<()> {
+    ensure_finite(task.params())?;
+    let mut state = state.clone();
+    state.task = task.state();
+    let task_ref: &dyn TrainTask = task;
+    checkpoint::save(out, state.global_step, limit, |dir| {
+        task_ref.save_model(dir)?;
+        save_safetensors(
+            &opt.state_tensors(task_ref.params())?,
+            &dir.join(OPTIMIZER_FILE),
+        )?;
+        write_json(
+            &dir.join(TRAINER_STATE_FILE),
+            &serde_json::to_value(&state).expect("state serializes"),
+        )?;
+        write_json(&dir.join(TRAINING_ARGS_FILE), resolved_config)
+    })?;
+    Ok(())
+}
+
+/// Loads weights, optimizer and trainer state from a validated checkpoint.
+fn resume_from(
+    dir: &Path,
+    task: &mut dyn TrainTask,
+    opt: &mut AdamW,
+    state: &mut TrainerState,
+) -> Result<()> {
+    let (tensors, source) = crate::model::hf::read_weights(dir, &candle_core::Device::Cpu)?;
+    let loaded = Params::from_hf(
+        task.params().specs.clone(),
+        tensors,
+        &source,
+        &candle_core::Device::Cpu,
+    )?;
+    for ((_, dst), (_, src)) in task.params().vars().into_iter().zip(loaded.vars()) {
+        dst.set(src.as_tensor())?;
+    }
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&opt_path).map_err(|e| Error::read(&opt_path, e))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)?;
+    opt.load_state(task.params(), &tensors)?;
+    *state = read_json(&dir.join(TRAINER_STATE_FILE))?;
+    task.load_state(&state.task)?;
+    Ok(())
+}
