@@ -32,7 +32,8 @@ fn main() -> anyhow::Result<()> {
     let preset = a.get(1).map_or("tiny", String::as_str);
     let num = |i: usize, d: usize| a.get(i).map_or(Ok(d), |s| s.parse()).expect("a number");
     let (vocab, batch, seq, steps) = (num(2, 8192), num(3, 16), num(4, 128), num(5, 5));
-    let tok_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer.json");
+    let tok_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)?;
     let mut config = presets::preset(Arch::Gpt2, preset, vocab, None, Some(0))?;
     if let rlhf::model::FamilyConfig::Gpt2(c) = &mut config.family {
@@ -43,15 +44,26 @@ fn main() -> anyhow::Result<()> {
     let rows: Vec<Row> = (0..batch)
         .map(|_| {
             Row::single(SftExample {
-                ids: (0..seq).map(|_| rng.random_range(0..vocab as u32)).collect(),
+                ids: (0..seq)
+                    .map(|_| rng.random_range(0..vocab as u32))
+                    .collect(),
                 loss_mask: vec![1; seq],
             })
         })
         .collect();
-    let pre = Pretrained { model, tokenizer, eos_token_ids: vec![0] };
+    let pre = Pretrained {
+        model,
+        tokenizer,
+        eos_token_ids: vec![0],
+    };
     let task = LmTask::new(pre, rows, vec![], batch, batch, 0);
     let params = &task.pre.model.params;
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
     let mut opt = AdamW::new(params, cfg);
     let mut acc = GradAccumulator::new(params);
     let refs: Vec<&Row> = task.train_rows.iter().collect();

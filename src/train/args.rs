@@ -101,7 +101,9 @@ impl TrainingArgs {
                 return bad(format!("learning_rate must be > 0, got {lr}"));
             }
         }
-        if self.max_steps <= 0 && !(self.num_train_epochs > 0.0) {
+        if self.max_steps <= 0
+            && self.num_train_epochs.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
             return bad("set num_train_epochs > 0 or max_steps > 0".into());
         }
         if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {

@@ -217,7 +217,7 @@ pub fn train(
         let s = state.global_step;
         let epoch = (s as usize * accum) as f64 / nb as f64;
         if args.logging_steps > 0
-            && (s % args.logging_steps as u64 == 0 || s == total_steps)
+            && (s.is_multiple_of(args.logging_steps as u64) || s == total_steps)
             && window_steps > 0
         {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
@@ -245,7 +245,7 @@ pub fn train(
         }
         let epoch_end = (s as usize * accum) / nb > ((s as usize - 1) * accum) / nb;
         let eval_now = match args.eval_steps {
-            Some(n) if n > 0 => s % n as u64 == 0,
+            Some(n) if n > 0 => s.is_multiple_of(n as u64),
             _ => epoch_end,
         };
         if eval_now || s == total_steps {
@@ -260,7 +260,7 @@ pub fn train(
                 bar.println(format!("step {s}: eval {}", text.join(", ")));
             }
         }
-        if args.save_steps > 0 && s % args.save_steps as u64 == 0 && s < stop_at {
+        if args.save_steps > 0 && s.is_multiple_of(args.save_steps as u64) && s < stop_at {
             save_checkpoint(
                 task,
                 &opt,
