@@ -131,12 +131,12 @@ fn bad_rows_name_file_line_and_field() {
         ),
         (
             "mistyped",
-            format!("{{\"prompt\": \"x\", \"completion\": 5}}"),
+            "{\"prompt\": \"x\", \"completion\": 5}".to_string(),
             ":1: field \"completion\" must be a string",
         ),
         (
             "empty",
-            format!("{{\"prompt\": \"x\", \"completion\": \"  \"}}"),
+            "{\"prompt\": \"x\", \"completion\": \"  \"}".to_string(),
             ":1: field \"completion\" is empty",
         ),
         (
