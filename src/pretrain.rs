@@ -16,8 +16,8 @@ use crate::model::hf::{load_pretrained, Pretrained};
 use crate::model::{presets, Arch, CausalLm};
 use crate::sft::split_eval;
 use crate::train::args::TrainingArgs;
-use crate::train::lm_task::{LmTask, Row};
-use crate::train::trainer::{train, TrainSummary};
+use crate::train::lm_task::{train_lm, Row};
+use crate::train::trainer::TrainSummary;
 
 pub const DEFAULT_LEARNING_RATE: f64 = 3e-4;
 /// Special tokens of a tokenizer trained here: end of text, and ChatML's markers.
@@ -176,15 +176,14 @@ pub fn run(args: &PretrainArgs) -> Result<TrainSummary> {
         pre.model.params.num_parameters() as f64 / 1e6,
         train_rows.len()
     );
-    let mut task = LmTask::new(
+    let resolved = serde_json::to_value(args).expect("args serialize");
+    train_lm(
         pre,
         train_rows,
         eval_rows,
-        args.train.per_device_train_batch_size,
-        args.train.per_device_eval_batch_size,
-        args.train.seed,
-    );
-    let lr = args.train.learning_rate.unwrap_or(DEFAULT_LEARNING_RATE);
-    let resolved = serde_json::to_value(args).expect("args serialize");
-    train(&mut task, &args.train, lr, &resolved, "pretrain")
+        &args.train,
+        DEFAULT_LEARNING_RATE,
+        &resolved,
+        "pretrain",
+    )
 }

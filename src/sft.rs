@@ -12,8 +12,8 @@ use crate::data::sft::{load_sft, LoadReport, Overflow, SftExample, SftTokenizing
 use crate::error::{Error, Result};
 use crate::model::hf::load_pretrained;
 use crate::train::args::TrainingArgs;
-use crate::train::lm_task::{pack, LmTask, Row};
-use crate::train::trainer::{train, TrainSummary};
+use crate::train::lm_task::{pack, train_lm, Row};
+use crate::train::trainer::TrainSummary;
 
 /// SFT's default peak learning rate (TRL's SFTConfig).
 pub const DEFAULT_LEARNING_RATE: f64 = 2e-5;
@@ -129,15 +129,14 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
         }
     };
     let (train_rows, eval_rows) = (to_rows(train_ex), to_rows(eval_ex));
-    let mut task = LmTask::new(
+    let resolved = serde_json::to_value(args).expect("args serialize");
+    train_lm(
         pre,
         train_rows,
         eval_rows,
-        args.train.per_device_train_batch_size,
-        args.train.per_device_eval_batch_size,
-        args.train.seed,
-    );
-    let lr = args.train.learning_rate.unwrap_or(DEFAULT_LEARNING_RATE);
-    let resolved = serde_json::to_value(args).expect("args serialize");
-    train(&mut task, &args.train, lr, &resolved, "sft")
+        &args.train,
+        DEFAULT_LEARNING_RATE,
+        &resolved,
+        "sft",
+    )
 }

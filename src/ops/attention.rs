@@ -9,11 +9,11 @@
 //!   dS_j = p_j (dO_t·v_j − D_t),  dq_t = scale Σ_j dS_j k_j,
 //!   dk_j += scale dS_j q_t,        dv_j += p_j dO_t.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::{axpy, dot, f32_slice, PARALLEL_MIN_WORK};
+use super::{axpy, cpu_f32_vec, dot, f32_slice, PARALLEL_MIN_WORK};
 
 /// Which keys each query may attend to. `segments[b·S + j]` is 0 for padding and an
 /// example number otherwise; key j is visible to query t (at key index `offset + t`)
@@ -208,15 +208,6 @@ impl AttentionOp {
     }
 }
 
-fn cpu_data(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => Ok(f32_slice(s, layout, "attention backward")?.to_vec()),
-        _ => candle_core::bail!("fused attention: CPU tensors only"),
-    }
-}
-
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "rlhf-causal-attention"
@@ -251,11 +242,11 @@ impl CustomOp3 for AttentionOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = Dims::of(q.shape(), k.shape())?;
         let (dq, dk, dv) = self.backward(
-            &cpu_data(q)?,
-            &cpu_data(k)?,
-            &cpu_data(v)?,
-            &cpu_data(o)?,
-            &cpu_data(dout)?,
+            &cpu_f32_vec(q, "attention")?,
+            &cpu_f32_vec(k, "attention")?,
+            &cpu_f32_vec(v, "attention")?,
+            &cpu_f32_vec(o, "attention")?,
+            &cpu_f32_vec(dout, "attention")?,
             &d,
         );
         let dev = q.device();

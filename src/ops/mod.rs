@@ -10,7 +10,7 @@ pub mod attention;
 pub mod matmul;
 pub mod norm;
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 /// Below this many multiply-adds a kernel runs on the calling thread: waking the
 /// thread pool costs more than it saves (decoding steps on small models).
@@ -49,5 +49,15 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi;
+    }
+}
+
+/// A CPU tensor's f32 data as a vector (for custom ops' backward passes).
+pub(crate) fn cpu_f32_vec(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => Ok(f32_slice(s, layout, what)?.to_vec()),
+        _ => candle_core::bail!("{what}: CPU tensors only"),
     }
 }

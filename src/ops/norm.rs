@@ -6,10 +6,10 @@
 //!   RMSNorm:   dx = r·(g − x̂·mean(g·x̂)),            dw = Σ dy·x̂
 //! (the standard derivation, e.g. llm.c's `layernorm_backward`).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, PARALLEL_MIN_WORK};
+use super::{cpu_f32_vec, f32_slice, PARALLEL_MIN_WORK};
 
 /// Rows per parallel chunk; fixed so that partial sums reduce in the same order.
 const ROWS_PER_CHUNK: usize = 16;
@@ -112,16 +112,6 @@ fn backward(
     (dx, dw, db)
 }
 
-/// Reads a CPU tensor's contiguous f32 data (copying only if it is strided).
-fn cpu_vec(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => Ok(f32_slice(s, layout, "norm backward")?.to_vec()),
-        _ => candle_core::bail!("fused norm: CPU tensors only"),
-    }
-}
-
 struct LayerNormOp {
     eps: f32,
 }
@@ -157,9 +147,9 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = backward(
             Kind::Layer,
-            &cpu_vec(x)?,
-            &cpu_vec(w)?,
-            &cpu_vec(dy)?,
+            &cpu_f32_vec(x, "norm backward")?,
+            &cpu_f32_vec(w, "norm backward")?,
+            &cpu_f32_vec(dy, "norm backward")?,
             self.eps,
         );
         let dev = x.device();
@@ -202,9 +192,9 @@ impl CustomOp2 for RmsNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = backward(
             Kind::Rms,
-            &cpu_vec(x)?,
-            &cpu_vec(w)?,
-            &cpu_vec(dy)?,
+            &cpu_f32_vec(x, "norm backward")?,
+            &cpu_f32_vec(w, "norm backward")?,
+            &cpu_f32_vec(dy, "norm backward")?,
             self.eps,
         );
         let dev = x.device();

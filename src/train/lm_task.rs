@@ -15,7 +15,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::trainer::{LossParts, TrainTask};
+use super::args::TrainingArgs;
+use super::trainer::{train, LossParts, TrainSummary, TrainTask};
 use crate::data::sft::SftExample;
 use crate::error::Result;
 use crate::losses::nll_sum;
@@ -182,6 +183,29 @@ impl LmTask {
         let weights = Tensor::ones(n, candle_core::DType::F32, device)?; // (N,)
         Ok((nll_sum(&logits, &targets, &weights)?, n, tokens))
     }
+}
+
+/// Trains a causal LM on `train_rows` (evaluating on `eval_rows`) with the shared
+/// loop: what `rlhf pretrain` and `rlhf sft` both end with.
+pub fn train_lm(
+    pre: Pretrained,
+    train_rows: Vec<Row>,
+    eval_rows: Vec<Row>,
+    args: &TrainingArgs,
+    default_lr: f64,
+    resolved_config: &serde_json::Value,
+    label: &str,
+) -> Result<TrainSummary> {
+    let mut task = LmTask::new(
+        pre,
+        train_rows,
+        eval_rows,
+        args.per_device_train_batch_size,
+        args.per_device_eval_batch_size,
+        args.seed,
+    );
+    let lr = args.learning_rate.unwrap_or(default_lr);
+    train(&mut task, args, lr, resolved_config, label)
 }
 
 impl TrainTask for LmTask {
