@@ -20,8 +20,10 @@ use crate::train::lm_task::{train_lm, Row};
 use crate::train::trainer::TrainSummary;
 
 pub const DEFAULT_LEARNING_RATE: f64 = 3e-4;
-/// Special tokens of a tokenizer trained here: end of text, and ChatML's markers.
-pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+/// Special tokens of a tokenizer trained here: end of text, ChatML's markers, and a
+/// padding token distinct from eos (a sequence-classification head reads its score at
+/// the last non-pad token, which must be the eos ending a response).
+pub const SPECIAL_TOKENS: [&str; 4] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -78,7 +80,7 @@ fn starting_model(args: &PretrainArgs, docs: &[String]) -> Result<Pretrained> {
             let mut t = Tokenizer::train_bpe(docs, args.vocab_size, &SPECIAL_TOKENS)?;
             t.set_special_token("eos_token", SPECIAL_TOKENS[0]);
             t.set_special_token("bos_token", SPECIAL_TOKENS[0]);
-            t.set_special_token("pad_token", SPECIAL_TOKENS[0]);
+            t.set_special_token("pad_token", SPECIAL_TOKENS[3]);
             t.set_chat_template(Some(ChatTemplate::new(CHATML_TEMPLATE)?));
             t
         }
@@ -98,9 +100,8 @@ fn starting_model(args: &PretrainArgs, docs: &[String]) -> Result<Pretrained> {
     let config = presets::preset(args.arch, &args.preset, tokenizer.vocab_size(), bos, eos)?;
     let model = CausalLm::init(config, args.train.seed, &Device::Cpu)?;
     // Generation stops at the end of text and at the end of a ChatML turn.
-    let eos_token_ids = SPECIAL_TOKENS
+    let eos_token_ids = [SPECIAL_TOKENS[0], SPECIAL_TOKENS[2]]
         .iter()
-        .filter(|t| **t != "<|im_start|>")
         .filter_map(|t| tokenizer.token_to_id(t))
         .chain(eos)
         .fold(vec![], |mut v, id| {

@@ -34,7 +34,7 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, GPT2Config, Ll
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures")
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 CORPUS = [
     "The cat sat on the mat. The dog ran in the park.",
@@ -108,8 +108,10 @@ def train_tokenizer():
 
 
 def hf_tokenizer(tok_path, chat_template):
+    # A pad token distinct from eos: a sequence-classification head reads the score at
+    # the last non-pad token, which must be the eos that ends a response.
     t = PreTrainedTokenizerFast(tokenizer_file=tok_path, eos_token="<|endoftext|>",
-                                bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+                                bos_token="<|endoftext|>", pad_token="<|pad|>")
     if chat_template:
         t.chat_template = chat_template
     return t
@@ -169,7 +171,8 @@ def make_models(tok_path):
         tok = hf_tokenizer(tok_path, template)
         tok.save_pretrained(d)
         eos_ids = [eos, im_end] if name == "llama" else eos
-        GenerationConfig(eos_token_id=eos_ids, bos_token_id=eos, pad_token_id=eos).save_pretrained(d)
+        pad = Tokenizer.from_file(tok_path).token_to_id("<|pad|>")
+        GenerationConfig(eos_token_id=eos_ids, bos_token_id=eos, pad_token_id=pad).save_pretrained(d)
         if name == "llama":
             assert os.path.exists(os.path.join(d, "model.safetensors.index.json")), "llama must be sharded"
             with open(os.path.join(d, "chat_template.jinja"), "w") as f:
