@@ -313,7 +313,8 @@ fn run_init(a: InitArgs) -> Result<()> {
             tokenizer.set_special_token("eos_token", t);
         }
     }
-    if tokenizer.special_token("pad_token").is_none() && tokenizer.token_to_id("<|pad|>").is_some() {
+    if tokenizer.special_token("pad_token").is_none() && tokenizer.token_to_id("<|pad|>").is_some()
+    {
         tokenizer.set_special_token("pad_token", "<|pad|>");
     }
     if let Some(t) = &a.chat_template {

@@ -15,11 +15,17 @@ use crate::error::{Error, Result};
 use crate::model::hf::{load_pretrained, Pretrained};
 use crate::model::{presets, Arch, CausalLm};
 use crate::sft::split_eval;
-use crate::train::args::TrainingArgs;
+use crate::train::args::{StageDefaults, TrainingArgs};
 use crate::train::lm_task::{train_lm, Row};
+use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::TrainSummary;
 
-pub const DEFAULT_LEARNING_RATE: f64 = 3e-4;
+/// The defaults of this stage where they differ from other stages.
+pub const DEFAULTS: StageDefaults = StageDefaults {
+    learning_rate: 3e-4,
+    num_train_epochs: 3.0,
+    lr_scheduler_type: LrSchedulerType::Linear,
+};
 /// Special tokens of a tokenizer trained here: end of text, ChatML's markers, and a
 /// padding token distinct from eos (a sequence-classification head reads its score at
 /// the last non-pad token, which must be the eos ending a response).
@@ -139,6 +145,9 @@ fn blocks(docs: &[String], pre: &Pretrained, block: usize) -> Result<Vec<Row>> {
 
 /// Runs pretraining with settings already merged with any config file.
 pub fn run(args: &PretrainArgs) -> Result<TrainSummary> {
+    let mut args = args.clone();
+    args.train.fill_defaults(DEFAULTS);
+    let args = &args;
     args.train.validate()?;
     let dataset = args
         .dataset
@@ -183,7 +192,6 @@ pub fn run(args: &PretrainArgs) -> Result<TrainSummary> {
         train_rows,
         eval_rows,
         &args.train,
-        DEFAULT_LEARNING_RATE,
         &resolved,
         "pretrain",
     )

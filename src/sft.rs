@@ -11,12 +11,17 @@ use std::path::PathBuf;
 use crate::data::sft::{load_sft, LoadReport, Overflow, SftExample, SftTokenizing};
 use crate::error::{Error, Result};
 use crate::model::hf::load_pretrained;
-use crate::train::args::TrainingArgs;
+use crate::train::args::{StageDefaults, TrainingArgs};
 use crate::train::lm_task::{pack, train_lm, Row};
+use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::TrainSummary;
 
-/// SFT's default peak learning rate (TRL's SFTConfig).
-pub const DEFAULT_LEARNING_RATE: f64 = 2e-5;
+/// The defaults of this stage where they differ from other stages.
+pub const DEFAULTS: StageDefaults = StageDefaults {
+    learning_rate: 2e-5,
+    num_train_epochs: 3.0,
+    lr_scheduler_type: LrSchedulerType::Linear,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -77,6 +82,9 @@ fn report_skips(what: &str, r: &LoadReport) {
 
 /// Runs SFT with settings already merged with any config file.
 pub fn run(args: &SftArgs) -> Result<TrainSummary> {
+    let mut args = args.clone();
+    args.train.fill_defaults(DEFAULTS);
+    let args = &args;
     args.train.validate()?;
     let model_dir = args
         .model_name_or_path
@@ -130,13 +138,5 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
     };
     let (train_rows, eval_rows) = (to_rows(train_ex), to_rows(eval_ex));
     let resolved = serde_json::to_value(args).expect("args serialize");
-    train_lm(
-        pre,
-        train_rows,
-        eval_rows,
-        &args.train,
-        DEFAULT_LEARNING_RATE,
-        &resolved,
-        "sft",
-    )
+    train_lm(pre, train_rows, eval_rows, &args.train, &resolved, "sft")
 }

@@ -18,7 +18,7 @@ pub fn train_args(out: &Path) -> TrainingArgs {
     TrainingArgs {
         output_dir: Some(out.to_path_buf()),
         learning_rate: Some(3e-3),
-        num_train_epochs: 1.0,
+        num_train_epochs: Some(1.0),
         max_steps: 12,
         per_device_train_batch_size: 4,
         per_device_eval_batch_size: 8,
@@ -26,7 +26,7 @@ pub fn train_args(out: &Path) -> TrainingArgs {
         max_grad_norm: 1.0,
         warmup_steps: 2,
         warmup_ratio: 0.0,
-        lr_scheduler_type: LrSchedulerType::Cosine,
+        lr_scheduler_type: Some(LrSchedulerType::Cosine),
         weight_decay: 0.01,
         adam_beta1: 0.9,
         adam_beta2: 0.95,

@@ -18,11 +18,12 @@ pub struct TrainingArgs {
     /// Where the model, checkpoints and metrics go.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
-    /// Peak learning rate (default per command: pretrain 3e-4, sft 2e-5).
+    /// Peak learning rate [default: pretrain 3e-4, sft 2e-5, rm 1e-5].
     #[arg(long)]
     pub learning_rate: Option<f64>,
-    #[arg(long, default_value_t = 3.0)]
-    pub num_train_epochs: f64,
+    /// [default: pretrain and sft 3, rm 1 (the paper: more overfits)]
+    #[arg(long)]
+    pub num_train_epochs: Option<f64>,
     /// Stop after this many optimizer steps (overrides num_train_epochs when > 0).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub max_steps: i64,
@@ -40,8 +41,9 @@ pub struct TrainingArgs {
     /// Warmup as a fraction of all steps (used when warmup_steps is 0).
     #[arg(long, default_value_t = 0.0)]
     pub warmup_ratio: f64,
-    #[arg(long, value_enum, default_value_t = LrSchedulerType::Linear)]
-    pub lr_scheduler_type: LrSchedulerType,
+    /// [default: pretrain and sft linear, rm cosine]
+    #[arg(long, value_enum)]
+    pub lr_scheduler_type: Option<LrSchedulerType>,
     /// Decoupled weight decay on matrices (not biases, norms, embeddings).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
@@ -80,7 +82,33 @@ pub struct TrainingArgs {
     pub max_nonfinite_steps: usize,
 }
 
+/// The defaults that differ between stages.
+#[derive(Debug, Clone, Copy)]
+pub struct StageDefaults {
+    pub learning_rate: f64,
+    pub num_train_epochs: f64,
+    pub lr_scheduler_type: LrSchedulerType,
+}
+
 impl TrainingArgs {
+    /// Fills the stage-dependent settings the user left unset, so that the resolved
+    /// settings saved beside checkpoints show every value used.
+    pub fn fill_defaults(&mut self, d: StageDefaults) {
+        self.learning_rate.get_or_insert(d.learning_rate);
+        self.num_train_epochs.get_or_insert(d.num_train_epochs);
+        self.lr_scheduler_type.get_or_insert(d.lr_scheduler_type);
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.learning_rate.unwrap_or(3e-4)
+    }
+    pub fn epochs(&self) -> f64 {
+        self.num_train_epochs.unwrap_or(3.0)
+    }
+    pub fn schedule(&self) -> LrSchedulerType {
+        self.lr_scheduler_type.unwrap_or(LrSchedulerType::Linear)
+    }
+
     pub fn output_dir(&self) -> Result<&Path> {
         self.output_dir
             .as_deref()
@@ -102,7 +130,7 @@ impl TrainingArgs {
             }
         }
         if self.max_steps <= 0
-            && self.num_train_epochs.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+            && self.epochs().partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
         {
             return bad("set num_train_epochs > 0 or max_steps > 0".into());
         }

@@ -192,7 +192,6 @@ pub fn train_lm(
     train_rows: Vec<Row>,
     eval_rows: Vec<Row>,
     args: &TrainingArgs,
-    default_lr: f64,
     resolved_config: &serde_json::Value,
     label: &str,
 ) -> Result<TrainSummary> {
@@ -204,8 +203,7 @@ pub fn train_lm(
         args.per_device_eval_batch_size,
         args.seed,
     );
-    let lr = args.learning_rate.unwrap_or(default_lr);
-    train(&mut task, args, lr, resolved_config, label)
+    train(&mut task, args, resolved_config, label)
 }
 
 impl TrainTask for LmTask {

@@ -87,12 +87,11 @@ fn adamw_config(args: &TrainingArgs) -> AdamWConfig {
 }
 
 /// Runs the loop to the end, resuming from the newest valid checkpoint in the output
-/// folder when there is one (unless `overwrite_output_dir`). `lr` is the resolved
-/// peak learning rate; `resolved_config` is saved beside every checkpoint.
+/// folder when there is one (unless `overwrite_output_dir`). `args` has its stage
+/// defaults filled; `resolved_config` is saved beside every checkpoint.
 pub fn train(
     task: &mut dyn TrainTask,
     args: &TrainingArgs,
-    lr: f64,
     resolved_config: &Value,
     label: &str,
 ) -> Result<TrainSummary> {
@@ -106,9 +105,7 @@ pub fn train(
     let total_steps = if args.max_steps > 0 {
         args.max_steps as u64
     } else {
-        ((args.num_train_epochs * nb as f64) / accum as f64)
-            .ceil()
-            .max(1.0) as u64
+        ((args.epochs() * nb as f64) / accum as f64).ceil().max(1.0) as u64
     };
     let warmup = if args.warmup_steps > 0 {
         args.warmup_steps
@@ -153,13 +150,8 @@ pub fn train(
     });
     while state.global_step < stop_at {
         let step = state.global_step;
-        let step_lr = lr
-            * lr_factor(
-                args.lr_scheduler_type,
-                step as usize,
-                warmup,
-                total_steps as usize,
-            );
+        let step_lr =
+            args.lr() * lr_factor(args.schedule(), step as usize, warmup, total_steps as usize);
         let micro: Vec<(usize, usize)> = (0..accum)
             .map(|i| {
                 let m = step as usize * accum + i;
