@@ -152,7 +152,7 @@ fn nonfinite_steps_are_skipped_counted_and_abort_when_consecutive() {
     let dir = tempfile::tempdir().unwrap();
     let mut task = quadratic(vec![2, 5]);
     let out = dir.path().join("a");
-    let s = train(&mut task, &loop_args(&out, 20), 0.1, &Value::Null, "test").unwrap();
+    let s = train(&mut task, &loop_args(&out, 20), &Value::Null, "test").unwrap();
     assert_eq!(s.state.skipped_nonfinite_steps, 2);
     let p: Vec<f32> = task.params.get("p").to_vec1().unwrap();
     assert!(p[0].is_finite() && p[0] > 0.5, "{p:?}");
@@ -168,7 +168,7 @@ fn nonfinite_steps_are_skipped_counted_and_abort_when_consecutive() {
     let out = dir.path().join("b");
     let mut args = loop_args(&out, 20);
     args.save_steps = 2;
-    let err = train(&mut task, &args, 0.1, &Value::Null, "test")
+    let err = train(&mut task, &args, &Value::Null, "test")
         .unwrap_err()
         .to_string();
     assert!(err.contains("3 non-finite steps in a row"), "{err}");
