@@ -18,6 +18,7 @@ use crate::generate::{generate, SamplingParams};
 use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
 use crate::model::{presets, Arch, CausalLm};
 use crate::pretrain::PretrainArgs;
+use crate::rm::RmTrainArgs;
 use crate::sft::SftArgs;
 use crate::train::args::merge_config;
 use crate::train::trainer::TrainSummary;
@@ -48,6 +49,38 @@ pub enum Command {
     Pretrain(PretrainArgs),
     /// Supervised fine-tuning on demonstrations (InstructGPT step 1).
     Sft(SftArgs),
+    /// The reward model from K-way rankings (InstructGPT step 2).
+    #[command(subcommand)]
+    Rm(RmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+pub enum RmCommand {
+    /// Train a reward model from an SFT model and ranked responses.
+    Train(RmTrainArgs),
+    /// Loss and pairwise accuracy on a rankings file (one JSON object on stdout).
+    Eval(RmDataArgs),
+    /// Rewards for {"prompt", "response"} rows (JSONL with "reward" added).
+    Score(RmDataArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct RmDataArgs {
+    /// A reward-model folder (written by `rlhf rm train`).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where to write the scored JSONL (default: stdout).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// Sequences (eval: prompts) per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +185,35 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             report("sft", a.train.output_dir()?, &summary);
             Ok(())
         }
+        Command::Rm(RmCommand::Train(a)) => {
+            let m = sub("rm")
+                .subcommand_matches("train")
+                .expect("clap parsed rm train");
+            let a = merge_config(&a, m, a.config.as_deref())?;
+            let (summary, norm) = crate::rm::train_rm(&a)?;
+            report("rm", a.train.output_dir()?, &summary);
+            eprintln!(
+                "reward normalisation: mean {:.4}, std {:.4}",
+                norm.mean, norm.std
+            );
+            Ok(())
+        }
+        Command::Rm(RmCommand::Eval(a)) => {
+            let e = crate::rm::eval_rm(&a.model, &a.data, a.max_length, a.batch_size)
+                .with_context(|| format!("evaluating {}", a.model.display()))?;
+            println!("{}", serde_json::to_string(&e)?);
+            Ok(())
+        }
+        Command::Rm(RmCommand::Score(a)) => {
+            let rows = crate::rm::score_rm(&a.model, &a.data, a.max_length, a.batch_size)
+                .with_context(|| format!("scoring with {}", a.model.display()))?;
+            let mut sink = open_output(a.output.as_deref())?;
+            for r in rows {
+                writeln!(sink, "{r}")?;
+            }
+            sink.flush()?;
+            Ok(())
+        }
     }
 }
 
@@ -247,12 +309,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         println!("{}", out[0].text);
         return Ok(());
     }
-    let mut sink: Box<dyn Write> = match &a.output {
-        Some(path) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
-    };
+    let mut sink = open_output(a.output.as_deref())?;
     let bar = crate::progress::bar(entries.len() as u64, "generating");
     for (chunk_entries, chunk_ids) in entries.chunks(a.batch_size).zip(ids.chunks(a.batch_size)) {
         let outs = generate(&pre.model, &pre.tokenizer, chunk_ids, &params, &mut rng)?;
@@ -355,4 +412,14 @@ fn run_init(a: InitArgs) -> Result<()> {
         n as f64 / 1e6
     );
     Ok(())
+}
+
+/// A buffered file, or stdout when no path is given.
+fn open_output(path: Option<&Path>) -> Result<Box<dyn Write>> {
+    Ok(match path {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    })
 }

@@ -16,6 +16,7 @@ pub mod model;
 pub mod ops;
 pub mod pretrain;
 pub mod progress;
+pub mod rm;
 pub mod sft;
 pub mod train;
 

@@ -42,6 +42,41 @@ pub fn nll_sum(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Te
     Ok((logp * weights)?.sum_all()?.neg()?)
 }
 
+/// log σ(x), computed stably as min(x, 0) − log(1 + e^(−|x|)).
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let neg_part = x.minimum(0f32)?;
+    let softplus = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok((neg_part - softplus)?)
+}
+
+/// The comparisons a ranking implies: (winner, loser) index pairs over all C(K,2)
+/// pairs of responses, tied pairs dropped. `ranks[i]` is response i's rank (0 = best).
+pub fn ranked_pairs(ranks: &[u32]) -> Vec<(usize, usize)> {
+    let mut pairs = vec![];
+    for i in 0..ranks.len() {
+        for j in i + 1..ranks.len() {
+            match ranks[i].cmp(&ranks[j]) {
+                std::cmp::Ordering::Less => pairs.push((i, j)),
+                std::cmp::Ordering::Greater => pairs.push((j, i)),
+                std::cmp::Ordering::Equal => {}
+            }
+        }
+    }
+    pairs
+}
+
+/// InstructGPT's reward-model loss (equation 1) for one prompt:
+/// −1/C · Σ over its ranked pairs of log σ(r(x, y_w) − r(x, y_l)), C the number of
+/// (untied) pairs. rewards: (K,) for the prompt's K responses → scalar.
+pub fn ranking_loss(rewards: &Tensor, pairs: &[(usize, usize)]) -> Result<Tensor> {
+    let dev = rewards.device();
+    let w: Vec<u32> = pairs.iter().map(|p| p.0 as u32).collect();
+    let l: Vec<u32> = pairs.iter().map(|p| p.1 as u32).collect();
+    let rw = rewards.index_select(&Tensor::new(w.as_slice(), dev)?, 0)?; // (C,)
+    let rl = rewards.index_select(&Tensor::new(l.as_slice(), dev)?, 0)?; // (C,)
+    Ok(log_sigmoid(&(rw - rl)?)?.mean_all()?.neg()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +103,32 @@ mod tests {
         let w = Tensor::new(&[1f32, 0.], &Device::Cpu).unwrap();
         let s: f32 = nll_sum(&logits, &t, &w).unwrap().to_scalar().unwrap();
         assert!((s - 0.407_606).abs() < 1e-5);
+    }
+
+    #[test]
+    fn ranking_loss_matches_reference_with_a_tie() {
+        // Four responses, response 2 best, responses 0 and 3 tied:
+        //   r = torch.tensor([0.5, -1.0, 2.0, 0.3]); rank = [1, 2, 0, 1]
+        //   pairs = [(i, j) for i, j in itertools.combinations(range(4), 2) if rank[i] != rank[j]]
+        //   → 5 pairs (the tied pair (0, 3) dropped)
+        //   -torch.stack([F.logsigmoid(r[w] - r[l]) for each (winner w, loser l)]).mean()
+        //   → 0.17204168438911438
+        let ranks = [1, 2, 0, 1];
+        let pairs = ranked_pairs(&ranks);
+        assert_eq!(pairs, [(0, 1), (2, 0), (2, 1), (3, 1), (2, 3)]);
+        let r = Tensor::new(&[0.5f32, -1.0, 2.0, 0.3], &Device::Cpu).unwrap();
+        let loss: f32 = ranking_loss(&r, &pairs).unwrap().to_scalar().unwrap();
+        assert!((loss - 0.172_041_68).abs() < 1e-6, "{loss}");
+    }
+
+    #[test]
+    fn log_sigmoid_is_stable() {
+        let x = Tensor::new(&[-100f32, 0.0, 100.0], &Device::Cpu).unwrap();
+        let y: Vec<f32> = log_sigmoid(&x).unwrap().to_vec1().unwrap();
+        assert!(
+            (y[0] + 100.0).abs() < 1e-4 && (y[1] - (0.5f32).ln()).abs() < 1e-6 && y[2].abs() < 1e-6,
+            "{y:?}"
+        );
     }
 
     #[test]

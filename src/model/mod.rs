@@ -13,6 +13,7 @@ pub mod llama;
 pub mod mask;
 pub mod params;
 pub mod presets;
+pub mod scalar;
 
 use candle_core::{Device, Tensor};
 

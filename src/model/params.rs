@@ -106,16 +106,37 @@ impl Params {
     /// Names may carry a prefix the checkpoint lacks (`transformer.` in hub GPT-2 files).
     pub fn from_hf(
         specs: Vec<ParamSpec>,
-        mut tensors: HashMap<String, Tensor>,
+        tensors: HashMap<String, Tensor>,
         path: &Path,
         device: &Device,
     ) -> Result<Self> {
+        Self::from_hf_or_init(specs, tensors, path, device, 0, |_| false)
+    }
+
+    /// As `from_hf`, but a parameter for which `may_init(name)` holds and that the
+    /// files lack is initialised from its spec (seeded): a new head on a pretrained
+    /// backbone.
+    pub fn from_hf_or_init(
+        specs: Vec<ParamSpec>,
+        mut tensors: HashMap<String, Tensor>,
+        path: &Path,
+        device: &Device,
+        seed: u64,
+        may_init: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
         let mut vars = BTreeMap::new();
+        let mut fresh = vec![];
         for spec in &specs {
-            let t = take_tensor(&mut tensors, &spec.name).ok_or_else(|| Error::MissingTensor {
-                path: path.to_path_buf(),
-                name: spec.name.clone(),
-            })?;
+            let Some(t) = take_tensor(&mut tensors, &spec.name) else {
+                if may_init(&spec.name) {
+                    fresh.push(spec.clone());
+                    continue;
+                }
+                return Err(Error::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: spec.name.clone(),
+                });
+            };
             let expected = spec.disk_shape();
             if t.dims() != expected.as_slice() {
                 return Err(Error::TensorShape {
@@ -131,6 +152,9 @@ impl Params {
                 HfLayout::Transposed => t.t()?.contiguous()?,
             };
             vars.insert(spec.name.clone(), Var::from_tensor(&t)?);
+        }
+        if !fresh.is_empty() {
+            vars.extend(Params::init(fresh, seed, device)?.vars);
         }
         Ok(Params { specs, vars })
     }

@@ -4,18 +4,14 @@
 //! Rows are single examples (right-padded per batch) or packed: several examples
 //! laid end to end in one row of `max_length`, each attending only to itself and with
 //! its own position ids (`AttentionMask::from_segments`), so packing computes the same
-//! loss as padding. The epoch's row order is a ChaCha shuffle of (seed, epoch): a
-//! resumed run sees the same batches as an uninterrupted one.
+//! loss as padding. Rows are visited in `EpochOrder`.
 
 use candle_core::Tensor;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::args::TrainingArgs;
+use super::order::EpochOrder;
 use super::trainer::{train, LossParts, TrainSummary, TrainTask};
 use crate::data::sft::SftExample;
 use crate::error::Result;
@@ -85,9 +81,7 @@ pub struct LmTask {
     pub eval_rows: Vec<Row>,
     pub batch_size: usize,
     pub eval_batch_size: usize,
-    pub seed: u64,
-    /// The shuffled row order of the most recent epoch asked for.
-    order: RefCell<(usize, Vec<usize>)>,
+    order: EpochOrder,
 }
 
 impl LmTask {
@@ -99,30 +93,19 @@ impl LmTask {
         eval_batch_size: usize,
         seed: u64,
     ) -> Self {
+        let n = train_rows.len();
         LmTask {
             pre,
             train_rows,
             eval_rows,
             batch_size,
             eval_batch_size,
-            seed,
-            order: RefCell::new((usize::MAX, vec![])),
+            order: EpochOrder::new(n, seed),
         }
     }
 
     fn batch_rows(&self, epoch: usize, index: usize) -> Vec<usize> {
-        let mut order = self.order.borrow_mut();
-        if order.0 != epoch {
-            let mut perm: Vec<usize> = (0..self.train_rows.len()).collect();
-            let mut rng = ChaCha8Rng::seed_from_u64(
-                self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
-            perm.shuffle(&mut rng);
-            *order = (epoch, perm);
-        }
-        let start = index * self.batch_size;
-        let end = (start + self.batch_size).min(order.1.len());
-        order.1[start..end].to_vec()
+        self.order.batch(epoch, index, self.batch_size)
     }
 
     /// Σ NLL over the targets of `rows` and the number of targets.
@@ -208,7 +191,7 @@ pub fn train_lm(
 
 impl TrainTask for LmTask {
     fn batches_per_epoch(&self) -> usize {
-        self.train_rows.len().div_ceil(self.batch_size)
+        self.order.batches(self.batch_size)
     }
 
     fn batch_weight(&self, epoch: usize, index: usize) -> Result<f64> {

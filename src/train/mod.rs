@@ -8,5 +8,6 @@ pub mod checkpoint;
 pub mod lm_task;
 pub mod metrics;
 pub mod optimizer;
+pub mod order;
 pub mod schedule;
 pub mod trainer;

@@ -1,0 +1,252 @@
+//! A backbone with a scalar head: the reward model (one score per sequence, read at
+//! the eos that ends the response) and PPO's critic (one value per token). On disk it
+//! is transformers' `...ForSequenceClassification` with `num_labels = 1`: the
+//! backbone's tensors plus `score.weight` (1, C), no bias.
+
+use candle_core::{Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::Path;
+
+use super::config::{Arch, ModelConfig};
+use super::hf::{
+    read_config, read_generation_eos, read_weights, save_safetensors, write_json, CONFIG_FILE,
+    WEIGHTS_FILE,
+};
+use super::layers::Linear;
+use super::params::{Init, ParamSpec, Params};
+use super::{AttentionMask, Backbone};
+use crate::data::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+
+pub const SCORE_WEIGHT: &str = "score.weight";
+
+/// Hidden states → one scalar per position.
+#[derive(Debug, Clone)]
+pub struct ScalarHead {
+    pub weight: Tensor, // (1, C)
+}
+
+impl ScalarHead {
+    /// hidden: (B, T, C) → (B, T)
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        let out = Linear::new(self.weight.clone(), None).forward(hidden)?; // (B, T, 1)
+        Ok(out.squeeze(D::Minus1)?)
+    }
+}
+
+/// The mean and standard deviation of the rewards over the RM's training responses,
+/// so that rewards can be normalised to mean 0 before RL (InstructGPT, §3.5).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RewardNormalization {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl RewardNormalization {
+    pub fn apply(&self, raw: f64) -> f64 {
+        (raw - self.mean) / self.std.max(1e-8)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ScalarModel {
+    pub config: ModelConfig,
+    pub params: Params,
+    pub backbone: Backbone,
+    pub head: ScalarHead,
+    pub device: Device,
+}
+
+/// The parameter table: the backbone's (no LM head) and `score.weight`.
+pub fn scalar_specs(config: &ModelConfig) -> Vec<ParamSpec> {
+    let c = config.hidden_size();
+    let mut specs: Vec<ParamSpec> = Backbone::param_specs(config)
+        .into_iter()
+        .filter(|s| s.name != "lm_head.weight")
+        .collect();
+    specs.push(
+        ParamSpec::new(
+            SCORE_WEIGHT,
+            &[1, c],
+            Init::Normal(1.0 / (c as f64 + 1.0).sqrt()),
+        )
+        .decayed(),
+    );
+    specs
+}
+
+impl ScalarModel {
+    pub fn from_params(config: ModelConfig, params: Params, device: &Device) -> Result<Self> {
+        let backbone = Backbone::new(&config, &params, device)?;
+        let head = ScalarHead {
+            weight: params.get(SCORE_WEIGHT),
+        };
+        Ok(ScalarModel {
+            config,
+            params,
+            backbone,
+            head,
+            device: device.clone(),
+        })
+    }
+
+    /// ids: (B, T) → a scalar per position (B, T).
+    pub fn forward(&self, ids: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+        let hidden = self.backbone.forward(ids, mask, None)?; // (B, T, C)
+        self.head.forward(&hidden)
+    }
+
+    /// The score of each sequence at its last token (the eos ending the response),
+    /// in one right-padded batch: seqs → (N,).
+    pub fn score_last(&self, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor> {
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if seqs.is_empty() || width == 0 {
+            return Err(Error::Invalid("no sequence to score".into()));
+        }
+        let mut ids = Vec::with_capacity(seqs.len() * width);
+        let mut key_mask = Vec::with_capacity(seqs.len());
+        let mut last = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            ids.extend(
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, width - s.len())),
+            );
+            key_mask.push([vec![1u8; s.len()], vec![0u8; width - s.len()]].concat());
+            last.push(s.len().saturating_sub(1) as u32);
+        }
+        let ids = Tensor::from_vec(ids, (seqs.len(), width), &self.device)?; // (N, T)
+        let mask = AttentionMask::full(&key_mask, &self.device)?;
+        let scores = self.forward(&ids, &mask)?; // (N, T)
+        gather_positions(&scores, &last)
+    }
+}
+
+/// The score of each row at one position: scores (B, T), positions (B) → (B,).
+pub fn gather_positions(scores: &Tensor, positions: &[u32]) -> Result<Tensor> {
+    let idx = Tensor::from_slice(positions, (positions.len(), 1), scores.device())?; // (B, 1)
+    Ok(scores.gather(&idx, 1)?.squeeze(1)?)
+}
+
+/// A scalar model folder loaded whole.
+#[derive(Debug, Clone)]
+pub struct PretrainedScalar {
+    pub model: ScalarModel,
+    pub tokenizer: Tokenizer,
+    pub eos_token_ids: Vec<u32>,
+    /// Present once a reward model has been trained.
+    pub normalization: Option<RewardNormalization>,
+    /// Whether `score.weight` was initialised here (the folder had no head).
+    pub fresh_head: bool,
+}
+
+impl PretrainedScalar {
+    /// The id that ends every scored response: the tokenizer's eos, else the first
+    /// eos of the generation config.
+    pub fn eos(&self) -> Result<u32> {
+        self.tokenizer
+            .eos_token_id()
+            .or_else(|| self.eos_token_ids.first().copied())
+            .ok_or_else(|| Error::Invalid("the tokenizer has no eos_token".into()))
+    }
+}
+
+/// Loads a scalar model from a `...ForSequenceClassification` folder, or from a
+/// causal-LM folder (an SFT model) with a freshly initialised head (seeded).
+pub fn load_scalar(dir: &Path, device: &Device, seed: u64) -> Result<PretrainedScalar> {
+    if !dir.is_dir() {
+        return Err(Error::read(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+        ));
+    }
+    let config = read_config(dir)?;
+    let (tensors, source) = read_weights(dir, device)?;
+    let fresh_head = !tensors.contains_key(SCORE_WEIGHT);
+    let params =
+        Params::from_hf_or_init(scalar_specs(&config), tensors, &source, device, seed, |n| {
+            n == SCORE_WEIGHT
+        })?;
+    let normalization = config
+        .raw
+        .get("rlhf")
+        .and_then(|r| r.get("reward_normalization"))
+        .map(|v| serde_json::from_value(v.clone()))
+        .transpose()
+        .map_err(|e| {
+            Error::bad_file(
+                &dir.join(CONFIG_FILE),
+                None,
+                format!("rlhf.reward_normalization: {e}"),
+            )
+        })?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    if tokenizer.vocab_size() > config.vocab_size() {
+        return Err(Error::TokenizerTooLarge {
+            tokenizer: tokenizer.vocab_size(),
+            embedding: config.vocab_size(),
+        });
+    }
+    let mut eos_token_ids = read_generation_eos(dir, &config)?;
+    if let Some(id) = tokenizer.eos_token_id() {
+        if !eos_token_ids.contains(&id) {
+            eos_token_ids.push(id);
+        }
+    }
+    let model = ScalarModel::from_params(config, params, device)?;
+    Ok(PretrainedScalar {
+        model,
+        tokenizer,
+        eos_token_ids,
+        normalization,
+        fresh_head,
+    })
+}
+
+fn classification_class(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Gpt2 => "GPT2ForSequenceClassification",
+        Arch::Llama => "LlamaForSequenceClassification",
+        Arch::Qwen2 => "Qwen2ForSequenceClassification",
+    }
+}
+
+/// Writes the folder as transformers' `...ForSequenceClassification` (num_labels 1),
+/// with the reward normalisation in config.json under `rlhf.reward_normalization`.
+pub fn save_scalar(p: &PretrainedScalar, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
+    let mut config = p.model.config.raw.clone();
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert(
+            "architectures".into(),
+            json!([classification_class(p.model.config.arch)]),
+        );
+        obj.insert("id2label".into(), json!({"0": "LABEL_0"}));
+        obj.insert("label2id".into(), json!({"LABEL_0": 0}));
+        // transformers reads the score at the last token that is not padding.
+        obj.insert("pad_token_id".into(), p.tokenizer.pad_token_id().into());
+        obj.insert("dtype".into(), "float32".into());
+        if obj.contains_key("torch_dtype") {
+            obj.insert("torch_dtype".into(), "float32".into());
+        }
+        let mut rlhf = obj.get("rlhf").cloned().unwrap_or(json!({}));
+        if let (Some(n), Some(r)) = (p.normalization, rlhf.as_object_mut()) {
+            r.insert(
+                "reward_normalization".into(),
+                serde_json::to_value(n).expect("serializes"),
+            );
+        }
+        if rlhf.as_object().is_some_and(|r| !r.is_empty()) {
+            obj.insert("rlhf".into(), rlhf);
+        }
+    }
+    write_json(&dir.join(CONFIG_FILE), &config)?;
+    save_safetensors(&p.model.params.to_hf()?, &dir.join(WEIGHTS_FILE))?;
+    p.tokenizer.save(dir)?;
+    let eos: Value = p.eos_token_ids.clone().into();
+    write_json(
+        &dir.join(super::hf::GENERATION_CONFIG_FILE),
+        &json!({"eos_token_id": eos, "pad_token_id": p.tokenizer.pad_token_id()}),
+    )
+}

@@ -1,0 +1,357 @@
+//! The reward model (InstructGPT step 2, equation 1): the SFT model with a scalar
+//! head, trained on labelers' rankings of K responses per prompt.
+//!
+//! As the paper does, all C(K,2) comparisons of a prompt go into the same batch and
+//! each of its K responses is forwarded once (K forwards, not 2·C(K,2)); the loss
+//! of a prompt is −1/C(K,2) Σ log σ(r(x, y_w) − r(x, y_l)), averaged over the prompts
+//! of the batch. Batches are made of prompts. After training, the mean and standard
+//! deviation of the rewards over the training responses are stored with the model,
+//! so that PPO can normalise rewards to mean 0.
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::data::rankings::{load_rankings, PairTokenizing, Ranked};
+use crate::error::{Error, Result};
+use crate::losses::ranking_loss;
+use crate::model::params::Params;
+use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar, RewardNormalization};
+use crate::sft::split_eval;
+use crate::train::args::{StageDefaults, TrainingArgs};
+use crate::train::order::EpochOrder;
+use crate::train::schedule::LrSchedulerType;
+use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
+
+/// One epoch (the paper: more overfits), cosine schedule.
+pub const DEFAULTS: StageDefaults = StageDefaults {
+    learning_rate: 1e-5,
+    num_train_epochs: 1.0,
+    lr_scheduler_type: LrSchedulerType::Cosine,
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct RmTrainArgs {
+    /// The SFT model folder the reward model starts from (a new scalar head is added).
+    #[arg(long, visible_alias = "model")]
+    pub model_name_or_path: Option<PathBuf>,
+    /// Rankings JSONL: {"prompt", "responses": [...], "ranking": [...]} or TRL's
+    /// {"prompt", "chosen", "rejected"}.
+    #[arg(long, visible_alias = "data")]
+    pub dataset: Option<PathBuf>,
+    #[arg(long)]
+    pub eval_dataset: Option<PathBuf>,
+    /// Fraction of the prompts held out (pairwise accuracy and loss).
+    #[arg(long, default_value_t = 0.0)]
+    pub eval_split: f64,
+    /// Prompts per batch; each brings its K responses and C(K,2) comparisons.
+    /// (per_device_train_batch_size is not used by the reward model.)
+    #[arg(long, default_value_t = 8)]
+    pub prompts_per_batch: usize,
+    /// Longest prompt + response in tokens (capped at the model's context).
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// Skip malformed rows (and report how many) instead of stopping.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// A TOML or YAML file with any of these settings; flags override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainingArgs,
+}
+
+/// Loss, pairwise accuracy and counts over a set of ranked prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RmEval {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub prompts: usize,
+    pub pairs: usize,
+}
+
+pub struct RmTask {
+    pub rm: PretrainedScalar,
+    pub train_set: Vec<Ranked>,
+    pub eval_set: Vec<Ranked>,
+    pub prompts_per_batch: usize,
+    order: EpochOrder,
+    /// Sequences forwarded so far (K per prompt per pass).
+    pub forwarded: Cell<usize>,
+}
+
+impl RmTask {
+    pub fn new(
+        rm: PretrainedScalar,
+        train_set: Vec<Ranked>,
+        eval_set: Vec<Ranked>,
+        prompts_per_batch: usize,
+        seed: u64,
+    ) -> Self {
+        let order = EpochOrder::new(train_set.len(), seed);
+        RmTask {
+            rm,
+            train_set,
+            eval_set,
+            prompts_per_batch,
+            order,
+            forwarded: Cell::new(0),
+        }
+    }
+
+    /// Σ over `prompts` of each prompt's ranking loss, with one forward per response;
+    /// also returns the rewards (one Vec per prompt) for accuracy.
+    pub fn batch_loss_sum(
+        &self,
+        prompts: &[&Ranked],
+    ) -> Result<(candle_core::Tensor, Vec<Vec<f32>>, usize)> {
+        let seqs: Vec<Vec<u32>> = prompts
+            .iter()
+            .flat_map(|r| (0..r.responses.len()).map(|i| r.sequence(i)))
+            .collect();
+        self.forwarded.set(self.forwarded.get() + seqs.len());
+        let tokens = seqs.iter().map(Vec::len).sum();
+        let rewards = self
+            .rm
+            .model
+            .score_last(&seqs, self.rm.tokenizer.pad_token_id())?; // (ΣK,)
+        let mut total: Option<candle_core::Tensor> = None;
+        let mut per_prompt = vec![];
+        let mut offset = 0;
+        for r in prompts {
+            let k = r.responses.len();
+            let rk = rewards.narrow(0, offset, k)?; // (K,)
+            offset += k;
+            let loss = ranking_loss(&rk, &r.pairs)?;
+            total = Some(match total {
+                Some(t) => (t + loss)?,
+                None => loss,
+            });
+            per_prompt.push(rk.detach().to_vec1::<f32>()?);
+        }
+        let total = total.ok_or_else(|| Error::Invalid("empty reward-model batch".into()))?;
+        Ok((total, per_prompt, tokens))
+    }
+
+    /// Mean loss over prompts and pairwise accuracy over all pairs of `set`.
+    pub fn evaluate_set(&self, set: &[Ranked]) -> Result<RmEval> {
+        let (mut loss, mut correct, mut pairs) = (0.0, 0usize, 0usize);
+        for chunk in set.chunks(self.prompts_per_batch.max(1)) {
+            let refs: Vec<&Ranked> = chunk.iter().collect();
+            let (l, rewards, _) = self.batch_loss_sum(&refs)?;
+            loss += l
+                .detach()
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            for (r, rw) in chunk.iter().zip(&rewards) {
+                pairs += r.pairs.len();
+                correct += r.pairs.iter().filter(|&&(w, l)| rw[w] > rw[l]).count();
+            }
+        }
+        Ok(RmEval {
+            loss: loss / set.len().max(1) as f64,
+            accuracy: correct as f64 / pairs.max(1) as f64,
+            prompts: set.len(),
+            pairs,
+        })
+    }
+
+    /// Mean and standard deviation of the rewards of every training response.
+    pub fn reward_statistics(&self) -> Result<RewardNormalization> {
+        let mut all = vec![];
+        for chunk in self.train_set.chunks(self.prompts_per_batch.max(1)) {
+            let seqs: Vec<Vec<u32>> = chunk
+                .iter()
+                .flat_map(|r| (0..r.responses.len()).map(|i| r.sequence(i)))
+                .collect();
+            let rewards = self
+                .rm
+                .model
+                .score_last(&seqs, self.rm.tokenizer.pad_token_id())?;
+            all.extend(
+                rewards
+                    .detach()
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_vec1::<f64>()?,
+            );
+        }
+        let n = all.len().max(1) as f64;
+        let mean = all.iter().sum::<f64>() / n;
+        let var = all.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+        Ok(RewardNormalization {
+            mean,
+            std: var.sqrt().max(1e-6),
+        })
+    }
+}
+
+impl TrainTask for RmTask {
+    fn batches_per_epoch(&self) -> usize {
+        self.order.batches(self.prompts_per_batch)
+    }
+
+    fn batch_weight(&self, epoch: usize, index: usize) -> Result<f64> {
+        Ok(self.order.batch(epoch, index, self.prompts_per_batch).len() as f64)
+    }
+
+    fn batch_loss(&mut self, epoch: usize, index: usize) -> Result<LossParts> {
+        let idx = self.order.batch(epoch, index, self.prompts_per_batch);
+        let prompts: Vec<&Ranked> = idx.iter().map(|&i| &self.train_set[i]).collect();
+        let (sum, _, tokens) = self.batch_loss_sum(&prompts)?;
+        Ok(LossParts { sum, tokens })
+    }
+
+    fn params(&self) -> &Params {
+        &self.rm.model.params
+    }
+
+    fn evaluate(&mut self) -> Result<BTreeMap<String, f64>> {
+        if self.eval_set.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let e = self.evaluate_set(&self.eval_set)?;
+        Ok(BTreeMap::from([
+            ("loss".to_string(), e.loss),
+            ("accuracy".to_string(), e.accuracy),
+        ]))
+    }
+
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        save_scalar(&self.rm, dir)
+    }
+}
+
+fn tokenizing(rm: &PretrainedScalar, max_length: usize) -> Result<PairTokenizing<'_>> {
+    Ok(PairTokenizing {
+        tokenizer: &rm.tokenizer,
+        eos: rm.eos()?,
+        eos_ids: &rm.eos_token_ids,
+        max_length: max_length.min(rm.model.config.context_length()),
+    })
+}
+
+/// `rlhf rm train`: trains, then stores the reward normalisation with the model.
+pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization)> {
+    let mut args = args.clone();
+    args.train.fill_defaults(DEFAULTS);
+    let args = &args;
+    args.train.validate()?;
+    if args.prompts_per_batch == 0 {
+        return Err(Error::Invalid("prompts_per_batch must be ≥ 1".into()));
+    }
+    let model_dir = args
+        .model_name_or_path
+        .as_deref()
+        .ok_or_else(|| Error::Invalid("--model_name_or_path (or --model) is required".into()))?;
+    let dataset = args
+        .dataset
+        .as_deref()
+        .ok_or_else(|| Error::Invalid("--dataset (or --data) is required".into()))?;
+    let rm = load_scalar(model_dir, &Device::Cpu, args.train.seed)?;
+    let cfg = tokenizing(&rm, args.max_length)?;
+    let (all, skipped) = load_rankings(dataset, &cfg, args.skip_invalid)?;
+    if skipped > 0 {
+        eprintln!("{}: {skipped} invalid rows skipped", dataset.display());
+    }
+    let (train_set, eval_set) = match &args.eval_dataset {
+        Some(p) => (all, load_rankings(p, &cfg, args.skip_invalid)?.0),
+        None => split_eval(all, args.eval_split, args.train.seed),
+    };
+    let pairs: usize = train_set.iter().map(|r| r.pairs.len()).sum();
+    eprintln!(
+        "reward model: {} prompts, {pairs} comparisons",
+        train_set.len()
+    );
+    let mut task = RmTask::new(
+        rm,
+        train_set,
+        eval_set,
+        args.prompts_per_batch,
+        args.train.seed,
+    );
+    let resolved = serde_json::to_value(args).expect("args serialize");
+    let summary = train(&mut task, &args.train, &resolved, "rm")?;
+    let norm = task.reward_statistics()?;
+    task.rm.normalization = Some(norm);
+    save_scalar(&task.rm, args.train.output_dir()?)?;
+    Ok((summary, norm))
+}
+
+/// `rlhf rm eval`: loss and pairwise accuracy on a rankings file.
+pub fn eval_rm(model: &Path, data: &Path, max_length: usize, batch: usize) -> Result<RmEval> {
+    let rm = load_scalar(model, &Device::Cpu, 0)?;
+    if rm.fresh_head {
+        return Err(Error::Invalid(format!(
+            "{}: not a reward model (no score.weight)",
+            model.display()
+        )));
+    }
+    let cfg = tokenizing(&rm, max_length)?;
+    let (set, _) = load_rankings(data, &cfg, false)?;
+    RmTask::new(rm, vec![], vec![], batch, 0).evaluate_set(&set)
+}
+
+/// `rlhf rm score`: rewards for JSONL rows of {"prompt", "response"}; each row comes
+/// back with "reward" (the head's output at the eos, as transformers computes it)
+/// and, for a trained reward model, "reward_normalized" ((r − mean) / std).
+pub fn score_rm(
+    model: &Path,
+    data: &Path,
+    max_length: usize,
+    batch: usize,
+) -> Result<Vec<serde_json::Value>> {
+    let rm = load_scalar(model, &Device::Cpu, 0)?;
+    if rm.fresh_head {
+        return Err(Error::Invalid(format!(
+            "{}: not a reward model (no score.weight)",
+            model.display()
+        )));
+    }
+    let cfg = tokenizing(&rm, max_length)?;
+    let lines = crate::data::jsonl::read_jsonl(data)?;
+    let mut seqs = vec![];
+    for l in &lines {
+        let bad = |m: String| Error::bad_file(data, Some(l.number), m);
+        let p = l
+            .value
+            .get("prompt")
+            .ok_or_else(|| bad("field \"prompt\" is missing".into()))?;
+        let r = l
+            .value
+            .get("response")
+            .ok_or_else(|| bad("field \"response\" is missing".into()))?;
+        let prompt = cfg.prompt(p).map_err(bad)?;
+        let response = cfg.response(p, r, "field \"response\"").map_err(bad)?;
+        if prompt.len() + response.len() > cfg.max_length {
+            return Err(bad(format!(
+                "prompt + response has {} tokens, more than --max_length {}",
+                prompt.len() + response.len(),
+                cfg.max_length
+            )));
+        }
+        seqs.push([prompt, response].concat());
+    }
+    let mut out = vec![];
+    let pad = rm.tokenizer.pad_token_id();
+    for (chunk, rows) in seqs.chunks(batch.max(1)).zip(lines.chunks(batch.max(1))) {
+        let rewards = rm
+            .model
+            .score_last(chunk, pad)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
+        for (r, l) in rewards.into_iter().zip(rows) {
+            let mut row = l.value.as_object().cloned().unwrap_or_default();
+            row.insert("reward".into(), r.into());
+            if let Some(n) = rm.normalization {
+                row.insert("reward_normalized".into(), n.apply(r).into());
+            }
+            out.push(serde_json::Value::Object(row));
+        }
+    }
+    Ok(out)
+}
