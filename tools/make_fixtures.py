@@ -235,7 +235,40 @@ def check(rlhf):
             print(f"{arch}: transformers {transformers.__version__} loads rlhf's folder; greedy tokens equal, "
                   f"logprob max abs diff {worst:.2e}")
         assert overall <= 1e-4, overall
+        check_reward_model(rlhf, tmp)
         print("check passed")
+
+
+def check_reward_model(rlhf, tmp):
+    """rlhf rm train + rm score → transformers' AutoModelForSequenceClassification gives
+    the same rewards (the score at the eos that ends each response)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    data = os.path.join(tmp, "rankings.jsonl")
+    with open(data, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"prompt": f"Question {i}?", "responses": ["The cat sat.", "Alice has apples.", "No."],
+                                "ranking": [i % 3, (i + 1) % 3, (i + 2) % 3]}) + "\n")
+    rm_dir = os.path.join(tmp, "rm")
+    subprocess.run([rlhf, "rm", "train", "--model", os.path.join(OUT, "qwen2"), "--data", data, "--output_dir", rm_dir,
+                    "--max_steps", "3", "--learning_rate", "1e-3", "--max_length", "64"], check=True)
+    rows = [{"prompt": "Question 1?", "response": "The cat sat."}, {"prompt": "Question 7?", "response": "No."}]
+    score_in = os.path.join(tmp, "score.jsonl")
+    with open(score_in, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = subprocess.run([rlhf, "rm", "score", "--model", rm_dir, "--data", score_in], check=True,
+                         capture_output=True, text=True).stdout
+    ours = [json.loads(l)["reward"] for l in out.splitlines()]
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    worst = 0.0
+    for r, mine in zip(rows, ours):
+        ids = tok(r["prompt"])["input_ids"] + tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            theirs = float(model(torch.tensor([ids])).logits[0, 0])
+        worst = max(worst, abs(theirs - mine))
+    print(f"reward model: transformers {transformers.__version__} loads rlhf's folder as "
+          f"{type(model).__name__}; reward max abs diff {worst:.2e}")
+    assert worst <= 1e-4, worst
 
 
 def main():
