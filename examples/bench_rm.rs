@@ -22,22 +22,50 @@ fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     let preset = a.get(1).map_or("tiny", String::as_str);
     let num = |i: usize, d: usize| a.get(i).map_or(Ok(d), |s| s.parse()).expect("a number");
-    let (vocab, k, prompts, plen, rlen, steps) = (num(2, 8192), num(3, 4), num(4, 2), num(5, 64), num(6, 64), num(7, 3));
-    let tok_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer.json");
+    let (vocab, k, prompts, plen, rlen, steps) = (
+        num(2, 8192),
+        num(3, 4),
+        num(4, 2),
+        num(5, 64),
+        num(6, 64),
+        num(7, 3),
+    );
+    let tok_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)?;
     let config = presets::preset(Arch::Gpt2, preset, vocab, None, Some(0))?;
     let params = Params::init(scalar_specs(&config), 0, &Device::Cpu)?;
     let model = ScalarModel::from_params(config, params, &Device::Cpu)?;
-    let rm = PretrainedScalar { model, tokenizer, eos_token_ids: vec![0], normalization: None, fresh_head: true };
+    let rm = PretrainedScalar {
+        model,
+        tokenizer,
+        eos_token_ids: vec![0],
+        normalization: None,
+        fresh_head: true,
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..vocab as u32)).collect() };
+    let mut toks =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..vocab as u32)).collect() };
     let ranks: Vec<u32> = (0..k as u32).collect();
     let set: Vec<Ranked> = (0..prompts)
-        .map(|_| Ranked { prompt: toks(plen), responses: (0..k).map(|_| toks(rlen)).collect(), ranks: ranks.clone(), pairs: ranked_pairs(&ranks) })
+        .map(|_| Ranked {
+            prompt: toks(plen),
+            responses: (0..k).map(|_| toks(rlen)).collect(),
+            ranks: ranks.clone(),
+            pairs: ranked_pairs(&ranks),
+        })
         .collect();
     let task = RmTask::new(rm, vec![], vec![], prompts, 0);
     let params = &task.rm.model.params;
-    let mut opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 });
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    );
     let mut acc = GradAccumulator::new(params);
     let refs: Vec<&Ranked> = set.iter().collect();
     let mut times = vec![];

@@ -17,6 +17,7 @@ use crate::error::read_json;
 use crate::generate::{generate, SamplingParams};
 use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
 use crate::model::{presets, Arch, CausalLm};
+use crate::ppo::PpoArgs;
 use crate::pretrain::PretrainArgs;
 use crate::rm::RmTrainArgs;
 use crate::sft::SftArgs;
@@ -52,6 +53,8 @@ pub enum Command {
     /// The reward model from K-way rankings (InstructGPT step 2).
     #[command(subcommand)]
     Rm(RmCommand),
+    /// PPO against the reward model with a KL penalty and PPO-ptx (InstructGPT step 3).
+    Ppo(PpoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +199,14 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 "reward normalisation: mean {:.4}, std {:.4}",
                 norm.mean, norm.std
             );
+            Ok(())
+        }
+        Command::Ppo(a) => {
+            let a = merge_config(&a, sub("ppo"), a.config.as_deref())?;
+            let (summary, _) = crate::ppo::run(&a, None)?;
+            let out = a.train.output_dir()?;
+            report("ppo", out, &summary);
+            eprintln!("last iteration: {}", crate::ppo::last_metrics(out)?);
             Ok(())
         }
         Command::Rm(RmCommand::Eval(a)) => {

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod losses;
 pub mod model;
 pub mod ops;
+pub mod ppo;
 pub mod pretrain;
 pub mod progress;
 pub mod rm;

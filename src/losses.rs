@@ -77,6 +77,72 @@ pub fn ranking_loss(rewards: &Tensor, pairs: &[(usize, usize)]) -> Result<Tensor
     Ok(log_sigmoid(&(rw - rl)?)?.mean_all()?.neg()?)
 }
 
+/// Statistics of one PPO policy-loss evaluation (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PolicyStats {
+    /// Fraction of tokens whose ratio was clipped.
+    pub clipfrac: f64,
+    /// ½·mean((log ρ)²), the approximate KL between new and old policy.
+    pub approxkl: f64,
+    /// Mean of ρ.
+    pub ratio: f64,
+}
+
+/// PPO's clipped surrogate objective (Schulman et al. 2017, eq. 7) as a loss:
+/// mean over tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(log π − log π_old).
+/// logp, old_logp, advantages: (M,) over the valid response tokens → scalar.
+pub fn clipped_policy_loss(
+    logp: &Tensor,
+    old_logp: &Tensor,
+    advantages: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, PolicyStats)> {
+    let log_ratio = (logp - old_logp)?; // (M,)
+    let ratio = log_ratio.exp()?; // (M,)
+    let unclipped = (advantages.neg()? * &ratio)?; // (M,)
+    let clipped = (advantages.neg()? * ratio.clamp(1.0 - eps, 1.0 + eps)?)?; // (M,)
+    let loss = unclipped.maximum(&clipped)?.mean_all()?;
+    let r: Vec<f32> = ratio.detach().to_vec1()?;
+    let lr: Vec<f32> = log_ratio.detach().to_vec1()?;
+    let n = r.len().max(1) as f64;
+    let stats = PolicyStats {
+        clipfrac: r.iter().filter(|&&x| (x as f64 - 1.0).abs() > eps).count() as f64 / n,
+        approxkl: lr
+            .iter()
+            .map(|&x| 0.5 * (x as f64) * (x as f64))
+            .sum::<f64>()
+            / n,
+        ratio: r.iter().map(|&x| x as f64).sum::<f64>() / n,
+    };
+    Ok((loss, stats))
+}
+
+/// The clipped value loss of PPO2/TRL: ½·mean max((V − R)², (V_old + clip(V − V_old,
+/// −c, c) − R)²). values, old_values, returns: (M,) → scalar.
+pub fn clipped_value_loss(
+    values: &Tensor,
+    old_values: &Tensor,
+    returns: &Tensor,
+    clip: f64,
+) -> Result<Tensor> {
+    let clipped = (old_values + (values - old_values)?.clamp(-clip, clip)?)?; // (M,)
+    let a = (values - returns)?.sqr()?; // (M,)
+    let b = (clipped - returns)?.sqr()?; // (M,)
+    Ok((a.maximum(&b)?.mean_all()? * 0.5)?)
+}
+
+/// Entropy of each row's distribution: logits (M, V) → (M,), detached.
+pub fn entropy(logits: &Tensor) -> Result<Tensor> {
+    let logits = logits.detach();
+    let max = logits.max_keepdim(D::Minus1)?; // (M, 1)
+    let shifted = logits.broadcast_sub(&max)?; // (M, V)
+    let e = shifted.exp()?; // (M, V)
+    let z = e.sum_keepdim(D::Minus1)?; // (M, 1)
+    let p = e.broadcast_div(&z)?; // (M, V)
+                                  // H = log Z − Σ p·x (with x shifted)
+    Ok((z.log()?.squeeze(1)? - (p * shifted)?.sum(D::Minus1)?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +194,43 @@ mod tests {
         assert!(
             (y[0] + 100.0).abs() < 1e-4 && (y[1] - (0.5f32).ln()).abs() < 1e-6 && y[2].abs() < 1e-6,
             "{y:?}"
+        );
+    }
+
+    #[test]
+    fn clipped_losses_match_reference() {
+        // logp = torch.tensor([-1.0, -0.5, -2.0]); old = torch.tensor([-1.2, -0.5, -1.0])
+        // adv = torch.tensor([1.0, -1.0, 2.0]); ratio = (logp - old).exp()
+        // torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean() → -0.3119196593761444
+        //   (ratios 1.2214, 1.0, 0.3679: two of three outside [0.8, 1.2])
+        // values = torch.tensor([0.5, 1.5]); old_v = torch.tensor([0.0, 1.0]); ret = torch.tensor([1.0, 0.0])
+        // vc = old_v + (values - old_v).clamp(-0.2, 0.2)
+        // 0.5 * torch.max((values - ret) ** 2, (vc - ret) ** 2).mean() → 0.7225000262260437
+        let d = &Device::Cpu;
+        let logp = Tensor::new(&[-1.0f32, -0.5, -2.0], d).unwrap();
+        let old = Tensor::new(&[-1.2f32, -0.5, -1.0], d).unwrap();
+        let adv = Tensor::new(&[1.0f32, -1.0, 2.0], d).unwrap();
+        let (loss, stats) = clipped_policy_loss(&logp, &old, &adv, 0.2).unwrap();
+        let loss: f32 = loss.to_scalar().unwrap();
+        assert!((loss - -0.311_919_66).abs() < 1e-6, "{loss}");
+        assert!((stats.clipfrac - 2.0 / 3.0).abs() < 1e-9, "{stats:?}");
+        let v = Tensor::new(&[0.5f32, 1.5], d).unwrap();
+        let ov = Tensor::new(&[0.0f32, 1.0], d).unwrap();
+        let ret = Tensor::new(&[1.0f32, 0.0], d).unwrap();
+        let vl: f32 = clipped_value_loss(&v, &ov, &ret, 0.2)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!((vl - 0.7225).abs() < 1e-6, "{vl}");
+    }
+
+    #[test]
+    fn entropy_of_uniform_and_peaked() {
+        let l = Tensor::new(&[[0f32, 0., 0., 0.], [100., 0., 0., 0.]], &Device::Cpu).unwrap();
+        let h: Vec<f32> = entropy(&l).unwrap().to_vec1().unwrap();
+        assert!(
+            (h[0] - 4f32.ln()).abs() < 1e-5 && h[1].abs() < 1e-5,
+            "{h:?}"
         );
     }
 

@@ -122,6 +122,13 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer.json serialization (to compare two tokenizers).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
     /// Number of ids the tokenizer can produce (added tokens included).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -5,6 +5,7 @@
 //! head on the same backbone.
 
 pub mod config;
+pub mod frozen;
 pub mod gpt2;
 pub mod hf;
 pub mod kv_cache;

@@ -180,6 +180,23 @@ impl Params {
             .collect()
     }
 
+    /// One parameter set over several models' parameters, sharing their variables
+    /// (an update through it updates the models), each name prefixed `prefix/`: what
+    /// one optimizer over PPO's actor and critic sees.
+    pub fn union(parts: &[(&str, &Params)]) -> Self {
+        let mut specs = vec![];
+        let mut vars = BTreeMap::new();
+        for (prefix, p) in parts {
+            for (spec, var) in p.vars() {
+                let mut s = spec.clone();
+                s.name = format!("{prefix}/{}", spec.name);
+                vars.insert(s.name.clone(), var.clone());
+                specs.push(s);
+            }
+        }
+        Params { specs, vars }
+    }
+
     pub fn num_parameters(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }

@@ -110,9 +110,20 @@ impl LmTask {
 
     /// Σ NLL over the targets of `rows` and the number of targets.
     pub fn loss_sum(&self, rows: &[&Row]) -> Result<(Tensor, usize, usize)> {
-        let device = &self.pre.model.device;
+        lm_loss_sum(&self.pre.model, self.pre.tokenizer.pad_token_id(), rows)
+    }
+}
+
+/// Σ next-token NLL over the targets of `rows` under `model`, the number of targets
+/// and of tokens: (loss sum (scalar), targets, tokens).
+pub fn lm_loss_sum(
+    model: &crate::model::CausalLm,
+    pad: u32,
+    rows: &[&Row],
+) -> Result<(Tensor, usize, usize)> {
+    {
+        let device = &model.device;
         let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-        let pad = self.pre.tokenizer.pad_token_id();
         let mut ids = Vec::with_capacity(rows.len() * width);
         let mut segments = Vec::with_capacity(rows.len());
         let mut picked = vec![]; // flat positions (b·(T−1) + t) with a target
@@ -149,7 +160,7 @@ impl LmTask {
         }
         let ids = Tensor::from_vec(ids, (rows.len(), width), device)?; // (B, T)
         let mask = AttentionMask::from_segments(&segments, width, device)?;
-        let hidden = self.pre.model.backbone.forward(&ids, &mask, None)?; // (B, T, C)
+        let hidden = model.backbone.forward(&ids, &mask, None)?; // (B, T, C)
         let c = hidden.dim(2)?;
         let hidden = hidden
             .narrow(1, 0, width - 1)?
@@ -157,11 +168,7 @@ impl LmTask {
                                                       // Only positions with a target go through the LM head: prompts cost nothing.
         let n = picked.len();
         let picked = Tensor::from_vec(picked, n, device)?; // (N,)
-        let logits = self
-            .pre
-            .model
-            .lm_head
-            .forward(&hidden.index_select(&picked, 0)?)?; // (N, V)
+        let logits = model.lm_head.forward(&hidden.index_select(&picked, 0)?)?; // (N, V)
         let targets = Tensor::from_vec(targets, n, device)?; // (N,)
         let weights = Tensor::ones(n, candle_core::DType::F32, device)?; // (N,)
         Ok((nll_sum(&logits, &targets, &weights)?, n, tokens))

@@ -46,12 +46,31 @@ pub trait TrainTask {
     fn evaluate(&mut self) -> Result<BTreeMap<String, f64>>;
     /// Writes the model as an HF folder.
     fn save_model(&self, dir: &Path) -> Result<()>;
+    /// Restores the weights written by `save_model` (the default reads the HF folder
+    /// into `params()`).
+    fn load_model(&mut self, dir: &Path) -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (tensors, source) = crate::model::hf::read_weights(dir, &dev)?;
+        let loaded = Params::from_hf(self.params().specs.clone(), tensors, &source, &dev)?;
+        for ((_, dst), (_, src)) in self.params().vars().into_iter().zip(loaded.vars()) {
+            dst.set(src.as_tensor())?;
+        }
+        Ok(())
+    }
     /// Extra state to checkpoint (RNG streams, controllers); `Null` when none.
     fn state(&self) -> Value {
         Value::Null
     }
     fn load_state(&mut self, _state: &Value) -> Result<()> {
         Ok(())
+    }
+    /// Called after every optimizer update (e.g. to update an EMA of the weights).
+    fn after_update(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Metrics the task gathered since the last call, logged at the current step.
+    fn take_metrics(&mut self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
     }
 }
 
@@ -198,6 +217,7 @@ pub fn train(
             state.consecutive_nonfinite = 0;
             if total_weight > 0.0 {
                 opt.update(task.params(), &acc.buffers, step_lr)?;
+                task.after_update()?;
             }
             last_loss = loss;
             window_loss += loss;
@@ -207,6 +227,10 @@ pub fn train(
         bar.set_message(format!("{label} loss {loss:.4} lr {step_lr:.2e}"));
 
         let s = state.global_step;
+        let task_metrics = task.take_metrics();
+        if !task_metrics.is_empty() {
+            metrics.log(s, &task_metrics)?;
+        }
         let epoch = (s as usize * accum) as f64 / nb as f64;
         if args.logging_steps > 0
             && (s.is_multiple_of(args.logging_steps as u64) || s == total_steps)
@@ -351,16 +375,7 @@ fn resume_from(
     opt: &mut AdamW,
     state: &mut TrainerState,
 ) -> Result<()> {
-    let (tensors, source) = crate::model::hf::read_weights(dir, &candle_core::Device::Cpu)?;
-    let loaded = Params::from_hf(
-        task.params().specs.clone(),
-        tensors,
-        &source,
-        &candle_core::Device::Cpu,
-    )?;
-    for ((_, dst), (_, src)) in task.params().vars().into_iter().zip(loaded.vars()) {
-        dst.set(src.as_tensor())?;
-    }
+    task.load_model(dir)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let bytes = std::fs::read(&opt_path).map_err(|e| Error::read(&opt_path, e))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)?;

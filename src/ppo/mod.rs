@@ -1,0 +1,820 @@
+//! PPO against the reward model with a per-token KL penalty and the pretraining mix
+//! (InstructGPT step 3, equation 2):
+//!
+//!   objective(φ) = E[r_θ(x, y) − β·log(π_φ(y|x) / π_SFT(y|x))] + γ·E_pretrain[log π_φ(x)]
+//!
+//! One iteration, as the paper reads:
+//!   1. rollout — sample responses for a batch of prompts from the policy;
+//!   2. rewards — score them with the frozen reward model (normalised), subtract
+//!      β·KL to the frozen SFT model on every token;
+//!   3. advantages — GAE over the critic's values, whitened over the batch;
+//!   4. update — `ppo_epochs` passes of minibatches of the clipped surrogate, the
+//!      clipped value loss and γ_ptx times the LM loss on pretraining text.
+//!
+//! Each minibatch update is one step of the shared training loop (one AdamW over the
+//! actor and the critic, clipping, checkpoints, exact resume); an iteration is one
+//! "epoch" of that loop. The rollout buffer, the sampling RNG and the KL controller
+//! are part of the checkpointed state, so a run stopped anywhere resumes bit for bit.
+
+pub mod advantage;
+pub mod kl;
+pub mod reward;
+pub mod rollout;
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::data::prompts::read_prompts;
+use crate::data::text::{pack_blocks, read_documents};
+use crate::data::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+use crate::generate::{generate, SamplingParams};
+use crate::losses::{clipped_policy_loss, clipped_value_loss};
+use crate::model::frozen::Frozen;
+use crate::model::hf::{load_pretrained, read_weights, save_pretrained, Pretrained};
+use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar};
+use crate::model::{CausalLm, Params};
+use crate::train::args::{StageDefaults, TrainingArgs};
+use crate::train::lm_task::{lm_loss_sum, Row};
+use crate::train::order::EpochOrder;
+use crate::train::schedule::LrSchedulerType;
+use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
+use advantage::{gae, whiten};
+use kl::{kl_per_token, KlController, KlEstimator};
+use reward::{final_score, shaped_rewards};
+use rollout::{logprobs_of, response_logprobs, values_of, Experience, ResponseBatch};
+
+pub const DEFAULTS: StageDefaults = StageDefaults {
+    learning_rate: 1e-5,
+    num_train_epochs: 1.0,
+    lr_scheduler_type: LrSchedulerType::Constant,
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct PpoArgs {
+    /// The SFT model: the policy starts from it and it is the frozen reference.
+    #[arg(long, visible_alias = "model")]
+    pub model_name_or_path: Option<PathBuf>,
+    /// The reward model folder (`rlhf rm train`), frozen.
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    /// Where the critic starts (default: the reward model, as InstructGPT does).
+    #[arg(long)]
+    pub value_model: Option<PathBuf>,
+    /// Prompts JSONL (TRL's prompt-only format: "prompt" text or messages).
+    #[arg(long, visible_alias = "data")]
+    pub dataset: Option<PathBuf>,
+    /// Pretraining text for PPO-ptx (.txt or JSONL "text", as `rlhf pretrain` reads).
+    #[arg(long)]
+    pub ptx_data: Option<PathBuf>,
+    /// γ of equation 2 [default: 1.0 with --ptx_data]. The paper uses 27.8 on
+    /// 175B models; on small models a smaller value is usually more stable.
+    #[arg(long)]
+    pub ptx_coef: Option<f64>,
+    /// Pretraining rows per update.
+    #[arg(long, default_value_t = 4)]
+    pub ptx_batch_size: usize,
+    /// Prompts sampled per iteration.
+    #[arg(long, default_value_t = 16)]
+    pub rollout_batch_size: usize,
+    /// Responses per update; must divide rollout_batch_size.
+    #[arg(long, default_value_t = 4)]
+    pub mini_batch_size: usize,
+    /// Passes over each rollout.
+    #[arg(long, default_value_t = 4)]
+    pub ppo_epochs: usize,
+    /// Iterations to run (default: num_train_epochs passes over the prompts).
+    #[arg(long)]
+    pub num_iterations: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// ε of the clipped surrogate.
+    #[arg(long, default_value_t = 0.2)]
+    pub cliprange: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub cliprange_value: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub vf_coef: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub gamma: f32,
+    #[arg(long, default_value_t = 0.95)]
+    pub lam: f32,
+    /// β, the KL coefficient (the paper's 0.02); the starting value when adaptive.
+    #[arg(long, default_value_t = 0.02)]
+    pub kl_coef: f64,
+    #[arg(long, value_enum, default_value_t = KlEstimator::K1)]
+    pub kl_estimator: KlEstimator,
+    /// Adapt β toward this KL per response (Ziegler et al.); fixed when unset.
+    #[arg(long)]
+    pub adaptive_kl_target: Option<f64>,
+    #[arg(long, default_value_t = 10_000.0)]
+    pub adaptive_kl_horizon: f64,
+    /// Stop an iteration's updates early when the approximate KL between the new and
+    /// the sampling policy exceeds 1.5× this.
+    #[arg(long)]
+    pub target_kl: Option<f64>,
+    /// Clip normalised scores to ±this.
+    #[arg(long)]
+    pub reward_clip: Option<f64>,
+    /// Subtracted from the score of a response cut at max_new_tokens without an eos.
+    #[arg(long)]
+    pub missing_eos_penalty: Option<f64>,
+    /// EMA decay of the policy weights, saved in OUTPUT_DIR/ema (the paper: 0.992).
+    #[arg(long)]
+    pub ema: Option<f64>,
+    /// A TOML or YAML file with any of these settings; flags override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainingArgs,
+}
+
+/// A programmatic score of (prompt tokens, response tokens).
+pub type ScoreFn = Box<dyn Fn(&[u32], &[u32]) -> f64>;
+
+/// Where scores come from: the frozen reward model, or a function (tests, toy tasks).
+pub enum RewardSource {
+    Model(Box<Frozen<PretrainedScalar>>),
+    /// Used as is (no normalisation).
+    Function(ScoreFn),
+}
+
+/// Running sums of one iteration's update statistics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct UpdateStats {
+    n: usize,
+    policy: f64,
+    value: f64,
+    ptx: f64,
+    approxkl: f64,
+    clipfrac: f64,
+    ratio: f64,
+    /// approx KL summed over the current PPO epoch (for --target_kl).
+    epoch_approxkl: f64,
+    epoch_n: usize,
+    seconds: f64,
+}
+
+/// The checkpointed part of PPO's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PpoState {
+    iteration: Option<usize>,
+    experience: Vec<Experience>,
+    rng_seed: [u8; 32],
+    rng_word_pos: String,
+    kl: KlController,
+    early_stopped: bool,
+    stats: UpdateStats,
+    pending_metrics: BTreeMap<String, f64>,
+}
+
+pub struct PpoTask {
+    pub actor: Pretrained,
+    pub critic: PretrainedScalar,
+    reference: Frozen<CausalLm>,
+    reward: RewardSource,
+    /// Tokenized prompts, in file order.
+    prompts: Vec<Vec<u32>>,
+    prompt_order: EpochOrder,
+    ptx_rows: Vec<Row>,
+    args: PpoArgs,
+    /// Actor and critic parameters under one optimizer.
+    union: Params,
+    /// EMA of the actor's parameters (in `actor.model.params.vars()` order).
+    pub ema: Option<Vec<Vec<f32>>>,
+    rng: ChaCha8Rng,
+    kl: KlController,
+    iteration: Option<usize>,
+    experience: Vec<Experience>,
+    early_stopped: bool,
+    stats: UpdateStats,
+    pending_metrics: BTreeMap<String, f64>,
+}
+
+impl PpoTask {
+    /// The current iteration's rollout buffer.
+    pub fn experience(&self) -> &[Experience] {
+        &self.experience
+    }
+
+    fn n_minibatches(&self) -> usize {
+        self.args.rollout_batch_size / self.args.mini_batch_size
+    }
+
+    fn pad(&self) -> u32 {
+        self.actor.tokenizer.pad_token_id()
+    }
+
+    /// Steps 1–3 of an iteration: sample, score and compute advantages.
+    fn rollout(&mut self, iteration: usize) -> Result<()> {
+        let t0 = Instant::now();
+        // 1. Rollout: the iteration's prompts, a deterministic walk over shuffled epochs.
+        let r = self.args.rollout_batch_size;
+        let n = self.prompts.len();
+        let prompts: Vec<Vec<u32>> = (0..r)
+            .map(|i| {
+                let g = iteration * r + i;
+                self.prompts[self.prompt_order.batch(g / n, g % n, 1)[0]].clone()
+            })
+            .collect();
+        let params = SamplingParams {
+            max_new_tokens: self.args.max_new_tokens,
+            temperature: self.args.temperature,
+            eos_token_ids: self.actor.eos_token_ids.clone(),
+            ..Default::default()
+        };
+        let samples = generate(
+            &self.actor.model,
+            &self.actor.tokenizer,
+            &prompts,
+            &params,
+            &mut self.rng,
+        )?;
+        let rollout_s = t0.elapsed().as_secs_f64();
+
+        // 2. Scoring: old and reference log-probs, values, reward-model scores.
+        let t1 = Instant::now();
+        let rows: Vec<(&[u32], &[u32])> = samples
+            .iter()
+            .map(|c| (c.prompt_tokens.as_slice(), c.tokens.as_slice()))
+            .collect();
+        let pad = self.pad();
+        let (logprobs, entropies) = response_logprobs(&self.actor.model, &rows, pad, true)?;
+        let entropies = entropies.unwrap_or_default();
+        let ref_logprobs = self.reference.response_logprobs(&rows, pad)?;
+        let batch = ResponseBatch::new(&rows, pad, &self.critic.model.device)?;
+        let values = batch.split(&values_of(&self.critic.model, &batch)?)?;
+        let ended: Vec<bool> = samples
+            .iter()
+            .map(|c| c.finish_reason == crate::generate::FinishReason::Eos)
+            .collect();
+        let raw_scores: Vec<f64> = match &self.reward {
+            RewardSource::Model(rm) => {
+                let eos = rm.eos()?;
+                let seqs: Vec<Vec<u32>> = samples
+                    .iter()
+                    .zip(&ended)
+                    .map(|(c, &e)| {
+                        let mut s = [c.prompt_tokens.as_slice(), c.tokens.as_slice()].concat();
+                        if !e {
+                            s.push(eos); // the reward is read at the eos ending y
+                        }
+                        s
+                    })
+                    .collect();
+                let raw = rm.score(&seqs)?;
+                match rm.normalization() {
+                    Some(norm) => raw.iter().map(|&x| norm.apply(x)).collect(),
+                    None => raw,
+                }
+            }
+            RewardSource::Function(f) => samples
+                .iter()
+                .map(|c| f(&c.prompt_tokens, &c.tokens))
+                .collect(),
+        };
+        let scoring_s = t1.elapsed().as_secs_f64();
+
+        // 3. Rewards and advantages.
+        let beta = self.kl.beta() as f32;
+        let mut exps = vec![];
+        let (mut kl_sum, mut ent_sum, mut non_score, mut score_sum, mut len_sum) =
+            (0.0, 0.0, 0.0, 0.0, 0.0);
+        for (i, c) in samples.iter().enumerate() {
+            let kl: Vec<f32> = logprobs[i]
+                .iter()
+                .zip(&ref_logprobs[i])
+                .map(|(&a, &b)| kl_per_token(a, b, self.args.kl_estimator))
+                .collect();
+            let score = final_score(
+                raw_scores[i],
+                self.args.reward_clip,
+                ended[i],
+                self.args.missing_eos_penalty,
+            );
+            let rewards = shaped_rewards(score, &kl, beta);
+            let (advantages, returns) = gae(&rewards, &values[i], self.args.gamma, self.args.lam);
+            kl_sum += kl.iter().map(|&x| x as f64).sum::<f64>();
+            ent_sum += entropies
+                .get(i)
+                .map_or(0.0, |e| e.iter().map(|&x| x as f64).sum::<f64>());
+            non_score += -(beta as f64) * kl.iter().map(|&x| x as f64).sum::<f64>();
+            score_sum += score as f64;
+            len_sum += c.tokens.len() as f64;
+            exps.push(Experience {
+                prompt: c.prompt_tokens.clone(),
+                response: c.tokens.clone(),
+                logprobs: logprobs[i].clone(),
+                ref_logprobs: ref_logprobs[i].clone(),
+                values: values[i].clone(),
+                score,
+                rewards,
+                advantages,
+                returns,
+                ended: ended[i],
+            });
+        }
+        let mut advs: Vec<Vec<f32>> = exps.iter().map(|e| e.advantages.clone()).collect();
+        whiten(&mut advs);
+        for (e, a) in exps.iter_mut().zip(advs) {
+            e.advantages = a;
+        }
+        let nb = r as f64;
+        let mean_kl = kl_sum / nb;
+        self.kl.update(mean_kl, r);
+        let tokens: f64 = len_sum + exps.iter().map(|e| e.prompt.len() as f64).sum::<f64>();
+        self.pending_metrics = BTreeMap::from([
+            ("objective/kl".to_string(), mean_kl),
+            ("objective/entropy".to_string(), ent_sum / nb),
+            ("objective/non_score_reward".to_string(), non_score / nb),
+            ("objective/scores".to_string(), score_sum / nb),
+            (
+                "objective/rlhf_reward".to_string(),
+                (score_sum + non_score) / nb,
+            ),
+            ("val/mean_response_length".to_string(), len_sum / nb),
+            (
+                "val/num_eos".to_string(),
+                ended.iter().filter(|&&e| e).count() as f64,
+            ),
+            ("time/rollout".to_string(), rollout_s),
+            ("time/scoring".to_string(), scoring_s),
+            (
+                "time/rollout_tokens_per_second".to_string(),
+                len_sum / rollout_s.max(1e-9),
+            ),
+            (
+                "time/scoring_tokens_per_second".to_string(),
+                tokens / scoring_s.max(1e-9),
+            ),
+        ]);
+        self.experience = exps;
+        self.iteration = Some(iteration);
+        self.early_stopped = false;
+        self.stats = UpdateStats::default();
+        Ok(())
+    }
+
+    /// The rollout rows of minibatch `mb` in PPO epoch `pe` of the current iteration.
+    fn minibatch(&self, iteration: usize, pe: usize, mb: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.experience.len()).collect();
+        let key = self.args.train.seed
+            ^ ((iteration as u64) << 20)
+            ^ (pe as u64).wrapping_mul(0x9E37_79B9);
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(key));
+        let size = self.args.mini_batch_size;
+        order[mb * size..(mb + 1) * size].to_vec()
+    }
+
+    /// Step 4 for one minibatch: clipped surrogate + vf_coef·value loss + γ·ptx loss.
+    fn update_loss(&mut self, iteration: usize, index: usize) -> Result<LossParts> {
+        let t0 = Instant::now();
+        let n_mb = self.n_minibatches();
+        let (pe, mb) = (index / n_mb, index % n_mb);
+        let picked = self.minibatch(iteration, pe, mb);
+        let exps: Vec<&Experience> = picked.iter().map(|&i| &self.experience[i]).collect();
+        let rows: Vec<(&[u32], &[u32])> = exps
+            .iter()
+            .map(|e| (e.prompt.as_slice(), e.response.as_slice()))
+            .collect();
+        let dev = self.actor.model.device.clone();
+        let batch = ResponseBatch::new(&rows, self.pad(), &dev)?;
+        let flat = |f: &dyn Fn(&Experience) -> &Vec<f32>| -> Result<Tensor> {
+            let v: Vec<f32> = exps.iter().flat_map(|e| f(e).iter().copied()).collect();
+            let n = v.len();
+            Ok(Tensor::from_vec(v, n, &dev)?)
+        };
+        let old_logp = flat(&|e| &e.logprobs)?; // (M,)
+        let advantages = flat(&|e| &e.advantages)?; // (M,)
+        let returns = flat(&|e| &e.returns)?; // (M,)
+        let old_values = flat(&|e| &e.values)?; // (M,)
+
+        let (logp, _) = logprobs_of(&self.actor.model, &batch, false)?; // (M,)
+        let (pg_loss, pstats) =
+            clipped_policy_loss(&logp, &old_logp, &advantages, self.args.cliprange)?;
+        let values = values_of(&self.critic.model, &batch)?; // (M,)
+        let vf_loss =
+            clipped_value_loss(&values, &old_values, &returns, self.args.cliprange_value)?;
+        let mut total = (&pg_loss + (&vf_loss * self.args.vf_coef)?)?;
+        let mut ptx_value = 0.0;
+        let ptx_coef = self.ptx_coef();
+        if ptx_coef > 0.0 && !self.ptx_rows.is_empty() {
+            let step = iteration * self.batches_per_epoch() + index;
+            let k = self.args.ptx_batch_size.min(self.ptx_rows.len());
+            let rows: Vec<&Row> = (0..k)
+                .map(|i| &self.ptx_rows[(step * k + i) % self.ptx_rows.len()])
+                .collect();
+            let (sum, n, _) = lm_loss_sum(&self.actor.model, self.pad(), &rows)?;
+            let ptx = (sum / n.max(1) as f64)?;
+            ptx_value = ptx
+                .detach()
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            total = (total + (ptx * ptx_coef)?)?;
+        }
+        let scalar = |t: &Tensor| -> Result<f64> {
+            Ok(t.detach()
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?)
+        };
+        let s = &mut self.stats;
+        s.n += 1;
+        s.policy += scalar(&pg_loss)?;
+        s.value += scalar(&vf_loss)?;
+        s.ptx += ptx_value;
+        s.approxkl += pstats.approxkl;
+        s.clipfrac += pstats.clipfrac;
+        s.ratio += pstats.ratio;
+        s.epoch_approxkl += pstats.approxkl;
+        s.epoch_n += 1;
+        if mb + 1 == n_mb {
+            if let Some(target) = self.args.target_kl {
+                if s.epoch_approxkl / s.epoch_n as f64 > 1.5 * target {
+                    self.early_stopped = true;
+                }
+            }
+            s.epoch_approxkl = 0.0;
+            s.epoch_n = 0;
+        }
+        s.seconds += t0.elapsed().as_secs_f64();
+        let tokens = rows.iter().map(|(p, r)| p.len() + r.len()).sum();
+        Ok(LossParts { sum: total, tokens })
+    }
+
+    fn ptx_coef(&self) -> f64 {
+        match (self.args.ptx_coef, &self.args.ptx_data) {
+            (Some(c), _) => c,
+            (None, Some(_)) => 1.0,
+            (None, None) => 0.0,
+        }
+    }
+
+    fn finish_iteration_metrics(&mut self) {
+        let s = &self.stats;
+        let n = s.n.max(1) as f64;
+        let m = &mut self.pending_metrics;
+        m.insert("loss/policy".into(), s.policy / n);
+        m.insert("loss/value".into(), s.value / n);
+        m.insert("loss/ptx".into(), s.ptx / n);
+        m.insert("policy/approxkl".into(), s.approxkl / n);
+        m.insert("policy/clipfrac".into(), s.clipfrac / n);
+        m.insert("val/ratio".into(), s.ratio / n);
+        m.insert("time/update".into(), s.seconds);
+        m.insert("beta".into(), self.kl.beta());
+        m.insert(
+            "policy/early_stopped".into(),
+            f64::from(u8::from(self.early_stopped)),
+        );
+    }
+
+    fn ema_pretrained(&self, ema: &[Vec<f32>]) -> Result<Pretrained> {
+        let specs = self.actor.model.params.specs.clone();
+        let dev = &self.actor.model.device;
+        let params = Params::init(specs, 0, dev)?;
+        for ((_, var), data) in params.vars().into_iter().zip(ema) {
+            var.set(&Tensor::from_slice(data, var.shape(), dev)?)?;
+        }
+        Ok(Pretrained {
+            model: CausalLm::from_params(self.actor.model.config.clone(), params, dev)?,
+            tokenizer: self.actor.tokenizer.clone(),
+            eos_token_ids: self.actor.eos_token_ids.clone(),
+        })
+    }
+}
+
+fn flat_params(p: &Params) -> Result<Vec<Vec<f32>>> {
+    p.vars()
+        .iter()
+        .map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+        .collect()
+}
+
+fn set_params(p: &Params, dir: &Path) -> Result<()> {
+    let dev = Device::Cpu;
+    let (tensors, source) = read_weights(dir, &dev)?;
+    let loaded = Params::from_hf(p.specs.clone(), tensors, &source, &dev)?;
+    for ((_, dst), (_, src)) in p.vars().into_iter().zip(loaded.vars()) {
+        dst.set(src.as_tensor())?;
+    }
+    Ok(())
+}
+
+impl TrainTask for PpoTask {
+    fn batches_per_epoch(&self) -> usize {
+        self.args.ppo_epochs * self.n_minibatches()
+    }
+
+    fn batch_weight(&self, iteration: usize, _index: usize) -> Result<f64> {
+        let stopped = self.iteration == Some(iteration) && self.early_stopped;
+        Ok(if stopped { 0.0 } else { 1.0 })
+    }
+
+    fn batch_loss(&mut self, iteration: usize, index: usize) -> Result<LossParts> {
+        if self.iteration != Some(iteration) {
+            self.rollout(iteration)?;
+        }
+        self.update_loss(iteration, index)
+    }
+
+    fn params(&self) -> &Params {
+        &self.union
+    }
+
+    fn evaluate(&mut self) -> Result<BTreeMap<String, f64>> {
+        Ok(BTreeMap::new())
+    }
+
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        save_pretrained(&self.actor, dir)?;
+        save_scalar(&self.critic, &dir.join("critic"))?;
+        if let Some(ema) = &self.ema {
+            save_pretrained(&self.ema_pretrained(ema)?, &dir.join("ema"))?;
+        }
+        Ok(())
+    }
+
+    fn load_model(&mut self, dir: &Path) -> Result<()> {
+        set_params(&self.actor.model.params, dir)?;
+        set_params(&self.critic.model.params, &dir.join("critic"))?;
+        if self.ema.is_some() {
+            let ema = self.ema_pretrained(&flat_params(&self.actor.model.params)?)?;
+            set_params(&ema.model.params, &dir.join("ema"))?;
+            self.ema = Some(flat_params(&ema.model.params)?);
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Value {
+        let s = PpoState {
+            iteration: self.iteration,
+            experience: self.experience.clone(),
+            rng_seed: self.rng.get_seed(),
+            rng_word_pos: self.rng.get_word_pos().to_string(),
+            kl: self.kl.clone(),
+            early_stopped: self.early_stopped,
+            stats: self.stats.clone(),
+            pending_metrics: self.pending_metrics.clone(),
+        };
+        serde_json::to_value(s).expect("PPO state serializes")
+    }
+
+    fn load_state(&mut self, state: &Value) -> Result<()> {
+        let s: PpoState = serde_json::from_value(state.clone())
+            .map_err(|e| Error::Invalid(format!("PPO state in checkpoint: {e}")))?;
+        self.iteration = s.iteration;
+        self.experience = s.experience;
+        let mut rng = ChaCha8Rng::from_seed(s.rng_seed);
+        rng.set_word_pos(
+            s.rng_word_pos
+                .parse()
+                .map_err(|_| Error::Invalid("PPO state: bad RNG position".into()))?,
+        );
+        self.rng = rng;
+        self.kl = s.kl;
+        self.early_stopped = s.early_stopped;
+        self.stats = s.stats;
+        self.pending_metrics = s.pending_metrics;
+        Ok(())
+    }
+
+    fn after_update(&mut self) -> Result<()> {
+        if let (Some(decay), Some(ema)) = (self.args.ema, self.ema.as_mut()) {
+            let d = decay as f32;
+            for (e, (_, var)) in ema.iter_mut().zip(self.actor.model.params.vars()) {
+                let w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                for (a, b) in e.iter_mut().zip(w) {
+                    *a = d * *a + (1.0 - d) * b;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take_metrics(&mut self) -> BTreeMap<String, f64> {
+        // Reported once per iteration, after its last update.
+        let done = self.stats.n == self.batches_per_epoch()
+            || (self.early_stopped && self.stats.epoch_n == 0);
+        if done && !self.pending_metrics.is_empty() {
+            self.finish_iteration_metrics();
+            return std::mem::take(&mut self.pending_metrics);
+        }
+        BTreeMap::new()
+    }
+}
+
+/// Checks that two tokenizers encode identically (same vocabulary and rules) and use
+/// the same chat template.
+fn same_tokenizer(a: &Tokenizer, b: &Tokenizer, what: &str) -> Result<()> {
+    if a.vocab_size() != b.vocab_size() || a.to_json()? != b.to_json()? {
+        return Err(Error::Invalid(format!(
+            "the policy's and the {what}'s tokenizers differ; they must be the same"
+        )));
+    }
+    let ta = a.chat_template().map(|t| t.source().to_string());
+    let tb = b.chat_template().map(|t| t.source().to_string());
+    if ta != tb {
+        return Err(Error::Invalid(format!(
+            "the policy's and the {what}'s chat templates differ; they must be the same"
+        )));
+    }
+    Ok(())
+}
+
+/// Builds the PPO task from settings (all checks happen here, before any training).
+pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<PpoTask> {
+    let bad = |m: String| Err(Error::Invalid(m));
+    if args.mini_batch_size == 0 || args.rollout_batch_size == 0 || args.ppo_epochs == 0 {
+        return bad("rollout_batch_size, mini_batch_size and ppo_epochs must be ≥ 1".into());
+    }
+    if !args.rollout_batch_size.is_multiple_of(args.mini_batch_size) {
+        return bad(format!(
+            "mini_batch_size {} does not divide rollout_batch_size {}",
+            args.mini_batch_size, args.rollout_batch_size
+        ));
+    }
+    if args.train.gradient_accumulation_steps != 1 {
+        return bad("ppo takes gradient_accumulation_steps 1 (use mini_batch_size)".into());
+    }
+    let sft = args
+        .model_name_or_path
+        .as_deref()
+        .ok_or_else(|| Error::Invalid("--model_name_or_path (or --model) is required".into()))?;
+    let data = args
+        .dataset
+        .as_deref()
+        .ok_or_else(|| Error::Invalid("--dataset (or --data) is required".into()))?;
+    let dev = Device::Cpu;
+    let actor = load_pretrained(sft, &dev)?;
+    let reference = Frozen::new(load_pretrained(sft, &dev)?.model);
+    let reward = match reward_override {
+        Some(r) => r,
+        None => {
+            let rm_dir = args
+                .reward_model
+                .as_deref()
+                .ok_or_else(|| Error::Invalid("--reward_model is required".into()))?;
+            let rm = load_scalar(rm_dir, &dev, 0)?;
+            if rm.fresh_head {
+                return bad(format!(
+                    "{}: not a reward model (no score.weight)",
+                    rm_dir.display()
+                ));
+            }
+            same_tokenizer(&actor.tokenizer, &rm.tokenizer, "reward model")?;
+            if rm.normalization.is_none() {
+                eprintln!(
+                    "warning: {} has no stored reward normalisation; raw scores are used",
+                    rm_dir.display()
+                );
+            }
+            RewardSource::Model(Box::new(Frozen::new(rm)))
+        }
+    };
+    let critic_dir = args
+        .value_model
+        .as_deref()
+        .or(args.reward_model.as_deref())
+        .unwrap_or(sft);
+    let critic = load_scalar(critic_dir, &dev, args.train.seed)?;
+    same_tokenizer(&actor.tokenizer, &critic.tokenizer, "value model")?;
+
+    let context = actor.model.config.context_length();
+    let mut prompts = vec![];
+    for (line, _, p) in read_prompts(data)? {
+        let ids = p
+            .tokenize(&actor.tokenizer)
+            .map_err(|e| Error::bad_file(data, Some(line), e.to_string()))?;
+        if ids.len() + args.max_new_tokens > context {
+            return Err(Error::bad_file(
+                data,
+                Some(line),
+                format!(
+                    "prompt has {} tokens; with max_new_tokens {} that exceeds the model's context of {context}",
+                    ids.len(),
+                    args.max_new_tokens
+                ),
+            ));
+        }
+        prompts.push(ids);
+    }
+    let ptx_rows = match &args.ptx_data {
+        Some(p) => {
+            let eos = actor
+                .tokenizer
+                .eos_token_id()
+                .or_else(|| actor.eos_token_ids.first().copied())
+                .ok_or_else(|| Error::Invalid("the tokenizer has no eos_token".into()))?;
+            let block = context.min(128);
+            let blocks = pack_blocks(&read_documents(p)?, &actor.tokenizer, eos, block)?;
+            if blocks.is_empty() {
+                return Err(Error::bad_file(
+                    p,
+                    None,
+                    format!("shorter than one block of {block} tokens"),
+                ));
+            }
+            blocks
+                .into_iter()
+                .map(|ids| {
+                    let n = ids.len();
+                    Row::single(crate::data::sft::SftExample {
+                        ids,
+                        loss_mask: vec![1; n],
+                    })
+                })
+                .collect()
+        }
+        None => vec![],
+    };
+    let union = Params::union(&[
+        ("actor", &actor.model.params),
+        ("critic", &critic.model.params),
+    ]);
+    let ema = args
+        .ema
+        .map(|_| flat_params(&actor.model.params))
+        .transpose()?;
+    let kl = match args.adaptive_kl_target {
+        Some(target) => KlController::Adaptive {
+            beta: args.kl_coef,
+            target,
+            horizon: args.adaptive_kl_horizon,
+        },
+        None => KlController::Fixed { beta: args.kl_coef },
+    };
+    let n = prompts.len();
+    Ok(PpoTask {
+        actor,
+        critic,
+        reference,
+        reward,
+        prompts,
+        prompt_order: EpochOrder::new(n, args.train.seed),
+        ptx_rows,
+        args: args.clone(),
+        union,
+        ema,
+        rng: ChaCha8Rng::seed_from_u64(args.train.seed),
+        kl,
+        iteration: None,
+        experience: vec![],
+        early_stopped: false,
+        stats: UpdateStats::default(),
+        pending_metrics: BTreeMap::new(),
+    })
+}
+
+/// `rlhf ppo`: runs PPO to the end (or to --stop_after_steps) and writes the policy
+/// (plus `ema/` and `critic/`) to output_dir.
+pub fn run(
+    args: &PpoArgs,
+    reward_override: Option<RewardSource>,
+) -> Result<(TrainSummary, PpoTask)> {
+    let mut args = args.clone();
+    args.train.fill_defaults(DEFAULTS);
+    args.train.validate()?;
+    let mut task = build(&args, reward_override)?;
+    let iterations = match args.num_iterations {
+        Some(n) => n,
+        None => {
+            ((args.train.epochs() * task.prompts.len() as f64) / args.rollout_batch_size as f64)
+                .ceil()
+                .max(1.0) as usize
+        }
+    };
+    args.train.max_steps = (iterations * task.batches_per_epoch()) as i64;
+    task.args = args.clone();
+    let resolved = serde_json::to_value(&args).expect("args serialize");
+    eprintln!(
+        "ppo: {iterations} iterations of {} prompts, {} updates each (ptx γ = {})",
+        args.rollout_batch_size,
+        task.batches_per_epoch(),
+        task.ptx_coef()
+    );
+    let summary = train(&mut task, &args.train, &resolved, "ppo")?;
+    Ok((summary, task))
+}
+
+/// A short JSON summary of a run's last iteration metrics (from metrics.jsonl).
+pub fn last_metrics(output_dir: &Path) -> Result<Value> {
+    let path = output_dir.join(crate::train::metrics::METRICS_FILE);
+    let text = crate::error::read_to_string(&path)?;
+    let last = text
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("objective/scores").is_some());
+    Ok(last.unwrap_or(json!({})))
+}

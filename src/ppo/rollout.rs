@@ -1,0 +1,143 @@
+//! Experience: what one rollout collects for each sampled response, and the batched
+//! forward passes that score responses token by token (policy log-probs, critic
+//! values).
+//!
+//! Mask convention (`losses`): in a row `prompt ++ response`, the logits (and the
+//! critic's value) at position P − 1 + j belong to response token j — the state
+//! before the token is emitted. Padding and anything after the eos never appear: a
+//! response's vectors have exactly its length.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::losses::{entropy, token_logprobs};
+use crate::model::scalar::ScalarModel;
+use crate::model::{AttentionMask, CausalLm};
+
+/// One sampled response and everything PPO computed about it. Vectors are (R,), R
+/// the response length (its eos included when it has one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Experience {
+    pub prompt: Vec<u32>,
+    pub response: Vec<u32>,
+    /// log π_old(token): the policy that sampled it.
+    pub logprobs: Vec<f32>,
+    /// log π_SFT(token): the frozen reference.
+    pub ref_logprobs: Vec<f32>,
+    /// V(state before the token): the critic at rollout time.
+    pub values: Vec<f32>,
+    /// The reward model's score as PPO uses it (normalised, clipped, penalised).
+    pub score: f32,
+    /// Shaped per-token rewards: −β·KL on every token, the score on the last.
+    pub rewards: Vec<f32>,
+    pub advantages: Vec<f32>,
+    pub returns: Vec<f32>,
+    /// Whether the response ended with an eos (not cut at max_new_tokens).
+    pub ended: bool,
+}
+
+/// A right-padded batch of prompt + response rows and the flat positions of
+/// (B·T) whose outputs score response tokens.
+pub struct ResponseBatch {
+    pub ids: Tensor, // (B, T)
+    pub mask: AttentionMask,
+    pub positions: Tensor, // (M,) u32 into the flattened (B·T)
+    pub targets: Tensor,   // (M,) u32: the response tokens
+    /// Response length of each row (splits the M outputs back into rows).
+    pub lengths: Vec<usize>,
+}
+
+impl ResponseBatch {
+    pub fn new(rows: &[(&[u32], &[u32])], pad: u32, device: &candle_core::Device) -> Result<Self> {
+        let width = rows
+            .iter()
+            .map(|(p, r)| p.len() + r.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * width);
+        let mut key_mask = Vec::with_capacity(rows.len());
+        let mut positions = vec![];
+        let mut targets = vec![];
+        let mut lengths = vec![];
+        for (b, (p, r)) in rows.iter().enumerate() {
+            let n = p.len() + r.len();
+            ids.extend(
+                p.iter()
+                    .chain(r.iter())
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, width - n)),
+            );
+            key_mask.push([vec![1u8; n], vec![0u8; width - n]].concat());
+            for (j, &t) in r.iter().enumerate() {
+                positions.push((b * width + p.len() - 1 + j) as u32);
+                targets.push(t);
+            }
+            lengths.push(r.len());
+        }
+        let m = positions.len();
+        Ok(ResponseBatch {
+            ids: Tensor::from_vec(ids, (rows.len(), width), device)?,
+            mask: AttentionMask::full(&key_mask, device)?,
+            positions: Tensor::from_vec(positions, m, device)?,
+            targets: Tensor::from_vec(targets, m, device)?,
+            lengths,
+        })
+    }
+
+    /// Splits a flat (M,) tensor into one vector per row.
+    pub fn split(&self, flat: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let v: Vec<f32> = flat.detach().to_vec1()?;
+        let mut out = vec![];
+        let mut at = 0;
+        for &n in &self.lengths {
+            out.push(v[at..at + n].to_vec());
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+/// log π(response token) for every response token of the batch (M,), with the
+/// per-token entropy (detached) when asked. Gradients flow when the model is trainable.
+pub fn logprobs_of(
+    model: &CausalLm,
+    batch: &ResponseBatch,
+    with_entropy: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let hidden = model.backbone.forward(&batch.ids, &batch.mask, None)?; // (B, T, C)
+    let (b, t, c) = hidden.dims3()?;
+    let picked = hidden
+        .reshape((b * t, c))?
+        .index_select(&batch.positions, 0)?; // (M, C)
+    let logits = model.lm_head.forward(&picked)?; // (M, V)
+    let logp = token_logprobs(&logits, &batch.targets)?; // (M,)
+    let ent = if with_entropy {
+        Some(entropy(&logits)?)
+    } else {
+        None
+    };
+    Ok((logp, ent))
+}
+
+/// The critic's value of the state before each response token (M,).
+pub fn values_of(critic: &ScalarModel, batch: &ResponseBatch) -> Result<Tensor> {
+    let v = critic.forward(&batch.ids, &batch.mask)?; // (B, T)
+    Ok(v.flatten_all()?.index_select(&batch.positions, 0)?)
+}
+
+/// One vector per response row.
+pub type PerRow = Vec<Vec<f32>>;
+
+/// Detached per-row log-probs (and entropies) of responses under `model`.
+pub fn response_logprobs(
+    model: &CausalLm,
+    rows: &[(&[u32], &[u32])],
+    pad: u32,
+    with_entropy: bool,
+) -> Result<(PerRow, Option<PerRow>)> {
+    let batch = ResponseBatch::new(rows, pad, &model.device)?;
+    let (logp, ent) = logprobs_of(model, &batch, with_entropy)?;
+    let ent = ent.map(|e| batch.split(&e)).transpose()?;
+    Ok((batch.split(&logp)?, ent))
+}

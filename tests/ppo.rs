@@ -1,0 +1,309 @@
+//! PPO end to end on the tiny fixture policy with a programmatic reward: the reward
+//! rises with KL bounded; shaped rewards sit on the right tokens; PPO-ptx keeps the
+//! pretraining loss; a stopped run resumes bit for bit; bad settings fail early.
+
+mod common;
+
+use candle_core::Device;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+use rlhf::model::hf::load_pretrained;
+use rlhf::ppo::kl::{kl_per_token, KlEstimator};
+use rlhf::ppo::{run, PpoArgs, RewardSource};
+use rlhf::train::lm_task::{lm_loss_sum, Row};
+
+fn prompts(dir: &Path) -> PathBuf {
+    let p = dir.join("prompts.jsonl");
+    let rows: Vec<String> = (0..24)
+        .map(|i| json!({"prompt": format!("The cat {i} sat on")}).to_string())
+        .collect();
+    std::fs::write(&p, rows.join("\n")).unwrap();
+    p
+}
+
+fn ppo_args(data: &Path, out: &Path) -> PpoArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct P {
+        #[command(flatten)]
+        a: PpoArgs,
+    }
+    let mut a = P::parse_from(["x", "--output_dir", out.to_str().unwrap()]).a;
+    a.model_name_or_path = Some(common::fixture("qwen2"));
+    a.dataset = Some(data.to_path_buf());
+    a.rollout_batch_size = 8;
+    a.mini_batch_size = 4;
+    a.ppo_epochs = 2;
+    a.max_new_tokens = 12;
+    a.num_iterations = Some(12);
+    a.train.learning_rate = Some(3e-3);
+    a.train.logging_steps = 4;
+    a.train.save_steps = 0;
+    a.train.seed = 5;
+    a
+}
+
+/// 4 × the fraction of response tokens with an id below `cut`: a reward the random
+/// fixture policy (near-uniform over 400 ids) can learn to raise.
+fn count_reward(cut: u32) -> RewardSource {
+    RewardSource::Function(Box::new(move |_p: &[u32], r: &[u32]| {
+        r.iter().filter(|&&t| t < cut).count() as f64 / r.len().max(1) as f64 * 4.0
+    }))
+}
+
+fn iteration_metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("objective/scores").is_some())
+        .collect()
+}
+
+fn target_token() -> u32 {
+    100
+}
+
+#[test]
+fn reward_rises_kl_stays_bounded_and_rewards_sit_on_the_right_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prompts(tmp.path());
+    let out = tmp.path().join("ppo");
+    let mut args = ppo_args(&data, &out);
+    args.ema = Some(0.9);
+    let (_, task) = run(&args, Some(count_reward(target_token()))).unwrap();
+    let m = iteration_metrics(&out);
+    assert_eq!(m.len(), 12, "one metrics row per iteration");
+    let first: f64 = m[..3]
+        .iter()
+        .map(|v| v["objective/scores"].as_f64().unwrap())
+        .sum::<f64>()
+        / 3.0;
+    let last: f64 = m[9..]
+        .iter()
+        .map(|v| v["objective/scores"].as_f64().unwrap())
+        .sum::<f64>()
+        / 3.0;
+    assert!(last > first + 0.3, "reward did not rise: {first} → {last}");
+    for v in &m {
+        let kl = v["objective/kl"].as_f64().unwrap();
+        assert!(kl.is_finite() && kl < 20.0, "KL unbounded: {kl}");
+        for key in [
+            "objective/entropy",
+            "objective/non_score_reward",
+            "objective/rlhf_reward",
+            "policy/approxkl",
+            "policy/clipfrac",
+            "loss/policy",
+            "loss/value",
+            "loss/ptx",
+            "val/ratio",
+            "val/mean_response_length",
+            "beta",
+        ] {
+            assert!(v[key].is_number(), "missing {key}");
+        }
+    }
+    // The shaped reward: −β·KL on every response token, the score on the last one,
+    // vectors exactly as long as the response (no padding, nothing after the eos).
+    for e in &task_experience(&task) {
+        let n = e.response.len();
+        assert!(n >= 1 && e.rewards.len() == n && e.values.len() == n && e.advantages.len() == n);
+        for t in 0..n {
+            let kl = kl_per_token(e.logprobs[t], e.ref_logprobs[t], KlEstimator::K1);
+            let expect = -0.02 * kl + if t + 1 == n { e.score } else { 0.0 };
+            assert!(
+                (e.rewards[t] - expect).abs() < 1e-5,
+                "token {t}: {} vs {expect}",
+                e.rewards[t]
+            );
+        }
+        if e.ended {
+            assert!(
+                task.actor
+                    .eos_token_ids
+                    .contains(e.response.last().unwrap()),
+                "eos is the last token"
+            );
+            assert!(
+                !e.response[..n - 1]
+                    .iter()
+                    .any(|t| task.actor.eos_token_ids.contains(t)),
+                "nothing after the eos"
+            );
+        }
+    }
+    // Outputs: the policy folder generates; ema/ and critic/ are written.
+    assert!(
+        out.join("ema/model.safetensors").exists() && out.join("critic/model.safetensors").exists()
+    );
+    let gen = common::rlhf_bin()
+        .args(["generate", "--model"])
+        .arg(&out)
+        .args(["--prompt", "The cat", "--max_new_tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(gen.status.success());
+}
+
+fn task_experience(task: &rlhf::ppo::PpoTask) -> Vec<rlhf::ppo::rollout::Experience> {
+    task.experience().to_vec()
+}
+
+fn ptx_loss(model_dir: &Path, text: &Path) -> f64 {
+    let pre = load_pretrained(model_dir, &Device::Cpu).unwrap();
+    let eos = pre.tokenizer.eos_token_id().unwrap();
+    let docs = rlhf::data::text::read_documents(text).unwrap();
+    let blocks = rlhf::data::text::pack_blocks(&docs, &pre.tokenizer, eos, 64).unwrap();
+    let rows: Vec<Row> = blocks
+        .into_iter()
+        .map(|ids| {
+            let n = ids.len();
+            Row::single(rlhf::data::sft::SftExample {
+                ids,
+                loss_mask: vec![1; n],
+            })
+        })
+        .collect();
+    let refs: Vec<&Row> = rows.iter().collect();
+    let (sum, n, _) = lm_loss_sum(&pre.model, pre.tokenizer.pad_token_id(), &refs).unwrap();
+    sum.to_scalar::<f32>().unwrap() as f64 / n as f64
+}
+
+#[test]
+fn a_large_ptx_coefficient_keeps_the_pretraining_loss_while_reward_rises() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prompts(tmp.path());
+    let text = tmp.path().join("pretrain.txt");
+    let docs: Vec<String> = (0..60)
+        .map(|i| format!("The cat {i} sat on the mat. Alice has {} apples.", i % 7))
+        .collect();
+    std::fs::write(&text, docs.join("\n\n")).unwrap();
+    let out = tmp.path().join("ptx");
+    let mut args = ppo_args(&data, &out);
+    args.ptx_data = Some(text.clone());
+    args.ptx_coef = Some(4.0);
+    args.ptx_batch_size = 4;
+    run(&args, Some(count_reward(target_token()))).unwrap();
+    let m = iteration_metrics(&out);
+    let first = m[0]["objective/scores"].as_f64().unwrap();
+    let last: f64 = m[9..]
+        .iter()
+        .map(|v| v["objective/scores"].as_f64().unwrap())
+        .sum::<f64>()
+        / 3.0;
+    assert!(
+        last > first,
+        "reward did not rise with ptx: {first} → {last}"
+    );
+    let before = ptx_loss(&common::fixture("qwen2"), &text);
+    let after = ptx_loss(&out, &text);
+    assert!(after <= before, "pretraining loss rose: {before} → {after}");
+}
+
+#[test]
+fn a_stopped_run_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prompts(tmp.path());
+    let weights = |dir: &Path| -> Vec<Vec<u32>> {
+        let mut out = vec![];
+        for sub in ["", "critic", "ema"] {
+            let t = candle_core::safetensors::load(
+                dir.join(sub).join("model.safetensors"),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let mut names: Vec<&String> = t.keys().collect();
+            names.sort();
+            for n in names {
+                out.push(
+                    t[n].flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect(),
+                );
+            }
+        }
+        out
+    };
+    let mk = |out: &Path| {
+        let mut a = ppo_args(&data, out);
+        a.num_iterations = Some(4);
+        a.ema = Some(0.9);
+        a.adaptive_kl_target = Some(0.5);
+        a
+    };
+    let full = tmp.path().join("full");
+    run(&mk(&full), Some(count_reward(target_token()))).unwrap();
+    let parts = tmp.path().join("parts");
+    let mut a = mk(&parts);
+    a.train.stop_after_steps = Some(6); // in the middle of the second iteration
+    run(&a, Some(count_reward(target_token()))).unwrap();
+    a.train.stop_after_steps = None;
+    let (s, _) = run(&a, Some(count_reward(target_token()))).unwrap();
+    assert_eq!(s.resumed_from, Some(6));
+    assert_eq!(weights(&full), weights(&parts));
+}
+
+#[test]
+fn bad_settings_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prompts(tmp.path());
+    let out = tmp.path().join("bad");
+    let mut a = ppo_args(&data, &out);
+    a.mini_batch_size = 3;
+    let err = run(&a, Some(count_reward(1))).err().unwrap().to_string();
+    assert!(
+        err.contains("mini_batch_size 3 does not divide rollout_batch_size 8"),
+        "{err}"
+    );
+
+    let long = tmp.path().join("long.jsonl");
+    std::fs::write(
+        &long,
+        format!(
+            "{}\n{}\n",
+            json!({"prompt": "hi"}),
+            json!({"prompt": "cat ".repeat(60)})
+        ),
+    )
+    .unwrap();
+    let a = ppo_args(&long, &out);
+    let err = run(&a, Some(count_reward(1))).err().unwrap().to_string();
+    assert!(
+        err.contains("long.jsonl:2") && err.contains("exceeds the model's context of 64"),
+        "{err}"
+    );
+
+    // A reward model with another tokenizer (the llama fixture's template differs).
+    let rm_dir = tmp.path().join("rm");
+    let ranks = tmp.path().join("r.jsonl");
+    std::fs::write(
+        &ranks,
+        json!({"prompt": "a", "chosen": "b", "rejected": "c"}).to_string(),
+    )
+    .unwrap();
+    let st = common::rlhf_bin()
+        .args(["rm", "train", "--model"])
+        .arg(common::fixture("llama"))
+        .arg("--data")
+        .arg(&ranks)
+        .arg("--output_dir")
+        .arg(&rm_dir)
+        .args(["--max_steps", "1", "--max_length", "64"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let mut a = ppo_args(&data, &out);
+    a.reward_model = Some(rm_dir);
+    let err = run(&a, None).err().unwrap().to_string();
+    assert!(err.contains("chat templates differ"), "{err}");
+}
