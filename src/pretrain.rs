@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::model::hf::{load_pretrained, Pretrained};
 use crate::model::{presets, Arch, CausalLm};
 use crate::sft::split_eval;
-use crate::train::args::{StageDefaults, TrainingArgs};
+use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{train_lm, Row};
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::TrainSummary;
@@ -149,10 +149,7 @@ pub fn run(args: &PretrainArgs) -> Result<TrainSummary> {
     args.train.fill_defaults(DEFAULTS);
     let args = &args;
     args.train.validate()?;
-    let dataset = args
-        .dataset
-        .as_deref()
-        .ok_or_else(|| Error::Invalid("--dataset (or --data) is required".into()))?;
+    let dataset = require(&args.dataset, "--dataset (or --data)")?;
     if !(0.0..1.0).contains(&args.eval_split) {
         return Err(Error::Invalid(format!(
             "eval_split must be in [0, 1), got {}",

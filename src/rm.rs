@@ -20,7 +20,7 @@ use crate::losses::ranking_loss;
 use crate::model::params::Params;
 use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar, RewardNormalization};
 use crate::sft::split_eval;
-use crate::train::args::{StageDefaults, TrainingArgs};
+use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::order::EpochOrder;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
@@ -244,14 +244,11 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
     if args.prompts_per_batch == 0 {
         return Err(Error::Invalid("prompts_per_batch must be ≥ 1".into()));
     }
-    let model_dir = args
-        .model_name_or_path
-        .as_deref()
-        .ok_or_else(|| Error::Invalid("--model_name_or_path (or --model) is required".into()))?;
-    let dataset = args
-        .dataset
-        .as_deref()
-        .ok_or_else(|| Error::Invalid("--dataset (or --data) is required".into()))?;
+    let model_dir = require(
+        &args.model_name_or_path,
+        "--model_name_or_path (or --model)",
+    )?;
+    let dataset = require(&args.dataset, "--dataset (or --data)")?;
     let rm = load_scalar(model_dir, &Device::Cpu, args.train.seed)?;
     let cfg = tokenizing(&rm, args.max_length)?;
     let (all, skipped) = load_rankings(dataset, &cfg, args.skip_invalid)?;
@@ -282,15 +279,21 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
     Ok((summary, norm))
 }
 
-/// `rlhf rm eval`: loss and pairwise accuracy on a rankings file.
-pub fn eval_rm(model: &Path, data: &Path, max_length: usize, batch: usize) -> Result<RmEval> {
-    let rm = load_scalar(model, &Device::Cpu, 0)?;
+/// Loads a trained reward model (a folder with `score.weight`).
+pub fn load_reward_model(dir: &Path) -> Result<PretrainedScalar> {
+    let rm = load_scalar(dir, &Device::Cpu, 0)?;
     if rm.fresh_head {
         return Err(Error::Invalid(format!(
             "{}: not a reward model (no score.weight)",
-            model.display()
+            dir.display()
         )));
     }
+    Ok(rm)
+}
+
+/// `rlhf rm eval`: loss and pairwise accuracy on a rankings file.
+pub fn eval_rm(model: &Path, data: &Path, max_length: usize, batch: usize) -> Result<RmEval> {
+    let rm = load_reward_model(model)?;
     let cfg = tokenizing(&rm, max_length)?;
     let (set, _) = load_rankings(data, &cfg, false)?;
     RmTask::new(rm, vec![], vec![], batch, 0).evaluate_set(&set)
@@ -305,13 +308,7 @@ pub fn score_rm(
     max_length: usize,
     batch: usize,
 ) -> Result<Vec<serde_json::Value>> {
-    let rm = load_scalar(model, &Device::Cpu, 0)?;
-    if rm.fresh_head {
-        return Err(Error::Invalid(format!(
-            "{}: not a reward model (no score.weight)",
-            model.display()
-        )));
-    }
+    let rm = load_reward_model(model)?;
     let cfg = tokenizing(&rm, max_length)?;
     let lines = crate::data::jsonl::read_jsonl(data)?;
     let mut seqs = vec![];

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use crate::data::sft::{load_sft, LoadReport, Overflow, SftExample, SftTokenizing};
 use crate::error::{Error, Result};
 use crate::model::hf::load_pretrained;
-use crate::train::args::{StageDefaults, TrainingArgs};
+use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{pack, train_lm, Row};
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::TrainSummary;
@@ -86,14 +86,11 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
     args.train.fill_defaults(DEFAULTS);
     let args = &args;
     args.train.validate()?;
-    let model_dir = args
-        .model_name_or_path
-        .as_deref()
-        .ok_or_else(|| Error::Invalid("--model_name_or_path (or --model) is required".into()))?;
-    let dataset = args
-        .dataset
-        .as_deref()
-        .ok_or_else(|| Error::Invalid("--dataset (or --data) is required".into()))?;
+    let model_dir = require(
+        &args.model_name_or_path,
+        "--model_name_or_path (or --model)",
+    )?;
+    let dataset = require(&args.dataset, "--dataset (or --data)")?;
     if !(0.0..1.0).contains(&args.eval_split) {
         return Err(Error::Invalid(format!(
             "eval_split must be in [0, 1), got {}",

@@ -177,25 +177,31 @@ pub struct Pretrained {
 /// Loads model and tokenizer from an HF folder, and checks that they fit each other.
 pub fn load_pretrained(dir: &Path, device: &Device) -> Result<Pretrained> {
     let model = load_causal_lm(dir, device)?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    let embedding = model.config.vocab_size();
-    if tokenizer.vocab_size() > embedding {
-        return Err(Error::TokenizerTooLarge {
-            tokenizer: tokenizer.vocab_size(),
-            embedding,
-        });
-    }
-    let mut eos_token_ids = read_generation_eos(dir, &model.config)?;
-    if let Some(id) = tokenizer.eos_token_id() {
-        if !eos_token_ids.contains(&id) {
-            eos_token_ids.push(id);
-        }
-    }
+    let (tokenizer, eos_token_ids) = read_tokenizer_for(dir, &model.config)?;
     Ok(Pretrained {
         model,
         tokenizer,
         eos_token_ids,
     })
+}
+
+/// The folder's tokenizer, checked against the model's embedding, and the eos ids to
+/// stop on: generation_config.json's (or config.json's) plus the tokenizer's eos.
+pub fn read_tokenizer_for(dir: &Path, config: &ModelConfig) -> Result<(Tokenizer, Vec<u32>)> {
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    if tokenizer.vocab_size() > config.vocab_size() {
+        return Err(Error::TokenizerTooLarge {
+            tokenizer: tokenizer.vocab_size(),
+            embedding: config.vocab_size(),
+        });
+    }
+    let mut eos_token_ids = read_generation_eos(dir, config)?;
+    if let Some(id) = tokenizer.eos_token_id() {
+        if !eos_token_ids.contains(&id) {
+            eos_token_ids.push(id);
+        }
+    }
+    Ok((tokenizer, eos_token_ids))
 }
 
 /// Writes a whole HF folder: config, weights, tokenizer files and

@@ -127,6 +127,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Re
 /// Attention from candle ops with an additive bias (B, 1, T, S): the fused kernel's
 /// reference, and the path on other devices.
 pub fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (k, v) = (&k.contiguous()?, &v.contiguous()?);
     let (_, n_heads, _, head_dim) = q.dims4()?;
     let n_kv = k.dim(1)?;
     let k = repeat_kv(k, n_heads / n_kv)?; // (B, nh, S, hd)

@@ -10,8 +10,7 @@ use std::path::Path;
 
 use super::config::{Arch, ModelConfig};
 use super::hf::{
-    read_config, read_generation_eos, read_weights, save_safetensors, write_json, CONFIG_FILE,
-    WEIGHTS_FILE,
+    read_config, read_weights, save_safetensors, write_json, CONFIG_FILE, WEIGHTS_FILE,
 };
 use super::layers::Linear;
 use super::params::{Init, ParamSpec, Params};
@@ -181,19 +180,7 @@ pub fn load_scalar(dir: &Path, device: &Device, seed: u64) -> Result<PretrainedS
                 format!("rlhf.reward_normalization: {e}"),
             )
         })?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    if tokenizer.vocab_size() > config.vocab_size() {
-        return Err(Error::TokenizerTooLarge {
-            tokenizer: tokenizer.vocab_size(),
-            embedding: config.vocab_size(),
-        });
-    }
-    let mut eos_token_ids = read_generation_eos(dir, &config)?;
-    if let Some(id) = tokenizer.eos_token_id() {
-        if !eos_token_ids.contains(&id) {
-            eos_token_ids.push(id);
-        }
-    }
+    let (tokenizer, eos_token_ids) = super::hf::read_tokenizer_for(dir, &config)?;
     let model = ScalarModel::from_params(config, params, device)?;
     Ok(PretrainedScalar {
         model,

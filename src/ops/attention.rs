@@ -48,6 +48,8 @@ struct Dims {
     t: usize,
     s: usize,
     hd: usize,
+    /// Rows per kv head in k/v's buffer (≥ s when k/v are a KV cache's prefix).
+    kv_cap: usize,
 }
 
 impl Dims {
@@ -61,6 +63,7 @@ impl Dims {
             t,
             s,
             hd,
+            kv_cap: s,
         })
     }
     /// Offset of row `row` of head `h` in batch `b` for a tensor with `heads` heads.
@@ -111,7 +114,7 @@ impl AttentionOp {
         // One task per (batch, query head): its output rows are contiguous.
         let task = |(bh, o): (usize, &mut [f32])| {
             let (b, h) = (bh / d.nh, bh % d.nh);
-            let kbase = d.at(b, h / rep, d.nkv, d.s, 0);
+            let kbase = d.at(b, h / rep, d.nkv, d.kv_cap, 0);
             let mut probs = Vec::with_capacity(d.s);
             let mut keys = Vec::with_capacity(d.s);
             for t in 0..d.t {
@@ -222,10 +225,14 @@ impl CustomOp3 for AttentionOp {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = Dims::of(lq.shape(), lk.shape())?;
+        let mut d = Dims::of(lq.shape(), lk.shape())?;
         let q = f32_slice(sq, lq, "attention q")?;
-        let k = f32_slice(sk, lk, "attention k")?;
-        let v = f32_slice(sv, lv, "attention v")?;
+        let (k, cap_k) = kv_slice(sk, lk, "attention k")?;
+        let (v, cap_v) = kv_slice(sv, lv, "attention v")?;
+        if cap_k != cap_v {
+            candle_core::bail!("attention: k and v buffers differ in capacity");
+        }
+        d.kv_cap = cap_k;
         Ok((
             CpuStorage::F32(self.forward(q, k, v, &d)),
             lq.shape().clone(),
@@ -258,6 +265,28 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
+/// k or v (B, nkv, S, hd), either contiguous or the first S rows of a buffer
+/// (B, nkv, cap, hd) (a KV cache's prefix): its data from the first element, and cap.
+fn kv_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32], usize)> {
+    let dims = l.dims();
+    if l.is_contiguous() {
+        return Ok((f32_slice(s, l, what)?, dims[2]));
+    }
+    let st = l.stride();
+    let hd = dims[3];
+    let prefix_of_buffer = st[3] == 1
+        && st[2] == hd
+        && st[1].is_multiple_of(hd)
+        && st[1] / hd >= dims[2]
+        && st[0] == dims[1] * st[1];
+    if !prefix_of_buffer {
+        candle_core::bail!(
+            "{what}: expected a contiguous tensor or a KV-cache prefix, got strides {st:?}"
+        );
+    }
+    Ok((&s.as_slice::<f32>()?[l.start_offset()..], st[1] / hd))
+}
+
 /// Causal attention. q: (B, nh, T, hd), k, v: (B, nkv, S, hd) → (B, nh, T, hd).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
@@ -282,6 +311,17 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -
         mask: mask.clone(),
         scale: 1.0 / (hd as f32).sqrt(),
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    // k and v may be a KV cache's prefix (read in place); see `kv_slice`.
+    let kv = |t: &Tensor| -> Result<Tensor> {
+        let st = t.stride();
+        let hd = t.dim(3)?;
+        let prefix =
+            st[3] == 1 && st[2] == hd && st[1].is_multiple_of(hd) && st[0] == t.dim(1)? * st[1];
+        if t.is_contiguous() || prefix {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    q.contiguous()?.apply_op3(&kv(k)?, &kv(v)?, op)
 }

@@ -41,7 +41,7 @@ use crate::model::frozen::Frozen;
 use crate::model::hf::{load_pretrained, read_weights, save_pretrained, Pretrained};
 use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar};
 use crate::model::{CausalLm, Params};
-use crate::train::args::{StageDefaults, TrainingArgs};
+use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{lm_loss_sum, Row};
 use crate::train::order::EpochOrder;
 use crate::train::schedule::LrSchedulerType;
@@ -647,31 +647,19 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
     if args.train.gradient_accumulation_steps != 1 {
         return bad("ppo takes gradient_accumulation_steps 1 (use mini_batch_size)".into());
     }
-    let sft = args
-        .model_name_or_path
-        .as_deref()
-        .ok_or_else(|| Error::Invalid("--model_name_or_path (or --model) is required".into()))?;
-    let data = args
-        .dataset
-        .as_deref()
-        .ok_or_else(|| Error::Invalid("--dataset (or --data) is required".into()))?;
+    let sft = require(
+        &args.model_name_or_path,
+        "--model_name_or_path (or --model)",
+    )?;
+    let data = require(&args.dataset, "--dataset (or --data)")?;
     let dev = Device::Cpu;
     let actor = load_pretrained(sft, &dev)?;
     let reference = Frozen::new(load_pretrained(sft, &dev)?.model);
     let reward = match reward_override {
         Some(r) => r,
         None => {
-            let rm_dir = args
-                .reward_model
-                .as_deref()
-                .ok_or_else(|| Error::Invalid("--reward_model is required".into()))?;
-            let rm = load_scalar(rm_dir, &dev, 0)?;
-            if rm.fresh_head {
-                return bad(format!(
-                    "{}: not a reward model (no score.weight)",
-                    rm_dir.display()
-                ));
-            }
+            let rm_dir = require(&args.reward_model, "--reward_model")?;
+            let rm = crate::rm::load_reward_model(rm_dir)?;
             same_tokenizer(&actor.tokenizer, &rm.tokenizer, "reward model")?;
             if rm.normalization.is_none() {
                 eprintln!(

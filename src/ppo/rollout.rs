@@ -129,6 +129,10 @@ pub fn values_of(critic: &ScalarModel, batch: &ResponseBatch) -> Result<Tensor> 
 /// One vector per response row.
 pub type PerRow = Vec<Vec<f32>>;
 
+/// Response positions whose logits are materialised at once when no gradient is
+/// needed: bounds the (positions × vocabulary) buffers during scoring.
+const SCORING_CHUNK: usize = 128;
+
 /// Detached per-row log-probs (and entropies) of responses under `model`.
 pub fn response_logprobs(
     model: &CausalLm,
@@ -137,7 +141,30 @@ pub fn response_logprobs(
     with_entropy: bool,
 ) -> Result<(PerRow, Option<PerRow>)> {
     let batch = ResponseBatch::new(rows, pad, &model.device)?;
-    let (logp, ent) = logprobs_of(model, &batch, with_entropy)?;
-    let ent = ent.map(|e| batch.split(&e)).transpose()?;
-    Ok((batch.split(&logp)?, ent))
+    let hidden = model
+        .backbone
+        .forward(&batch.ids, &batch.mask, None)?
+        .detach(); // (B, T, C)
+    let (b, t, c) = hidden.dims3()?;
+    let hidden = hidden.reshape((b * t, c))?; // (B·T, C)
+    let m = batch.positions.dim(0)?;
+    let (mut logp, mut ent) = (Vec::with_capacity(m), Vec::with_capacity(m));
+    for start in (0..m).step_by(SCORING_CHUNK) {
+        let n = SCORING_CHUNK.min(m - start);
+        let picked = hidden.index_select(&batch.positions.narrow(0, start, n)?, 0)?; // (n, C)
+        let logits = model.lm_head.forward(&picked)?; // (n, V)
+        logp.extend(
+            token_logprobs(&logits, &batch.targets.narrow(0, start, n)?)?.to_vec1::<f32>()?,
+        );
+        if with_entropy {
+            ent.extend(entropy(&logits)?.to_vec1::<f32>()?);
+        }
+    }
+    let logp = batch.split(&Tensor::from_vec(logp, m, &model.device)?)?;
+    let ent = if with_entropy {
+        Some(batch.split(&Tensor::from_vec(ent, m, &model.device)?)?)
+    } else {
+        None
+    };
+    Ok((logp, ent))
 }

@@ -150,6 +150,14 @@ impl TrainingArgs {
     }
 }
 
+/// A path setting that must be given: `flag` names it in the error (e.g. "--dataset
+/// (or --data)").
+pub fn require<'a>(value: &'a Option<PathBuf>, flag: &str) -> Result<&'a Path> {
+    value
+        .as_deref()
+        .ok_or_else(|| Error::Invalid(format!("{flag} is required")))
+}
+
 /// Reads a TOML (`.toml`) or YAML (`.yaml`/`.yml`) config file into a JSON object.
 pub fn read_config_file(path: &Path) -> Result<serde_json::Map<String, Value>> {
     let text = read_to_string(path)?;

@@ -74,17 +74,15 @@ impl AdamW {
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let datas: Vec<Vec<f32>> = vars
-            .iter()
-            .map(|v| flat(v.as_tensor()))
-            .collect::<Result<_>>()?;
-        let updated: Vec<Vec<f32>> = datas
-            .into_par_iter()
+        // One parameter per task, read, updated and written back inside the task, so
+        // that only the parameters in flight are copied at any time.
+        vars.par_iter()
             .zip(self.exp_avg.par_iter_mut())
             .zip(self.exp_avg_sq.par_iter_mut())
             .zip(grads.par_iter())
             .zip(self.decay.par_iter())
-            .map(|((((mut p, m), v), g), &decay)| {
+            .try_for_each(|((((var, m), v), g), &decay)| -> Result<()> {
+                let mut p = flat(var.as_tensor())?;
                 let wd = if decay {
                     (lr * c.weight_decay) as f32
                 } else {
@@ -98,12 +96,9 @@ impl AdamW {
                     let denom = v[i].sqrt() / bc2_sqrt + eps;
                     p[i] -= step_size * m[i] / denom;
                 }
-                p
-            })
-            .collect();
-        for (var, data) in vars.iter().zip(updated) {
-            var.set(&Tensor::from_vec(data, var.shape(), var.device())?)?;
-        }
+                var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+                Ok(())
+            })?;
         Ok(())
     }
 
