@@ -13,6 +13,10 @@ use std::time::Instant;
 use rlhf::generate::{generate, SamplingParams};
 use rlhf::model::hf::load_pretrained;
 
+// The same allocator as the `rlhf` binary (see src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args

@@ -18,6 +18,10 @@ use rlhf::model::{presets, Arch, Params};
 use rlhf::rm::RmTask;
 use rlhf::train::optimizer::{AdamW, AdamWConfig, GradAccumulator};
 
+// The same allocator as the `rlhf` binary (see src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     let preset = a.get(1).map_or("tiny", String::as_str);

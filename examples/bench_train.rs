@@ -27,6 +27,10 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+// The same allocator as the `rlhf` binary (see src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     let preset = a.get(1).map_or("tiny", String::as_str);
