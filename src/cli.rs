@@ -40,6 +40,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The whole pipeline on the built-in 3H task, with a report (README's first command).
+    Demo(crate::demo::DemoArgs),
     /// Sample completions from a model folder.
     Generate(GenerateArgs),
     /// Print a conversation rendered with a model's chat template.
@@ -173,6 +175,11 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             .expect("clap parsed this subcommand")
     };
     match cli.command {
+        Command::Demo(a) => {
+            crate::demo::run(&a)?;
+            eprintln!("report: {}", a.output_dir.join("report.html").display());
+            Ok(())
+        }
         Command::Generate(a) => run_generate(a),
         Command::Template(a) => run_template(a),
         Command::Init(a) => run_init(a),

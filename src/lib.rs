@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod generate;
 pub mod losses;
