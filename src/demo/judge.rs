@@ -62,11 +62,21 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
 }
 
 /// Ranks `responses` (0 = best) by the gold score plus labeler noise N(0, noise).
+/// Identical responses get the same noisy score (a tie, dropped from training), as a
+/// labeler would not rank a text against itself.
 pub fn rank(task: &Task, responses: &[String], noise: f64, rng: &mut ChaCha8Rng) -> Vec<u32> {
     let dist = Normal::new(0.0, noise.max(1e-9)).expect("valid std");
+    let mut seen: Vec<(&str, f64)> = vec![];
     let scores: Vec<f64> = responses
         .iter()
-        .map(|r| gold_score(task, r) + if noise > 0.0 { dist.sample(rng) } else { 0.0 })
+        .map(|r| {
+            if let Some(&(_, s)) = seen.iter().find(|(t, _)| *t == r.as_str()) {
+                return s;
+            }
+            let s = gold_score(task, r) + if noise > 0.0 { dist.sample(rng) } else { 0.0 };
+            seen.push((r.as_str(), s));
+            s
+        })
         .collect();
     scores
         .iter()
