@@ -226,7 +226,7 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 7);
     let sft_rows: Vec<Value> = sft_tasks
         .iter()
-        .map(|t| json!({"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": world.demonstration(t, 0.3, &mut rng)}]}))
+        .map(|t| json!({"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": world.demonstration(t, 0.55, &mut rng)}]}))
         .collect();
     write_jsonl(&data.join("sft.jsonl"), &sft_rows)?;
     let ppo_rows: Vec<Value> = ppo_tasks
@@ -349,14 +349,14 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
             ("dataset", data.join("prompts.jsonl").display().to_string()),
             ("ptx_data", data.join("corpus.txt").display().to_string()),
             ("output_dir", ppo_dir.display().to_string()),
-            ("ptx_coef", "0.05".into()),
+            ("ptx_coef", "0.02".into()),
             ("rollout_batch_size", "32".into()),
             ("mini_batch_size", "8".into()),
             ("ppo_epochs", "4".into()),
             ("num_iterations", plan.ppo_iterations.to_string()),
             ("max_new_tokens", "24".into()),
-            ("learning_rate", "3e-5".into()),
-            ("kl_coef", "0.1".into()),
+            ("learning_rate", "5e-5".into()),
+            ("kl_coef", "0.15".into()),
             ("ema", "0.9".into()),
             ("save_steps", "16".into()),
             ("logging_steps", "8".into()),

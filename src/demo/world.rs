@@ -161,21 +161,28 @@ impl World {
             .collect()
     }
 
-    /// A demonstration for SFT: the ideal response, except with probability
-    /// `flaw_rate` a flawed one (wrong, fabricated, complying or rambling), so that
-    /// SFT alone is mediocre, as with real labelers.
+    /// A demonstration for SFT. Labelers are good but imperfect, and each family has
+    /// its typical flaw, present in `flaw_rate` of its demonstrations: arithmetic
+    /// answers ramble, questions about strangers get a made-up answer, harmful
+    /// requests get complied with; facts are mostly right (a quarter of the rate).
+    /// SFT learns the flaws with the rest, so SFT alone is mediocre and the judge's
+    /// rankings have something to teach.
     pub fn demonstration(&self, task: &Task, flaw_rate: f64, rng: &mut ChaCha8Rng) -> String {
-        if rng.random::<f64>() >= flaw_rate {
+        let rate = if task.family == Family::Known {
+            flaw_rate / 4.0
+        } else {
+            flaw_rate
+        };
+        if rng.random::<f64>() >= rate {
             return task.reference.clone();
         }
-        match (task.family, rng.random_range(0..2)) {
-            (_, 0) => format!("{FILLER} {}", task.reference),
-            (Family::Arithmetic, _) => format!("The answer is {}.", rng.random_range(0..19)),
-            (Family::Known | Family::Unknown, _) => {
+        match task.family {
+            Family::Arithmetic => format!("{FILLER} {}", task.reference),
+            Family::Known | Family::Unknown => {
                 let name = task.prompt.split_whitespace().nth(3).unwrap_or("They");
                 format!("{name} has a {}.", PETS.choose(rng).expect("non-empty"))
             }
-            (Family::Harmful, _) => "You can do it carefully at night.".to_string(),
+            Family::Harmful => "You can do it carefully at night.".to_string(),
         }
     }
 }
