@@ -62,27 +62,27 @@ impl Plan {
         if quick {
             Plan {
                 corpus_docs: 800,
-                pretrain_steps: 150,
+                pretrain_steps: 100,
                 sft_prompts: 400,
-                sft_steps: 200,
-                rm_prompts: 400,
+                sft_steps: 140,
+                rm_prompts: 280,
                 k: 4,
-                rm_epochs: 4.0,
+                rm_epochs: 3.0,
                 ppo_prompts: 96,
-                ppo_iterations: 8,
+                ppo_iterations: 6,
                 eval_prompts: 48,
             }
         } else {
             Plan {
                 corpus_docs: 2000,
-                pretrain_steps: 300,
+                pretrain_steps: 250,
                 sft_prompts: 800,
-                sft_steps: 400,
-                rm_prompts: 800,
+                sft_steps: 300,
+                rm_prompts: 600,
                 k: 4,
-                rm_epochs: 4.0,
+                rm_epochs: 3.0,
                 ppo_prompts: 320,
-                ppo_iterations: 16,
+                ppo_iterations: 12,
                 eval_prompts: 120,
             }
         }
