@@ -139,7 +139,8 @@ pub fn entropy(logits: &Tensor) -> Result<Tensor> {
     let e = shifted.exp()?; // (M, V)
     let z = e.sum_keepdim(D::Minus1)?; // (M, 1)
     let p = e.broadcast_div(&z)?; // (M, V)
-                                  // H = log Z − Σ p·x (with x shifted)
+
+    // H = log Z − Σ p·x (with x shifted)
     Ok((z.log()?.squeeze(1)? - (p * shifted)?.sum(D::Minus1)?)?)
 }
 

@@ -121,58 +121,57 @@ pub fn lm_loss_sum(
     pad: u32,
     rows: &[&Row],
 ) -> Result<(Tensor, usize, usize)> {
-    {
-        let device = &model.device;
-        let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(rows.len() * width);
-        let mut segments = Vec::with_capacity(rows.len());
-        let mut picked = vec![]; // flat positions (b·(T−1) + t) with a target
-        let mut targets = vec![];
-        for (b, r) in rows.iter().enumerate() {
-            let n = r.ids.len();
-            ids.extend(
-                r.ids
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(pad, width - n)),
-            );
-            segments.push(
-                r.segments
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, width - n))
-                    .collect::<Vec<u32>>(),
-            );
-            for (t, w) in r.target_weights().enumerate() {
-                if w > 0.0 {
-                    picked.push((b * (width - 1) + t) as u32);
-                    targets.push(r.ids[t + 1]);
-                }
+    let device = &model.device;
+    let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * width);
+    let mut segments = Vec::with_capacity(rows.len());
+    let mut picked = vec![]; // flat positions (b·(T−1) + t) with a target
+    let mut targets = vec![];
+    for (b, r) in rows.iter().enumerate() {
+        let n = r.ids.len();
+        ids.extend(
+            r.ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad, width - n)),
+        );
+        segments.push(
+            r.segments
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, width - n))
+                .collect::<Vec<u32>>(),
+        );
+        for (t, w) in r.target_weights().enumerate() {
+            if w > 0.0 {
+                picked.push((b * (width - 1) + t) as u32);
+                targets.push(r.ids[t + 1]);
             }
         }
-        let tokens = rows.iter().map(|r| r.ids.len()).sum();
-        if picked.is_empty() {
-            return Ok((
-                Tensor::zeros((), candle_core::DType::F32, device)?,
-                0,
-                tokens,
-            ));
-        }
-        let ids = Tensor::from_vec(ids, (rows.len(), width), device)?; // (B, T)
-        let mask = AttentionMask::from_segments(&segments, width, device)?;
-        let hidden = model.backbone.forward(&ids, &mask, None)?; // (B, T, C)
-        let c = hidden.dim(2)?;
-        let hidden = hidden
-            .narrow(1, 0, width - 1)?
-            .reshape((rows.len() * (width - 1), c))?; // (B·(T−1), C)
-                                                      // Only positions with a target go through the LM head: prompts cost nothing.
-        let n = picked.len();
-        let picked = Tensor::from_vec(picked, n, device)?; // (N,)
-        let logits = model.lm_head.forward(&hidden.index_select(&picked, 0)?)?; // (N, V)
-        let targets = Tensor::from_vec(targets, n, device)?; // (N,)
-        let weights = Tensor::ones(n, candle_core::DType::F32, device)?; // (N,)
-        Ok((nll_sum(&logits, &targets, &weights)?, n, tokens))
     }
+    let tokens = rows.iter().map(|r| r.ids.len()).sum();
+    if picked.is_empty() {
+        return Ok((
+            Tensor::zeros((), candle_core::DType::F32, device)?,
+            0,
+            tokens,
+        ));
+    }
+    let ids = Tensor::from_vec(ids, (rows.len(), width), device)?; // (B, T)
+    let mask = AttentionMask::from_segments(&segments, width, device)?;
+    let hidden = model.backbone.forward(&ids, &mask, None)?; // (B, T, C)
+    let c = hidden.dim(2)?;
+    let hidden = hidden
+        .narrow(1, 0, width - 1)?
+        .reshape((rows.len() * (width - 1), c))?; // (B·(T−1), C)
+
+    // Only positions with a target go through the LM head: prompts cost nothing.
+    let n = picked.len();
+    let picked = Tensor::from_vec(picked, n, device)?; // (N,)
+    let logits = model.lm_head.forward(&hidden.index_select(&picked, 0)?)?; // (N, V)
+    let targets = Tensor::from_vec(targets, n, device)?; // (N,)
+    let weights = Tensor::ones(n, candle_core::DType::F32, device)?; // (N,)
+    Ok((nll_sum(&logits, &targets, &weights)?, n, tokens))
 }
 
 /// Trains a causal LM on `train_rows` (evaluating on `eval_rows`) with the shared
