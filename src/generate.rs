@@ -158,7 +158,12 @@ pub fn generate(
                 continue;
             }
             let c = &mut out[b];
-            let history: Vec<u32> = c.prompt_tokens.iter().chain(&c.tokens).copied().collect();
+            // Only the repetition penalty reads the history: build it only then.
+            let history: Vec<u32> = if params.repetition_penalty != 1.0 {
+                c.prompt_tokens.iter().chain(&c.tokens).copied().collect()
+            } else {
+                vec![]
+            };
             let token = sample_token(row, &history, params, rng);
             c.tokens.push(token);
             c.logprobs.push(log_softmax_at(row, token as usize));

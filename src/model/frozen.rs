@@ -6,6 +6,7 @@ use super::scalar::{PretrainedScalar, RewardNormalization};
 use super::CausalLm;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::Result;
+use crate::ppo::rollout::ResponseBatch;
 
 pub struct Frozen<M> {
     inner: M,
@@ -19,8 +20,8 @@ impl<M> Frozen<M> {
 
 impl Frozen<CausalLm> {
     /// log π(response token | prefix) under the frozen policy, per response.
-    pub fn response_logprobs(&self, rows: &[(&[u32], &[u32])], pad: u32) -> Result<Vec<Vec<f32>>> {
-        let (logp, _) = crate::ppo::rollout::response_logprobs(&self.inner, rows, pad, false)?;
+    pub fn response_logprobs(&self, batch: &ResponseBatch) -> Result<Vec<Vec<f32>>> {
+        let (logp, _) = crate::ppo::rollout::response_logprobs(&self.inner, batch, false)?;
         Ok(logp)
     }
 

@@ -251,10 +251,11 @@ impl PpoTask {
             .map(|c| (c.prompt_tokens.as_slice(), c.tokens.as_slice()))
             .collect();
         let pad = self.pad();
-        let (logprobs, entropies) = response_logprobs(&self.actor.model, &rows, pad, true)?;
+        // One padded batch serves the policy, the reference and the critic.
+        let batch = ResponseBatch::new(&rows, pad, &self.actor.model.device)?;
+        let (logprobs, entropies) = response_logprobs(&self.actor.model, &batch, true)?;
         let entropies = entropies.unwrap_or_default();
-        let ref_logprobs = self.reference.response_logprobs(&rows, pad)?;
-        let batch = ResponseBatch::new(&rows, pad, &self.critic.model.device)?;
+        let ref_logprobs = self.reference.response_logprobs(&batch)?;
         let values = batch.split(&values_of(&self.critic.model, &batch)?)?;
         let ended: Vec<bool> = samples
             .iter()

@@ -133,14 +133,12 @@ pub type PerRow = Vec<Vec<f32>>;
 /// needed: bounds the (positions × vocabulary) buffers during scoring.
 const SCORING_CHUNK: usize = 128;
 
-/// Detached per-row log-probs (and entropies) of responses under `model`.
+/// Detached per-row log-probs (and entropies) of the batch's responses under `model`.
 pub fn response_logprobs(
     model: &CausalLm,
-    rows: &[(&[u32], &[u32])],
-    pad: u32,
+    batch: &ResponseBatch,
     with_entropy: bool,
 ) -> Result<(PerRow, Option<PerRow>)> {
-    let batch = ResponseBatch::new(rows, pad, &model.device)?;
     let hidden = model
         .backbone
         .forward(&batch.ids, &batch.mask, None)?
