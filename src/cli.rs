@@ -16,7 +16,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::error::read_json;
 use crate::generate::{generate, SamplingParams};
 use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
-use crate::model::{presets, Arch, CausalLm};
+use crate::model::{presets, Arch};
 use crate::ppo::PpoArgs;
 use crate::pretrain::PretrainArgs;
 use crate::rm::RmTrainArgs;
@@ -374,24 +374,7 @@ fn run_template(a: TemplateArgs) -> Result<()> {
 
 fn run_init(a: InitArgs) -> Result<()> {
     let arch = a.arch;
-    let mut tokenizer = if a.tokenizer.is_dir() {
-        Tokenizer::from_dir(&a.tokenizer)?
-    } else {
-        Tokenizer::from_file(&a.tokenizer)?
-    };
-    if tokenizer.special_token("eos_token").is_none() {
-        // A bare tokenizer.json: take the conventional end token if it has one.
-        if let Some(t) = ["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"]
-            .into_iter()
-            .find(|t| tokenizer.token_to_id(t).is_some())
-        {
-            tokenizer.set_special_token("eos_token", t);
-        }
-    }
-    if tokenizer.special_token("pad_token").is_none() && tokenizer.token_to_id("<|pad|>").is_some()
-    {
-        tokenizer.set_special_token("pad_token", "<|pad|>");
-    }
+    let mut tokenizer = Tokenizer::from_path(&a.tokenizer)?;
     if let Some(t) = &a.chat_template {
         let src = if t == "chatml" {
             CHATML_TEMPLATE.to_string()
@@ -401,19 +384,7 @@ fn run_init(a: InitArgs) -> Result<()> {
         tokenizer.set_chat_template(Some(ChatTemplate::new(&src)?));
     }
     let eos = tokenizer.eos_token_id();
-    let bos = tokenizer
-        .special_token("bos_token")
-        .and_then(|t| tokenizer.token_to_id(t));
-    let vocab_size = match a.vocab_size {
-        Some(v) if v < tokenizer.vocab_size() => bail!(
-            "--vocab_size {v} is smaller than the tokenizer's {} tokens",
-            tokenizer.vocab_size()
-        ),
-        Some(v) => v,
-        None => tokenizer.vocab_size(),
-    };
-    let config = presets::preset(arch, &a.preset, vocab_size, bos, eos)?;
-    let model = CausalLm::init(config, a.seed, &Device::Cpu)?;
+    let model = presets::init_for_tokenizer(arch, &a.preset, &tokenizer, a.vocab_size, a.seed)?;
     let n = model.params.num_parameters();
     let pre = Pretrained {
         model,

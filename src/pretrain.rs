@@ -8,15 +8,14 @@ use std::path::PathBuf;
 
 use crate::cli::CHATML_TEMPLATE;
 use crate::data::chat_template::ChatTemplate;
-use crate::data::sft::SftExample;
-use crate::data::text::{pack_blocks, read_documents};
+use crate::data::text::read_documents;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::hf::{load_pretrained, Pretrained};
-use crate::model::{presets, Arch, CausalLm};
+use crate::model::{presets, Arch};
 use crate::sft::split_eval;
 use crate::train::args::{require, StageDefaults, TrainingArgs};
-use crate::train::lm_task::{train_lm, Row};
+use crate::train::lm_task::{text_rows, train_lm, Row};
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::TrainSummary;
 
@@ -74,9 +73,8 @@ fn starting_model(args: &PretrainArgs, docs: &[String]) -> Result<Pretrained> {
     if let Some(dir) = &args.model_name_or_path {
         return load_pretrained(dir, &Device::Cpu);
     }
-    let mut tokenizer = match &args.tokenizer {
-        Some(p) if p.is_dir() => Tokenizer::from_dir(p)?,
-        Some(p) => Tokenizer::from_file(p)?,
+    let tokenizer = match &args.tokenizer {
+        Some(p) => Tokenizer::from_path(p)?,
         None => {
             eprintln!(
                 "training a {}-token BPE tokenizer on {} documents",
@@ -91,20 +89,9 @@ fn starting_model(args: &PretrainArgs, docs: &[String]) -> Result<Pretrained> {
             t
         }
     };
-    if tokenizer.special_token("eos_token").is_none() {
-        if let Some(t) = SPECIAL_TOKENS
-            .iter()
-            .find(|t| tokenizer.token_to_id(t).is_some())
-        {
-            tokenizer.set_special_token("eos_token", t);
-        }
-    }
     let eos = tokenizer.eos_token_id();
-    let bos = tokenizer
-        .special_token("bos_token")
-        .and_then(|t| tokenizer.token_to_id(t));
-    let config = presets::preset(args.arch, &args.preset, tokenizer.vocab_size(), bos, eos)?;
-    let model = CausalLm::init(config, args.train.seed, &Device::Cpu)?;
+    let model =
+        presets::init_for_tokenizer(args.arch, &args.preset, &tokenizer, None, args.train.seed)?;
     // Generation stops at the end of text and at the end of a ChatML turn.
     let eos_token_ids = [SPECIAL_TOKENS[0], SPECIAL_TOKENS[2]]
         .iter()
@@ -124,23 +111,7 @@ fn starting_model(args: &PretrainArgs, docs: &[String]) -> Result<Pretrained> {
 }
 
 fn blocks(docs: &[String], pre: &Pretrained, block: usize) -> Result<Vec<Row>> {
-    let eos = pre
-        .tokenizer
-        .eos_token_id()
-        .or_else(|| pre.eos_token_ids.first().copied())
-        .ok_or_else(|| {
-            Error::Invalid("the tokenizer has no eos_token to separate documents".into())
-        })?;
-    Ok(pack_blocks(docs, &pre.tokenizer, eos, block)?
-        .into_iter()
-        .map(|ids| {
-            let n = ids.len();
-            Row::single(SftExample {
-                ids,
-                loss_mask: vec![1; n],
-            })
-        })
-        .collect())
+    text_rows(docs, &pre.tokenizer, pre.eos()?, block)
 }
 
 /// Runs pretraining with settings already merged with any config file.

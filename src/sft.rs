@@ -100,15 +100,8 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
     let pre = load_pretrained(model_dir, &Device::Cpu)?;
     let max_length = args.max_length.min(pre.model.config.context_length());
     let eos = pre
-        .tokenizer
-        .eos_token_id()
-        .or_else(|| pre.eos_token_ids.first().copied())
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: the tokenizer has no eos_token",
-                model_dir.display()
-            ))
-        })?;
+        .eos()
+        .map_err(|e| Error::Invalid(format!("{}: {e}", model_dir.display())))?;
     let cfg = SftTokenizing {
         tokenizer: &pre.tokenizer,
         eos,

@@ -71,6 +71,39 @@ impl Tokenizer {
         Ok(tok)
     }
 
+    /// A model folder's tokenizer files, or a bare tokenizer.json; a bare file gets the
+    /// conventional roles it lacks (see `fill_conventional_roles`).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::from_dir(path);
+        }
+        let mut t = Self::from_file(path)?;
+        t.fill_conventional_roles();
+        Ok(t)
+    }
+
+    /// Sets the eos and pad roles when missing, from tokens that conventionally play
+    /// them (`<|endoftext|>`, `</s>`, `<|im_end|>`, `<eos>`; `<|pad|>`).
+    pub fn fill_conventional_roles(&mut self) {
+        if self.special_token("eos_token").is_none() {
+            if let Some(t) = ["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"]
+                .into_iter()
+                .find(|t| self.token_to_id(t).is_some())
+            {
+                self.set_special_token("eos_token", t);
+            }
+        }
+        if self.special_token("pad_token").is_none() && self.token_to_id("<|pad|>").is_some() {
+            self.set_special_token("pad_token", "<|pad|>");
+        }
+    }
+
+    /// The id of the bos role, when the tokenizer has one.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.special_token("bos_token")
+            .and_then(|t| self.token_to_id(t))
+    }
+
     /// Reads a bare tokenizer.json (no special-token roles, no chat template).
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {

@@ -19,12 +19,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::data::sft::SftExample;
-use crate::data::text::pack_blocks;
 use crate::error::{Error, Result};
 use crate::generate::{generate, SamplingParams};
 use crate::model::hf::{load_pretrained, write_atomic, write_json, Pretrained};
-use crate::train::lm_task::{lm_loss_sum, Row};
+use crate::train::lm_task::{lm_loss_sum, text_rows, Row};
 use world::{Family, Task, World};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -164,17 +162,7 @@ fn respond(pre: &Pretrained, tasks: &[Task], max_new_tokens: usize) -> Result<Ve
 
 /// Mean next-token loss of a policy on held-out pretraining text.
 fn ptx_loss(pre: &Pretrained, docs: &[String]) -> Result<f64> {
-    let eos = pre.tokenizer.eos_token_id().unwrap_or(0);
-    let rows: Vec<Row> = pack_blocks(docs, &pre.tokenizer, eos, 64)?
-        .into_iter()
-        .map(|ids| {
-            let n = ids.len();
-            Row::single(SftExample {
-                ids,
-                loss_mask: vec![1; n],
-            })
-        })
-        .collect();
+    let rows = text_rows(docs, &pre.tokenizer, pre.eos()?, 64)?;
     let (mut total, mut count) = (0.0, 0usize);
     for chunk in rows.chunks(16) {
         let refs: Vec<&Row> = chunk.iter().collect();

@@ -95,14 +95,32 @@ pub fn read_generation_eos(dir: &Path, config: &ModelConfig) -> Result<Vec<u32>>
     Ok(ids)
 }
 
+/// Reads an HF folder's weights into existing parameters (same specs), in place:
+/// how a checkpoint is restored.
+pub fn load_weights_into(params: &Params, dir: &Path) -> Result<()> {
+    let dev = Device::Cpu;
+    let (tensors, source) = read_weights(dir, &dev)?;
+    let loaded = Params::from_hf(params.specs.clone(), tensors, &source, &dev)?;
+    for ((_, dst), (_, src)) in params.vars().into_iter().zip(loaded.vars()) {
+        dst.set(src.as_tensor())?;
+    }
+    Ok(())
+}
+
+/// A clear error when a model folder does not exist.
+pub fn ensure_model_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(Error::read(
+        dir,
+        std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+    ))
+}
+
 /// Loads a causal LM from an HF folder, checking every tensor's name and shape.
 pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<CausalLm> {
-    if !dir.is_dir() {
-        return Err(Error::read(
-            dir,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
-        ));
-    }
+    ensure_model_dir(dir)?;
     let config = read_config(dir)?;
     let (tensors, source) = read_weights(dir, device)?;
     let params = Params::from_hf(Backbone::param_specs(&config), tensors, &source, device)?;
@@ -209,21 +227,49 @@ pub fn read_tokenizer_for(dir: &Path, config: &ModelConfig) -> Result<(Tokenizer
 pub fn save_pretrained(p: &Pretrained, dir: &Path) -> Result<()> {
     save_causal_lm(&p.model, dir)?;
     p.tokenizer.save(dir)?;
-    let eos: Value = match p.eos_token_ids.as_slice() {
+    write_generation_config(
+        dir,
+        &p.model.config,
+        &p.eos_token_ids,
+        p.tokenizer.pad_token_id(),
+    )
+}
+
+/// Writes generation_config.json: the eos ids (an int when there is one), the pad id
+/// and the config's bos id when it has one.
+pub fn write_generation_config(
+    dir: &Path,
+    config: &ModelConfig,
+    eos_token_ids: &[u32],
+    pad: u32,
+) -> Result<()> {
+    let eos: Value = match eos_token_ids {
         [one] => (*one).into(),
         many => many.to_vec().into(),
     };
     let mut gen = serde_json::Map::new();
-    if let Some(bos) = p
-        .model
-        .config
-        .raw
-        .get("bos_token_id")
-        .filter(|v| !v.is_null())
-    {
+    if let Some(bos) = config.raw.get("bos_token_id").filter(|v| !v.is_null()) {
         gen.insert("bos_token_id".into(), bos.clone());
     }
     gen.insert("eos_token_id".into(), eos);
-    gen.insert("pad_token_id".into(), p.tokenizer.pad_token_id().into());
+    gen.insert("pad_token_id".into(), pad.into());
     write_json(&dir.join(GENERATION_CONFIG_FILE), &Value::Object(gen))
+}
+
+/// The token that ends a response or separates documents: the tokenizer's eos, else
+/// the first eos id of the generation config.
+pub fn end_token(tokenizer: &Tokenizer, eos_token_ids: &[u32]) -> Result<u32> {
+    tokenizer
+        .eos_token_id()
+        .or_else(|| eos_token_ids.first().copied())
+        .ok_or_else(|| {
+            Error::Invalid("the tokenizer has no eos_token (and the model no eos_token_id)".into())
+        })
+}
+
+impl Pretrained {
+    /// See `end_token`.
+    pub fn eos(&self) -> Result<u32> {
+        end_token(&self.tokenizer, &self.eos_token_ids)
+    }
 }

@@ -197,6 +197,24 @@ impl Params {
         Params { specs, vars }
     }
 
+    /// Every parameter's data, flattened, in `vars()` order.
+    pub fn flat(&self) -> Result<Vec<Vec<f32>>> {
+        self.vars()
+            .iter()
+            .map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+            .collect()
+    }
+
+    /// A parameter set with these specs holding `data` (in `vars()` order).
+    pub fn from_flat(specs: Vec<ParamSpec>, data: &[Vec<f32>], device: &Device) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for (spec, d) in specs.iter().zip(data) {
+            let t = Tensor::from_slice(d, spec.shape.as_slice(), device)?;
+            vars.insert(spec.name.clone(), Var::from_tensor(&t)?);
+        }
+        Ok(Params { specs, vars })
+    }
+
     pub fn num_parameters(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }

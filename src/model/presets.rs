@@ -21,6 +21,35 @@ const LLAMA_PRESETS: &[Shape] = &[
     ("smollm-360m", 32, 960, 15, 5, 2560, 2048),
 ];
 
+/// A randomly initialised model of a preset sized for `tokenizer` (embedding rows:
+/// `vocab_size`, at least the tokenizer's), with its bos/eos ids in config.json.
+pub fn init_for_tokenizer(
+    arch: Arch,
+    name: &str,
+    tokenizer: &crate::data::tokenizer::Tokenizer,
+    vocab_size: Option<usize>,
+    seed: u64,
+) -> Result<super::CausalLm> {
+    let vocab = match vocab_size {
+        Some(v) if v < tokenizer.vocab_size() => {
+            return Err(Error::Invalid(format!(
+                "vocab_size {v} is smaller than the tokenizer's {} tokens",
+                tokenizer.vocab_size()
+            )))
+        }
+        Some(v) => v,
+        None => tokenizer.vocab_size(),
+    };
+    let config = preset(
+        arch,
+        name,
+        vocab,
+        tokenizer.bos_token_id(),
+        tokenizer.eos_token_id(),
+    )?;
+    super::CausalLm::init(config, seed, &candle_core::Device::Cpu)
+}
+
 pub fn preset_names(arch: Arch) -> Vec<&'static str> {
     table(arch).iter().map(|p| p.0).collect()
 }

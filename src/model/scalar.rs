@@ -5,7 +5,7 @@
 
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::Path;
 
 use super::config::{Arch, ModelConfig};
@@ -144,22 +144,14 @@ impl PretrainedScalar {
     /// The id that ends every scored response: the tokenizer's eos, else the first
     /// eos of the generation config.
     pub fn eos(&self) -> Result<u32> {
-        self.tokenizer
-            .eos_token_id()
-            .or_else(|| self.eos_token_ids.first().copied())
-            .ok_or_else(|| Error::Invalid("the tokenizer has no eos_token".into()))
+        super::hf::end_token(&self.tokenizer, &self.eos_token_ids)
     }
 }
 
 /// Loads a scalar model from a `...ForSequenceClassification` folder, or from a
 /// causal-LM folder (an SFT model) with a freshly initialised head (seeded).
 pub fn load_scalar(dir: &Path, device: &Device, seed: u64) -> Result<PretrainedScalar> {
-    if !dir.is_dir() {
-        return Err(Error::read(
-            dir,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
-        ));
-    }
+    super::hf::ensure_model_dir(dir)?;
     let config = read_config(dir)?;
     let (tensors, source) = read_weights(dir, device)?;
     let fresh_head = !tensors.contains_key(SCORE_WEIGHT);
@@ -231,9 +223,10 @@ pub fn save_scalar(p: &PretrainedScalar, dir: &Path) -> Result<()> {
     write_json(&dir.join(CONFIG_FILE), &config)?;
     save_safetensors(&p.model.params.to_hf()?, &dir.join(WEIGHTS_FILE))?;
     p.tokenizer.save(dir)?;
-    let eos: Value = p.eos_token_ids.clone().into();
-    write_json(
-        &dir.join(super::hf::GENERATION_CONFIG_FILE),
-        &json!({"eos_token_id": eos, "pad_token_id": p.tokenizer.pad_token_id()}),
+    super::hf::write_generation_config(
+        dir,
+        &p.model.config,
+        &p.eos_token_ids,
+        p.tokenizer.pad_token_id(),
     )
 }

@@ -32,17 +32,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::data::prompts::read_prompts;
-use crate::data::text::{pack_blocks, read_documents};
+use crate::data::text::read_documents;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::generate::{generate, SamplingParams};
 use crate::losses::{clipped_policy_loss, clipped_value_loss};
 use crate::model::frozen::Frozen;
-use crate::model::hf::{load_pretrained, read_weights, save_pretrained, Pretrained};
+use crate::model::hf::{
+    load_pretrained, load_weights_into, read_weights, save_pretrained, Pretrained,
+};
 use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar};
 use crate::model::{CausalLm, Params};
 use crate::train::args::{require, StageDefaults, TrainingArgs};
-use crate::train::lm_task::{lm_loss_sum, Row};
+use crate::train::lm_task::{lm_loss_sum, text_rows, Row};
 use crate::train::order::EpochOrder;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
@@ -481,35 +483,14 @@ impl PpoTask {
     }
 
     fn ema_pretrained(&self, ema: &[Vec<f32>]) -> Result<Pretrained> {
-        let specs = self.actor.model.params.specs.clone();
         let dev = &self.actor.model.device;
-        let params = Params::init(specs, 0, dev)?;
-        for ((_, var), data) in params.vars().into_iter().zip(ema) {
-            var.set(&Tensor::from_slice(data, var.shape(), dev)?)?;
-        }
+        let params = Params::from_flat(self.actor.model.params.specs.clone(), ema, dev)?;
         Ok(Pretrained {
             model: CausalLm::from_params(self.actor.model.config.clone(), params, dev)?,
             tokenizer: self.actor.tokenizer.clone(),
             eos_token_ids: self.actor.eos_token_ids.clone(),
         })
     }
-}
-
-fn flat_params(p: &Params) -> Result<Vec<Vec<f32>>> {
-    p.vars()
-        .iter()
-        .map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
-        .collect()
-}
-
-fn set_params(p: &Params, dir: &Path) -> Result<()> {
-    let dev = Device::Cpu;
-    let (tensors, source) = read_weights(dir, &dev)?;
-    let loaded = Params::from_hf(p.specs.clone(), tensors, &source, &dev)?;
-    for ((_, dst), (_, src)) in p.vars().into_iter().zip(loaded.vars()) {
-        dst.set(src.as_tensor())?;
-    }
-    Ok(())
 }
 
 impl TrainTask for PpoTask {
@@ -547,12 +528,13 @@ impl TrainTask for PpoTask {
     }
 
     fn load_model(&mut self, dir: &Path) -> Result<()> {
-        set_params(&self.actor.model.params, dir)?;
-        set_params(&self.critic.model.params, &dir.join("critic"))?;
+        load_weights_into(&self.actor.model.params, dir)?;
+        load_weights_into(&self.critic.model.params, &dir.join("critic"))?;
         if self.ema.is_some() {
-            let ema = self.ema_pretrained(&flat_params(&self.actor.model.params)?)?;
-            set_params(&ema.model.params, &dir.join("ema"))?;
-            self.ema = Some(flat_params(&ema.model.params)?);
+            let ema_dir = dir.join("ema");
+            let (tensors, source) = read_weights(&ema_dir, &Device::Cpu)?;
+            let specs = self.actor.model.params.specs.clone();
+            self.ema = Some(Params::from_hf(specs, tensors, &source, &Device::Cpu)?.flat()?);
         }
         Ok(())
     }
@@ -700,30 +682,16 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
     }
     let ptx_rows = match &args.ptx_data {
         Some(p) => {
-            let eos = actor
-                .tokenizer
-                .eos_token_id()
-                .or_else(|| actor.eos_token_ids.first().copied())
-                .ok_or_else(|| Error::Invalid("the tokenizer has no eos_token".into()))?;
             let block = context.min(128);
-            let blocks = pack_blocks(&read_documents(p)?, &actor.tokenizer, eos, block)?;
-            if blocks.is_empty() {
+            let rows = text_rows(&read_documents(p)?, &actor.tokenizer, actor.eos()?, block)?;
+            if rows.is_empty() {
                 return Err(Error::bad_file(
                     p,
                     None,
                     format!("shorter than one block of {block} tokens"),
                 ));
             }
-            blocks
-                .into_iter()
-                .map(|ids| {
-                    let n = ids.len();
-                    Row::single(crate::data::sft::SftExample {
-                        ids,
-                        loss_mask: vec![1; n],
-                    })
-                })
-                .collect()
+            rows
         }
         None => vec![],
     };
@@ -731,10 +699,7 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         ("actor", &actor.model.params),
         ("critic", &critic.model.params),
     ]);
-    let ema = args
-        .ema
-        .map(|_| flat_params(&actor.model.params))
-        .transpose()?;
+    let ema = args.ema.map(|_| actor.model.params.flat()).transpose()?;
     let kl = match args.adaptive_kl_target {
         Some(target) => KlController::Adaptive {
             beta: args.kl_coef,

@@ -52,6 +52,26 @@ impl Row {
     }
 }
 
+/// Pretraining text as rows: documents tokenized, joined with `eos` and cut into
+/// blocks of `block` tokens, every token a target.
+pub fn text_rows(
+    docs: &[String],
+    tokenizer: &crate::data::tokenizer::Tokenizer,
+    eos: u32,
+    block: usize,
+) -> Result<Vec<Row>> {
+    Ok(crate::data::text::pack_blocks(docs, tokenizer, eos, block)?
+        .into_iter()
+        .map(|ids| {
+            let n = ids.len();
+            Row::single(SftExample {
+                ids,
+                loss_mask: vec![1; n],
+            })
+        })
+        .collect())
+}
+
 /// Packs examples greedily, in order, into rows of at most `max_length` tokens.
 pub fn pack(examples: Vec<SftExample>, max_length: usize) -> Vec<Row> {
     let mut rows = vec![];

@@ -49,13 +49,7 @@ pub trait TrainTask {
     /// Restores the weights written by `save_model` (the default reads the HF folder
     /// into `params()`).
     fn load_model(&mut self, dir: &Path) -> Result<()> {
-        let dev = candle_core::Device::Cpu;
-        let (tensors, source) = crate::model::hf::read_weights(dir, &dev)?;
-        let loaded = Params::from_hf(self.params().specs.clone(), tensors, &source, &dev)?;
-        for ((_, dst), (_, src)) in self.params().vars().into_iter().zip(loaded.vars()) {
-            dst.set(src.as_tensor())?;
-        }
-        Ok(())
+        crate::model::hf::load_weights_into(self.params(), dir)
     }
     /// Extra state to checkpoint (RNG streams, controllers); `Null` when none.
     fn state(&self) -> Value {
@@ -324,14 +318,8 @@ pub fn train(
 
 /// A non-finite state is never written.
 fn ensure_finite(params: &Params) -> Result<()> {
-    for (spec, var) in params.vars() {
-        let ok = var
-            .as_tensor()
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .all(|x| x.is_finite());
-        if !ok {
+    for ((spec, _), data) in params.vars().into_iter().zip(params.flat()?) {
+        if !data.iter().all(|x| x.is_finite()) {
             return Err(Error::Invalid(format!(
                 "parameter {} holds non-finite values; not saving it",
                 spec.name
