@@ -75,6 +75,14 @@ pub struct RmEval {
     pub pairs: usize,
 }
 
+/// prompt + response for every response of `prompts`, prompt by prompt: what the
+/// reward model forwards (K sequences per prompt).
+fn sequences<'a>(prompts: impl Iterator<Item = &'a Ranked>) -> Vec<Vec<u32>> {
+    prompts
+        .flat_map(|r| (0..r.responses.len()).map(|i| r.sequence(i)))
+        .collect()
+}
+
 pub struct RmTask {
     pub rm: PretrainedScalar,
     pub train_set: Vec<Ranked>,
@@ -110,10 +118,7 @@ impl RmTask {
         &self,
         prompts: &[&Ranked],
     ) -> Result<(candle_core::Tensor, Vec<Vec<f32>>, usize)> {
-        let seqs: Vec<Vec<u32>> = prompts
-            .iter()
-            .flat_map(|r| (0..r.responses.len()).map(|i| r.sequence(i)))
-            .collect();
+        let seqs = sequences(prompts.iter().copied());
         self.forwarded.set(self.forwarded.get() + seqs.len());
         let tokens = seqs.iter().map(Vec::len).sum();
         let rewards = self
@@ -165,10 +170,7 @@ impl RmTask {
     pub fn reward_statistics(&self) -> Result<RewardNormalization> {
         let mut all = vec![];
         for chunk in self.train_set.chunks(self.prompts_per_batch.max(1)) {
-            let seqs: Vec<Vec<u32>> = chunk
-                .iter()
-                .flat_map(|r| (0..r.responses.len()).map(|i| r.sequence(i)))
-                .collect();
+            let seqs = sequences(chunk.iter());
             let rewards = self
                 .rm
                 .model

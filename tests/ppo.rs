@@ -107,7 +107,7 @@ fn reward_rises_kl_stays_bounded_and_rewards_sit_on_the_right_tokens() {
     }
     // The shaped reward: −β·KL on every response token, the score on the last one,
     // vectors exactly as long as the response (no padding, nothing after the eos).
-    for e in &task_experience(&task) {
+    for e in task.experience() {
         let n = e.response.len();
         assert!(n >= 1 && e.rewards.len() == n && e.values.len() == n && e.advantages.len() == n);
         for t in 0..n {
@@ -145,10 +145,6 @@ fn reward_rises_kl_stays_bounded_and_rewards_sit_on_the_right_tokens() {
         .output()
         .unwrap();
     assert!(gen.status.success());
-}
-
-fn task_experience(task: &rlhf::ppo::PpoTask) -> Vec<rlhf::ppo::rollout::Experience> {
-    task.experience().to_vec()
 }
 
 fn ptx_loss(model_dir: &Path, text: &Path) -> f64 {

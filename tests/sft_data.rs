@@ -3,7 +3,7 @@
 
 mod common;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::Path;
 
 use rlhf::data::sft::{example_from_row, load_sft, Overflow, SftTokenizing};
@@ -209,7 +209,6 @@ fn skip_invalid_and_overflow_choices_report_counts() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no usable row (2 rows, 2 invalid"), "{err}");
-    let _ = Value::Null;
 }
 
 #[test]

@@ -73,8 +73,7 @@ pub fn load_sft(
         report.rows += 1;
         let ex = match example_from_row(&line.value, cfg) {
             Ok(ex) => ex,
-            Err(msg) if skip_invalid => {
-                let _ = msg;
+            Err(_) if skip_invalid => {
                 report.skipped_invalid += 1;
                 continue;
             }

@@ -96,6 +96,16 @@ pub fn win(task: &Task, a: &str, b: &str) -> f64 {
     }
 }
 
+/// The mean of `win` over tasks: how often responses `a` beat responses `b`.
+pub fn win_rate(tasks: &[Task], a: &[String], b: &[String]) -> f64 {
+    let wins: f64 = tasks
+        .iter()
+        .zip(a.iter().zip(b))
+        .map(|(t, (x, y))| win(t, x, y))
+        .sum();
+    wins / tasks.len().max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

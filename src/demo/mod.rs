@@ -369,18 +369,8 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
     let (g_sft, f_sft) = judge_all(&eval_tasks, &r_sft);
     let (g_ppo, f_ppo) = judge_all(&eval_tasks, &r_ppo);
     let (g_ema, f_ema) = judge_all(&eval_tasks, &r_ema);
-    let win_rate = eval_tasks
-        .iter()
-        .zip(r_ppo.iter().zip(&r_sft))
-        .map(|(t, (a, b))| judge::win(t, a, b))
-        .sum::<f64>()
-        / eval_tasks.len() as f64;
-    let ema_win = eval_tasks
-        .iter()
-        .zip(r_ema.iter().zip(&r_sft))
-        .map(|(t, (a, b))| judge::win(t, a, b))
-        .sum::<f64>()
-        / eval_tasks.len() as f64;
+    let win_rate = judge::win_rate(&eval_tasks, &r_ppo, &r_sft);
+    let ema_win = judge::win_rate(&eval_tasks, &r_ema, &r_sft);
     let (ptx_sft, ptx_ppo) = (
         ptx_loss(&sft, &held_out_docs)?,
         ptx_loss(&ppo, &held_out_docs)?,

@@ -108,6 +108,15 @@ impl AttentionMask {
 mod tests {
     use super::*;
 
+    fn flat_bias(m: &AttentionMask) -> Vec<f32> {
+        m.bias(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     #[test]
     fn left_padding_gives_positions_from_zero_and_masks_pads() {
         let mask = vec![vec![0, 0, 1, 1], vec![1, 1, 1, 1]];
@@ -115,13 +124,7 @@ mod tests {
         let pos: Vec<Vec<u32>> = m.position_ids.to_vec2().unwrap();
         assert_eq!(pos[0][2..], [0, 1]);
         assert_eq!(pos[1], [0, 1, 2, 3]);
-        let b = m
-            .bias(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let b = flat_bias(&m);
         // Row 0, query 3 (last): sees keys 2 and 3 only.
         let row = &b[3 * 4..4 * 4];
         assert_eq!(row, [MASKED, MASKED, 0.0, 0.0]);
@@ -135,20 +138,9 @@ mod tests {
         let mask = vec![vec![0, 1, 1, 1]];
         let m = AttentionMask::new(&mask, 1, &Device::Cpu).unwrap();
         assert_eq!(m.position_ids.to_vec2::<u32>().unwrap(), [[2]]);
-        let b = m
-            .bias(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let b = flat_bias(&m);
         assert_eq!(b, [MASKED, 0.0, 0.0, 0.0]);
     }
-}
-
-#[cfg(test)]
-mod packed_tests {
-    use super::*;
 
     #[test]
     fn packed_rows_restart_positions_and_block_attention() {
@@ -158,13 +150,7 @@ mod packed_tests {
             m.position_ids.to_vec2::<u32>().unwrap()[0][..5],
             [0, 1, 2, 0, 1]
         );
-        let b = m
-            .bias(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let b = flat_bias(&m);
         // Query 4 (second example, position 1) sees keys 3 and 4 only.
         assert_eq!(&b[4 * 6..5 * 6], [MASKED, MASKED, MASKED, 0.0, 0.0, MASKED]);
         // The padding query sees nothing.
