@@ -18,6 +18,7 @@ use rlhf::model::hf::load_pretrained;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    rlhf::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let dir = args
         .get(1)

@@ -32,6 +32,7 @@ fn peak_rss_mb() -> f64 {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    rlhf::keep_freed_memory();
     let a: Vec<String> = std::env::args().collect();
     let preset = a.get(1).map_or("tiny", String::as_str);
     let num = |i: usize, d: usize| a.get(i).map_or(Ok(d), |s| s.parse()).expect("a number");

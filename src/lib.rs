@@ -23,3 +23,17 @@ pub mod sft;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// Tells mimalloc (the binary's allocator) never to return freed memory to the kernel.
+/// candle allocates a fresh buffer for every op; returned pages come back zeroed by
+/// the kernel on the next allocation (measured: a third of a training step's CPU time
+/// in `clear_page`, and a step 15 % faster without it). The process' peak memory is
+/// unchanged (freed blocks are reused), only the memory it holds between peaks. Only
+/// effective where mimalloc is the global allocator (the `rlhf` binary, benches).
+pub fn keep_freed_memory() {
+    // mimalloc's `mi_option_purge_delay` (15 in its v2 option enum, which
+    // libmimalloc-sys does not name); −1 disables purging.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting an option is a plain store in mimalloc's option table.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}

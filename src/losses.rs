@@ -9,9 +9,19 @@ use crate::error::Result;
 
 /// log softmax(logits)[target] for each row. logits: (N, V), targets: (N,) u32 → (N,)
 ///
-/// The max is detached (log-sum-exp is shift-invariant), so gradients flow through
-/// the exponentials only, as in PyTorch's fused kernel.
+/// On CPU this is the fused kernel of `ops::cross_entropy`; elsewhere the composite
+/// below.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if crate::ops::fused_for(logits) {
+        return Ok(crate::ops::cross_entropy::token_logprobs(logits, targets)?);
+    }
+    token_logprobs_composite(logits, targets)
+}
+
+/// `token_logprobs` from candle ops: the kernel's reference. The max is detached
+/// (log-sum-exp is shift-invariant), so gradients flow through the exponentials only,
+/// as in PyTorch's fused kernel.
+pub fn token_logprobs_composite(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach(); // (N, 1)
     let shifted = logits.broadcast_sub(&max)?; // (N, V)
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (N, 1)
@@ -133,6 +143,14 @@ pub fn clipped_value_loss(
 
 /// Entropy of each row's distribution: logits (M, V) → (M,), detached.
 pub fn entropy(logits: &Tensor) -> Result<Tensor> {
+    if crate::ops::fused_for(logits) {
+        return Ok(crate::ops::cross_entropy::entropy(logits)?);
+    }
+    entropy_composite(logits)
+}
+
+/// `entropy` from candle ops: the kernel's reference.
+pub fn entropy_composite(logits: &Tensor) -> Result<Tensor> {
     let logits = logits.detach();
     let max = logits.max_keepdim(D::Minus1)?; // (M, 1)
     let shifted = logits.broadcast_sub(&max)?; // (M, V)

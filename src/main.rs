@@ -11,6 +11,7 @@ use clap::{CommandFactory, FromArgMatches};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    rlhf::keep_freed_memory();
     let matches = rlhf::cli::Cli::command().get_matches();
     let cli = match rlhf::cli::Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

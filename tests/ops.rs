@@ -176,3 +176,183 @@ fn skinny_matmul_matches_matmul() {
         );
     }
 }
+
+/// Inputs scaled to [−4, 4]: both tails of GELU and SiLU, not only the middle.
+fn wide(shape: &[usize], seed: u64) -> Var {
+    let v = randn(shape, seed);
+    Var::from_tensor(&(v.as_tensor() * 4.0).unwrap()).unwrap()
+}
+
+#[test]
+fn bias_gelu_matches_composite() {
+    use rlhf::model::layers::{bias_gelu, bias_gelu_composite};
+    // Small shapes run on one thread, the last two in parallel chunks.
+    for (rows, m) in [(1, 1), (3, 7), (33, 129), (70, 1030), (257, 512)] {
+        for exact in [false, true] {
+            let x = wide(&[rows, m], 50);
+            let b = randn(&[m], 51);
+            let fused = bias_gelu(x.as_tensor(), b.as_tensor(), exact).unwrap();
+            let composite = bias_gelu_composite(x.as_tensor(), b.as_tensor(), exact).unwrap();
+            let d = max_diff(&fused, &composite);
+            assert!(d <= 2e-6, "values ({rows}, {m}, exact {exact}): {d}");
+            assert_grads_match(
+                &[&x, &b],
+                &fused,
+                &composite,
+                // db sums `rows` terms.
+                1e-5 * rows as f32,
+                &format!("bias_gelu ({rows}, {m}, exact {exact})"),
+            );
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_composite() {
+    use rlhf::model::layers::{swiglu, swiglu_composite};
+    for shape in [vec![1], vec![3, 7], vec![2, 33, 129], vec![4, 40, 700]] {
+        let g = wide(&shape, 52);
+        let u = randn(&shape, 53);
+        let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+        let composite = swiglu_composite(g.as_tensor(), u.as_tensor()).unwrap();
+        let d = max_diff(&fused, &composite);
+        assert!(d <= 2e-6, "values {shape:?}: {d}");
+        assert_grads_match(
+            &[&g, &u],
+            &fused,
+            &composite,
+            1e-5,
+            &format!("swiglu {shape:?}"),
+        );
+    }
+}
+
+fn random_targets(n: usize, v: usize, seed: u64) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let t: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+    Tensor::from_vec(t, n, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn token_logprobs_and_entropy_match_composite() {
+    use rlhf::losses::{entropy, entropy_composite, token_logprobs, token_logprobs_composite};
+    for (n, v) in [(1, 1), (3, 5), (17, 333), (64, 2049)] {
+        let logits = wide(&[n, v], 54);
+        let targets = random_targets(n, v, 55);
+        let fused = token_logprobs(logits.as_tensor(), &targets).unwrap();
+        let composite = token_logprobs_composite(logits.as_tensor(), &targets).unwrap();
+        let d = max_diff(&fused, &composite);
+        assert!(d <= 1e-5, "values ({n}, {v}): {d}");
+        assert_grads_match(
+            &[&logits],
+            &fused,
+            &composite,
+            1e-5,
+            &format!("token_logprobs ({n}, {v})"),
+        );
+        let h = entropy(logits.as_tensor()).unwrap();
+        let hc = entropy_composite(logits.as_tensor()).unwrap();
+        let d = max_diff(&h, &hc);
+        assert!(d <= 1e-5, "entropy ({n}, {v}): {d}");
+    }
+}
+
+#[test]
+fn lm_head_logprobs_match_composite_kept_and_chunked() {
+    use rlhf::losses::{entropy_composite, token_logprobs_composite};
+    use rlhf::ops::lm_head::head_logprobs_with_limits;
+    for (n, c, v) in [(1, 1, 1), (5, 3, 7), (37, 24, 301), (130, 64, 1000)] {
+        let h = randn(&[n, c], 56);
+        let w = randn(&[v, c], 57);
+        let targets = random_targets(n, v, 58);
+        let logits = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let composite = token_logprobs_composite(&logits, &targets).unwrap();
+        let composite_h = entropy_composite(&logits).unwrap();
+        // Kept probabilities; then chunks of 1 row and of a few rows (the last one short).
+        for (keep_max, chunk) in [(usize::MAX, 0), (0, 1), (0, 3 * v + 1)] {
+            let what = format!("({n}, {c}, {v}) keep_max {keep_max} chunk {chunk}");
+            let fused = head_logprobs_with_limits(
+                h.as_tensor(),
+                w.as_tensor(),
+                &targets,
+                false,
+                keep_max,
+                chunk,
+            )
+            .unwrap();
+            let d = max_diff(&fused, &composite);
+            assert!(d <= 2e-5, "values {what}: {d}");
+            assert_grads_match(&[&h, &w], &fused, &composite, 2e-5 * c as f32, &what);
+            let both = head_logprobs_with_limits(
+                h.as_tensor(),
+                w.as_tensor(),
+                &targets,
+                true,
+                keep_max,
+                chunk,
+            )
+            .unwrap(); // (N, 2)
+            let lp = both.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+            let ent = both.narrow(1, 1, 1).unwrap().squeeze(1).unwrap();
+            assert!(
+                max_diff(&lp, &composite) <= 2e-5,
+                "values with entropy {what}"
+            );
+            assert!(max_diff(&ent, &composite_h) <= 2e-5, "entropy {what}");
+            assert_grads_match(&[&h, &w], &lp, &composite, 2e-5 * c as f32, &what);
+        }
+    }
+}
+
+#[test]
+fn whole_model_gradients_equal_the_composite_model() {
+    use rlhf::model::hf::load_pretrained;
+    use rlhf::ops::with_composite;
+    // Every fixture family (GPT-2 with GELU, Llama and Qwen2 with SwiGLU and GQA), a
+    // left-padded batch, the LM loss through the LM head's log-probs.
+    for name in ["gpt2", "llama", "qwen2"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let pre = load_pretrained(&dir, &Device::Cpu).unwrap();
+        let model = &pre.model;
+        let ids = Tensor::new(
+            &[[3u32, 14, 15, 92, 65, 35, 89], [0, 0, 27, 18, 28, 18, 28]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mask =
+            AttentionMask::full(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+        // Targets: the next token at every real position of both rows.
+        let positions = Tensor::new(&[0u32, 1, 2, 3, 4, 5, 9, 10, 11, 12], &Device::Cpu).unwrap();
+        let targets =
+            Tensor::new(&[14u32, 15, 92, 65, 35, 89, 18, 28, 18, 28], &Device::Cpu).unwrap();
+        let loss = || {
+            let hidden = model.backbone.forward(&ids, &mask, None).unwrap(); // (B, T, C)
+            let c = hidden.dim(2).unwrap();
+            let picked = hidden
+                .reshape((14, c))
+                .unwrap()
+                .index_select(&positions, 0)
+                .unwrap(); // (10, C)
+            let logp = model.lm_head.token_logprobs(&picked, &targets).unwrap();
+            logp.mean_all().unwrap().neg().unwrap()
+        };
+        let fused = loss();
+        let composite = with_composite(loss);
+        let d = max_diff(&fused, &composite);
+        assert!(d <= 1e-5, "{name}: losses differ by {d}");
+        let (gf, gc) = (fused.backward().unwrap(), composite.backward().unwrap());
+        for (spec, var) in model.params.vars() {
+            let a = gf.get(var.as_tensor()).expect("fused gradient");
+            let b = gc.get(var.as_tensor()).expect("composite gradient");
+            let scale = max_diff(b, &b.zeros_like().unwrap()).max(1e-3);
+            let d = max_diff(a, b);
+            assert!(
+                d <= 1e-3 * scale,
+                "{name}: gradient of {} differs by {d} (largest {scale})",
+                spec.name
+            );
+        }
+    }
+}

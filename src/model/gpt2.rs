@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use super::config::Gpt2Config;
 use super::kv_cache::KvCache;
-use super::layers::{attention, embed, merge_heads, split_heads, LayerNorm, Linear};
+use super::layers::{attention, bias_gelu, embed, merge_heads, split_heads, LayerNorm, Linear};
 use super::mask::AttentionMask;
 use super::params::{Init, ParamSpec, Params};
 use crate::error::Result;
@@ -57,8 +57,9 @@ struct Block {
     c_attn: Linear, // (3C, C)
     c_proj: Linear, // (C, C)
     ln_2: LayerNorm,
-    c_fc: Linear,     // (M, C)
-    mlp_proj: Linear, // (C, M)
+    c_fc: Linear,      // (M, C), without its bias: the activation adds it
+    c_fc_bias: Tensor, // (M,)
+    mlp_proj: Linear,  // (C, M)
 }
 
 #[derive(Debug, Clone)]
@@ -94,7 +95,8 @@ impl Gpt2 {
                     c_attn: lin(&n("attn.c_attn")),
                     c_proj: lin(&n("attn.c_proj")),
                     ln_2: ln(&n("ln_2")),
-                    c_fc: lin(&n("mlp.c_fc")),
+                    c_fc: Linear::new(p.get(&n("mlp.c_fc.weight")), None),
+                    c_fc_bias: p.get(&n("mlp.c_fc.bias")),
                     mlp_proj: lin(&n("mlp.c_proj")),
                 }
             })
@@ -139,11 +141,7 @@ impl Gpt2 {
             x = (x + block.c_proj.forward(&y)?)?;
             let h = block.ln_2.forward(&x)?; // (B, T, C)
             let h = block.c_fc.forward(&h)?; // (B, T, M)
-            let h = if self.exact_gelu {
-                h.gelu_erf()?
-            } else {
-                h.gelu()?
-            };
+            let h = bias_gelu(&h, &block.c_fc_bias, self.exact_gelu)?; // (B, T, M)
             x = (x + block.mlp_proj.forward(&h)?)?;
         }
         self.ln_f.forward(&x)

@@ -34,7 +34,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let inner = dims[dims.len() - 1];
         let x2 = x.reshape((rows, inner))?; // (N, in)
-        let y = if rows <= SKINNY_ROWS && x.device().is_cpu() {
+        let y = if rows <= SKINNY_ROWS && crate::ops::fused_for(x) {
             // Few rows (a decoding step): stream the weight once (see ops::matmul).
             ops::matmul::skinny_matmul(&x2, &self.weight)? // (N, out)
         } else {
@@ -60,7 +60,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() {
+        if crate::ops::fused_for(x) {
             return Ok(ops::norm::layer_norm(
                 x,
                 &self.weight,
@@ -90,7 +90,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() {
+        if crate::ops::fused_for(x) {
             return Ok(ops::norm::rms_norm(x, &self.weight, self.eps)?);
         }
         self.forward_composite(x)
@@ -102,6 +102,36 @@ impl RmsNorm {
         let xn = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?; // (..., C)
         Ok(xn.broadcast_mul(&self.weight)?)
     }
+}
+
+/// gelu(x + bias): GPT-2's MLP activation with c_fc's bias folded in. `exact` is the
+/// erf form (`gelu`), otherwise the tanh form (`gelu_new`). x: (..., M), bias: (M,).
+/// On CPU this is the fused kernel of `ops::activation`.
+pub fn bias_gelu(x: &Tensor, bias: &Tensor, exact: bool) -> Result<Tensor> {
+    if crate::ops::fused_for(x) {
+        return Ok(ops::activation::bias_gelu(x, bias, exact)?);
+    }
+    bias_gelu_composite(x, bias, exact)
+}
+
+/// `bias_gelu` from candle ops (the kernel's reference; other devices).
+pub fn bias_gelu_composite(x: &Tensor, bias: &Tensor, exact: bool) -> Result<Tensor> {
+    let z = x.broadcast_add(bias)?;
+    Ok(if exact { z.gelu_erf()? } else { z.gelu()? })
+}
+
+/// silu(gate) · up: the Llama MLP's SwiGLU. gate, up: (..., I). On CPU this is the
+/// fused kernel of `ops::activation`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::ops::fused_for(gate) {
+        return Ok(ops::activation::swiglu(gate, up)?);
+    }
+    swiglu_composite(gate, up)
+}
+
+/// `swiglu` from candle ops (the kernel's reference; other devices).
+pub fn swiglu_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
 }
 
 /// Softmax over the last dimension. The max is detached: softmax is shift-invariant,
@@ -118,7 +148,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 ///
 /// q: (B, nh, T, hd), k, v: (B, nkv, S, hd) → (B, nh, T, hd)
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
-    if q.device().is_cpu() {
+    if crate::ops::fused_for(q) {
         return Ok(ops::attention::causal_attention(q, k, v, &mask.causal)?);
     }
     attention_composite(q, k, v, &mask.bias(q.device())?)

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::config::{Arch, LlamaConfig};
 use super::kv_cache::KvCache;
-use super::layers::{attention, embed, merge_heads, split_heads, Linear, RmsNorm};
+use super::layers::{attention, embed, merge_heads, split_heads, swiglu, Linear, RmsNorm};
 use super::mask::AttentionMask;
 use super::params::{Init, ParamSpec, Params};
 use crate::error::Result;
@@ -173,9 +173,9 @@ impl Llama {
             let y = merge_heads(&attention(&q, &k, &v, mask)?)?; // (B, T, nh·hd)
             x = (x + layer.o_proj.forward(&y)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?; // (B, T, H)
-            let gate = layer.gate_proj.forward(&h)?.silu()?; // (B, T, I)
+            let gate = layer.gate_proj.forward(&h)?; // (B, T, I)
             let up = layer.up_proj.forward(&h)?; // (B, T, I)
-            x = (x + layer.down_proj.forward(&(gate * up)?)?)?;
+            x = (x + layer.down_proj.forward(&swiglu(&gate, &up)?)?)?;
         }
         self.norm.forward(&x)
     }

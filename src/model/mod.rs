@@ -16,7 +16,7 @@ pub mod params;
 pub mod presets;
 pub mod scalar;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, IndexOp, Tensor};
 
 pub use config::{Arch, FamilyConfig, ModelConfig};
 pub use kv_cache::KvCache;
@@ -81,6 +81,37 @@ impl LmHead {
     /// hidden: (B, T, C) → logits (B, T, V)
     pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
         layers::Linear::new(self.weight.clone(), None).forward(hidden)
+    }
+
+    /// log p(target) of each row: hidden (N, C), targets (N,) u32 → (N,). On CPU the
+    /// logits are never a tensor (`ops::lm_head`).
+    pub fn token_logprobs(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if crate::ops::fused_for(hidden) {
+            return Ok(crate::ops::lm_head::head_logprobs(
+                hidden,
+                &self.weight,
+                targets,
+                false,
+            )?);
+        }
+        crate::losses::token_logprobs(&self.forward(hidden)?, targets)
+    }
+
+    /// `token_logprobs` and the softmax entropy of each row (detached): (N,) each.
+    pub fn token_logprobs_and_entropy(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        if crate::ops::fused_for(hidden) {
+            let both = crate::ops::lm_head::head_logprobs(hidden, &self.weight, targets, true)?; // (N, 2)
+            return Ok((both.i((.., 0))?, both.i((.., 1))?.detach()));
+        }
+        let logits = self.forward(hidden)?; // (N, V)
+        Ok((
+            crate::losses::token_logprobs(&logits, targets)?,
+            crate::losses::entropy(&logits)?,
+        ))
     }
 }
 

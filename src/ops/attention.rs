@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
+use super::simd::{self, simd_kernel};
 use super::{axpy, cpu_f32_vec, dot, f32_slice, PARALLEL_MIN_WORK};
 
 /// Which keys each query may attend to. `segments[b·S + j]` is 0 for padding and an
@@ -82,6 +83,7 @@ struct AttentionOp {
 
 /// Softmax probabilities of query row `t` over its visible keys, into `probs`
 /// (indices in `keys`). Returns nothing if the row sees no key (a padding query).
+#[inline(always)]
 fn row_probs(
     q_row: &[f32],
     k: &[f32],
@@ -98,39 +100,93 @@ fn row_probs(
         max = max.max(s);
         probs.push(s);
     }
-    let mut sum = 0f32;
     for p in probs.iter_mut() {
-        *p = (*p - max).exp();
-        sum += *p;
+        *p = simd::exp(*p - max);
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / simd::sum8(probs, |p| p);
     probs.iter_mut().for_each(|p| *p *= inv);
+}
+
+simd_kernel! {
+    /// Output rows of one (batch, query head) `bh`.
+    fn forward_head(op: &AttentionOp, q: &[f32], k: &[f32], v: &[f32], d: &Dims, bh: usize, o: &mut [f32]) {
+        let rep = d.nh / d.nkv;
+        let (b, h) = (bh / d.nh, bh % d.nh);
+        let kbase = d.at(b, h / rep, d.nkv, d.kv_cap, 0);
+        let mut probs = Vec::with_capacity(d.s);
+        let mut keys = Vec::with_capacity(d.s);
+        for t in 0..d.t {
+            keys.clear();
+            keys.extend(op.mask.visible(b, t));
+            let orow = &mut o[t * d.hd..(t + 1) * d.hd];
+            if keys.is_empty() {
+                continue; // a padding query: output 0, never read
+            }
+            let qrow = &q[d.at(b, h, d.nh, d.t, t)..][..d.hd];
+            row_probs(qrow, k, &keys, kbase, d.hd, op.scale, &mut probs);
+            for (&j, &p) in keys.iter().zip(&probs) {
+                axpy(p, &v[kbase + j * d.hd..kbase + (j + 1) * d.hd], orow);
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// dq rows of the query heads of one (batch, kv head) `g`, and its dk, dv rows.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_group(
+        op: &AttentionOp,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &[f32],
+        dout: &[f32],
+        d: &Dims,
+        g: usize,
+        dqg: &mut [f32],
+        dkg: &mut [f32],
+        dvg: &mut [f32],
+    ) {
+        let rep = d.nh / d.nkv;
+        let (b, kvh) = (g / d.nkv, g % d.nkv);
+        let kbase = d.at(b, kvh, d.nkv, d.s, 0);
+        let mut probs = Vec::with_capacity(d.s);
+        let mut keys = Vec::with_capacity(d.s);
+        for r in 0..rep {
+            let h = kvh * rep + r;
+            for t in 0..d.t {
+                keys.clear();
+                keys.extend(op.mask.visible(b, t));
+                if keys.is_empty() {
+                    continue;
+                }
+                let qoff = d.at(b, h, d.nh, d.t, t);
+                let (qrow, orow, drow) = (
+                    &q[qoff..][..d.hd],
+                    &o[qoff..][..d.hd],
+                    &dout[qoff..][..d.hd],
+                );
+                row_probs(qrow, k, &keys, kbase, d.hd, op.scale, &mut probs);
+                let dsum = dot(drow, orow);
+                let dqrow = &mut dqg[(r * d.t + t) * d.hd..][..d.hd];
+                for (&j, &p) in keys.iter().zip(&probs) {
+                    let krow = &k[kbase + j * d.hd..][..d.hd];
+                    let vrow = &v[kbase + j * d.hd..][..d.hd];
+                    let ds = p * (dot(drow, vrow) - dsum) * op.scale;
+                    axpy(ds, krow, dqrow);
+                    axpy(ds, qrow, &mut dkg[j * d.hd..][..d.hd]);
+                    axpy(p, drow, &mut dvg[j * d.hd..][..d.hd]);
+                }
+            }
+        }
+    }
 }
 
 impl AttentionOp {
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32], d: &Dims) -> Vec<f32> {
         let mut out = vec![0f32; d.b * d.nh * d.t * d.hd];
-        let rep = d.nh / d.nkv;
         // One task per (batch, query head): its output rows are contiguous.
-        let task = |(bh, o): (usize, &mut [f32])| {
-            let (b, h) = (bh / d.nh, bh % d.nh);
-            let kbase = d.at(b, h / rep, d.nkv, d.kv_cap, 0);
-            let mut probs = Vec::with_capacity(d.s);
-            let mut keys = Vec::with_capacity(d.s);
-            for t in 0..d.t {
-                keys.clear();
-                keys.extend(self.mask.visible(b, t));
-                let orow = &mut o[t * d.hd..(t + 1) * d.hd];
-                if keys.is_empty() {
-                    continue; // a padding query: output 0, never read
-                }
-                let qrow = &q[d.at(b, h, d.nh, d.t, t)..][..d.hd];
-                row_probs(qrow, k, &keys, kbase, d.hd, self.scale, &mut probs);
-                for (&j, &p) in keys.iter().zip(&probs) {
-                    axpy(p, &v[kbase + j * d.hd..kbase + (j + 1) * d.hd], orow);
-                }
-            }
-        };
+        let task = |(bh, o): (usize, &mut [f32])| forward_head(self, q, k, v, d, bh, o);
         let per_task = d.t * d.hd;
         let work = d.b * d.nh * d.t * d.s * d.hd;
         if work >= PARALLEL_MIN_WORK {
@@ -160,37 +216,7 @@ impl AttentionOp {
         // One task per (batch, kv head): it owns that head's dk/dv rows and the dq
         // rows of the query heads that share it, so no two tasks write the same place.
         let task = |(g, (dqg, (dkg, dvg))): GroupGrads| {
-            let (b, kvh) = (g / d.nkv, g % d.nkv);
-            let kbase = d.at(b, kvh, d.nkv, d.s, 0);
-            let mut probs = Vec::with_capacity(d.s);
-            let mut keys = Vec::with_capacity(d.s);
-            for r in 0..rep {
-                let h = kvh * rep + r;
-                for t in 0..d.t {
-                    keys.clear();
-                    keys.extend(self.mask.visible(b, t));
-                    if keys.is_empty() {
-                        continue;
-                    }
-                    let qoff = d.at(b, h, d.nh, d.t, t);
-                    let (qrow, orow, drow) = (
-                        &q[qoff..][..d.hd],
-                        &o[qoff..][..d.hd],
-                        &dout[qoff..][..d.hd],
-                    );
-                    row_probs(qrow, k, &keys, kbase, d.hd, self.scale, &mut probs);
-                    let dsum = dot(drow, orow);
-                    let dqrow = &mut dqg[(r * d.t + t) * d.hd..][..d.hd];
-                    for (&j, &p) in keys.iter().zip(&probs) {
-                        let krow = &k[kbase + j * d.hd..][..d.hd];
-                        let vrow = &v[kbase + j * d.hd..][..d.hd];
-                        let ds = p * (dot(drow, vrow) - dsum) * self.scale;
-                        axpy(ds, krow, dqrow);
-                        axpy(ds, qrow, &mut dkg[j * d.hd..][..d.hd]);
-                        axpy(p, drow, &mut dvg[j * d.hd..][..d.hd]);
-                    }
-                }
-            }
+            backward_group(self, q, k, v, o, dout, d, g, dqg, dkg, dvg)
         };
         let work = d.b * d.nh * d.t * d.s * d.hd;
         if work >= PARALLEL_MIN_WORK {

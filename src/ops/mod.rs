@@ -1,16 +1,45 @@
 //! CPU kernels with their own backward pass, as candle custom ops: fused LayerNorm,
-//! RMSNorm and causal attention. The model code calls them through `model::layers`,
+//! RMSNorm, causal attention, GELU/SwiGLU, per-token cross-entropy and the LM head
+//! with its log-probabilities. The model code calls them through `model::layers`,
 //! which falls back to the composite candle ops on other devices; the composite
 //! versions are also the references the kernels are tested against.
 //!
 //! Parallel loops split work into fixed chunks and reduce partial sums in chunk order,
 //! so results are bit-identical from run to run (resumed training depends on it).
 
+pub mod activation;
 pub mod attention;
+pub mod cross_entropy;
+pub mod lm_head;
 pub mod matmul;
 pub mod norm;
+pub(crate) mod simd;
 
-use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+use std::cell::Cell;
+
+thread_local! {
+    static FUSED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether the model code should run these kernels for `t`: a CPU f32 tensor, and not
+/// inside `with_composite`.
+pub fn fused_for(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && FUSED.with(Cell::get)
+}
+
+/// Runs `f` with the composite candle ops instead of the fused kernels on this thread
+/// (the whole-model reference the kernels are tested against).
+pub fn with_composite<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FUSED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FUSED.with(|c| c.replace(false)));
+    f()
+}
 
 /// Below this many multiply-adds a kernel runs on the calling thread: waking the
 /// thread pool costs more than it saves (decoding steps on small models).
@@ -25,7 +54,7 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
 }
 
 /// Σ aᵢ·bᵢ with eight independent accumulators, so that the compiler vectorises it.
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -45,7 +74,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// y += α·x
-#[inline]
+#[inline(always)]
 pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi;
@@ -59,5 +88,15 @@ pub(crate) fn cpu_f32_vec(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     match &*storage {
         Storage::Cpu(s) => Ok(f32_slice(s, layout, what)?.to_vec()),
         _ => candle_core::bail!("{what}: CPU tensors only"),
+    }
+}
+
+/// Runs `f` on a CPU tensor's f32 data without copying it (when it is contiguous).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(f32_slice(s, layout, "tensor")?),
+        _ => candle_core::bail!("CPU tensors only"),
     }
 }

@@ -11,7 +11,6 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::losses::{entropy, token_logprobs};
 use crate::model::scalar::ScalarModel;
 use crate::model::{AttentionMask, CausalLm};
 
@@ -110,14 +109,13 @@ pub fn logprobs_of(
     let picked = hidden
         .reshape((b * t, c))?
         .index_select(&batch.positions, 0)?; // (M, C)
-    let logits = model.lm_head.forward(&picked)?; // (M, V)
-    let logp = token_logprobs(&logits, &batch.targets)?; // (M,)
-    let ent = if with_entropy {
-        Some(entropy(&logits)?)
-    } else {
-        None
-    };
-    Ok((logp, ent))
+    if with_entropy {
+        let (logp, ent) = model
+            .lm_head
+            .token_logprobs_and_entropy(&picked, &batch.targets)?; // (M,) each
+        return Ok((logp, Some(ent)));
+    }
+    Ok((model.lm_head.token_logprobs(&picked, &batch.targets)?, None)) // (M,)
 }
 
 /// The critic's value of the state before each response token (M,).
@@ -150,12 +148,20 @@ pub fn response_logprobs(
     for start in (0..m).step_by(SCORING_CHUNK) {
         let n = SCORING_CHUNK.min(m - start);
         let picked = hidden.index_select(&batch.positions.narrow(0, start, n)?, 0)?; // (n, C)
-        let logits = model.lm_head.forward(&picked)?; // (n, V)
-        logp.extend(
-            token_logprobs(&logits, &batch.targets.narrow(0, start, n)?)?.to_vec1::<f32>()?,
-        );
+        let targets = batch.targets.narrow(0, start, n)?; // (n,)
         if with_entropy {
-            ent.extend(entropy(&logits)?.to_vec1::<f32>()?);
+            let (lp, h) = model
+                .lm_head
+                .token_logprobs_and_entropy(&picked, &targets)?; // (n,) each
+            logp.extend(lp.to_vec1::<f32>()?);
+            ent.extend(h.to_vec1::<f32>()?);
+        } else {
+            logp.extend(
+                model
+                    .lm_head
+                    .token_logprobs(&picked, &targets)?
+                    .to_vec1::<f32>()?,
+            );
         }
     }
     let logp = batch.split(&Tensor::from_vec(logp, m, &model.device)?)?;

@@ -15,7 +15,6 @@ use super::order::EpochOrder;
 use super::trainer::{train, LossParts, TrainSummary, TrainTask};
 use crate::data::sft::SftExample;
 use crate::error::Result;
-use crate::losses::nll_sum;
 use crate::model::hf::{save_pretrained, Pretrained};
 use crate::model::{AttentionMask, Params};
 
@@ -188,10 +187,11 @@ pub fn lm_loss_sum(
     // Only positions with a target go through the LM head: prompts cost nothing.
     let n = picked.len();
     let picked = Tensor::from_vec(picked, n, device)?; // (N,)
-    let logits = model.lm_head.forward(&hidden.index_select(&picked, 0)?)?; // (N, V)
     let targets = Tensor::from_vec(targets, n, device)?; // (N,)
-    let weights = Tensor::ones(n, candle_core::DType::F32, device)?; // (N,)
-    Ok((nll_sum(&logits, &targets, &weights)?, n, tokens))
+    let logp = model
+        .lm_head
+        .token_logprobs(&hidden.index_select(&picked, 0)?, &targets)?; // (N,)
+    Ok((logp.sum_all()?.neg()?, n, tokens))
 }
 
 /// Trains a causal LM on `train_rows` (evaluating on `eval_rows`) with the shared
