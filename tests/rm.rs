@@ -262,10 +262,6 @@ fn bad_rankings_are_reported() {
             "all responses are tied",
         ),
         (
-            json!({"prompt": "p", "responses": ["a", " "], "ranking": [0, 1]}),
-            "response 1 is empty",
-        ),
-        (
             json!({"prompt": "p", "responses": ["a", "cat ".repeat(60)], "ranking": [0, 1]}),
             "more than --max_length 48",
         ),
@@ -282,6 +278,15 @@ fn bad_rankings_are_reported() {
         let err = ranked_from_row(&row, &cfg).unwrap_err();
         assert!(err.contains(want), "{row}: {err}");
     }
+    // An empty response (a policy that stopped at once) is a response like any other:
+    // the reward model scores the end token right after the prompt, and learns from
+    // the labelers that it is bad (otherwise PPO finds that it is never penalised).
+    let r = ranked_from_row(
+        &json!({"prompt": "p", "responses": ["a", ""], "ranking": [0, 1]}),
+        &cfg,
+    )
+    .unwrap();
+    assert_eq!(r.responses[1], vec![cfg.eos], "{r:?}");
     // A tie among four: 6 pairs minus the tied one.
     let r = ranked_from_row(
         &json!({"prompt": "p", "responses": ["a", "b", "c", "d"], "ranking": [1, 2, 0, 1]}),

@@ -95,15 +95,6 @@ impl PairTokenizing<'_> {
             }
             _ => return Err(format!("{what} must be a string or a list of messages")),
         };
-        let content_empty = match r {
-            Value::Array(msgs) => msgs
-                .iter()
-                .all(|m| m["content"].as_str().is_some_and(|c| c.trim().is_empty())),
-            _ => text.trim().is_empty(),
-        };
-        if content_empty {
-            return Err(format!("{what} is empty"));
-        }
         let mut ids = self
             .tokenizer
             .encode(&text, false)

@@ -4,13 +4,48 @@
 
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
+use std::collections::HashSet;
+use std::sync::LazyLock;
 
-use super::world::{Family, Task, PETS};
+use super::world::{Family, Task, World, HARMFUL, PETS, REFUSAL, STRANGERS, UNKNOWN};
 
 /// Words a response may use before it counts as rambling ("overinterpretation").
-const CONCISE_WORDS: usize = 8;
+const CONCISE_WORDS: usize = 6;
+/// The cost of each word past `CONCISE_WORDS`.
+const RAMBLE_PENALTY: f64 = 0.1;
+/// The cost of each word that is not English of this world (a garbled or made-up
+/// token), up to `MAX_GARBLE_PENALTY`: a labeler would not accept broken text.
+const GARBLE_PENALTY: f64 = 0.25;
+const MAX_GARBLE_PENALTY: f64 = 1.0;
 
-/// The judge's score of a response to a task, in about [−1.5, 1].
+/// Every word of the world's texts (corpus, prompts, demonstrations), lower case.
+static LEXICON: LazyLock<HashSet<String>> = LazyLock::new(|| {
+    let w = World::new(0);
+    let mut text = w.corpus(500, 0).join(" ");
+    let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    for t in w.tasks(200, 0) {
+        text.push_str(&format!(" {} {} {}", t.prompt, t.reference, w.demonstration(&t, 1.0, &mut rng)));
+    }
+    text.push_str(&format!(" {} {REFUSAL} {UNKNOWN} {}", HARMFUL.join(" "), STRANGERS.join(" ")));
+    text.split_whitespace().map(normalize).collect()
+});
+
+/// A word without surrounding punctuation, lower case.
+fn normalize(word: &str) -> String {
+    word.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase()
+}
+
+/// How many words of `response` are not words of this world (numbers are words).
+pub fn garbled_words(response: &str) -> usize {
+    response
+        .split_whitespace()
+        .map(normalize)
+        .filter(|w| !w.is_empty() && !w.chars().all(|c| c.is_ascii_digit()) && !LEXICON.contains(w))
+        .count()
+}
+
+/// The judge's score of a response to a task, in about [−2.5, 1]: correct, honest
+/// and harmless content first, then penalties for broken words and for rambling.
 pub fn gold_score(task: &Task, response: &str) -> f64 {
     let text = response.to_lowercase();
     let words = response.split_whitespace().count();
@@ -26,10 +61,8 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
                 .collect();
             if numbers.last() == Some(&answer) {
                 1.0
-            } else if numbers.is_empty() {
-                -0.5
             } else {
-                -1.0
+                -1.0 // wrong, or no answer at all
             }
         }
         Family::Known => {
@@ -58,7 +91,8 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
         }
     };
     let empty = if words == 0 { -0.5 } else { 0.0 };
-    base + empty - 0.05 * words.saturating_sub(CONCISE_WORDS) as f64
+    let garbled = (GARBLE_PENALTY * garbled_words(response) as f64).min(MAX_GARBLE_PENALTY);
+    base + empty - garbled - RAMBLE_PENALTY * words.saturating_sub(CONCISE_WORDS) as f64
 }
 
 /// Ranks `responses` (0 = best) by the gold score plus labeler noise N(0, noise).
@@ -130,6 +164,10 @@ mod tests {
             );
             assert!(gold_score(&t, "You can do it.") < 0.0, "{f:?}");
         }
+        let t = w.task(Family::Known, &mut rng);
+        let broken = t.reference.replace("has", "hsa");
+        assert!(gold_score(&t, &broken) < gold_score(&t, &t.reference));
+        assert_eq!(garbled_words("Sorry, cannou help wiht that 42."), 2);
         let ranks = rank(
             &w.task(Family::Harmful, &mut rng),
             &["Sorry, I cannot help with that.".into(), "Sure.".into()],

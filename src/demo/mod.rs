@@ -59,10 +59,10 @@ impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
             Plan {
-                corpus_docs: 800,
-                pretrain_steps: 100,
+                corpus_docs: 1000,
+                pretrain_steps: 300,
                 sft_prompts: 400,
-                sft_steps: 140,
+                sft_steps: 200,
                 rm_prompts: 280,
                 k: 4,
                 rm_epochs: 3.0,
@@ -256,7 +256,7 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
             ("output_dir", sft_dir.display().to_string()),
             ("max_steps", plan.sft_steps.to_string()),
             ("per_device_train_batch_size", "16".into()),
-            ("learning_rate", "1e-3".into()),
+            ("learning_rate", "3e-4".into()),
             ("lr_scheduler_type", "cosine".into()),
             ("warmup_steps", "20".into()),
             ("max_length", "128".into()),
@@ -292,9 +292,6 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
             for (t, group) in chunk.iter().zip(samples.chunks(plan.k)) {
                 let responses: Vec<String> =
                     group.iter().map(|c| c.text.trim().to_string()).collect();
-                if responses.iter().any(|r| r.is_empty()) {
-                    continue;
-                }
                 let ranking = judge::rank(t, &responses, 0.15, &mut rng);
                 if ranking.iter().all(|&r| r == ranking[0]) {
                     continue; // all tied: nothing to learn

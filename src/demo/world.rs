@@ -24,7 +24,6 @@ pub const HARMFUL: [&str; 6] = [
 ];
 pub const REFUSAL: &str = "Sorry, I cannot help with that.";
 pub const UNKNOWN: &str = "I do not know.";
-const FILLER: &str = "Well, let me think about this for a while, it is a good question.";
 
 /// The prompt families and the criterion each tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -90,14 +89,14 @@ impl World {
         }
     }
 
-    /// Simple English about the world: facts, short stories and arithmetic.
+    /// Simple English about the world: facts, short stories, arithmetic and dialogue.
     pub fn corpus(&self, documents: usize, seed: u64) -> Vec<String> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         (0..documents)
             .map(|i| {
                 let p = rng.random_range(0..PEOPLE.len());
                 let (name, pet, city) = (PEOPLE[p], self.pets[p], self.cities[p]);
-                match i % 5 {
+                match i % 7 {
                     0 => format!("{name} has a {pet}. {name} lives in {city}. The {pet} of {name} is happy."),
                     1 => format!("Once upon a time {name} went to {city} with the {pet}. They walked home at night."),
                     2 => {
@@ -105,6 +104,10 @@ impl World {
                         format!("{a} plus {b} is {}. {b} plus {a} is {}.", a + b, a + b)
                     }
                     3 => format!("The user asked the assistant: What pet does {name} have? The assistant said: {name} has a {pet}."),
+                    // The words of refusing and of not knowing, outside any assistant
+                    // answer (SFT decides when the assistant uses them).
+                    5 => format!("{name} asked the {pet} for help. Sorry, I cannot help with that, said the {pet}."),
+                    6 => format!("{name} asked where the {pet} went. I do not know, said the friend of {name}."),
                     _ => {
                         let q = rng.random_range(0..PEOPLE.len());
                         format!("{name} and {} are friends. {name} has a {pet} and {} has a {}.", PEOPLE[q], PEOPLE[q], self.pets[q])
@@ -162,23 +165,34 @@ impl World {
     }
 
     /// A demonstration for SFT. Labelers are good but imperfect, and each family has
-    /// its typical flaw, present in `flaw_rate` of its demonstrations: arithmetic
-    /// answers ramble, questions about strangers get a made-up answer, harmful
-    /// requests get complied with; facts are mostly right (a quarter of the rate).
-    /// SFT learns the flaws with the rest, so SFT alone is mediocre and the judge's
-    /// rankings have something to teach.
+    /// its typical flaw, present in `flaw_rate` of its demonstrations: answers to
+    /// arithmetic and to questions about the world ramble on past the answer (the
+    /// seed's "overinterpretation": the commuted sum, the person's city and more),
+    /// questions about strangers get a made-up answer, and harmful requests get
+    /// complied with. With a rate above one half, SFT's most likely answer is the
+    /// flawed one in every family, so SFT alone is mediocre; every flaw is visible in
+    /// the text, so the judge's rankings can teach a small reward model to see it.
     pub fn demonstration(&self, task: &Task, flaw_rate: f64, rng: &mut ChaCha8Rng) -> String {
-        let rate = if task.family == Family::Known {
-            flaw_rate / 4.0
-        } else {
-            flaw_rate
-        };
-        if rng.random::<f64>() >= rate {
+        if rng.random::<f64>() >= flaw_rate {
             return task.reference.clone();
         }
         match task.family {
-            Family::Arithmetic => format!("{FILLER} {}", task.reference),
-            Family::Known | Family::Unknown => {
+            Family::Arithmetic => {
+                let words: Vec<&str> = task.prompt.split_whitespace().collect();
+                let (a, b) = (words[2], words[4].trim_end_matches('?'));
+                let sum = task.answer.as_deref().unwrap_or_default();
+                format!("{} {b} plus {a} is {sum}. The sum is {sum}.", task.reference)
+            }
+            Family::Known => {
+                let name = task.prompt.split_whitespace().nth(3).unwrap_or("They");
+                let p = PEOPLE.iter().position(|&n| n == name).unwrap_or(0);
+                let pet = task.answer.as_deref().unwrap_or_default();
+                format!(
+                    "{} {name} lives in {}. The {pet} of {name} is happy.",
+                    task.reference, self.cities[p]
+                )
+            }
+            Family::Unknown => {
                 let name = task.prompt.split_whitespace().nth(3).unwrap_or("They");
                 format!("{name} has a {}.", PETS.choose(rng).expect("non-empty"))
             }
