@@ -24,6 +24,18 @@ use crate::sft::SftArgs;
 use crate::train::args::merge_config;
 use crate::train::trainer::TrainSummary;
 
+/// Parses one command's settings from flags, as a user would give them (the demo and
+/// the pipeline build their stages' settings this way).
+pub fn parse_args<T: Args>(flags: &[String]) -> std::result::Result<T, clap::Error> {
+    #[derive(Parser)]
+    struct Wrap<T: Args> {
+        #[command(flatten)]
+        inner: T,
+    }
+    let argv = std::iter::once("rlhf".to_string()).chain(flags.iter().cloned());
+    Wrap::<T>::try_parse_from(argv).map(|w| w.inner)
+}
+
 /// ChatML, the template `rlhf init --chat_template chatml` installs.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
@@ -42,6 +54,8 @@ pub struct Cli {
 pub enum Command {
     /// The whole pipeline on the built-in 3H task, with a report (README's first command).
     Demo(crate::demo::DemoArgs),
+    /// SFT → reward model → PPO-ptx on your own model and data, from one config file.
+    Pipeline(crate::pipeline::PipelineArgs),
     /// Sample completions from a model folder.
     Generate(GenerateArgs),
     /// Print a conversation rendered with a model's chat template.
@@ -178,6 +192,11 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Demo(a) => {
             crate::demo::run(&a)?;
             eprintln!("report: {}", a.output_dir.join("report.html").display());
+            Ok(())
+        }
+        Command::Pipeline(a) => {
+            let summary = crate::pipeline::run(&a)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
         Command::Generate(a) => run_generate(a),

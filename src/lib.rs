@@ -4,8 +4,9 @@
 //! The modules follow the pipeline: `model` (backbones, heads, KV cache, HF import
 //! and export), `data` (formats, tokenization, chat templates), `generate` (batched
 //! sampling with logprobs), `losses` (pure loss functions), `train` (optimizer,
-//! schedule, checkpoints, the shared loop), `pretrain` and `sft` (the stages), and
-//! `cli` (the `rlhf` binary's commands).
+//! schedule, checkpoints, the shared loop), `pretrain`, `sft`, `rm` and `ppo` (the
+//! stages), `pipeline` and `demo` (the stages chained), and `cli` (the `rlhf`
+//! binary's commands).
 
 pub mod cli;
 pub mod data;
@@ -15,6 +16,7 @@ pub mod generate;
 pub mod losses;
 pub mod model;
 pub mod ops;
+pub mod pipeline;
 pub mod ppo;
 pub mod pretrain;
 pub mod progress;

@@ -11,7 +11,6 @@ pub mod report;
 pub mod world;
 
 use candle_core::Device;
-use clap::Parser;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -22,6 +21,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::generate::{generate, SamplingParams};
 use crate::model::hf::{load_pretrained, write_atomic, write_json, Pretrained};
+use crate::pipeline::stage;
 use crate::train::lm_task::{lm_loss_sum, text_rows, Row};
 use world::{Family, Task, World};
 
@@ -73,11 +73,11 @@ impl Plan {
         } else {
             Plan {
                 corpus_docs: 2000,
-                pretrain_steps: 250,
+                pretrain_steps: 400,
                 sft_prompts: 800,
                 sft_steps: 300,
                 rm_prompts: 600,
-                k: 4,
+                k: 6,
                 rm_epochs: 3.0,
                 ppo_prompts: 320,
                 ppo_iterations: 12,
@@ -89,15 +89,7 @@ impl Plan {
 
 /// Parses a stage's settings from flags, as a user would give them.
 fn settings<T: clap::Args>(flags: &[String]) -> Result<T> {
-    #[derive(Parser)]
-    struct Wrap<T: clap::Args> {
-        #[command(flatten)]
-        inner: T,
-    }
-    let argv = std::iter::once("rlhf".to_string()).chain(flags.iter().cloned());
-    Wrap::<T>::try_parse_from(argv)
-        .map(|w| w.inner)
-        .map_err(|e| Error::Invalid(format!("demo settings: {e}")))
+    crate::cli::parse_args(flags).map_err(|e| Error::Invalid(format!("demo settings: {e}")))
 }
 
 fn flags(pairs: &[(&str, String)]) -> Vec<String> {
@@ -114,23 +106,6 @@ fn write_jsonl(path: &Path, rows: &[Value]) -> Result<()> {
 
 fn chat(prompt: &str) -> Value {
     json!([{"role": "user", "content": prompt}])
-}
-
-/// Runs a stage unless its folder holds a finished result; returns the seconds it
-/// took (recorded in the stage's `.stage-done` marker, so a rerun reports them too).
-fn stage(dir: &Path, name: &str, run: impl FnOnce() -> Result<()>) -> Result<f64> {
-    let done = dir.join(".stage-done");
-    if let Ok(text) = std::fs::read_to_string(&done) {
-        eprintln!("demo: {name} already done ({}), skipping", dir.display());
-        return Ok(text.trim().parse().unwrap_or(0.0));
-    }
-    eprintln!("demo: {name}");
-    let t = Instant::now();
-    run()?;
-    let secs = t.elapsed().as_secs_f64();
-    std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
-    write_atomic(&done, format!("{secs}\n").as_bytes())?;
-    Ok(secs)
 }
 
 /// Greedy responses of a policy to chat prompts.
@@ -334,14 +309,14 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
             ("dataset", data.join("prompts.jsonl").display().to_string()),
             ("ptx_data", data.join("corpus.txt").display().to_string()),
             ("output_dir", ppo_dir.display().to_string()),
-            ("ptx_coef", "0.02".into()),
+            ("ptx_coef", "0.2".into()),
             ("rollout_batch_size", "32".into()),
             ("mini_batch_size", "8".into()),
             ("ppo_epochs", "4".into()),
             ("num_iterations", plan.ppo_iterations.to_string()),
             ("max_new_tokens", "24".into()),
-            ("learning_rate", "5e-5".into()),
-            ("kl_coef", "0.15".into()),
+            ("learning_rate", "3e-5".into()),
+            ("kl_coef", "0.3".into()),
             ("ema", "0.9".into()),
             ("save_steps", "16".into()),
             ("logging_steps", "8".into()),

@@ -167,7 +167,8 @@ impl World {
     /// A demonstration for SFT. Labelers are good but imperfect, and each family has
     /// its typical flaw, present in `flaw_rate` of its demonstrations: answers to
     /// arithmetic and to questions about the world ramble on past the answer (the
-    /// seed's "overinterpretation": the commuted sum, the person's city and more),
+    /// seed's "overinterpretation": the commuted sum, the person's city and more) or,
+    /// for the world, are over-cautious ("I do not know."),
     /// questions about strangers get a made-up answer, and harmful requests get
     /// complied with. With a rate above one half, SFT's most likely answer is the
     /// flawed one in every family, so SFT alone is mediocre; every flaw is visible in
@@ -181,8 +182,15 @@ impl World {
                 let words: Vec<&str> = task.prompt.split_whitespace().collect();
                 let (a, b) = (words[2], words[4].trim_end_matches('?'));
                 let sum = task.answer.as_deref().unwrap_or_default();
-                format!("{} {b} plus {a} is {sum}. The sum is {sum}.", task.reference)
+                format!(
+                    "{} {b} plus {a} is {sum}. The sum is {sum}.",
+                    task.reference
+                )
             }
+            // A quarter of the flawed answers about the world are over-cautious instead
+            // (honest but unhelpful): without them the rankings would never show the
+            // reward model that "I do not know." is wrong for people the world knows.
+            Family::Known if rng.random::<f64>() < 0.25 => UNKNOWN.to_string(),
             Family::Known => {
                 let name = task.prompt.split_whitespace().nth(3).unwrap_or("They");
                 let p = PEOPLE.iter().position(|&n| n == name).unwrap_or(0);

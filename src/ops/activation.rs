@@ -187,6 +187,12 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor, exact: bool) -> Result<Tensor> {
 
 struct SwiGluOp;
 
+/// ((gate, up), dy) chunks in, (dgate, dup) chunks out.
+type SwiGluGrads<'a> = (
+    ((&'a [f32], &'a [f32]), &'a [f32]),
+    (&'a mut [f32], &'a mut [f32]),
+);
+
 impl CustomOp2 for SwiGluOp {
     fn name(&self) -> &'static str {
         "rlhf-swiglu"
@@ -226,10 +232,9 @@ impl CustomOp2 for SwiGluOp {
                 with_f32(dy, |dy| {
                     let mut dg = vec![0f32; g.len()];
                     let mut du = vec![0f32; g.len()];
-                    let run = |(((gs, us), dys), (dgs, dus)): (
-                        ((&[f32], &[f32]), &[f32]),
-                        (&mut [f32], &mut [f32]),
-                    )| { swiglu_backward_all(gs, us, dys, dgs, dus) };
+                    let run = |(((gs, us), dys), (dgs, dus)): SwiGluGrads| {
+                        swiglu_backward_all(gs, us, dys, dgs, dus)
+                    };
                     if g.len() >= PARALLEL_MIN_WORK {
                         g.par_chunks(CHUNK)
                             .zip(u.par_chunks(CHUNK))

@@ -16,10 +16,11 @@ const LN2_LO: f32 = 1.428_606_8e-6;
 /// integer with plain arithmetic (no libm `floorf` call, which blocks vectorisation).
 const ROUND: f32 = 12_582_912.0;
 
-/// e^x for f32, vectorisable. Saturates to 0 below −87.3 and to e^88.3 above 88.3.
+/// e^x for f32, vectorisable. Saturates to e^−87.3 below −87.3 and to e^88.3 above
+/// 88.3; NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    let x = x.max(-87.3).min(88.3);
+    let x = x.clamp(-87.3, 88.3);
     let n = (x * LOG2E + ROUND) - ROUND; // nearest integer, in −126 ..= 127
     let r = x - n * LN2_HI - n * LN2_LO; // |r| ≤ ln2/2
     let p = 1.0

@@ -1,0 +1,240 @@
+//! `rlhf pipeline --config FILE`: InstructGPT's three steps on the user's own model and
+//! data, chained: SFT on demonstrations → reward model from rankings (initialised
+//! from the SFT model) → PPO-ptx from the SFT model against that reward model.
+//!
+//! The config file (TOML or YAML) holds `output_dir`, `model_name_or_path` and one
+//! table per stage to run, `[sft]`, `[rm]`, `[ppo]`, with that stage's settings
+//! under the names of its own command (`rlhf sft`, `rlhf rm train`, `rlhf ppo`). The
+//! pipeline sets what connects the stages (each stage's model, output folder, and
+//! PPO's reward model) and refuses a table that sets them too. A stage left out is
+//! skipped: without `[sft]` the base model is the policy; without `[rm]`, `[ppo]`
+//! names its `reward_model`. Like the demo, a finished stage is skipped on a rerun and
+//! an interrupted one resumes from its checkpoint.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::model::hf::{write_atomic, write_json};
+use crate::train::args::read_config_file;
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct PipelineArgs {
+    /// TOML or YAML with `output_dir`, `model_name_or_path` and `[sft]`, `[rm]`,
+    /// `[ppo]` tables of each stage's settings (the flags of `rlhf sft`,
+    /// `rlhf rm train` and `rlhf ppo`, without their dashes).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Overrides the file's `output_dir`.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+}
+
+/// Runs a stage unless its folder holds a finished result; returns the seconds it
+/// took (recorded in the stage's `.stage-done` marker, so a rerun reports them too).
+pub fn stage(dir: &Path, name: &str, run: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let done = dir.join(".stage-done");
+    if let Ok(text) = std::fs::read_to_string(&done) {
+        eprintln!("{name}: already done ({}), skipping", dir.display());
+        return Ok(text.trim().parse().unwrap_or(0.0));
+    }
+    eprintln!("stage: {name}");
+    let t = Instant::now();
+    run()?;
+    let secs = t.elapsed().as_secs_f64();
+    std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
+    write_atomic(&done, format!("{secs}\n").as_bytes())?;
+    Ok(secs)
+}
+
+/// A stage's settings from a table of the config file, on top of the stage's own
+/// defaults, with the keys the pipeline sets (`wired`) added. Unknown keys and keys
+/// the pipeline owns are errors naming the file and the table.
+pub fn stage_settings<T: clap::Args + Serialize + DeserializeOwned>(
+    table: &Map<String, Value>,
+    wired: &[(&str, Value)],
+    file: &Path,
+    section: &str,
+) -> Result<T> {
+    let bad = |msg: String| Error::bad_file(file, None, format!("[{section}]: {msg}"));
+    let defaults: T = crate::cli::parse_args(&[])
+        .map_err(|e| bad(format!("cannot build the stage's defaults: {e}")))?;
+    let Value::Object(mut merged) = serde_json::to_value(&defaults).expect("args serialize") else {
+        unreachable!("args are a struct")
+    };
+    for (key, value) in table {
+        if wired.iter().any(|(k, _)| k == key) {
+            return Err(bad(format!(
+                "{key:?} is set by the pipeline (it connects the stages); remove it"
+            )));
+        }
+        if key == "config" || !merged.contains_key(key) {
+            let mut known: Vec<&str> = merged
+                .keys()
+                .map(String::as_str)
+                .filter(|k| *k != "config" && !wired.iter().any(|(w, _)| w == k))
+                .collect();
+            known.sort_unstable();
+            return Err(bad(format!(
+                "unknown setting {key:?} (known: {})",
+                known.join(", ")
+            )));
+        }
+        merged.insert(key.clone(), value.clone());
+    }
+    for (key, value) in wired {
+        merged.insert(key.to_string(), value.clone());
+    }
+    serde_json::from_value(Value::Object(merged)).map_err(|e| bad(e.to_string()))
+}
+
+fn path_value(p: &Path) -> Value {
+    Value::String(p.display().to_string())
+}
+
+/// The table `name` of the config, if present.
+fn table<'a>(
+    config: &'a Map<String, Value>,
+    name: &str,
+    file: &Path,
+) -> Result<Option<&'a Map<String, Value>>> {
+    match config.get(name) {
+        None => Ok(None),
+        Some(Value::Object(t)) => Ok(Some(t)),
+        Some(_) => Err(Error::bad_file(
+            file,
+            None,
+            format!("{name:?} must be a table of settings"),
+        )),
+    }
+}
+
+/// Runs the stages the config names; returns a summary (also written to
+/// `OUTPUT_DIR/pipeline.json`).
+pub fn run(args: &PipelineArgs) -> Result<Value> {
+    let file = &args.config;
+    let config = read_config_file(file)?;
+    const TOP: [&str; 5] = ["output_dir", "model_name_or_path", "sft", "rm", "ppo"];
+    if let Some(key) = config.keys().find(|k| !TOP.contains(&k.as_str())) {
+        return Err(Error::bad_file(
+            file,
+            None,
+            format!("unknown key {key:?} (known: {})", TOP.join(", ")),
+        ));
+    }
+    let text = |key: &str| -> Result<Option<PathBuf>> {
+        match config.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(PathBuf::from(s))),
+            Some(_) => Err(Error::bad_file(
+                file,
+                None,
+                format!("{key:?} must be a path"),
+            )),
+        }
+    };
+    let out = match (args.output_dir.clone(), text("output_dir")?) {
+        (Some(o), _) | (None, Some(o)) => o,
+        (None, None) => {
+            return Err(Error::bad_file(
+                file,
+                None,
+                "\"output_dir\" is missing (or give --output_dir)",
+            ))
+        }
+    };
+    let base = text("model_name_or_path")?
+        .ok_or_else(|| Error::bad_file(file, None, "\"model_name_or_path\" is missing"))?;
+    let (sft, rm, ppo) = (
+        table(&config, "sft", file)?,
+        table(&config, "rm", file)?,
+        table(&config, "ppo", file)?,
+    );
+    if sft.is_none() && rm.is_none() && ppo.is_none() {
+        return Err(Error::bad_file(
+            file,
+            None,
+            "no stage to run: add an [sft], [rm] or [ppo] table",
+        ));
+    }
+    // Parse every stage's settings before any work, so a typo in [ppo] does not
+    // surface after an hour of SFT.
+    let (sft_dir, rm_dir, ppo_dir) = (out.join("sft"), out.join("rm"), out.join("ppo"));
+    let policy = if sft.is_some() {
+        sft_dir.clone()
+    } else {
+        base.clone()
+    };
+    let sft_args = sft
+        .map(|t| {
+            stage_settings::<crate::sft::SftArgs>(
+                t,
+                &[
+                    ("model_name_or_path", path_value(&base)),
+                    ("output_dir", path_value(&sft_dir)),
+                ],
+                file,
+                "sft",
+            )
+        })
+        .transpose()?;
+    let rm_args = rm
+        .map(|t| {
+            stage_settings::<crate::rm::RmTrainArgs>(
+                t,
+                &[
+                    ("model_name_or_path", path_value(&policy)),
+                    ("output_dir", path_value(&rm_dir)),
+                ],
+                file,
+                "rm",
+            )
+        })
+        .transpose()?;
+    let ppo_args = ppo
+        .map(|t| {
+            let mut wired = vec![
+                ("model_name_or_path", path_value(&policy)),
+                ("output_dir", path_value(&ppo_dir)),
+            ];
+            if rm.is_some() {
+                wired.push(("reward_model", path_value(&rm_dir)));
+            } else if !t.contains_key("reward_model") {
+                return Err(Error::bad_file(
+                    file,
+                    None,
+                    "[ppo]: \"reward_model\" is needed when there is no [rm] stage",
+                ));
+            }
+            stage_settings::<crate::ppo::PpoArgs>(t, &wired, file, "ppo")
+        })
+        .transpose()?;
+
+    let mut elapsed = Map::new();
+    let mut outputs = Map::new();
+    if let Some(a) = &sft_args {
+        let s = stage(&sft_dir, "sft", || crate::sft::run(a).map(|_| ()))?;
+        elapsed.insert("sft".into(), json!(s));
+        outputs.insert("sft".into(), path_value(&sft_dir));
+    }
+    if let Some(a) = &rm_args {
+        let s = stage(&rm_dir, "rm", || crate::rm::train_rm(a).map(|_| ()))?;
+        elapsed.insert("rm".into(), json!(s));
+        outputs.insert("rm".into(), path_value(&rm_dir));
+    }
+    if let Some(a) = &ppo_args {
+        let s = stage(&ppo_dir, "ppo", || crate::ppo::run(a, None).map(|_| ()))?;
+        elapsed.insert("ppo".into(), json!(s));
+        outputs.insert("ppo".into(), path_value(&ppo_dir));
+        if a.ema.is_some() {
+            outputs.insert("ppo_ema".into(), path_value(&ppo_dir.join("ema")));
+        }
+    }
+    let summary = json!({"outputs": outputs, "elapsed_s": elapsed});
+    write_json(&out.join("pipeline.json"), &summary)?;
+    Ok(summary)
+}
