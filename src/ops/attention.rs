@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::simd::{self, simd_kernel};
-use super::{axpy, cpu_f32_vec, dot, f32_slice, PARALLEL_MIN_WORK};
+use super::{axpy, dot, f32_slice, with_f32_all, PARALLEL_MIN_WORK};
 
 /// Which keys each query may attend to. `segments[b·S + j]` is 0 for padding and an
 /// example number otherwise; key j is visible to query t (at key index `offset + t`)
@@ -274,14 +274,9 @@ impl CustomOp3 for AttentionOp {
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = Dims::of(q.shape(), k.shape())?;
-        let (dq, dk, dv) = self.backward(
-            &cpu_f32_vec(q, "attention")?,
-            &cpu_f32_vec(k, "attention")?,
-            &cpu_f32_vec(v, "attention")?,
-            &cpu_f32_vec(o, "attention")?,
-            &cpu_f32_vec(dout, "attention")?,
-            &d,
-        );
+        let (dq, dk, dv) = with_f32_all(&[q, k, v, o, dout], |a| {
+            Ok(self.backward(a[0], a[1], a[2], a[3], a[4], &d))
+        })?;
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),

@@ -81,14 +81,19 @@ pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// A CPU tensor's f32 data as a vector (for custom ops' backward passes).
-pub(crate) fn cpu_f32_vec(t: &Tensor, what: &str) -> Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => Ok(f32_slice(s, layout, what)?.to_vec()),
-        _ => candle_core::bail!("{what}: CPU tensors only"),
+/// Runs `f` on the f32 data of several CPU tensors at once, without copying them
+/// (when they are contiguous): the backward passes' inputs.
+pub(crate) fn with_f32_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(s) => slices.push(f32_slice(s, layout, "tensor")?),
+            _ => candle_core::bail!("CPU tensors only"),
+        }
     }
+    f(&slices)
 }
 
 /// Runs `f` on a CPU tensor's f32 data without copying it (when it is contiguous).

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_f32_vec, f32_slice, PARALLEL_MIN_WORK};
+use super::{f32_slice, with_f32_all, PARALLEL_MIN_WORK};
 
 /// Rows per parallel chunk; fixed so that partial sums reduce in the same order.
 const ROWS_PER_CHUNK: usize = 16;
@@ -145,13 +145,9 @@ impl CustomOp3 for LayerNormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = backward(
-            Kind::Layer,
-            &cpu_f32_vec(x, "norm backward")?,
-            &cpu_f32_vec(w, "norm backward")?,
-            &cpu_f32_vec(dy, "norm backward")?,
-            self.eps,
-        );
+        let (dx, dw, db) = with_f32_all(&[x, w, dy], |a| {
+            Ok(backward(Kind::Layer, a[0], a[1], a[2], self.eps))
+        })?;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -190,13 +186,9 @@ impl CustomOp2 for RmsNormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = backward(
-            Kind::Rms,
-            &cpu_f32_vec(x, "norm backward")?,
-            &cpu_f32_vec(w, "norm backward")?,
-            &cpu_f32_vec(dy, "norm backward")?,
-            self.eps,
-        );
+        let (dx, dw, _) = with_f32_all(&[x, w, dy], |a| {
+            Ok(backward(Kind::Rms, a[0], a[1], a[2], self.eps))
+        })?;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
