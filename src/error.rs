@@ -8,16 +8,18 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {}: {source}", path.display())]
+    // The I/O error is part of the message, not a `source`: a chain printer
+    // (`{:#}` at the binary's edge) would print it twice.
+    #[error("cannot read {}: {cause}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}: {cause}", path.display())]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// A file whose content is not what was expected. `line` is 1-based when known.
@@ -70,17 +72,17 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn read(path: &Path, source: std::io::Error) -> Self {
+    pub fn read(path: &Path, cause: std::io::Error) -> Self {
         Error::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         }
     }
 
-    pub fn write(path: &Path, source: std::io::Error) -> Self {
+    pub fn write(path: &Path, cause: std::io::Error) -> Self {
         Error::Write {
             path: path.to_path_buf(),
-            source,
+            cause,
         }
     }
 
