@@ -9,19 +9,11 @@ use crate::error::Result;
 
 /// log softmax(logits)[target] for each row. logits: (N, V), targets: (N,) u32 → (N,)
 ///
-/// On CPU this is the fused kernel of `ops::cross_entropy`; elsewhere the composite
-/// below.
+/// The max is detached (log-sum-exp is shift-invariant), so gradients flow through
+/// the exponentials only, as in PyTorch's fused kernel. On CPU the model computes
+/// this from the hidden states without logits (`ops::lm_head`); this is its reference
+/// and the path on other devices.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if crate::ops::fused_for(logits) {
-        return Ok(crate::ops::cross_entropy::token_logprobs(logits, targets)?);
-    }
-    token_logprobs_composite(logits, targets)
-}
-
-/// `token_logprobs` from candle ops: the kernel's reference. The max is detached
-/// (log-sum-exp is shift-invariant), so gradients flow through the exponentials only,
-/// as in PyTorch's fused kernel.
-pub fn token_logprobs_composite(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach(); // (N, 1)
     let shifted = logits.broadcast_sub(&max)?; // (N, V)
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (N, 1)
@@ -43,13 +35,6 @@ pub fn next_token_targets(ids: &[Vec<u32>], loss_mask: &[Vec<u8>]) -> (Vec<u32>,
         weights.extend(mask[1..].iter().map(|&m| f32::from(m)));
     }
     (targets, weights)
-}
-
-/// Σ weight · (−log p(target)) over all positions: the numerator of a token-mean
-/// cross-entropy. logits: (N, V), targets: (N,), weights: (N,) → scalar.
-pub fn nll_sum(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let logp = token_logprobs(logits, targets)?; // (N,)
-    Ok((logp * weights)?.sum_all()?.neg()?)
 }
 
 /// log σ(x), computed stably as min(x, 0) − log(1 + e^(−|x|)).
@@ -141,16 +126,9 @@ pub fn clipped_value_loss(
     Ok((a.maximum(&b)?.mean_all()? * 0.5)?)
 }
 
-/// Entropy of each row's distribution: logits (M, V) → (M,), detached.
+/// Entropy of each row's distribution: logits (M, V) → (M,), detached. (On CPU,
+/// `ops::lm_head` computes it with the log-probs; this is its reference.)
 pub fn entropy(logits: &Tensor) -> Result<Tensor> {
-    if crate::ops::fused_for(logits) {
-        return Ok(crate::ops::cross_entropy::entropy(logits)?);
-    }
-    entropy_composite(logits)
-}
-
-/// `entropy` from candle ops: the kernel's reference.
-pub fn entropy_composite(logits: &Tensor) -> Result<Tensor> {
     let logits = logits.detach();
     let max = logits.max_keepdim(D::Minus1)?; // (M, 1)
     let shifted = logits.broadcast_sub(&max)?; // (M, V)
@@ -177,17 +155,6 @@ mod tests {
         let lp: Vec<f32> = token_logprobs(&logits, &t).unwrap().to_vec1().unwrap();
         assert!((lp[0] - -0.407_605_96).abs() < 1e-6, "{lp:?}");
         assert!((lp[1] - -10.000_091).abs() < 1e-5, "{lp:?}");
-    }
-
-    #[test]
-    fn nll_sum_weights_positions() {
-        // torch.nn.functional.cross_entropy(logits, t, reduction='none') = [0.4076, 10.0001]
-        // weights [1, 0] → 0.4076
-        let logits = Tensor::new(&[[1f32, 2., 3.], [0., 0., 10.]], &Device::Cpu).unwrap();
-        let t = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
-        let w = Tensor::new(&[1f32, 0.], &Device::Cpu).unwrap();
-        let s: f32 = nll_sum(&logits, &t, &w).unwrap().to_scalar().unwrap();
-        assert!((s - 0.407_606).abs() < 1e-5);
     }
 
     #[test]

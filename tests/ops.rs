@@ -234,40 +234,16 @@ fn random_targets(n: usize, v: usize, seed: u64) -> Tensor {
 }
 
 #[test]
-fn token_logprobs_and_entropy_match_composite() {
-    use rlhf::losses::{entropy, entropy_composite, token_logprobs, token_logprobs_composite};
-    for (n, v) in [(1, 1), (3, 5), (17, 333), (64, 2049)] {
-        let logits = wide(&[n, v], 54);
-        let targets = random_targets(n, v, 55);
-        let fused = token_logprobs(logits.as_tensor(), &targets).unwrap();
-        let composite = token_logprobs_composite(logits.as_tensor(), &targets).unwrap();
-        let d = max_diff(&fused, &composite);
-        assert!(d <= 1e-5, "values ({n}, {v}): {d}");
-        assert_grads_match(
-            &[&logits],
-            &fused,
-            &composite,
-            1e-5,
-            &format!("token_logprobs ({n}, {v})"),
-        );
-        let h = entropy(logits.as_tensor()).unwrap();
-        let hc = entropy_composite(logits.as_tensor()).unwrap();
-        let d = max_diff(&h, &hc);
-        assert!(d <= 1e-5, "entropy ({n}, {v}): {d}");
-    }
-}
-
-#[test]
 fn lm_head_logprobs_match_composite_kept_and_chunked() {
-    use rlhf::losses::{entropy_composite, token_logprobs_composite};
+    use rlhf::losses::{entropy, token_logprobs};
     use rlhf::ops::lm_head::head_logprobs_with_limits;
     for (n, c, v) in [(1, 1, 1), (5, 3, 7), (37, 24, 301), (130, 64, 1000)] {
         let h = randn(&[n, c], 56);
         let w = randn(&[v, c], 57);
         let targets = random_targets(n, v, 58);
         let logits = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
-        let composite = token_logprobs_composite(&logits, &targets).unwrap();
-        let composite_h = entropy_composite(&logits).unwrap();
+        let composite = token_logprobs(&logits, &targets).unwrap();
+        let composite_h = entropy(&logits).unwrap();
         // Kept probabilities; then chunks of 1 row and of a few rows (the last one short).
         for (keep_max, chunk) in [(usize::MAX, 0), (0, 1), (0, 3 * v + 1)] {
             let what = format!("({n}, {c}, {v}) keep_max {keep_max} chunk {chunk}");

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::simd::{self, simd_kernel};
-use super::{f32_slice, with_f32, PARALLEL_MIN_WORK};
+use super::{f32_slice, with_f32_all, PARALLEL_MIN_WORK};
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
@@ -94,6 +94,37 @@ fn chunk_len(c: usize) -> usize {
     c * (CHUNK / c.max(1)).max(1)
 }
 
+/// (dx, db) of y = gelu(x + b) for rows of x with upstream gradient dy.
+fn gelu_backward(x: &[f32], b: &[f32], dy: &[f32], exact: bool) -> (Vec<f32>, Vec<f32>) {
+    let c = b.len();
+    let mut dx = vec![0f32; x.len()];
+    // Each chunk sums its own db; chunks are added in order (deterministic).
+    let run = |((xs, dys), dxs): ((&[f32], &[f32]), &mut [f32])| {
+        gelu_backward_rows(xs, b, dys, dxs, exact)
+    };
+    let n = chunk_len(c);
+    let parts: Vec<Vec<f32>> = if x.len() >= PARALLEL_MIN_WORK {
+        x.par_chunks(n)
+            .zip(dy.par_chunks(n))
+            .zip(dx.par_chunks_mut(n))
+            .map(run)
+            .collect()
+    } else {
+        x.chunks(n)
+            .zip(dy.chunks(n))
+            .zip(dx.chunks_mut(n))
+            .map(run)
+            .collect()
+    };
+    let mut db = vec![0f32; c];
+    for p in parts {
+        for (d, v) in db.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+    (dx, db)
+}
+
 struct BiasGeluOp {
     exact: bool,
 }
@@ -132,39 +163,8 @@ impl CustomOp2 for BiasGeluOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let exact = self.exact;
-        let (dx, db) = with_f32(x, |x| {
-            with_f32(b, |b| {
-                with_f32(dy, |dy| {
-                    let c = b.len();
-                    let mut dx = vec![0f32; x.len()];
-                    // Each chunk sums its own db; chunks are added in order (deterministic).
-                    let run = |((xs, dys), dxs): ((&[f32], &[f32]), &mut [f32])| {
-                        gelu_backward_rows(xs, b, dys, dxs, exact)
-                    };
-                    let n = chunk_len(c);
-                    let parts: Vec<Vec<f32>> = if x.len() >= PARALLEL_MIN_WORK {
-                        x.par_chunks(n)
-                            .zip(dy.par_chunks(n))
-                            .zip(dx.par_chunks_mut(n))
-                            .map(run)
-                            .collect()
-                    } else {
-                        x.chunks(n)
-                            .zip(dy.chunks(n))
-                            .zip(dx.chunks_mut(n))
-                            .map(run)
-                            .collect()
-                    };
-                    let mut db = vec![0f32; c];
-                    for p in parts {
-                        for (d, v) in db.iter_mut().zip(p) {
-                            *d += v;
-                        }
-                    }
-                    Ok((dx, db))
-                })
-            })
+        let (dx, db) = with_f32_all(&[x, b, dy], |a| {
+            Ok(gelu_backward(a[0], a[1], a[2], self.exact))
         })?;
         let dev = x.device();
         Ok((
@@ -183,6 +183,24 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor, exact: bool) -> Result<Tensor> {
     }
     x.contiguous()?
         .apply_op2(&bias.contiguous()?, BiasGeluOp { exact })
+}
+
+/// (dg, du) of y = silu(g)·u with upstream gradient dy.
+fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    let run =
+        |(((gs, us), dys), (dgs, dus)): SwiGluGrads| swiglu_backward_all(gs, us, dys, dgs, dus);
+    if g.len() >= PARALLEL_MIN_WORK {
+        g.par_chunks(CHUNK)
+            .zip(u.par_chunks(CHUNK))
+            .zip(dy.par_chunks(CHUNK))
+            .zip(dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)))
+            .for_each(run);
+    } else {
+        run((((g, u), dy), (&mut dg, &mut du)));
+    }
+    (dg, du)
 }
 
 struct SwiGluOp;
@@ -227,27 +245,7 @@ impl CustomOp2 for SwiGluOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = with_f32(g, |g| {
-            with_f32(u, |u| {
-                with_f32(dy, |dy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
-                    let run = |(((gs, us), dys), (dgs, dus)): SwiGluGrads| {
-                        swiglu_backward_all(gs, us, dys, dgs, dus)
-                    };
-                    if g.len() >= PARALLEL_MIN_WORK {
-                        g.par_chunks(CHUNK)
-                            .zip(u.par_chunks(CHUNK))
-                            .zip(dy.par_chunks(CHUNK))
-                            .zip(dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)))
-                            .for_each(run);
-                    } else {
-                        run((((g, u), dy), (&mut dg, &mut du)));
-                    }
-                    Ok((dg, du))
-                })
-            })
-        })?;
+        let (dg, du) = with_f32_all(&[g, u, dy], |a| Ok(swiglu_backward(a[0], a[1], a[2])))?;
         let dev = g.device();
         Ok((
             Some(Tensor::from_vec(dg, g.shape(), dev)?),

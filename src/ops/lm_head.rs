@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 use super::simd::{self, max8, simd_kernel, sum8};
-use super::{dot, f32_slice, with_f32};
+use super::{dot, f32_slice, with_f32_all};
 
 /// The most logits (N·V) the forward keeps for the backward: 128 Mi floats, 512 MiB.
 const KEEP_MAX: usize = 1 << 27;
@@ -129,6 +129,65 @@ struct HeadLogprobsOp {
 }
 
 impl HeadLogprobsOp {
+    /// Rows per chunk when the probabilities are not kept.
+    fn chunk_rows(&self, v: usize) -> usize {
+        (self.chunk_logits / v).max(1)
+    }
+
+    /// (dh, dW) from the hidden states h, the weight w, the forward's output o and its
+    /// gradient g, with the kept probabilities when there are any.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        h: &[f32],
+        w: &[f32],
+        o: &[f32],
+        g: &[f32],
+        targets: &[u32],
+        kept: Option<Vec<f32>>,
+        (n, c, v): (usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>) {
+        let cols = if self.with_entropy { 2 } else { 1 };
+        let mut dh = vec![0f32; n * c];
+        let mut dw = vec![0f32; v * c];
+        let recompute = kept.is_none();
+        let (chunk, mut buf) = match kept {
+            Some(p) => (n.max(1), p),
+            None => {
+                let chunk = self.chunk_rows(v);
+                (chunk, vec![0f32; chunk.min(n) * v])
+            }
+        };
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let d = &mut buf[..rows * v];
+            let hc = &h[start * c..(start + rows) * c];
+            if recompute {
+                gemm(rows, v, c, d, false, hc, (c, 1), w, (1, c));
+            }
+            d.par_chunks_mut(v)
+                .enumerate()
+                .with_min_len(4)
+                .for_each(|(r, row)| {
+                    let i = start + r;
+                    let t = targets[i] as usize;
+                    let gi = g[i * cols];
+                    if recompute {
+                        let lse = row[t] - o[i * cols];
+                        grad_from_logits(row, lse, t, gi);
+                    } else {
+                        grad_from_probs(row, t, gi);
+                    }
+                });
+            // dh = dl W: (rows, V) · (V, C)
+            let dhc = &mut dh[start * c..(start + rows) * c];
+            gemm(rows, c, v, dhc, false, d, (v, 1), w, (c, 1));
+            // dW += dlᵀ h: (V, rows) · (rows, C)
+            gemm(v, c, rows, &mut dw, start > 0, d, (1, v), hc, (c, 1));
+        }
+        (dh, dw)
+    }
+
     /// Turns a chunk of logit rows into probabilities and writes out (and entropy).
     fn finish_rows(&self, probs: &mut [f32], targets: &[u32], out: &mut [f32], v: usize) {
         let cols = if self.with_entropy { 2 } else { 1 };
@@ -185,7 +244,7 @@ impl CustomOp3 for HeadLogprobsOp {
         let chunk = if self.keep {
             n.max(1)
         } else {
-            (self.chunk_logits / v).max(1)
+            self.chunk_rows(v)
         };
         let mut probs = vec![0f32; chunk.min(n) * v];
         for start in (0..n).step_by(chunk) {
@@ -221,54 +280,10 @@ impl CustomOp3 for HeadLogprobsOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c) = hidden.dims2()?;
         let v = weight.dim(0)?;
-        let cols = if self.with_entropy { 2 } else { 1 };
         let targets: Vec<u32> = targets.to_vec1()?;
         let kept = self.kept.lock().expect("lm head stash").take();
-        let (dh, dw) = with_f32(hidden, |h| {
-            with_f32(weight, |w| {
-                with_f32(out, |o| {
-                    with_f32(dout, |g| {
-                        let mut dh = vec![0f32; n * c];
-                        let mut dw = vec![0f32; v * c];
-                        let recompute = kept.is_none();
-                        let (chunk, mut buf) = match kept {
-                            Some(p) => (n.max(1), p),
-                            None => {
-                                let chunk = (self.chunk_logits / v).max(1);
-                                (chunk, vec![0f32; chunk.min(n) * v])
-                            }
-                        };
-                        for start in (0..n).step_by(chunk) {
-                            let rows = chunk.min(n - start);
-                            let d = &mut buf[..rows * v];
-                            let hc = &h[start * c..(start + rows) * c];
-                            if recompute {
-                                gemm(rows, v, c, d, false, hc, (c, 1), w, (1, c));
-                            }
-                            d.par_chunks_mut(v)
-                                .enumerate()
-                                .with_min_len(4)
-                                .for_each(|(r, row)| {
-                                    let i = start + r;
-                                    let t = targets[i] as usize;
-                                    let gi = g[i * cols];
-                                    if recompute {
-                                        let lse = row[t] - o[i * cols];
-                                        grad_from_logits(row, lse, t, gi);
-                                    } else {
-                                        grad_from_probs(row, t, gi);
-                                    }
-                                });
-                            // dh = dl W: (rows, V) · (V, C)
-                            let dhc = &mut dh[start * c..(start + rows) * c];
-                            gemm(rows, c, v, dhc, false, d, (v, 1), w, (c, 1));
-                            // dW += dlᵀ h: (V, rows) · (rows, C)
-                            gemm(v, c, rows, &mut dw, start > 0, d, (1, v), hc, (c, 1));
-                        }
-                        Ok((dh, dw))
-                    })
-                })
-            })
+        let (dh, dw) = with_f32_all(&[hidden, weight, out, dout], |a| {
+            Ok(self.backward(a[0], a[1], a[2], a[3], &targets, kept, (n, c, v)))
         })?;
         let dev = hidden.device();
         Ok((

@@ -1,6 +1,6 @@
 //! CPU kernels with their own backward pass, as candle custom ops: fused LayerNorm,
-//! RMSNorm, causal attention, GELU/SwiGLU, per-token cross-entropy and the LM head
-//! with its log-probabilities. The model code calls them through `model::layers`,
+//! RMSNorm, causal attention, GELU/SwiGLU and the LM head with its per-token
+//! log-probabilities. The model code calls them through `model::layers`,
 //! which falls back to the composite candle ops on other devices; the composite
 //! versions are also the references the kernels are tested against.
 //!
@@ -9,7 +9,6 @@
 
 pub mod activation;
 pub mod attention;
-pub mod cross_entropy;
 pub mod lm_head;
 pub mod matmul;
 pub mod norm;
@@ -94,14 +93,4 @@ pub(crate) fn with_f32_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Resul
         }
     }
     f(&slices)
-}
-
-/// Runs `f` on a CPU tensor's f32 data without copying it (when it is contiguous).
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => f(f32_slice(s, layout, "tensor")?),
-        _ => candle_core::bail!("CPU tensors only"),
-    }
 }
