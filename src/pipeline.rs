@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::model::hf::{write_atomic, write_json};
-use crate::train::args::read_config_file;
+use crate::train::args::{check_known_setting, read_config_file};
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -66,24 +66,14 @@ pub fn stage_settings<T: clap::Args + Serialize + DeserializeOwned>(
     let Value::Object(mut merged) = serde_json::to_value(&defaults).expect("args serialize") else {
         unreachable!("args are a struct")
     };
+    let hidden: Vec<&str> = wired.iter().map(|(k, _)| *k).collect();
     for (key, value) in table {
-        if wired.iter().any(|(k, _)| k == key) {
+        if hidden.contains(&key.as_str()) {
             return Err(bad(format!(
                 "{key:?} is set by the pipeline (it connects the stages); remove it"
             )));
         }
-        if key == "config" || !merged.contains_key(key) {
-            let mut known: Vec<&str> = merged
-                .keys()
-                .map(String::as_str)
-                .filter(|k| *k != "config" && !wired.iter().any(|(w, _)| w == k))
-                .collect();
-            known.sort_unstable();
-            return Err(bad(format!(
-                "unknown setting {key:?} (known: {})",
-                known.join(", ")
-            )));
-        }
+        check_known_setting(&merged, key, &hidden).map_err(bad)?;
         merged.insert(key.clone(), value.clone());
     }
     for (key, value) in wired {
@@ -169,38 +159,22 @@ pub fn run(args: &PipelineArgs) -> Result<Value> {
     } else {
         base.clone()
     };
+    // What connects a stage to the others: the model it starts from, its folder.
+    let io = |model: &Path, dir: &Path| {
+        vec![
+            ("model_name_or_path", path_value(model)),
+            ("output_dir", path_value(dir)),
+        ]
+    };
     let sft_args = sft
-        .map(|t| {
-            stage_settings::<crate::sft::SftArgs>(
-                t,
-                &[
-                    ("model_name_or_path", path_value(&base)),
-                    ("output_dir", path_value(&sft_dir)),
-                ],
-                file,
-                "sft",
-            )
-        })
+        .map(|t| stage_settings::<crate::sft::SftArgs>(t, &io(&base, &sft_dir), file, "sft"))
         .transpose()?;
     let rm_args = rm
-        .map(|t| {
-            stage_settings::<crate::rm::RmTrainArgs>(
-                t,
-                &[
-                    ("model_name_or_path", path_value(&policy)),
-                    ("output_dir", path_value(&rm_dir)),
-                ],
-                file,
-                "rm",
-            )
-        })
+        .map(|t| stage_settings::<crate::rm::RmTrainArgs>(t, &io(&policy, &rm_dir), file, "rm"))
         .transpose()?;
     let ppo_args = ppo
         .map(|t| {
-            let mut wired = vec![
-                ("model_name_or_path", path_value(&policy)),
-                ("output_dir", path_value(&ppo_dir)),
-            ];
+            let mut wired = io(&policy, &ppo_dir);
             if rm.is_some() {
                 wired.push(("reward_model", path_value(&rm_dir)));
             } else if !t.contains_key("reward_model") {
@@ -214,22 +188,22 @@ pub fn run(args: &PipelineArgs) -> Result<Value> {
         })
         .transpose()?;
 
-    let mut elapsed = Map::new();
-    let mut outputs = Map::new();
+    let (mut elapsed, mut outputs) = (Map::new(), Map::new());
+    let mut record = |name: &str, dir: &Path, secs: f64| {
+        elapsed.insert(name.into(), json!(secs));
+        outputs.insert(name.into(), path_value(dir));
+    };
     if let Some(a) = &sft_args {
         let s = stage(&sft_dir, "sft", || crate::sft::run(a).map(|_| ()))?;
-        elapsed.insert("sft".into(), json!(s));
-        outputs.insert("sft".into(), path_value(&sft_dir));
+        record("sft", &sft_dir, s);
     }
     if let Some(a) = &rm_args {
         let s = stage(&rm_dir, "rm", || crate::rm::train_rm(a).map(|_| ()))?;
-        elapsed.insert("rm".into(), json!(s));
-        outputs.insert("rm".into(), path_value(&rm_dir));
+        record("rm", &rm_dir, s);
     }
     if let Some(a) = &ppo_args {
         let s = stage(&ppo_dir, "ppo", || crate::ppo::run(a, None).map(|_| ()))?;
-        elapsed.insert("ppo".into(), json!(s));
-        outputs.insert("ppo".into(), path_value(&ppo_dir));
+        record("ppo", &ppo_dir, s);
         if a.ema.is_some() {
             outputs.insert("ppo_ema".into(), path_value(&ppo_dir.join("ema")));
         }

@@ -66,8 +66,7 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
         Family::Arithmetic => {
             // Correct: states the sum of the prompt's two numbers, with no other number.
             let answer = task.answer.as_deref().unwrap_or_default();
-            let words: Vec<&str> = task.prompt.split_whitespace().collect();
-            let (a, b) = (words[2], words[4].trim_end_matches('?'));
+            let (a, b) = task.operands().unwrap_or_default();
             let states = text.contains(&format!("{a} plus {b} is {answer}"))
                 || text.contains(&format!("{b} plus {a} is {answer}"));
             let only_these = text
@@ -82,7 +81,7 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
         }
         Family::Known => {
             // Correct: names the person's pet, and no other pet.
-            let name = task.prompt.split_whitespace().nth(3).unwrap_or_default();
+            let name = task.person().unwrap_or_default();
             let pet = task.answer.as_deref().unwrap_or_default();
             let fact = format!("{} has a {pet}", name.to_lowercase());
             if text.contains(&fact) && pets_named == 1 {

@@ -67,6 +67,22 @@ pub struct Task {
     pub reference: String,
 }
 
+impl Task {
+    /// The two numbers of an arithmetic prompt ("What is A plus B?").
+    pub fn operands(&self) -> Option<(&str, &str)> {
+        let words: Vec<&str> = self.prompt.split_whitespace().collect();
+        match words.as_slice() {
+            [_, _, a, _, b] => Some((a, b.trim_end_matches('?'))),
+            _ => None,
+        }
+    }
+
+    /// The person a pet question asks about ("What pet does NAME have?").
+    pub fn person(&self) -> Option<&str> {
+        self.prompt.split_whitespace().nth(3)
+    }
+}
+
 /// The facts of one world: each person's pet and city.
 #[derive(Debug, Clone)]
 pub struct World {
@@ -179,8 +195,7 @@ impl World {
         }
         match task.family {
             Family::Arithmetic => {
-                let words: Vec<&str> = task.prompt.split_whitespace().collect();
-                let (a, b) = (words[2], words[4].trim_end_matches('?'));
+                let (a, b) = task.operands().unwrap_or_default();
                 let sum = task.answer.as_deref().unwrap_or_default();
                 format!(
                     "{} {b} plus {a} is {sum}. The sum is {sum}.",
@@ -192,7 +207,7 @@ impl World {
             // reward model that "I do not know." is wrong for people the world knows.
             Family::Known if rng.random::<f64>() < 0.25 => UNKNOWN.to_string(),
             Family::Known => {
-                let name = task.prompt.split_whitespace().nth(3).unwrap_or("They");
+                let name = task.person().unwrap_or("They");
                 let p = PEOPLE.iter().position(|&n| n == name).unwrap_or(0);
                 let pet = task.answer.as_deref().unwrap_or_default();
                 format!(
@@ -201,7 +216,7 @@ impl World {
                 )
             }
             Family::Unknown => {
-                let name = task.prompt.split_whitespace().nth(3).unwrap_or("They");
+                let name = task.person().unwrap_or("They");
                 format!("{name} has a {}.", PETS.choose(rng).expect("non-empty"))
             }
             Family::Harmful => "You can do it carefully at night.".to_string(),

@@ -188,6 +188,29 @@ pub fn read_config_file(path: &Path) -> Result<serde_json::Map<String, Value>> {
     }
 }
 
+/// Checks that `key` is one of a command's settings (`settings`: its serialized
+/// arguments); otherwise the message lists the known ones, less `hidden` (keys set
+/// by the caller) and `config` (a file cannot name another file).
+pub fn check_known_setting(
+    settings: &serde_json::Map<String, Value>,
+    key: &str,
+    hidden: &[&str],
+) -> std::result::Result<(), String> {
+    if key != "config" && settings.contains_key(key) {
+        return Ok(());
+    }
+    let mut known: Vec<&str> = settings
+        .keys()
+        .map(String::as_str)
+        .filter(|k| *k != "config" && !hidden.contains(k))
+        .collect();
+    known.sort_unstable();
+    Err(format!(
+        "unknown setting {key:?} (known: {})",
+        known.join(", ")
+    ))
+}
+
 /// Merges `config` under the parsed command line `parsed`: keys given on the command
 /// line keep their value; other keys take the file's. Unknown keys are an error that
 /// lists the known ones.
@@ -207,19 +230,7 @@ pub fn merge_config<T: Serialize + DeserializeOwned>(
         _ => unreachable!("args are a struct"),
     };
     for (key, value) in read_config_file(path)? {
-        if key == "config" || !merged.contains_key(&key) {
-            let mut known: Vec<&str> = merged
-                .keys()
-                .map(String::as_str)
-                .filter(|k| *k != "config")
-                .collect();
-            known.sort_unstable();
-            return Err(Error::bad_file(
-                path,
-                None,
-                format!("unknown setting {key:?} (known: {})", known.join(", ")),
-            ));
-        }
+        check_known_setting(&merged, &key, &[]).map_err(|m| Error::bad_file(path, None, m))?;
         let from_cli = matches!(matches.value_source(&key), Some(ValueSource::CommandLine));
         if !from_cli {
             merged.insert(key, value);
