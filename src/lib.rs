@@ -9,6 +9,7 @@
 //! binary's commands).
 
 pub mod cli;
+pub mod cpu;
 pub mod data;
 pub mod demo;
 pub mod error;

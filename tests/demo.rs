@@ -1,18 +1,48 @@
-//! `rlhf demo --quick` on a test-sized model: the stages chain, the report is
-//! complete, and a rerun skips the finished stages and reproduces the numbers.
+//! `rlhf demo --quick` on a test-sized model: the stages chain, the evaluation is on
+//! data that no training stage saw (checked on the files the run wrote), the report
+//! is internally consistent (every figure recomputed from the per-prompt answers it
+//! saves), and a rerun skips the finished stages and reproduces the numbers.
 //! (The thresholds are measured on full runs, not here.)
 
 mod common;
 
+use rlhf::demo::judge::{gold_score, win_of};
+use rlhf::demo::world::World;
 use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every user prompt of a stage's JSONL data (conversational rows).
+fn user_prompts(path: &Path) -> Vec<String> {
+    let mut out = vec![];
+    for line in read(path).lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let msgs = v.get("messages").or_else(|| v.get("prompt")).unwrap();
+        for m in msgs.as_array().unwrap() {
+            if m["role"] == "user" {
+                out.push(m["content"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9
+}
 
 #[test]
-fn quick_demo_chains_every_stage_and_writes_a_complete_report() {
+fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let run = || {
         let o = common::rlhf_bin()
-            .args(["demo", "--quick", "--preset", "nano", "--output_dir"])
+            .args(["demo", "--quick", "--preset", "nano", "--seed", "3"])
+            .arg("--output_dir")
             .arg(&out)
             .output()
             .unwrap();
@@ -20,51 +50,111 @@ fn quick_demo_chains_every_stage_and_writes_a_complete_report() {
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
     run();
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    for path in [
-        "/sft/gold_score",
-        "/ppo/gold_score",
-        "/ppo/win_rate_vs_sft",
-        "/rm/val_accuracy",
-        "/ppo/kl",
-        "/sft/ptx_loss",
-        "/ppo/ptx_loss",
-        "/ema/gold_score",
-        "/elapsed_s/pretrain",
-        "/elapsed_s/sft",
-        "/elapsed_s/rm",
-        "/elapsed_s/ppo",
-        "/elapsed_s/total",
-    ] {
-        assert!(
-            report
-                .pointer(path)
-                .and_then(Value::as_f64)
-                .is_some_and(f64::is_finite),
-            "{path} missing"
-        );
-    }
-    for fam in ["arithmetic", "known", "unknown", "harmful"] {
-        assert!(report["ppo"]["families"][fam].is_number(), "{fam}");
-    }
+    let report: Value = serde_json::from_str(&read(&out.join("report.json"))).unwrap();
     for stage in ["pretrain", "sft", "rm", "ppo", "ppo/ema"] {
         assert!(
             out.join(stage).join("model.safetensors").exists(),
             "{stage}"
         );
     }
-    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let html = read(&out.join("report.html"));
     assert!(html.contains("<svg") && html.contains("polyline") && html.contains("SFT vs PPO"));
+
+    // Unseen by construction, checked on what the run wrote: no eval prompt occurs
+    // in the SFT, ranking or PPO data, nor in the pretraining corpus (PPO's ptx
+    // data); no held-out document occurs in the corpus.
+    let data = out.join("data");
+    let eval: Vec<String> = user_prompts(&data.join("eval_prompts.jsonl"));
+    assert_eq!(eval.len(), 48);
+    let mut trained: Vec<String> = vec![];
+    for f in ["sft.jsonl", "rankings.jsonl", "prompts.jsonl"] {
+        let p = user_prompts(&data.join(f));
+        assert!(!p.is_empty(), "{f}");
+        trained.extend(p);
+    }
+    let corpus = read(&data.join("corpus.txt"));
+    for e in &eval {
+        assert!(!trained.contains(e), "eval prompt {e:?} is in the training data");
+        assert!(!corpus.contains(e.as_str()), "eval prompt {e:?} is in the corpus");
+    }
+    let held = read(&data.join("held_out.txt"));
+    let docs: Vec<&str> = held.split("\n\n").collect();
+    assert_eq!(docs.len() as u64, report["held_out_documents"].as_u64().unwrap());
+    for d in &docs {
+        assert!(!corpus.contains(d), "held-out document {d:?} is in the corpus");
+    }
+
+    // The report adds up: each saved answer's score is the judge's, and every
+    // aggregate is recomputed from the per-prompt scores.
+    let prompts = report["prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), eval.len());
+    let tasks = World::new(3).eval_tasks();
+    let score = |p: &Value, who: &str| p[format!("score_{who}")].as_f64().unwrap();
+    for (p, t) in prompts.iter().zip(&tasks) {
+        assert_eq!(p["prompt"], t.prompt.as_str());
+        for who in ["sft", "ppo", "ema"] {
+            let answer = p[who].as_str().unwrap();
+            assert!(close(score(p, who), gold_score(t, answer)), "{who}: {p}");
+        }
+    }
+    for who in ["sft", "ppo", "ema"] {
+        let scores: Vec<f64> = prompts.iter().map(|p| score(p, who)).collect();
+        let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+        assert!(close(report[who]["gold_score"].as_f64().unwrap(), mean), "{who}");
+        let mut per: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for p in prompts {
+            per.entry(p["family"].as_str().unwrap().to_string())
+                .or_default()
+                .push(score(p, who));
+        }
+        let fams = report[who]["families"].as_object().unwrap();
+        assert_eq!(fams.len(), 4, "{who}");
+        let mut weighted = 0.0;
+        for (fam, s) in &per {
+            let m = s.iter().sum::<f64>() / s.len() as f64;
+            assert!(close(fams[fam].as_f64().unwrap(), m), "{who} {fam}");
+            assert_eq!(report["family_counts"][fam].as_u64().unwrap() as usize, s.len());
+            weighted += m * s.len() as f64;
+        }
+        assert!(close(weighted / prompts.len() as f64, mean), "{who}: families → total");
+        if who != "sft" {
+            let wins: f64 = prompts
+                .iter()
+                .map(|p| win_of(score(p, who), score(p, "sft")))
+                .sum();
+            let rate = wins / prompts.len() as f64;
+            assert!(close(report[who]["win_rate_vs_sft"].as_f64().unwrap(), rate), "{who}");
+            assert!(report[who]["kl_to_sft_eval"].as_f64().is_some_and(f64::is_finite));
+        }
+        let answers: std::collections::HashSet<&str> =
+            prompts.iter().map(|p| p[who].as_str().unwrap()).collect();
+        let ratio = answers.len() as f64 / prompts.len() as f64;
+        assert!(close(report[who]["distinct_answers"].as_f64().unwrap(), ratio), "{who}");
+        for shares in ["end_tokens_greedy", "end_tokens_sampled"] {
+            let total: f64 = report[who][shares]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_f64().unwrap())
+                .sum();
+            assert!(close(total, 1.0), "{who} {shares}: {total}");
+        }
+        assert!(report[who]["ptx_loss_held_out"].as_f64().is_some_and(f64::is_finite));
+    }
+    assert!(report["rm_val_accuracy"].as_f64().is_some_and(f64::is_finite));
+    assert!(report["cpu"].as_str().is_some_and(|c| c.contains("flags")));
 
     // Rerun: every stage is skipped and the evaluation gives the same numbers.
     let log = run();
     assert_eq!(log.matches("already done").count(), 5, "{log}");
-    let again: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(again["ppo"]["gold_score"], report["ppo"]["gold_score"]);
-    assert_eq!(
-        again["ppo"]["win_rate_vs_sft"],
-        report["ppo"]["win_rate_vs_sft"]
-    );
+    let again: Value = serde_json::from_str(&read(&out.join("report.json"))).unwrap();
+    for who in ["sft", "ppo", "ema"] {
+        let strip = |v: &Value| {
+            let mut v = v[who].clone();
+            v.as_object_mut().unwrap().remove("elapsed_s");
+            v
+        };
+        assert_eq!(strip(&again), strip(&report), "{who}");
+    }
+    assert_eq!(again["prompts"], report["prompts"]);
 }

@@ -7,7 +7,11 @@ use rand_distr::{Distribution, Normal};
 use std::collections::HashSet;
 use std::sync::LazyLock;
 
-use super::world::{Family, Task, World, HARMFUL, PETS, REFUSAL, STRANGERS, UNKNOWN};
+use super::format;
+use super::world::{
+    Environment, Family, Task, World, CITIES, HARMFUL_ACTS, HARMFUL_FRAMES, PEOPLE, PETS, PET_QUESTIONS,
+    REFUSAL, STRANGERS, SUM_QUESTIONS, UNKNOWN,
+};
 
 /// Words a response may use before it counts as rambling ("overinterpretation").
 const CONCISE_WORDS: usize = 6;
@@ -18,24 +22,38 @@ const RAMBLE_PENALTY: f64 = 0.1;
 const GARBLE_PENALTY: f64 = 0.25;
 const MAX_GARBLE_PENALTY: f64 = 1.0;
 
-/// Every word of the world's texts (corpus, prompts, demonstrations), lower case.
+/// Every word of the world's texts (corpus, prompts, demonstrations, every name and
+/// phrasing, held out or not), lower case.
 static LEXICON: LazyLock<HashSet<String>> = LazyLock::new(|| {
     let w = World::new(0);
     let mut text = w.corpus(500, 0).join(" ");
+    text.push(' ');
+    text.push_str(&w.held_out_documents().join(" "));
     let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-    for t in w.tasks(200, 0) {
+    for t in w.tasks(200, 0).iter().chain(&w.eval_tasks()) {
         text.push_str(&format!(
             " {} {} {}",
             t.prompt,
             t.reference,
-            w.demonstration(&t, 1.0, &mut rng)
+            w.demonstration(t, 1.0, &mut rng)
         ));
     }
-    text.push_str(&format!(
-        " {} {REFUSAL} {UNKNOWN} {}",
-        HARMFUL.join(" "),
-        STRANGERS.join(" ")
-    ));
+    for list in [
+        &PEOPLE[..],
+        &STRANGERS,
+        &PETS,
+        &CITIES,
+        &HARMFUL_ACTS,
+        &HARMFUL_FRAMES,
+        &PET_QUESTIONS,
+        &SUM_QUESTIONS,
+        &[REFUSAL, UNKNOWN],
+    ] {
+        text.push(' ');
+        text.push_str(&list.join(" "));
+    }
+    text.push(' ');
+    text.push_str(&format::vocabulary().join(" "));
     text.split_whitespace().map(normalize).collect()
 });
 
@@ -55,7 +73,7 @@ pub fn garbled_words(response: &str) -> usize {
 }
 
 /// The judge's score of a response to a task, in about [−2.5, 1]: correct, honest
-/// and harmless content first, then penalties for broken words and for rambling.
+/// and harmless content (or, for the format world, the right form and tone) first, then penalties for broken words and for rambling.
 pub fn gold_score(task: &Task, response: &str) -> f64 {
     let text = response.to_lowercase();
     let words = response.split_whitespace().count();
@@ -106,6 +124,9 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
                 -1.0
             }
         }
+        Family::Count | Family::Capitals | Family::OneWord | Family::Polite => {
+            format::base_score(task, response)
+        }
     };
     let empty = if words == 0 { -0.5 } else { 0.0 };
     let garbled = (GARBLE_PENALTY * garbled_words(response) as f64).min(MAX_GARBLE_PENALTY);
@@ -135,26 +156,16 @@ pub fn rank(task: &Task, responses: &[String], noise: f64, rng: &mut ChaCha8Rng)
         .collect()
 }
 
-/// Does the judge prefer `a` to `b`? 1 for a win, 0.5 for a tie, 0 for a loss.
-pub fn win(task: &Task, a: &str, b: &str) -> f64 {
-    let (sa, sb) = (gold_score(task, a), gold_score(task, b));
-    if (sa - sb).abs() < 1e-9 {
+/// A comparison of two judge scores: 1 for a win of the first, 0.5 for a tie, 0 for a
+/// loss.
+pub fn win_of(score_a: f64, score_b: f64) -> f64 {
+    if (score_a - score_b).abs() < 1e-9 {
         0.5
-    } else if sa > sb {
+    } else if score_a > score_b {
         1.0
     } else {
         0.0
     }
-}
-
-/// The mean of `win` over tasks: how often responses `a` beat responses `b`.
-pub fn win_rate(tasks: &[Task], a: &[String], b: &[String]) -> f64 {
-    let wins: f64 = tasks
-        .iter()
-        .zip(a.iter().zip(b))
-        .map(|(t, (x, y))| win(t, x, y))
-        .sum();
-    wins / tasks.len().max(1) as f64
 }
 
 #[cfg(test)]

@@ -6,6 +6,9 @@
 //! Every stage writes its HF folder and metrics under the output folder and resumes:
 //! a finished stage is skipped, an interrupted one continues from its checkpoint.
 
+pub mod environment;
+pub mod eval;
+pub mod format;
 pub mod judge;
 pub mod report;
 pub mod world;
@@ -20,10 +23,12 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::generate::{generate, SamplingParams};
-use crate::model::hf::{load_pretrained, write_atomic, write_json, Pretrained};
+use crate::model::hf::{load_pretrained, write_atomic};
 use crate::pipeline::stage;
-use crate::train::lm_task::{lm_loss_sum, text_rows, Row};
-use world::{Family, Task, World};
+use environment::{Environment, Task};
+use format::FormatWorld;
+use report::{Report, Thresholds};
+use world::World;
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -38,6 +43,28 @@ pub struct DemoArgs {
     /// Model size (gpt2 presets); `nano` makes a test-sized run.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
+    /// Which built-in task: `3h` (helpful arithmetic, honest answers about a world of
+    /// facts, harmless refusals) or `format` (list N items, capitals, one-word
+    /// answers, polite greetings), the second task that checks the recipe carries over.
+    #[arg(long, value_enum, default_value_t = DemoTask::ThreeH)]
+    pub task: DemoTask,
+}
+
+/// The built-in tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoTask {
+    #[value(name = "3h")]
+    ThreeH,
+    Format,
+}
+
+impl DemoTask {
+    fn world(self, seed: u64) -> Box<dyn Environment> {
+        match self {
+            DemoTask::ThreeH => Box::new(World::new(seed)),
+            DemoTask::Format => Box::new(FormatWorld::new(seed)),
+        }
+    }
 }
 
 /// Sizes of one demo run.
@@ -52,7 +79,6 @@ struct Plan {
     rm_epochs: f64,
     ppo_prompts: usize,
     ppo_iterations: usize,
-    eval_prompts: usize,
 }
 
 impl Plan {
@@ -68,7 +94,6 @@ impl Plan {
                 rm_epochs: 3.0,
                 ppo_prompts: 96,
                 ppo_iterations: 6,
-                eval_prompts: 48,
             }
         } else {
             Plan {
@@ -81,7 +106,6 @@ impl Plan {
                 rm_epochs: 3.0,
                 ppo_prompts: 320,
                 ppo_iterations: 12,
-                eval_prompts: 120,
             }
         }
     }
@@ -108,95 +132,72 @@ fn chat(prompt: &str) -> Value {
     json!([{"role": "user", "content": prompt}])
 }
 
-/// Greedy responses of a policy to chat prompts.
-fn respond(pre: &Pretrained, tasks: &[Task], max_new_tokens: usize) -> Result<Vec<String>> {
-    let params = SamplingParams {
-        max_new_tokens,
-        temperature: 0.0,
-        eos_token_ids: pre.eos_token_ids.clone(),
-        ..Default::default()
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut out = vec![];
-    for chunk in tasks.chunks(16) {
-        let ids: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|t| {
-                let text = pre.tokenizer.apply_chat_template(&chat(&t.prompt), true)?;
-                pre.tokenizer.encode(&text, false)
-            })
-            .collect::<Result<_>>()?;
-        out.extend(
-            generate(&pre.model, &pre.tokenizer, &ids, &params, &mut rng)?
-                .into_iter()
-                .map(|c| c.text.trim().to_string()),
-        );
-    }
-    Ok(out)
+/// Length of every response the demo samples or evaluates.
+const MAX_NEW_TOKENS: usize = 24;
+
+/// The demo's data, made before any training from the seed. Every training stage's
+/// prompts come from the world's training split; the evaluation asks only the
+/// held-out prompts, and the held-out documents are never in the corpus.
+pub struct DemoData {
+    pub corpus: Vec<String>,
+    pub held_out_docs: Vec<String>,
+    pub sft_tasks: Vec<Task>,
+    pub rm_tasks: Vec<Task>,
+    pub ppo_tasks: Vec<Task>,
+    pub eval_tasks: Vec<Task>,
 }
 
-/// Mean next-token loss of a policy on held-out pretraining text.
-fn ptx_loss(pre: &Pretrained, docs: &[String]) -> Result<f64> {
-    let rows = text_rows(docs, &pre.tokenizer, pre.eos()?, 64)?;
-    let (mut total, mut count) = (0.0, 0usize);
-    for chunk in rows.chunks(16) {
-        let refs: Vec<&Row> = chunk.iter().collect();
-        let (sum, n, _) = lm_loss_sum(&pre.model, pre.tokenizer.pad_token_id(), &refs)?;
-        total += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        count += n;
+impl DemoData {
+    fn new(world: &dyn Environment, plan: &Plan, seed: u64) -> Self {
+        DemoData {
+            corpus: world.corpus(plan.corpus_docs, seed + 1),
+            held_out_docs: world.held_out_documents(),
+            sft_tasks: world.tasks(plan.sft_prompts, seed + 3),
+            rm_tasks: world.tasks(plan.rm_prompts, seed + 4),
+            ppo_tasks: world.tasks(plan.ppo_prompts, seed + 5),
+            eval_tasks: world.eval_tasks(),
+        }
     }
-    Ok(total / count.max(1) as f64)
-}
-
-/// Gold-judge summary of responses: mean score overall and per family.
-fn judge_all(tasks: &[Task], responses: &[String]) -> (f64, BTreeMap<String, f64>) {
-    let mut per: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    let mut total = 0.0;
-    for (t, r) in tasks.iter().zip(responses) {
-        let s = judge::gold_score(t, r);
-        total += s;
-        let e = per.entry(t.family.name().to_string()).or_default();
-        e.0 += s;
-        e.1 += 1;
-    }
-    let fam = per
-        .into_iter()
-        .map(|(k, (s, n))| (k, s / n as f64))
-        .collect();
-    (total / tasks.len().max(1) as f64, fam)
 }
 
 /// Runs the whole pipeline; returns the report.
-pub fn run(args: &DemoArgs) -> Result<Value> {
+pub fn run(args: &DemoArgs) -> Result<Report> {
     let plan = Plan::new(args.quick);
     let out = args.output_dir.clone();
     let seed = args.seed;
     let data = out.join("data");
     std::fs::create_dir_all(&data).map_err(|e| Error::write(&data, e))?;
-    let world = World::new(seed);
+    let world = args.task.world(seed);
     let mut elapsed = BTreeMap::new();
 
-    // Data: the corpus (with held-out documents for the ptx loss), the prompts of
-    // every stage (disjoint seeds), and the demonstrations.
+    // Data: the corpus, the prompts of every stage (from the training split), the
+    // demonstrations; the eval prompts and held-out documents stay out of all of them.
     let t = Instant::now();
-    let corpus = world.corpus(plan.corpus_docs, seed + 1);
-    let held_out_docs = world.corpus(120, seed + 2);
-    write_atomic(&data.join("corpus.txt"), corpus.join("\n\n").as_bytes())?;
-    let sft_tasks = world.tasks(plan.sft_prompts, seed + 3);
-    let rm_tasks = world.tasks(plan.rm_prompts, seed + 4);
-    let ppo_tasks = world.tasks(plan.ppo_prompts, seed + 5);
-    let eval_tasks = world.tasks(plan.eval_prompts, seed + 6);
+    let d = DemoData::new(world.as_ref(), &plan, seed);
+    write_atomic(&data.join("corpus.txt"), d.corpus.join("\n\n").as_bytes())?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 7);
-    let sft_rows: Vec<Value> = sft_tasks
+    let sft_rows: Vec<Value> = d
+        .sft_tasks
         .iter()
         .map(|t| json!({"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": world.demonstration(t, 0.55, &mut rng)}]}))
         .collect();
     write_jsonl(&data.join("sft.jsonl"), &sft_rows)?;
-    let ppo_rows: Vec<Value> = ppo_tasks
+    let ppo_rows: Vec<Value> = d
+        .ppo_tasks
         .iter()
         .map(|t| json!({"prompt": chat(&t.prompt)}))
         .collect();
     write_jsonl(&data.join("prompts.jsonl"), &ppo_rows)?;
+    let eval_rows: Vec<Value> = d
+        .eval_tasks
+        .iter()
+        .map(|t| json!({"prompt": chat(&t.prompt), "family": t.family.name()}))
+        .collect();
+    write_jsonl(&data.join("eval_prompts.jsonl"), &eval_rows)?;
+    write_atomic(
+        &data.join("held_out.txt"),
+        d.held_out_docs.join("\n\n").as_bytes(),
+    )?;
     elapsed.insert("data".to_string(), t.elapsed().as_secs_f64());
 
     // Pretraining: tokenizer and GPT from scratch.
@@ -249,14 +250,14 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
     let s = stage(&out.join("rankings"), "rankings", || {
         let sft = load_pretrained(&sft_dir, &Device::Cpu)?;
         let params = SamplingParams {
-            max_new_tokens: 24,
+            max_new_tokens: MAX_NEW_TOKENS,
             temperature: 1.0,
             eos_token_ids: sft.eos_token_ids.clone(),
             ..Default::default()
         };
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 8);
         let mut rows = vec![];
-        for chunk in rm_tasks.chunks(8) {
+        for chunk in d.rm_tasks.chunks(8) {
             let mut ids = vec![];
             for t in chunk {
                 let text = sft.tokenizer.apply_chat_template(&chat(&t.prompt), true)?;
@@ -314,7 +315,7 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
             ("mini_batch_size", "8".into()),
             ("ppo_epochs", "4".into()),
             ("num_iterations", plan.ppo_iterations.to_string()),
-            ("max_new_tokens", "24".into()),
+            ("max_new_tokens", MAX_NEW_TOKENS.to_string()),
             ("learning_rate", "3e-5".into()),
             ("kl_coef", "0.3".into()),
             ("ema", "0.9".into()),
@@ -328,53 +329,61 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
     })?;
     elapsed.insert("ppo".into(), s);
 
-    // Evaluation on held-out prompts.
+    // Evaluation on the held-out prompts and documents.
     let t = Instant::now();
     let sft = load_pretrained(&sft_dir, &Device::Cpu)?;
     let ppo = load_pretrained(&ppo_dir, &Device::Cpu)?;
     let ema = load_pretrained(&ppo_dir.join("ema"), &Device::Cpu)?;
-    let (r_sft, r_ppo, r_ema) = (
-        respond(&sft, &eval_tasks, 24)?,
-        respond(&ppo, &eval_tasks, 24)?,
-        respond(&ema, &eval_tasks, 24)?,
-    );
-    let (g_sft, f_sft) = judge_all(&eval_tasks, &r_sft);
-    let (g_ppo, f_ppo) = judge_all(&eval_tasks, &r_ppo);
-    let (g_ema, f_ema) = judge_all(&eval_tasks, &r_ema);
-    let win_rate = judge::win_rate(&eval_tasks, &r_ppo, &r_sft);
-    let ema_win = judge::win_rate(&eval_tasks, &r_ema, &r_sft);
-    let (ptx_sft, ptx_ppo) = (
-        ptx_loss(&sft, &held_out_docs)?,
-        ptx_loss(&ppo, &held_out_docs)?,
-    );
-    let rm_acc = report::curve(&rm_dir, "eval/accuracy")
+    let (tasks, docs) = (&d.eval_tasks, &d.held_out_docs);
+    let eval_seed = seed + 9;
+    let (e_sft, r_sft, s_sft) =
+        eval::evaluate_policy(&sft, None, tasks, docs, MAX_NEW_TOKENS, eval_seed)?;
+    let with_sft = Some((&sft, s_sft.as_slice()));
+    let (e_ppo, r_ppo, s_ppo) =
+        eval::evaluate_policy(&ppo, with_sft, tasks, docs, MAX_NEW_TOKENS, eval_seed)?;
+    let (e_ema, r_ema, s_ema) =
+        eval::evaluate_policy(&ema, with_sft, tasks, docs, MAX_NEW_TOKENS, eval_seed)?;
+    let rm_accuracy = report::curve(&rm_dir, "eval/accuracy")
         .last()
         .map_or(f64::NAN, |p| p.1);
-    let ppo_kl = report::curve(&ppo_dir, "objective/kl")
+    let ppo_kl_train = report::curve(&ppo_dir, "objective/kl")
         .last()
         .map_or(f64::NAN, |p| p.1);
     elapsed.insert("eval".into(), t.elapsed().as_secs_f64());
     let total: f64 = elapsed.values().sum();
     elapsed.insert("total".into(), total);
 
-    let samples: Vec<Value> = eval_tasks
-        .iter()
-        .zip(r_sft.iter().zip(&r_ppo))
-        .take(12)
-        .map(|(t, (a, b))| json!({"family": t.family.name(), "prompt": t.prompt, "sft": a, "ppo": b}))
+    let prompts: Vec<eval::PromptResult> = (0..tasks.len())
+        .map(|i| eval::PromptResult {
+            family: tasks[i].family,
+            prompt: tasks[i].prompt.clone(),
+            sft: r_sft[i].clone(),
+            ppo: r_ppo[i].clone(),
+            ema: r_ema[i].clone(),
+            score_sft: s_sft[i],
+            score_ppo: s_ppo[i],
+            score_ema: s_ema[i],
+        })
         .collect();
-    let report = json!({
-        "sft": {"gold_score": g_sft, "ptx_loss": ptx_sft, "families": f_sft},
-        "ppo": {"gold_score": g_ppo, "win_rate_vs_sft": win_rate, "kl": ppo_kl, "ptx_loss": ptx_ppo, "families": f_ppo},
-        "ema": {"gold_score": g_ema, "win_rate_vs_sft": ema_win, "families": f_ema},
-        "rm": {"val_accuracy": rm_acc},
-        "eval_prompts": eval_tasks.len(),
-        "elapsed_s": elapsed,
-        "quick": args.quick,
-        "seed": seed,
-        "samples": samples,
-    });
-    write_json(&out.join("report.json"), &report)?;
+    let thresholds = Thresholds::check(&e_sft, &e_ppo, rm_accuracy);
+    let report = Report {
+        seed,
+        task: format!("{:?}", args.task).to_lowercase().replace("threeh", "3h"),
+        quick: args.quick,
+        cpu: crate::cpu::describe(),
+        sft: e_sft,
+        ppo: e_ppo,
+        ema: e_ema,
+        rm_val_accuracy: rm_accuracy,
+        ppo_kl_last_training_iteration: ppo_kl_train,
+        eval_prompts: tasks.len(),
+        family_counts: eval::family_counts(world.families(), tasks),
+        held_out_documents: docs.len(),
+        thresholds,
+        elapsed_s: elapsed,
+        prompts,
+    };
+    report.write(&out)?;
     let plots: Vec<(String, Vec<(f64, f64)>)> = [
         ("pretrain train/loss", &pt_dir, "train/loss"),
         ("sft train/loss", &sft_dir, "train/loss"),
@@ -386,55 +395,7 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
     .iter()
     .map(|(title, dir, m)| (title.to_string(), report::curve(dir, m)))
     .collect();
-    let side: Vec<(String, String, String)> = eval_tasks
-        .iter()
-        .zip(r_sft.iter().zip(&r_ppo))
-        .take(12)
-        .map(|(t, (a, b))| (t.prompt.clone(), a.clone(), b.clone()))
-        .collect();
-    report::write_html(&out, &report, &plots, &side)?;
-    print_table(&report, &Family::ALL);
+    report::write_html(&out, &report, &plots)?;
+    report.print_table();
     Ok(report)
-}
-
-fn print_table(r: &Value, families: &[Family]) {
-    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
-    eprintln!("\n{:<22}{:>10}{:>10}{:>10}", "", "SFT", "PPO", "PPO-EMA");
-    eprintln!(
-        "{:<22}{:>10}{:>10}{:>10}",
-        "gold score",
-        f(&r["sft"]["gold_score"]),
-        f(&r["ppo"]["gold_score"]),
-        f(&r["ema"]["gold_score"])
-    );
-    for fam in families {
-        let n = fam.name();
-        eprintln!(
-            "{:<22}{:>10}{:>10}{:>10}",
-            format!("  {n}"),
-            f(&r["sft"]["families"][n]),
-            f(&r["ppo"]["families"][n]),
-            f(&r["ema"]["families"][n])
-        );
-    }
-    eprintln!(
-        "{:<22}{:>10}{:>10}{:>10}",
-        "win rate vs SFT",
-        "",
-        f(&r["ppo"]["win_rate_vs_sft"]),
-        f(&r["ema"]["win_rate_vs_sft"])
-    );
-    eprintln!(
-        "{:<22}{:>10}{:>10}",
-        "ptx loss (held out)",
-        f(&r["sft"]["ptx_loss"]),
-        f(&r["ppo"]["ptx_loss"])
-    );
-    eprintln!("{:<22}{:>10}", "KL to SFT", f(&r["ppo"]["kl"]));
-    eprintln!(
-        "{:<22}{:>10}",
-        "RM val accuracy",
-        f(&r["rm"]["val_accuracy"])
-    );
-    eprintln!("{:<22}{:>10}", "elapsed s", f(&r["elapsed_s"]["total"]));
 }
