@@ -403,6 +403,11 @@ fn a_rollout_reward_equals_rm_score_on_the_same_prompt_and_response_text() {
         })
         .collect();
     assert_eq!(scored.len(), task.experience().len());
+    // The share of responses stopping at each eos id is logged (issue 16's symptom).
+    let m = iteration_metrics(&out);
+    for id in [0, 2] {
+        assert!(m[0][format!("val/end_token/{id}")].is_number(), "{id}");
+    }
     for (e, r) in task.experience().iter().zip(&scored) {
         // No normalisation, clip or penalty: PPO's score is the raw reward.
         assert!(
@@ -464,4 +469,33 @@ fn the_reward_does_not_depend_on_which_end_token_the_policy_emitted() {
         let old = rm.score(&[sampled]).unwrap()[0];
         assert!(!close(old, scores[0]), "end token {end}: {old}");
     }
+}
+
+/// The reward model reads the prompt, the response and the tokens that close the
+/// turn: a response of max_new_tokens must fit its context with them, checked before
+/// any work (not cut silently at scoring).
+#[test]
+fn a_response_the_reward_model_cannot_read_whole_fails_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, rm) = chat_policy_and_rm(tmp.path());
+    let data = chat_prompts(tmp.path());
+    let pre = load_pretrained(&policy, &Device::Cpu).unwrap();
+    let longest = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let p = serde_json::from_str::<Value>(l).unwrap()["prompt"].clone();
+            Prompt::Messages(p).tokenize(&pre.tokenizer).unwrap().len()
+        })
+        .max()
+        .unwrap();
+    let mut a = ppo_args(&data, &tmp.path().join("out"));
+    a.model_name_or_path = Some(policy);
+    a.reward_model = Some(rm);
+    a.max_new_tokens = 64 - longest; // fits the policy's context exactly
+    let err = run(&a, None).err().unwrap().to_string();
+    assert!(
+        err.contains("for the reward model") && err.contains("exceeds its context of 64"),
+        "{err}"
+    );
 }
