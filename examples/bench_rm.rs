@@ -53,11 +53,15 @@ fn main() -> anyhow::Result<()> {
         |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..vocab as u32)).collect() };
     let ranks: Vec<u32> = (0..k as u32).collect();
     let set: Vec<Ranked> = (0..prompts)
-        .map(|_| Ranked {
-            prompt: toks(plen),
-            responses: (0..k).map(|_| toks(rlen)).collect(),
-            ranks: ranks.clone(),
-            pairs: ranked_pairs(&ranks),
+        .map(|_| {
+            let prompt = toks(plen);
+            Ranked {
+                inputs: (0..k)
+                    .map(|_| [prompt.clone(), toks(rlen)].concat())
+                    .collect(),
+                ranks: ranks.clone(),
+                pairs: ranked_pairs(&ranks),
+            }
         })
         .collect();
     let task = RmTask::new(rm, vec![], vec![], prompts, 0);

@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -216,6 +217,19 @@ pub fn generate(
     Ok(out)
 }
 
+/// How many completions stopped at each end token (eos id → count); completions cut
+/// at max_new_tokens or a stop string are not counted. A policy that learned to end
+/// its turns with another token than its SFT model did shows here.
+pub fn end_token_counts(completions: &[Completion]) -> BTreeMap<u32, usize> {
+    let mut counts = BTreeMap::new();
+    for c in completions {
+        if let (FinishReason::Eos, Some(&t)) = (c.finish_reason, c.tokens.last()) {
+            *counts.entry(t).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
 /// Forward with the cache and return the last position's logits, one Vec per row.
 fn last_logits(
     model: &CausalLm,
@@ -330,6 +344,25 @@ mod tests {
             temperature,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn end_tokens_are_counted_for_completions_that_stopped_at_one() {
+        let c = |tokens: Vec<u32>, finish_reason| Completion {
+            prompt_tokens: vec![5],
+            tokens,
+            logprobs: vec![],
+            text: String::new(),
+            finish_reason,
+        };
+        let counts = end_token_counts(&[
+            c(vec![7, 2], FinishReason::Eos),
+            c(vec![2], FinishReason::Eos),
+            c(vec![7, 0], FinishReason::Eos),
+            c(vec![7, 0], FinishReason::Length), // cut: its last token is not an end
+            c(vec![], FinishReason::Stop),
+        ]);
+        assert_eq!(counts, BTreeMap::from([(0, 1), (2, 2)]));
     }
 
     #[test]

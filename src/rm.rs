@@ -10,7 +10,6 @@
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -75,12 +74,10 @@ pub struct RmEval {
     pub pairs: usize,
 }
 
-/// prompt + response for every response of `prompts`, prompt by prompt: what the
-/// reward model forwards (K sequences per prompt).
+/// The reward-model input of every response of `prompts`, prompt by prompt: what
+/// the reward model forwards (K sequences per prompt).
 fn sequences<'a>(prompts: impl Iterator<Item = &'a Ranked>) -> Vec<Vec<u32>> {
-    prompts
-        .flat_map(|r| (0..r.responses.len()).map(|i| r.sequence(i)))
-        .collect()
+    prompts.flat_map(|r| r.inputs.iter().cloned()).collect()
 }
 
 pub struct RmTask {
@@ -89,8 +86,6 @@ pub struct RmTask {
     pub eval_set: Vec<Ranked>,
     pub prompts_per_batch: usize,
     order: EpochOrder,
-    /// Sequences forwarded so far (K per prompt per pass).
-    pub forwarded: Cell<usize>,
 }
 
 impl RmTask {
@@ -108,7 +103,6 @@ impl RmTask {
             eval_set,
             prompts_per_batch,
             order,
-            forwarded: Cell::new(0),
         }
     }
 
@@ -119,7 +113,6 @@ impl RmTask {
         prompts: &[&Ranked],
     ) -> Result<(candle_core::Tensor, Vec<Vec<f32>>, usize)> {
         let seqs = sequences(prompts.iter().copied());
-        self.forwarded.set(self.forwarded.get() + seqs.len());
         let tokens = seqs.iter().map(Vec::len).sum();
         let rewards = self
             .rm
@@ -129,7 +122,7 @@ impl RmTask {
         let mut per_prompt = vec![];
         let mut offset = 0;
         for r in prompts {
-            let k = r.responses.len();
+            let k = r.inputs.len();
             let rk = rewards.narrow(0, offset, k)?; // (K,)
             offset += k;
             let loss = ranking_loss(&rk, &r.pairs)?;
@@ -230,9 +223,7 @@ impl TrainTask for RmTask {
 
 fn tokenizing(rm: &PretrainedScalar, max_length: usize) -> Result<PairTokenizing<'_>> {
     Ok(PairTokenizing {
-        tokenizer: &rm.tokenizer,
-        eos: rm.eos()?,
-        eos_ids: &rm.eos_token_ids,
+        rule: rm.reward_input()?,
         max_length: max_length.min(rm.model.config.context_length()),
     })
 }
@@ -302,8 +293,9 @@ pub fn eval_rm(model: &Path, data: &Path, max_length: usize, batch: usize) -> Re
 }
 
 /// `rlhf rm score`: rewards for JSONL rows of {"prompt", "response"}; each row comes
-/// back with "reward" (the head's output at the eos, as transformers computes it)
-/// and, for a trained reward model, "reward_normalized" ((r − mean) / std).
+/// back with "reward" (the head's output at the last token of `RewardInput::ids`, as
+/// transformers' sequence classifier computes it on the same ids) and, for a trained
+/// reward model, "reward_normalized" ((r − mean) / std).
 pub fn score_rm(
     model: &Path,
     data: &Path,
@@ -325,15 +317,7 @@ pub fn score_rm(
             .get("response")
             .ok_or_else(|| bad("field \"response\" is missing".into()))?;
         let prompt = cfg.prompt(p).map_err(bad)?;
-        let response = cfg.response(p, r, "field \"response\"").map_err(bad)?;
-        if prompt.len() + response.len() > cfg.max_length {
-            return Err(bad(format!(
-                "prompt + response has {} tokens, more than --max_length {}",
-                prompt.len() + response.len(),
-                cfg.max_length
-            )));
-        }
-        seqs.push([prompt, response].concat());
+        seqs.push(cfg.input(&prompt, r, "field \"response\"").map_err(bad)?);
     }
     let mut out = vec![];
     let pad = rm.tokenizer.pad_token_id();

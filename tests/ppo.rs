@@ -8,8 +8,13 @@ use candle_core::Device;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
+use rlhf::data::prompts::Prompt;
+use rlhf::generate::{Completion, FinishReason};
+use rlhf::model::frozen::Frozen;
 use rlhf::model::hf::load_pretrained;
+use rlhf::model::scalar::{load_scalar, save_scalar};
 use rlhf::ppo::kl::{kl_per_token, KlEstimator};
+use rlhf::ppo::reward::reward_model_scores;
 use rlhf::ppo::{run, PpoArgs, RewardSource};
 use rlhf::train::lm_task::{lm_loss_sum, Row};
 
@@ -302,4 +307,195 @@ fn bad_settings_fail_before_any_work() {
     a.reward_model = Some(rm_dir);
     let err = run(&a, None).err().unwrap().to_string();
     assert!(err.contains("chat templates differ"), "{err}");
+}
+
+/// The issue-16 setting: a ChatML model whose turns end with `<|im_end|>` (id 2) and
+/// whose eos ids are [`<|endoftext|>`, `<|im_end|>`] = [0, 2], and a reward model
+/// (a seeded head on it) in `dir/rm`.
+fn chat_policy_and_rm(dir: &Path) -> (PathBuf, PathBuf) {
+    let policy = dir.join("chat");
+    std::fs::create_dir_all(&policy).unwrap();
+    for entry in std::fs::read_dir(common::fixture("qwen2")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), policy.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(
+        policy.join("generation_config.json"),
+        json!({"bos_token_id": 0, "eos_token_id": [0, 2], "pad_token_id": 3}).to_string(),
+    )
+    .unwrap();
+    let rm = dir.join("rm");
+    save_scalar(&load_scalar(&policy, &Device::Cpu, 11).unwrap(), &rm).unwrap();
+    (policy, rm)
+}
+
+fn chat_prompts(dir: &Path) -> PathBuf {
+    let p = dir.join("chat_prompts.jsonl");
+    let rows: Vec<String> = (0..8)
+        .map(|i| {
+            json!({"prompt": [{"role": "user", "content": format!("The cat {i}?")}]}).to_string()
+        })
+        .collect();
+    std::fs::write(&p, rows.join("\n")).unwrap();
+    p
+}
+
+/// A PPO rollout's reward is `rlhf rm score`'s on the same prompt and response text
+/// (the completion as `generate --prompts` writes it): one rule for where the reward
+/// is read. Before it, PPO scored the sampled tokens with the policy's own end token
+/// while `rm score` appended `<|endoftext|>` to the text.
+#[test]
+fn a_rollout_reward_equals_rm_score_on_the_same_prompt_and_response_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, rm) = chat_policy_and_rm(tmp.path());
+    let data = chat_prompts(tmp.path());
+    let out = tmp.path().join("ppo");
+    let mut a = ppo_args(&data, &out);
+    a.model_name_or_path = Some(policy.clone());
+    a.reward_model = Some(rm.clone());
+    a.num_iterations = Some(1);
+    a.ppo_epochs = 1;
+    a.max_new_tokens = 10;
+    let (_, task) = run(&a, None).unwrap();
+
+    let pre = load_pretrained(&policy, &Device::Cpu).unwrap();
+    let prompts: Vec<Value> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["prompt"].clone())
+        .collect();
+    let mut rows = vec![];
+    for e in task.experience() {
+        let prompt = prompts
+            .iter()
+            .find(|p| {
+                Prompt::Messages((*p).clone())
+                    .tokenize(&pre.tokenizer)
+                    .unwrap()
+                    == e.prompt
+            })
+            .unwrap();
+        let body = if e.ended {
+            &e.response[..e.response.len() - 1]
+        } else {
+            &e.response[..]
+        };
+        let text = pre.tokenizer.decode(body, true).unwrap();
+        rows.push(json!({"prompt": prompt, "response": text}).to_string());
+    }
+    let score_in = tmp.path().join("score.jsonl");
+    std::fs::write(&score_in, rows.join("\n")).unwrap();
+    let s = common::rlhf_bin()
+        .args(["rm", "score", "--model"])
+        .arg(&rm)
+        .arg("--data")
+        .arg(&score_in)
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let scored: Vec<f64> = String::from_utf8(s.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(scored.len(), task.experience().len());
+    // The share of responses stopping at each eos id is logged (issue 16's symptom).
+    let m = iteration_metrics(&out);
+    for id in [0, 2] {
+        assert!(m[0][format!("val/end_token/{id}")].is_number(), "{id}");
+    }
+    for (e, r) in task.experience().iter().zip(&scored) {
+        // No normalisation, clip or penalty: PPO's score is the raw reward.
+        assert!(
+            (e.score as f64 - r).abs() < 1e-4 * r.abs().max(1.0),
+            "PPO {} vs rm score {r} ({:?})",
+            e.score,
+            e.response
+        );
+    }
+}
+
+/// The same response text ended with `<|endoftext|>` or with `<|im_end|>` gets the
+/// same reward, read at the end of the templated turn: the policy cannot raise its
+/// reward by switching its end token (issue 16: the RM paid +6.82 for one, −9.94 for
+/// the other, and PPO learned to end every turn with `<|endoftext|>`).
+#[test]
+fn the_reward_does_not_depend_on_which_end_token_the_policy_emitted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, rm_dir) = chat_policy_and_rm(tmp.path());
+    let pre = load_pretrained(&policy, &Device::Cpu).unwrap();
+    let tok = &pre.tokenizer;
+    let (eot, im_end) = (
+        tok.token_to_id("<|endoftext|>").unwrap(),
+        tok.token_to_id("<|im_end|>").unwrap(),
+    );
+    assert_eq!(pre.eos_token_ids, [eot, im_end]);
+    let messages = json!([{"role": "user", "content": "What is two plus two?"}]);
+    let prompt = Prompt::Messages(messages.clone());
+    let prompt_ids = prompt.tokenize(tok).unwrap();
+    let text = "Two plus two is four.";
+    let completion = |end: u32| Completion {
+        prompt_tokens: prompt_ids.clone(),
+        tokens: [tok.encode(text, false).unwrap(), vec![end]].concat(),
+        logprobs: vec![],
+        text: text.into(),
+        finish_reason: FinishReason::Eos,
+    };
+    let rm = Frozen::new(rlhf::rm::load_reward_model(&rm_dir).unwrap());
+    let scores = reward_model_scores(
+        &rm,
+        &[&prompt, &prompt],
+        &[completion(eot), completion(im_end)],
+    )
+    .unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * a.abs().max(1.0);
+    assert!(close(scores[0], scores[1]), "{scores:?}");
+
+    // Read at the end of the templated turn: apply_chat_template(prompt + [assistant]).
+    let input = rm.input(&prompt, text).unwrap();
+    let mut conv = messages.as_array().unwrap().clone();
+    conv.push(json!({"role": "assistant", "content": text}));
+    let rendered = tok.apply_chat_template(&Value::Array(conv), false).unwrap();
+    assert!(rendered.ends_with("<|im_start|>assistant\nTwo plus two is four.<|im_end|>\n"));
+    assert_eq!(input, tok.encode(&rendered, false).unwrap());
+    assert!(close(scores[0], rm.score(&[input]).unwrap()[0]));
+    // ... and not at either end token right after the response (what PPO read before).
+    for end in [eot, im_end] {
+        let sampled = [prompt_ids.clone(), completion(end).tokens].concat();
+        let old = rm.score(&[sampled]).unwrap()[0];
+        assert!(!close(old, scores[0]), "end token {end}: {old}");
+    }
+}
+
+/// The reward model reads the prompt, the response and the tokens that close the
+/// turn: a response of max_new_tokens must fit its context with them, checked before
+/// any work (not cut silently at scoring).
+#[test]
+fn a_response_the_reward_model_cannot_read_whole_fails_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, rm) = chat_policy_and_rm(tmp.path());
+    let data = chat_prompts(tmp.path());
+    let pre = load_pretrained(&policy, &Device::Cpu).unwrap();
+    let longest = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let p = serde_json::from_str::<Value>(l).unwrap()["prompt"].clone();
+            Prompt::Messages(p).tokenize(&pre.tokenizer).unwrap().len()
+        })
+        .max()
+        .unwrap();
+    let mut a = ppo_args(&data, &tmp.path().join("out"));
+    a.model_name_or_path = Some(policy);
+    a.reward_model = Some(rm);
+    a.max_new_tokens = 64 - longest; // fits the policy's context exactly
+    let err = run(&a, None).err().unwrap().to_string();
+    assert!(
+        err.contains("for the reward model") && err.contains("exceeds its context of 64"),
+        "{err}"
+    );
 }

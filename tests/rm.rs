@@ -199,21 +199,54 @@ fn each_response_is_forwarded_once() {
     let data = toy_rankings(tmp.path(), 12, 5);
     let rm = load_scalar(&common::fixture("qwen2"), &Device::Cpu, 0).unwrap();
     let cfg = PairTokenizing {
-        tokenizer: &rm.tokenizer,
-        eos: rm.eos().unwrap(),
-        eos_ids: &rm.eos_token_ids,
+        rule: rm.reward_input().unwrap(),
         max_length: 64,
     };
     let (set, _) = rlhf::data::rankings::load_rankings(&data, &cfg, false).unwrap();
-    let total_k: usize = set.iter().map(|r| r.responses.len()).sum();
+    let total_k: usize = set.iter().map(|r| r.inputs.len()).sum();
     let comparisons: usize = set.iter().map(|r| r.pairs.len()).sum();
-    let task = RmTask::new(rm, vec![], vec![], 4, 0);
-    task.evaluate_set(&set).unwrap();
-    assert_eq!(task.forwarded.get(), total_k, "K forwards per prompt");
     assert!(
-        comparisons > total_k / 2,
-        "more comparisons ({comparisons}) than pairs of forwards"
+        2 * comparisons > total_k,
+        "forwarding each comparison's two responses ({}) would be more than K per prompt ({total_k})",
+        2 * comparisons
     );
+    let task = RmTask::new(rm, vec![], vec![], 4, 0);
+    // Counted inside the scalar model's forward: the rows that actually ran.
+    let before = task.rm.model.rows_forwarded.get();
+    task.evaluate_set(&set).unwrap();
+    let rows = task.rm.model.rows_forwarded.get() - before;
+    assert_eq!(rows, total_k, "K forwards per prompt");
+}
+
+/// The issue-16 bug: with a conversational prompt, a response given as text (what
+/// `generate --prompts` writes) was followed by the tokenizer's eos
+/// (`<|endoftext|>`), while the SFT policy closes its turns with `<|im_end|>`; the
+/// reward model learned to pay for the end token. It is read where transformers reads
+/// `apply_chat_template(prompt + [assistant])`: at the end of the templated turn.
+#[test]
+fn chat_responses_are_read_at_the_end_of_the_templated_turn() {
+    let rm = load_scalar(&common::fixture("qwen2"), &Device::Cpu, 0).unwrap();
+    let cfg = PairTokenizing {
+        rule: rm.reward_input().unwrap(),
+        max_length: 64,
+    };
+    let prompt = json!([{"role": "user", "content": "hi"}]);
+    let r = ranked_from_row(
+        &json!({"prompt": prompt, "responses": ["hello", "go away"], "ranking": [0, 1]}),
+        &cfg,
+    )
+    .unwrap();
+    for (i, text) in ["hello", "go away"].iter().enumerate() {
+        let mut conv = prompt.as_array().unwrap().clone();
+        conv.push(json!({"role": "assistant", "content": text}));
+        let rendered = rm
+            .tokenizer
+            .apply_chat_template(&Value::Array(conv), false)
+            .unwrap();
+        assert!(rendered.ends_with(&format!("{text}<|im_end|>\n")));
+        let expected = rm.tokenizer.encode(&rendered, false).unwrap();
+        assert_eq!(r.inputs[i], expected, "response {i}");
+    }
 }
 
 #[test]
@@ -239,9 +272,7 @@ fn resume_is_bit_identical() {
 fn bad_rankings_are_reported() {
     let rm = load_scalar(&common::fixture("qwen2"), &Device::Cpu, 0).unwrap();
     let cfg = PairTokenizing {
-        tokenizer: &rm.tokenizer,
-        eos: rm.eos().unwrap(),
-        eos_ids: &rm.eos_token_ids,
+        rule: rm.reward_input().unwrap(),
         max_length: 48,
     };
     let cases = [
@@ -286,7 +317,8 @@ fn bad_rankings_are_reported() {
         &cfg,
     )
     .unwrap();
-    assert_eq!(r.responses[1], vec![cfg.eos], "{r:?}");
+    let p = rm.tokenizer.encode("p", true).unwrap();
+    assert_eq!(r.inputs[1], [p, vec![cfg.rule.eos]].concat(), "{r:?}");
     // A tie among four: 6 pairs minus the tied one.
     let r = ranked_from_row(
         &json!({"prompt": "p", "responses": ["a", "b", "c", "d"], "ranking": [1, 2, 0, 1]}),
@@ -303,9 +335,10 @@ fn bad_rankings_are_reported() {
     )
     .unwrap();
     assert_eq!(r.pairs, [(0, 1)]);
-    let text = rm.tokenizer.decode(&r.sequence(0), false).unwrap();
+    // Read at the end of the templated assistant turn, as transformers renders it.
+    let text = rm.tokenizer.decode(&r.inputs[0], false).unwrap();
     assert!(
-        text.ends_with("<|im_start|>assistant\nhello<|im_end|>\n<|endoftext|>"),
+        text.ends_with("<|im_start|>assistant\nhello<|im_end|>\n"),
         "{text:?}"
     );
 

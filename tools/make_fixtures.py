@@ -241,17 +241,26 @@ def check(rlhf):
 
 def check_reward_model(rlhf, tmp):
     """rlhf rm train + rm score → transformers' AutoModelForSequenceClassification gives
-    the same rewards (the score at the eos that ends each response)."""
+    the same rewards where it reads them: for a conversational prompt, on
+    apply_chat_template(prompt + [assistant response]) (the end of the templated turn,
+    as TRL's RewardTrainer tokenizes it); for plain text, on prompt + response + eos.
+    Scored one by one and as one right-padded batch (the score at the last non-pad token)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     data = os.path.join(tmp, "rankings.jsonl")
+    responses = ["The cat sat.", "Alice has apples.", "No."]
     with open(data, "w") as f:
         for i in range(16):
-            f.write(json.dumps({"prompt": f"Question {i}?", "responses": ["The cat sat.", "Alice has apples.", "No."],
+            prompt = [{"role": "user", "content": f"Question {i}?"}] if i % 2 else f"Question {i}?"
+            f.write(json.dumps({"prompt": prompt, "responses": responses,
                                 "ranking": [i % 3, (i + 1) % 3, (i + 2) % 3]}) + "\n")
     rm_dir = os.path.join(tmp, "rm")
     subprocess.run([rlhf, "rm", "train", "--model", os.path.join(OUT, "qwen2"), "--data", data, "--output_dir", rm_dir,
                     "--max_steps", "3", "--learning_rate", "1e-3", "--max_length", "64"], check=True)
-    rows = [{"prompt": "Question 1?", "response": "The cat sat."}, {"prompt": "Question 7?", "response": "No."}]
+    rows = [{"prompt": [{"role": "user", "content": "Question 1?"}], "response": "The cat sat."},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Question 3?"}],
+             "response": "No."},
+            {"prompt": "Question 1?", "response": "The cat sat."},
+            {"prompt": "Question 7?", "response": "No."}]
     score_in = os.path.join(tmp, "score.jsonl")
     with open(score_in, "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -260,14 +269,33 @@ def check_reward_model(rlhf, tmp):
     ours = [json.loads(l)["reward"] for l in out.splitlines()]
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     tok = AutoTokenizer.from_pretrained(rm_dir)
+    seqs = []
+    for r in rows:
+        if isinstance(r["prompt"], list):
+            enc = tok.apply_chat_template(r["prompt"] + [{"role": "assistant", "content": r["response"]}],
+                                          tokenize=True, add_generation_prompt=False)
+            ids = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+            assert tok.decode(ids).endswith(r["response"] + "<|im_end|>\n"), tok.decode(ids)
+        else:
+            ids = tok(r["prompt"])["input_ids"] + tok(r["response"], add_special_tokens=False)["input_ids"] \
+                + [tok.eos_token_id]
+        assert ids[-1] != model.config.pad_token_id, "the score would not be read at the last token"
+        seqs.append(ids)
+    width = max(map(len, seqs))
+    pad = model.config.pad_token_id
+    batch = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        single = [float(model(torch.tensor([s])).logits[0, 0]) for s in seqs]
+        batched = model(batch, attention_mask=mask).logits[:, 0].tolist()
     worst = 0.0
-    for r, mine in zip(rows, ours):
-        ids = tok(r["prompt"])["input_ids"] + tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        with torch.no_grad():
-            theirs = float(model(torch.tensor([ids])).logits[0, 0])
-        worst = max(worst, abs(theirs - mine))
+    for r, mine, a, b in zip(rows, ours, single, batched):
+        kind = "chat " if isinstance(r["prompt"], list) else "plain"
+        print(f"  {kind} {r['response']!r:16} rlhf rm score {mine:+.6f}  transformers {a:+.6f} (batched {b:+.6f})")
+        worst = max(worst, abs(a - mine), abs(b - mine))
     print(f"reward model: transformers {transformers.__version__} loads rlhf's folder as "
-          f"{type(model).__name__}; reward max abs diff {worst:.2e}")
+          f"{type(model).__name__}; reward max abs diff {worst:.2e} (chat rows read on "
+          f"apply_chat_template(prompt + [assistant]))")
     assert worst <= 1e-4, worst
 
 

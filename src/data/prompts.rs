@@ -20,34 +20,31 @@ pub enum Prompt {
 impl Prompt {
     /// Parses one JSONL object; `path` and `line` name the source in errors.
     pub fn from_json(v: &Value, path: &Path, line: usize) -> Result<Self> {
-        let bad = |m: &str| Error::bad_file(path, Some(line), m);
         let field = v
             .get("prompt")
             .map(|p| ("prompt", p))
             .or_else(|| v.get("messages").map(|m| ("messages", m)));
-        match field {
-            Some((_, Value::String(s))) => Ok(Prompt::Text(s.clone())),
-            Some((name, Value::Array(msgs))) => {
-                for (i, m) in msgs.iter().enumerate() {
-                    let ok =
-                        m.get("role").is_some_and(Value::is_string) && m.get("content").is_some();
-                    if !ok {
-                        return Err(bad(&format!(
-                            "field {name:?}: message {i} needs a string \"role\" and a \"content\""
-                        )));
-                    }
-                }
-                if msgs.is_empty() {
-                    return Err(bad(&format!("field {name:?} is an empty list")));
-                }
-                Ok(Prompt::Messages(Value::Array(msgs.clone())))
-            }
-            Some((name, _)) => Err(bad(&format!(
-                "field {name:?} must be a string or a list of messages"
-            ))),
-            None => Err(bad(
+        let Some((name, value)) = field else {
+            return Err(Error::bad_file(
+                path,
+                Some(line),
                 "expected a \"prompt\" (string or list of messages) or a \"messages\" field",
-            )),
+            ));
+        };
+        Self::from_value(value, &format!("field {name:?}"))
+            .map_err(|m| Error::bad_file(path, Some(line), m))
+    }
+
+    /// Parses a prompt value (text or a list of messages); the error is a message
+    /// about `what` (`field "prompt"`).
+    pub fn from_value(v: &Value, what: &str) -> std::result::Result<Self, String> {
+        match v {
+            Value::String(s) => Ok(Prompt::Text(s.clone())),
+            Value::Array(msgs) => {
+                check_messages(msgs, what)?;
+                Ok(Prompt::Messages(v.clone()))
+            }
+            _ => Err(format!("{what} must be a string or a list of messages")),
         }
     }
 
@@ -72,4 +69,20 @@ pub fn read_prompts(path: &Path) -> Result<Vec<(usize, Value, Prompt)>> {
             Ok((l.number, l.value, p))
         })
         .collect()
+}
+
+/// Checks a non-empty list of messages, each with a string "role" and a "content";
+/// the error is a message about `what`.
+pub fn check_messages(msgs: &[Value], what: &str) -> std::result::Result<(), String> {
+    for (i, m) in msgs.iter().enumerate() {
+        if !m.get("role").is_some_and(Value::is_string) || m.get("content").is_none() {
+            return Err(format!(
+                "{what}: message {i} needs a string \"role\" and a \"content\""
+            ));
+        }
+    }
+    if msgs.is_empty() {
+        return Err(format!("{what} is an empty list"));
+    }
+    Ok(())
 }

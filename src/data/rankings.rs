@@ -3,121 +3,67 @@
 //!   `{"prompt": ..., "responses": [y1, ..., yK], "ranking": [r1, ..., rK]}`
 //! (r_i the rank of response i, 0 = best, ties allowed), or TRL's preference pairs
 //!   `{"prompt": ..., "chosen": ..., "rejected": ...}` (read as K = 2).
-//! Prompts may be text or a list of messages (rendered with the chat template and a
-//! generation prompt); responses text or assistant messages. Every response is
-//! scored at the eos that ends it (appended when missing).
+//! Prompts may be text or a list of messages; responses text or assistant messages.
+//! Every response becomes the ids the reward model reads (`reward_input`: the end of
+//! the templated assistant turn for conversations, the eos for plain text).
 
 use serde_json::Value;
 use std::path::Path;
 
 use super::jsonl::read_jsonl;
-use super::tokenizer::Tokenizer;
+use super::prompts::Prompt;
+use super::reward_input::{Response, RewardInput};
 use crate::error::{Error, Result};
 use crate::losses::ranked_pairs;
 
-/// One prompt with its K tokenized responses and their ranking.
+/// One prompt with its K responses as the reward model reads them, and their ranking.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ranked {
-    pub prompt: Vec<u32>,
-    /// Each response's tokens, ending with an eos.
-    pub responses: Vec<Vec<u32>>,
+    /// prompt + response i for each of the K responses (`RewardInput::ids`): the
+    /// reward of response i is read at the last token of `inputs[i]`.
+    pub inputs: Vec<Vec<u32>>,
     pub ranks: Vec<u32>,
     /// (winner, loser) pairs, ties dropped.
     pub pairs: Vec<(usize, usize)>,
 }
 
-impl Ranked {
-    /// prompt + response i: the sequence the reward model scores.
-    pub fn sequence(&self, i: usize) -> Vec<u32> {
-        [self.prompt.as_slice(), self.responses[i].as_slice()].concat()
-    }
-}
-
-/// How prompts and responses become tokens.
+/// How prompts and responses become the reward model's inputs.
 pub struct PairTokenizing<'a> {
-    pub tokenizer: &'a Tokenizer,
-    pub eos: u32,
-    pub eos_ids: &'a [u32],
+    pub rule: RewardInput<'a>,
     pub max_length: usize,
 }
 
 impl PairTokenizing<'_> {
-    /// Prompt tokens: text with the tokenizer's special tokens, or a conversation
-    /// rendered with a generation prompt.
-    pub fn prompt(&self, p: &Value) -> std::result::Result<Vec<u32>, String> {
-        match p {
-            Value::String(s) if s.trim().is_empty() => Err("field \"prompt\" is empty".into()),
-            Value::String(s) => self.tokenizer.encode(s, true).map_err(|e| e.to_string()),
-            Value::Array(msgs) => {
-                check_messages(msgs, "prompt")?;
-                let text = self
-                    .tokenizer
-                    .apply_chat_template(p, true)
-                    .map_err(|e| e.to_string())?;
-                self.tokenizer
-                    .encode(&text, false)
-                    .map_err(|e| e.to_string())
-            }
-            _ => Err("field \"prompt\" must be a string or a list of messages".into()),
+    /// The prompt of a row: text (not empty) or a list of messages.
+    pub fn prompt(&self, p: &Value) -> std::result::Result<Prompt, String> {
+        if p.as_str().is_some_and(|s| s.trim().is_empty()) {
+            return Err("field \"prompt\" is empty".into());
         }
+        Prompt::from_value(p, "field \"prompt\"")
     }
 
-    /// Response tokens (eos appended unless it already ends with one). A response
-    /// given as messages is the text the chat template adds after the prompt.
-    pub fn response(
+    /// The ids the reward model reads for `prompt` and the response value `r`
+    /// (`what` names it in errors), at most `max_length` of them.
+    pub fn input(
         &self,
-        prompt: &Value,
+        prompt: &Prompt,
         r: &Value,
         what: &str,
     ) -> std::result::Result<Vec<u32>, String> {
-        let text = match r {
-            Value::String(s) => s.clone(),
-            Value::Array(msgs) => {
-                check_messages(msgs, what)?;
-                let Value::Array(pm) = prompt else {
-                    return Err(format!(
-                        "{what} is a list of messages but the prompt is plain text"
-                    ));
-                };
-                let all = Value::Array(pm.iter().chain(msgs).cloned().collect());
-                let render = |v: &Value, gen| {
-                    self.tokenizer
-                        .apply_chat_template(v, gen)
-                        .map_err(|e| e.to_string())
-                };
-                let (before, after) = (render(prompt, true)?, render(&all, false)?);
-                after
-                    .strip_prefix(before.as_str())
-                    .ok_or(
-                        "the chat template does not render the conversation as a growing prefix",
-                    )?
-                    .to_string()
-            }
-            _ => return Err(format!("{what} must be a string or a list of messages")),
-        };
-        let mut ids = self
-            .tokenizer
-            .encode(&text, false)
-            .map_err(|e| e.to_string())?;
-        if !ids.last().is_some_and(|t| self.eos_ids.contains(t)) {
-            ids.push(self.eos);
+        let response = Response::from_value(r, what)?;
+        let ids = self
+            .rule
+            .ids(prompt, &response)
+            .map_err(|e| format!("{what}: {e}"))?;
+        if ids.len() > self.max_length {
+            return Err(format!(
+                "prompt + {what} has {} tokens, more than --max_length {}",
+                ids.len(),
+                self.max_length
+            ));
         }
         Ok(ids)
     }
-}
-
-fn check_messages(msgs: &[Value], field: &str) -> std::result::Result<(), String> {
-    if msgs.is_empty() {
-        return Err(format!("field {field:?} is an empty list"));
-    }
-    for (i, m) in msgs.iter().enumerate() {
-        if !m.get("role").is_some_and(Value::is_string) || m.get("content").is_none() {
-            return Err(format!(
-                "field {field:?}: message {i} needs a string \"role\" and a \"content\""
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Parses one line into a ranked example; errors are messages about the row.
@@ -169,7 +115,7 @@ pub fn ranked_from_row(v: &Value, cfg: &PairTokenizing) -> std::result::Result<R
         return Err("all responses are tied: there is no comparison to learn from".into());
     }
     let prompt = cfg.prompt(prompt_v)?;
-    let mut responses = vec![];
+    let mut inputs = vec![];
     for (i, r) in responses_v.iter().enumerate() {
         let what = if v.get("responses").is_some() {
             format!("response {i}")
@@ -178,19 +124,10 @@ pub fn ranked_from_row(v: &Value, cfg: &PairTokenizing) -> std::result::Result<R
         } else {
             "field \"rejected\"".into()
         };
-        let ids = cfg.response(prompt_v, r, &what)?;
-        if prompt.len() + ids.len() > cfg.max_length {
-            return Err(format!(
-                "prompt + {what} has {} tokens, more than --max_length {}",
-                prompt.len() + ids.len(),
-                cfg.max_length
-            ));
-        }
-        responses.push(ids);
+        inputs.push(cfg.input(&prompt, r, &what)?);
     }
     Ok(Ranked {
-        prompt,
-        responses,
+        inputs,
         ranks,
         pairs,
     })

@@ -2,11 +2,12 @@
 //! `Frozen` wraps a model, exposes only what PPO reads from it, returns detached
 //! tensors and gives no access to its parameters, so no optimizer can reach them.
 
+use super::response::{response_logprobs, ResponseBatch};
 use super::scalar::{PretrainedScalar, RewardNormalization};
 use super::CausalLm;
-use crate::data::tokenizer::Tokenizer;
+use crate::data::prompts::Prompt;
+use crate::data::reward_input::Response;
 use crate::error::Result;
-use crate::ppo::rollout::ResponseBatch;
 
 pub struct Frozen<M> {
     inner: M,
@@ -21,22 +22,27 @@ impl<M> Frozen<M> {
 impl Frozen<CausalLm> {
     /// log π(response token | prefix) under the frozen policy, per response.
     pub fn response_logprobs(&self, batch: &ResponseBatch) -> Result<Vec<Vec<f32>>> {
-        let (logp, _) = crate::ppo::rollout::response_logprobs(&self.inner, batch, false)?;
+        let (logp, _) = response_logprobs(&self.inner, batch, false)?;
         Ok(logp)
-    }
-
-    pub fn context_length(&self) -> usize {
-        self.inner.config.context_length()
     }
 }
 
 impl Frozen<PretrainedScalar> {
-    /// The reward model's raw score of prompt + response (scored at its eos).
-    pub fn score(&self, seqs: &[Vec<u32>]) -> Result<Vec<f64>> {
+    /// The ids the reward model reads for a prompt and a response's text (the
+    /// decoded completion, its end token left out): `RewardInput`'s rule, the same
+    /// as `rm train`, `rm eval` and `rm score`.
+    pub fn input(&self, prompt: &Prompt, response: &str) -> Result<Vec<u32>> {
+        self.inner
+            .reward_input()?
+            .ids(prompt, &Response::Text(response.to_string()))
+    }
+
+    /// The reward model's raw score of each input, read at its last token.
+    pub fn score(&self, inputs: &[Vec<u32>]) -> Result<Vec<f64>> {
         let r = self
             .inner
             .model
-            .score_last(seqs, self.inner.tokenizer.pad_token_id())?;
+            .score_last(inputs, self.inner.tokenizer.pad_token_id())?;
         Ok(r.detach().to_dtype(candle_core::DType::F64)?.to_vec1()?)
     }
 
@@ -44,11 +50,8 @@ impl Frozen<PretrainedScalar> {
         self.inner.normalization
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.inner.tokenizer
-    }
-
-    pub fn eos(&self) -> Result<u32> {
-        self.inner.eos()
+    /// The longest input the reward model reads.
+    pub fn context_length(&self) -> usize {
+        self.inner.model.config.context_length()
     }
 }

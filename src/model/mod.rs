@@ -14,6 +14,7 @@ pub mod llama;
 pub mod mask;
 pub mod params;
 pub mod presets;
+pub mod response;
 pub mod scalar;
 
 use candle_core::{Device, IndexOp, Tensor};

@@ -1,5 +1,5 @@
 //! A backbone with a scalar head: the reward model (one score per sequence, read at
-//! the eos that ends the response) and PPO's critic (one value per token). On disk it
+//! its last token: the end of the response as `data::reward_input` builds it) and PPO's critic (one value per token). On disk it
 //! is transformers' `...ForSequenceClassification` with `num_labels = 1`: the
 //! backbone's tensors plus `score.weight` (1, C), no bias.
 
@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::config::{Arch, ModelConfig};
 use super::hf::{
@@ -15,6 +16,7 @@ use super::hf::{
 use super::layers::Linear;
 use super::params::{Init, ParamSpec, Params};
 use super::{AttentionMask, Backbone};
+use crate::data::reward_input::RewardInput;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 
@@ -48,6 +50,27 @@ impl RewardNormalization {
     }
 }
 
+/// Rows (sequences) a model has run its forward pass on: instrumentation that lets
+/// the tests count the forwards where they happen. A clone starts from the count so far.
+#[derive(Debug, Default)]
+pub struct RowCounter(AtomicUsize);
+
+impl RowCounter {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl Clone for RowCounter {
+    fn clone(&self) -> Self {
+        RowCounter(AtomicUsize::new(self.get()))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ScalarModel {
     pub config: ModelConfig,
@@ -55,6 +78,8 @@ pub struct ScalarModel {
     pub backbone: Backbone,
     pub head: ScalarHead,
     pub device: Device,
+    /// Rows forwarded so far (every `forward`, `score_last` included).
+    pub rows_forwarded: RowCounter,
 }
 
 /// The parameter table: the backbone's (no LM head) and `score.weight`.
@@ -87,17 +112,19 @@ impl ScalarModel {
             backbone,
             head,
             device: device.clone(),
+            rows_forwarded: RowCounter::default(),
         })
     }
 
     /// ids: (B, T) → a scalar per position (B, T).
     pub fn forward(&self, ids: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+        self.rows_forwarded.add(ids.dim(0)?);
         let hidden = self.backbone.forward(ids, mask, None)?; // (B, T, C)
         self.head.forward(&hidden)
     }
 
-    /// The score of each sequence at its last token (the eos ending the response),
-    /// in one right-padded batch: seqs → (N,).
+    /// The score of each sequence at its last token (where `RewardInput` puts the end
+    /// of the response), in one right-padded batch: seqs → (N,).
     pub fn score_last(&self, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor> {
         let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
         if seqs.is_empty() || width == 0 {
@@ -145,6 +172,15 @@ impl PretrainedScalar {
     /// eos of the generation config.
     pub fn eos(&self) -> Result<u32> {
         super::hf::end_token(&self.tokenizer, &self.eos_token_ids)
+    }
+
+    /// Where this model reads the reward: `RewardInput` with its tokenizer and eos ids.
+    pub fn reward_input(&self) -> Result<RewardInput<'_>> {
+        Ok(RewardInput {
+            tokenizer: &self.tokenizer,
+            eos: self.eos()?,
+            eos_ids: &self.eos_token_ids,
+        })
     }
 }
 

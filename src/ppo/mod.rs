@@ -31,16 +31,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::data::prompts::read_prompts;
+use crate::data::prompts::{read_prompts, Prompt};
 use crate::data::text::read_documents;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::generate::{generate, SamplingParams};
+use crate::generate::{end_token_counts, generate, SamplingParams};
 use crate::losses::{clipped_policy_loss, clipped_value_loss};
 use crate::model::frozen::Frozen;
 use crate::model::hf::{
     load_pretrained, load_weights_into, read_weights, save_pretrained, Pretrained,
 };
+use crate::model::response::{logprobs_of, response_logprobs, values_of, ResponseBatch};
 use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar};
 use crate::model::{CausalLm, Params};
 use crate::train::args::{require, StageDefaults, TrainingArgs};
@@ -50,8 +51,8 @@ use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
 use advantage::{gae, whiten};
 use kl::{kl_per_token, KlController, KlEstimator};
-use reward::{final_score, shaped_rewards};
-use rollout::{logprobs_of, response_logprobs, values_of, Experience, ResponseBatch};
+use reward::{final_score, reward_model_scores, shaped_rewards};
+use rollout::Experience;
 
 pub const DEFAULTS: StageDefaults = StageDefaults {
     learning_rate: 1e-5,
@@ -187,8 +188,9 @@ pub struct PpoTask {
     pub critic: PretrainedScalar,
     reference: Frozen<CausalLm>,
     reward: RewardSource,
-    /// Tokenized prompts, in file order.
-    prompts: Vec<Vec<u32>>,
+    /// The prompts in file order, as given (the reward model's input is built from
+    /// them) and tokenized for generation.
+    prompts: Vec<(Prompt, Vec<u32>)>,
     prompt_order: EpochOrder,
     ptx_rows: Vec<Row>,
     args: PpoArgs,
@@ -225,12 +227,13 @@ impl PpoTask {
         // 1. Rollout: the iteration's prompts, a deterministic walk over shuffled epochs.
         let r = self.args.rollout_batch_size;
         let n = self.prompts.len();
-        let prompts: Vec<Vec<u32>> = (0..r)
+        let picked: Vec<usize> = (0..r)
             .map(|i| {
                 let g = iteration * r + i;
-                self.prompts[self.prompt_order.batch(g / n, g % n, 1)[0]].clone()
+                self.prompt_order.batch(g / n, g % n, 1)[0]
             })
             .collect();
+        let prompts: Vec<Vec<u32>> = picked.iter().map(|&i| self.prompts[i].1.clone()).collect();
         let params = SamplingParams {
             max_new_tokens: self.args.max_new_tokens,
             temperature: self.args.temperature,
@@ -265,23 +268,8 @@ impl PpoTask {
             .collect();
         let raw_scores: Vec<f64> = match &self.reward {
             RewardSource::Model(rm) => {
-                let eos = rm.eos()?;
-                let seqs: Vec<Vec<u32>> = samples
-                    .iter()
-                    .zip(&ended)
-                    .map(|(c, &e)| {
-                        let mut s = [c.prompt_tokens.as_slice(), c.tokens.as_slice()].concat();
-                        if !e {
-                            s.push(eos); // the reward is read at the eos ending y
-                        }
-                        s
-                    })
-                    .collect();
-                let raw = rm.score(&seqs)?;
-                match rm.normalization() {
-                    Some(norm) => raw.iter().map(|&x| norm.apply(x)).collect(),
-                    None => raw,
-                }
+                let prompts: Vec<&Prompt> = picked.iter().map(|&i| &self.prompts[i].0).collect();
+                reward_model_scores(rm, &prompts, &samples)?
             }
             RewardSource::Function(f) => samples
                 .iter()
@@ -363,6 +351,14 @@ impl PpoTask {
                 tokens / scoring_s.max(1e-9),
             ),
         ]);
+        // Which end token the responses stop with (a policy gaming the reward
+        // model's end token shows here).
+        let ends = end_token_counts(&samples);
+        for id in &self.actor.eos_token_ids {
+            let share = ends.get(id).copied().unwrap_or(0) as f64 / nb;
+            self.pending_metrics
+                .insert(format!("val/end_token/{id}"), share);
+        }
         self.experience = exps;
         self.iteration = Some(iteration);
         self.early_stopped = false;
@@ -664,21 +660,29 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
     let context = actor.model.config.context_length();
     let mut prompts = vec![];
     for (line, _, p) in read_prompts(data)? {
+        let bad = |m: String| Error::bad_file(data, Some(line), m);
         let ids = p
             .tokenize(&actor.tokenizer)
-            .map_err(|e| Error::bad_file(data, Some(line), e.to_string()))?;
+            .map_err(|e| bad(e.to_string()))?;
         if ids.len() + args.max_new_tokens > context {
-            return Err(Error::bad_file(
-                data,
-                Some(line),
-                format!(
-                    "prompt has {} tokens; with max_new_tokens {} that exceeds the model's context of {context}",
-                    ids.len(),
-                    args.max_new_tokens
-                ),
-            ));
+            return Err(bad(format!(
+                "prompt has {} tokens; with max_new_tokens {} that exceeds the model's context of {context}",
+                ids.len(),
+                args.max_new_tokens
+            )));
         }
-        prompts.push(ids);
+        if let RewardSource::Model(rm) = &reward {
+            // The reward model reads the prompt, the response and what closes it.
+            let closed = rm.input(&p, "").map_err(|e| bad(e.to_string()))?.len();
+            let rm_context = rm.context_length();
+            if closed + args.max_new_tokens > rm_context {
+                return Err(bad(format!(
+                    "prompt with a closed empty response is {closed} tokens for the reward model; with max_new_tokens {} that exceeds its context of {rm_context}",
+                    args.max_new_tokens
+                )));
+            }
+        }
+        prompts.push((p, ids));
     }
     let ptx_rows = match &args.ptx_data {
         Some(p) => {

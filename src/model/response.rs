@@ -1,0 +1,152 @@
+//! Response batches: prompt + response rows padded into one batch, and the forward
+//! passes that score their response tokens one by one (log-probs under a causal LM,
+//! values under a scalar model). Shared by the RL methods (PPO's rollout and update,
+//! the frozen reference policy) and free of any of them.
+//!
+//! Mask convention (`losses`): in a row `prompt ++ response`, the logits (and the
+//! critic's value) at position P − 1 + j belong to response token j — the state
+//! before the token is emitted. Padding and anything after the eos never appear: a
+//! response's vectors have exactly its length.
+
+use candle_core::Tensor;
+
+use super::scalar::ScalarModel;
+use super::{AttentionMask, CausalLm};
+use crate::error::Result;
+
+/// A right-padded batch of prompt + response rows and the flat positions of
+/// (B·T) whose outputs score response tokens.
+pub struct ResponseBatch {
+    pub ids: Tensor, // (B, T)
+    pub mask: AttentionMask,
+    pub positions: Tensor, // (M,) u32 into the flattened (B·T)
+    pub targets: Tensor,   // (M,) u32: the response tokens
+    /// Response length of each row (splits the M outputs back into rows).
+    pub lengths: Vec<usize>,
+}
+
+impl ResponseBatch {
+    pub fn new(rows: &[(&[u32], &[u32])], pad: u32, device: &candle_core::Device) -> Result<Self> {
+        let width = rows
+            .iter()
+            .map(|(p, r)| p.len() + r.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * width);
+        let mut key_mask = Vec::with_capacity(rows.len());
+        let mut positions = vec![];
+        let mut targets = vec![];
+        let mut lengths = vec![];
+        for (b, (p, r)) in rows.iter().enumerate() {
+            let n = p.len() + r.len();
+            ids.extend(
+                p.iter()
+                    .chain(r.iter())
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, width - n)),
+            );
+            key_mask.push([vec![1u8; n], vec![0u8; width - n]].concat());
+            for (j, &t) in r.iter().enumerate() {
+                positions.push((b * width + p.len() - 1 + j) as u32);
+                targets.push(t);
+            }
+            lengths.push(r.len());
+        }
+        let m = positions.len();
+        Ok(ResponseBatch {
+            ids: Tensor::from_vec(ids, (rows.len(), width), device)?,
+            mask: AttentionMask::full(&key_mask, device)?,
+            positions: Tensor::from_vec(positions, m, device)?,
+            targets: Tensor::from_vec(targets, m, device)?,
+            lengths,
+        })
+    }
+
+    /// Splits a flat (M,) tensor into one vector per row.
+    pub fn split(&self, flat: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let v: Vec<f32> = flat.detach().to_vec1()?;
+        let mut out = vec![];
+        let mut at = 0;
+        for &n in &self.lengths {
+            out.push(v[at..at + n].to_vec());
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+/// log π(response token) for every response token of the batch (M,), with the
+/// per-token entropy (detached) when asked. Gradients flow when the model is trainable.
+pub fn logprobs_of(
+    model: &CausalLm,
+    batch: &ResponseBatch,
+    with_entropy: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let hidden = model.backbone.forward(&batch.ids, &batch.mask, None)?; // (B, T, C)
+    let (b, t, c) = hidden.dims3()?;
+    let picked = hidden
+        .reshape((b * t, c))?
+        .index_select(&batch.positions, 0)?; // (M, C)
+    if with_entropy {
+        let (logp, ent) = model
+            .lm_head
+            .token_logprobs_and_entropy(&picked, &batch.targets)?; // (M,) each
+        return Ok((logp, Some(ent)));
+    }
+    Ok((model.lm_head.token_logprobs(&picked, &batch.targets)?, None)) // (M,)
+}
+
+/// The critic's value of the state before each response token (M,).
+pub fn values_of(critic: &ScalarModel, batch: &ResponseBatch) -> Result<Tensor> {
+    let v = critic.forward(&batch.ids, &batch.mask)?; // (B, T)
+    Ok(v.flatten_all()?.index_select(&batch.positions, 0)?)
+}
+
+/// One vector per response row.
+pub type PerRow = Vec<Vec<f32>>;
+
+/// Response positions whose logits are materialised at once when no gradient is
+/// needed: bounds the (positions × vocabulary) buffers during scoring.
+const SCORING_CHUNK: usize = 128;
+
+/// Detached per-row log-probs (and entropies) of the batch's responses under `model`.
+pub fn response_logprobs(
+    model: &CausalLm,
+    batch: &ResponseBatch,
+    with_entropy: bool,
+) -> Result<(PerRow, Option<PerRow>)> {
+    let hidden = model
+        .backbone
+        .forward(&batch.ids, &batch.mask, None)?
+        .detach(); // (B, T, C)
+    let (b, t, c) = hidden.dims3()?;
+    let hidden = hidden.reshape((b * t, c))?; // (B·T, C)
+    let m = batch.positions.dim(0)?;
+    let (mut logp, mut ent) = (Vec::with_capacity(m), Vec::with_capacity(m));
+    for start in (0..m).step_by(SCORING_CHUNK) {
+        let n = SCORING_CHUNK.min(m - start);
+        let picked = hidden.index_select(&batch.positions.narrow(0, start, n)?, 0)?; // (n, C)
+        let targets = batch.targets.narrow(0, start, n)?; // (n,)
+        if with_entropy {
+            let (lp, h) = model
+                .lm_head
+                .token_logprobs_and_entropy(&picked, &targets)?; // (n,) each
+            logp.extend(lp.to_vec1::<f32>()?);
+            ent.extend(h.to_vec1::<f32>()?);
+        } else {
+            logp.extend(
+                model
+                    .lm_head
+                    .token_logprobs(&picked, &targets)?
+                    .to_vec1::<f32>()?,
+            );
+        }
+    }
+    let logp = batch.split(&Tensor::from_vec(logp, m, &model.device)?)?;
+    let ent = if with_entropy {
+        Some(batch.split(&Tensor::from_vec(ent, m, &model.device)?)?)
+    } else {
+        None
+    };
+    Ok((logp, ent))
+}
