@@ -19,9 +19,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::judge;
 use super::environment::{Family, Task};
 use crate::error::Result;
-use crate::generate::{generate, Completion, FinishReason, SamplingParams};
+use crate::generate::{end_token_counts, generate, Completion, SamplingParams};
 use crate::model::hf::Pretrained;
-use crate::ppo::rollout::{response_logprobs, ResponseBatch};
+use crate::model::response::{response_logprobs, ResponseBatch};
 use crate::train::lm_task::{lm_loss_sum, text_rows, Row};
 
 /// Responses sampled per eval prompt for the KL and end-token figures.
@@ -89,19 +89,17 @@ pub fn sequence_kl(reference: &Pretrained, samples: &[Completion]) -> Result<f64
 /// The share of completions ending with each end token (by its text), and "none"
 /// for those cut at the length limit.
 pub fn end_token_shares(pre: &Pretrained, samples: &[Completion]) -> Result<BTreeMap<String, f64>> {
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for c in samples {
-        let key = match (c.finish_reason, c.tokens.last()) {
-            (FinishReason::Eos, Some(&id)) => pre.tokenizer.decode(&[id], false)?,
-            _ => "none".to_string(),
-        };
-        *counts.entry(key).or_default() += 1;
-    }
     let n = samples.len().max(1) as f64;
-    Ok(counts
-        .into_iter()
-        .map(|(k, v)| (k, v as f64 / n))
-        .collect())
+    let mut shares = BTreeMap::new();
+    let mut ended = 0;
+    for (id, count) in end_token_counts(samples) {
+        shares.insert(pre.tokenizer.decode(&[id], false)?, count as f64 / n);
+        ended += count;
+    }
+    if ended < samples.len() {
+        shares.insert("none".to_string(), (samples.len() - ended) as f64 / n);
+    }
+    Ok(shares)
 }
 
 /// Distinct answers over answers.

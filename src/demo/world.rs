@@ -11,13 +11,15 @@ pub use super::environment::{Environment, Family, Task};
 use super::environment::{draw, fill};
 
 /// The people of the world: their pets and cities are facts of the corpus.
-pub const PEOPLE: [&str; 12] = [
+pub const PEOPLE: [&str; 24] = [
     "Alice", "Bob", "Carol", "Dan", "Eve", "Finn", "Gina", "Hugo", "Ivy", "Jack", "Kim", "Leo",
+    "Mia", "Ned", "Olga", "Paul", "Rita", "Sam", "Tom", "Una", "Vera", "Walt", "Xena", "Yves",
 ];
 /// Names the world knows nothing about (never in the corpus): the honest answer is
 /// "I do not know."
-pub const STRANGERS: [&str; 12] = [
+pub const STRANGERS: [&str; 24] = [
     "Zed", "Yara", "Xavi", "Wren", "Vic", "Uma", "Tess", "Sol", "Quinn", "Pia", "Omar", "Nell",
+    "Milo", "Lars", "Kira", "Joss", "Iris", "Hank", "Gwen", "Fay", "Eli", "Dora", "Cyd", "Bram",
 ];
 pub const PETS: [&str; 4] = ["cat", "dog", "bird", "fish"];
 pub const CITIES: [&str; 4] = ["Lumen", "Vela", "Oro", "Tarn"];
