@@ -3,26 +3,44 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clap::{ArgMatches, Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
+use std::fmt::Display;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::data::chat_template::ChatTemplate;
 use crate::data::prompts::{read_prompts, Prompt};
 use crate::data::tokenizer::Tokenizer;
-use crate::error::read_json;
+use crate::error::{read_json, Error};
 use crate::generate::{generate, SamplingParams};
 use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
 use crate::model::{presets, Arch};
 use crate::ppo::PpoArgs;
 use crate::pretrain::PretrainArgs;
 use crate::rm::RmTrainArgs;
+use crate::settings::{as_flag, at_least, finite_f32, Settings};
 use crate::sft::SftArgs;
-use crate::train::args::merge_config;
+use crate::train::args::resolve;
 use crate::train::trainer::TrainSummary;
+
+/// The `rlhf` command line as clap parses it: every option may take a negative
+/// number (`--max_steps -1`, not only `--max_steps=-1`); which settings may be negative
+/// is for their ranges to say (`crate::settings`), with an error naming the flag.
+pub fn command() -> clap::Command {
+    negative_numbers(Cli::command())
+}
+
+fn negative_numbers(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        // Only options with a value (clap asserts this for flags like --packing).
+        let takes_value = a.get_action().takes_values();
+        a.allow_negative_numbers(takes_value)
+    })
+    .mut_subcommands(negative_numbers)
+}
 
 /// Parses one command's settings from flags, as a user would give them (the demo and
 /// the pipeline build their stages' settings this way).
@@ -33,7 +51,18 @@ pub fn parse_args<T: Args>(flags: &[String]) -> std::result::Result<T, clap::Err
         inner: T,
     }
     let argv = std::iter::once("rlhf".to_string()).chain(flags.iter().cloned());
-    Wrap::<T>::try_parse_from(argv).map(|w| w.inner)
+    let matches = negative_numbers(Wrap::<T>::command()).try_get_matches_from(argv)?;
+    Wrap::<T>::from_arg_matches(&matches).map(|w| w.inner)
+}
+
+/// Whether a failure is a write to a closed pipe (`rlhf generate ... | head -1`):
+/// `main` then exits quietly with code 0, as ripgrep and other Unix tools do.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    let broken = |e: &std::io::Error| e.kind() == std::io::ErrorKind::BrokenPipe;
+    err.chain().any(|c| match c.downcast_ref::<Error>() {
+        Some(Error::Write { cause, .. }) => broken(cause),
+        _ => c.downcast_ref::<std::io::Error>().is_some_and(broken),
+    })
 }
 
 /// ChatML, the template `rlhf init --chat_template chatml` installs.
@@ -124,14 +153,14 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f32)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f32)]
     pub top_p: f32,
     /// 0 keeps all tokens.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f32)]
     pub repetition_penalty: f32,
     /// Stop when this string appears (repeatable).
     #[arg(long)]
@@ -141,6 +170,35 @@ pub struct GenerateArgs {
     /// Prompts per generation batch with --prompts.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+}
+
+impl GenerateArgs {
+    /// The sampling settings (eos ids come from the model, once loaded).
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            eos_token_ids: vec![],
+            stop_strings: self.stop.clone(),
+        }
+    }
+}
+
+impl Settings for GenerateArgs {
+    fn validate(&self) -> crate::Result<()> {
+        self.sampling().validate()?;
+        at_least("batch_size", self.batch_size, 1)
+    }
+}
+
+impl Settings for RmDataArgs {
+    fn validate(&self) -> crate::Result<()> {
+        at_least("max_length", self.max_length, 1)?;
+        at_least("batch_size", self.batch_size, 1)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -191,25 +249,29 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
     match cli.command {
         Command::Demo(a) => {
             crate::demo::run(&a)?;
-            eprintln!("report: {}", a.output_dir.join("report.html").display());
+            crate::note!("report: {}", a.output_dir.join("report.html").display());
             Ok(())
         }
         Command::Pipeline(a) => {
             let summary = crate::pipeline::run(&a)?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
-            Ok(())
+            let mut out = Output::open(None)?;
+            out.line(serde_json::to_string_pretty(&summary)?)?;
+            out.finish()
         }
-        Command::Generate(a) => run_generate(a),
+        Command::Generate(a) => {
+            a.validate().map_err(as_flag)?;
+            run_generate(a)
+        }
         Command::Template(a) => run_template(a),
         Command::Init(a) => run_init(a),
         Command::Pretrain(a) => {
-            let a = merge_config(&a, sub("pretrain"), a.config.as_deref())?;
+            let a = resolve(&a, sub("pretrain"), a.config.as_deref())?;
             let summary = crate::pretrain::run(&a)?;
             report("pretrain", a.train.output_dir()?, &summary);
             Ok(())
         }
         Command::Sft(a) => {
-            let a = merge_config(&a, sub("sft"), a.config.as_deref())?;
+            let a = resolve(&a, sub("sft"), a.config.as_deref())?;
             let summary = crate::sft::run(&a)?;
             report("sft", a.train.output_dir()?, &summary);
             Ok(())
@@ -218,38 +280,41 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let m = sub("rm")
                 .subcommand_matches("train")
                 .expect("clap parsed rm train");
-            let a = merge_config(&a, m, a.config.as_deref())?;
+            let a = resolve(&a, m, a.config.as_deref())?;
             let (summary, norm) = crate::rm::train_rm(&a)?;
             report("rm", a.train.output_dir()?, &summary);
-            eprintln!(
+            crate::note!(
                 "reward normalisation: mean {:.4}, std {:.4}",
-                norm.mean, norm.std
+                norm.mean,
+                norm.std
             );
             Ok(())
         }
         Command::Ppo(a) => {
-            let a = merge_config(&a, sub("ppo"), a.config.as_deref())?;
+            let a = resolve(&a, sub("ppo"), a.config.as_deref())?;
             let (summary, _) = crate::ppo::run(&a, None)?;
             let out = a.train.output_dir()?;
             report("ppo", out, &summary);
-            eprintln!("last iteration: {}", crate::ppo::last_metrics(out)?);
+            crate::note!("last iteration: {}", crate::ppo::last_metrics(out)?);
             Ok(())
         }
         Command::Rm(RmCommand::Eval(a)) => {
+            a.validate().map_err(as_flag)?;
             let e = crate::rm::eval_rm(&a.model, &a.data, a.max_length, a.batch_size)
                 .with_context(|| format!("evaluating {}", a.model.display()))?;
-            println!("{}", serde_json::to_string(&e)?);
-            Ok(())
+            let mut out = Output::open(None)?;
+            out.line(serde_json::to_string(&e)?)?;
+            out.finish()
         }
         Command::Rm(RmCommand::Score(a)) => {
+            a.validate().map_err(as_flag)?;
             let rows = crate::rm::score_rm(&a.model, &a.data, a.max_length, a.batch_size)
                 .with_context(|| format!("scoring with {}", a.model.display()))?;
-            let mut sink = open_output(a.output.as_deref())?;
+            let mut out = Output::open(a.output.as_deref())?;
             for r in rows {
-                writeln!(sink, "{r}")?;
+                out.line(r)?;
             }
-            sink.flush()?;
-            Ok(())
+            out.finish()
         }
     }
 }
@@ -260,7 +325,7 @@ fn report(stage: &str, out: &Path, s: &TrainSummary) {
         .iter()
         .map(|(k, v)| format!("eval {k} {v:.4}"))
         .collect();
-    eprintln!(
+    crate::note!(
         "{stage}: {} steps{}, last loss {:.4}{}{}; model written to {}",
         s.state.global_step,
         s.resumed_from
@@ -289,20 +354,9 @@ fn load(dir: &Path) -> Result<Pretrained> {
         .with_context(|| format!("loading model from {}", dir.display()))
 }
 
+/// `rlhf generate`, with settings already validated.
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let params = SamplingParams {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        repetition_penalty: a.repetition_penalty,
-        eos_token_ids: vec![],
-        stop_strings: a.stop.clone(),
-    };
-    params.validate()?;
-    if a.batch_size == 0 {
-        bail!("--batch_size must be ≥ 1");
-    }
+    let params = a.sampling();
     // Read the prompts before loading the model, so bad input fails fast.
     // (source line, original object, prompt)
     let entries: Vec<(usize, Value, Prompt)> = match (&a.prompt, &a.prompts) {
@@ -327,11 +381,14 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let mut ids: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
     for (line, _, p) in &entries {
         let t = p.tokenize(&pre.tokenizer)?;
+        let at = match &a.prompts {
+            Some(path) => format!("{}:{line}: ", path.display()),
+            None => String::new(),
+        };
+        if t.is_empty() {
+            bail!("{at}the prompt is empty (0 tokens)");
+        }
         if t.len() + params.max_new_tokens > context {
-            let at = match &a.prompts {
-                Some(path) => format!("{}:{line}: ", path.display()),
-                None => String::new(),
-            };
             bail!(
                 "{at}prompt has {} tokens and max_new_tokens is {}, but the model's context is {context} tokens",
                 t.len(),
@@ -343,10 +400,11 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 
     if a.prompt.is_some() {
         let out = generate(&pre.model, &pre.tokenizer, &ids, &params, &mut rng)?;
-        println!("{}", out[0].text);
-        return Ok(());
+        let mut stdout = Output::open(None)?;
+        stdout.line(&out[0].text)?;
+        return stdout.finish();
     }
-    let mut sink = open_output(a.output.as_deref())?;
+    let mut sink = Output::open(a.output.as_deref())?;
     let bar = crate::progress::bar(entries.len() as u64, "generating");
     for (chunk_entries, chunk_ids) in entries.chunks(a.batch_size).zip(ids.chunks(a.batch_size)) {
         let outs = generate(&pre.model, &pre.tokenizer, chunk_ids, &params, &mut rng)?;
@@ -360,13 +418,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             row.insert("token_ids".into(), json!(c.tokens));
             row.insert("logprobs".into(), json!(c.logprobs));
             row.insert("finish_reason".into(), json!(c.finish_reason));
-            writeln!(sink, "{}", Value::Object(row))?;
+            sink.line(Value::Object(row))?;
         }
         bar.inc(chunk_entries.len() as u64);
     }
     bar.finish_and_clear();
-    sink.flush()?;
-    Ok(())
+    sink.finish()
 }
 
 fn run_template(a: TemplateArgs) -> Result<()> {
@@ -386,9 +443,9 @@ fn run_template(a: TemplateArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_dir(&a.model)
         .with_context(|| format!("loading tokenizer from {}", a.model.display()))?;
     let text = tokenizer.apply_chat_template(&messages, a.add_generation_prompt)?;
-    print!("{text}");
-    std::io::stdout().flush()?;
-    Ok(())
+    let mut out = Output::open(None)?;
+    out.text(text)?;
+    out.finish()
 }
 
 fn run_init(a: InitArgs) -> Result<()> {
@@ -412,7 +469,7 @@ fn run_init(a: InitArgs) -> Result<()> {
     };
     save_pretrained(&pre, &a.output_dir)
         .with_context(|| format!("writing {}", a.output_dir.display()))?;
-    eprintln!(
+    crate::note!(
         "wrote {} ({} {}, {:.2}M parameters)",
         a.output_dir.display(),
         arch.model_type(),
@@ -422,12 +479,44 @@ fn run_init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
-/// A buffered file, or stdout when no path is given.
-fn open_output(path: Option<&Path>) -> Result<Box<dyn Write>> {
-    Ok(match path {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
-    })
+/// Where a command's results go: a buffered file, or stdout when no path is given. A
+/// failed write is an error naming the file (or `<stdout>`); a closed pipe on stdout
+/// is one too, which `main` turns into a quiet exit (see [`is_broken_pipe`]).
+struct Output {
+    name: PathBuf,
+    sink: Box<dyn Write>,
+}
+
+impl Output {
+    fn open(path: Option<&Path>) -> Result<Self> {
+        Ok(match path {
+            Some(p) => Output {
+                name: p.to_path_buf(),
+                sink: Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
+                )),
+            },
+            None => Output {
+                name: PathBuf::from("<stdout>"),
+                sink: Box::new(std::io::stdout().lock()),
+            },
+        })
+    }
+
+    fn text(&mut self, text: impl Display) -> Result<()> {
+        write!(self.sink, "{text}").map_err(|e| Error::write(&self.name, e))?;
+        Ok(())
+    }
+
+    fn line(&mut self, text: impl Display) -> Result<()> {
+        writeln!(self.sink, "{text}").map_err(|e| Error::write(&self.name, e))?;
+        Ok(())
+    }
+
+    /// Flushes; a write that fails only here (a full disk) is still reported.
+    fn finish(mut self) -> Result<()> {
+        self.sink.flush().map_err(|e| Error::write(&self.name, e))?;
+        Ok(())
+    }
 }

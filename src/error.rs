@@ -67,6 +67,12 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// A setting outside its allowed range: `key` is its name (its config key; the
+    /// command line shows it as `--key`), `msg` the rule and the value given
+    /// ("must be ≥ 0, got -1"). Built by `crate::settings`.
+    #[error("{key} {msg}")]
+    Setting { key: String, msg: String },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

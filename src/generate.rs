@@ -50,23 +50,11 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("temperature must be ≥ 0, got {}", self.temperature));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
-        }
-        if self.max_new_tokens == 0 {
-            return bad("max_new_tokens must be ≥ 1".into());
-        }
-        Ok(())
+        use crate::settings::{at_least, float, Range::*};
+        float("temperature", self.temperature, AtLeast(0.0))?;
+        float("top_p", self.top_p, LeftOpen(0.0, 1.0))?;
+        float("repetition_penalty", self.repetition_penalty, Above(0.0))?;
+        at_least("max_new_tokens", self.max_new_tokens, 1)
     }
 }
 

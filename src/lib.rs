@@ -5,8 +5,8 @@
 //! and export), `data` (formats, tokenization, chat templates), `generate` (batched
 //! sampling with logprobs), `losses` (pure loss functions), `train` (optimizer,
 //! schedule, checkpoints, the shared loop), `pretrain`, `sft`, `rm` and `ppo` (the
-//! stages), `pipeline` and `demo` (the stages chained), and `cli` (the `rlhf`
-//! binary's commands).
+//! stages), `pipeline` and `demo` (the stages chained), `settings` (the ranges every
+//! command's settings are checked against) and `cli` (the `rlhf` binary's commands).
 
 pub mod cli;
 pub mod cpu;
@@ -22,10 +22,20 @@ pub mod ppo;
 pub mod pretrain;
 pub mod progress;
 pub mod rm;
+pub mod settings;
 pub mod sft;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// `eprintln!` that never panics: a message to a closed or full stderr is dropped
+/// (what it reports has happened either way; a failed write is not a failed run).
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {
+        $crate::progress::note(format_args!($($arg)*))
+    };
+}
 
 /// Tells mimalloc (the binary's allocator) never to return freed memory to the kernel.
 /// candle allocates a fresh buffer for every op; returned pages come back zeroed by

@@ -19,7 +19,8 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::model::hf::{write_atomic, write_json};
-use crate::train::args::{check_known_setting, read_config_file};
+use crate::settings::Settings;
+use crate::train::args::{check_known_setting, read_config_file, settings_from_json};
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -39,10 +40,10 @@ pub struct PipelineArgs {
 pub fn stage(dir: &Path, name: &str, run: impl FnOnce() -> Result<()>) -> Result<f64> {
     let done = dir.join(".stage-done");
     if let Ok(text) = std::fs::read_to_string(&done) {
-        eprintln!("{name}: already done ({}), skipping", dir.display());
+        crate::note!("{name}: already done ({}), skipping", dir.display());
         return Ok(text.trim().parse().unwrap_or(0.0));
     }
-    eprintln!("stage: {name}");
+    crate::note!("stage: {name}");
     let t = Instant::now();
     run()?;
     let secs = t.elapsed().as_secs_f64();
@@ -52,9 +53,10 @@ pub fn stage(dir: &Path, name: &str, run: impl FnOnce() -> Result<()>) -> Result
 }
 
 /// A stage's settings from a table of the config file, on top of the stage's own
-/// defaults, with the keys the pipeline sets (`wired`) added. Unknown keys and keys
-/// the pipeline owns are errors naming the file and the table.
-pub fn stage_settings<T: clap::Args + Serialize + DeserializeOwned>(
+/// defaults, with the keys the pipeline sets (`wired`) added, and validated. Unknown
+/// keys, keys the pipeline owns, a value of the wrong type and a value out of range
+/// are errors naming the file, the table and the key.
+pub fn stage_settings<T: clap::Args + Serialize + DeserializeOwned + Settings>(
     table: &Map<String, Value>,
     wired: &[(&str, Value)],
     file: &Path,
@@ -63,23 +65,28 @@ pub fn stage_settings<T: clap::Args + Serialize + DeserializeOwned>(
     let bad = |msg: String| Error::bad_file(file, None, format!("[{section}]: {msg}"));
     let defaults: T = crate::cli::parse_args(&[])
         .map_err(|e| bad(format!("cannot build the stage's defaults: {e}")))?;
-    let Value::Object(mut merged) = serde_json::to_value(&defaults).expect("args serialize") else {
-        unreachable!("args are a struct")
+    let Value::Object(mut base) =
+        serde_json::to_value(&defaults).map_err(|e| bad(format!("settings: {e}")))?
+    else {
+        return Err(bad("settings are not a table".into()));
     };
     let hidden: Vec<&str> = wired.iter().map(|(k, _)| *k).collect();
+    for (key, value) in wired {
+        base.insert(key.to_string(), value.clone());
+    }
+    let mut given = vec![];
     for (key, value) in table {
         if hidden.contains(&key.as_str()) {
             return Err(bad(format!(
                 "{key:?} is set by the pipeline (it connects the stages); remove it"
             )));
         }
-        check_known_setting(&merged, key, &hidden).map_err(bad)?;
-        merged.insert(key.clone(), value.clone());
+        check_known_setting(&base, key, &hidden).map_err(bad)?;
+        given.push((key.clone(), value.clone()));
     }
-    for (key, value) in wired {
-        merged.insert(key.to_string(), value.clone());
-    }
-    serde_json::from_value(Value::Object(merged)).map_err(|e| bad(e.to_string()))
+    let settings: T = settings_from_json(&base, &given).map_err(bad)?;
+    settings.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(settings)
 }
 
 fn path_value(p: &Path) -> Value {
@@ -151,8 +158,8 @@ pub fn run(args: &PipelineArgs) -> Result<Value> {
             "no stage to run: add an [sft], [rm] or [ppo] table",
         ));
     }
-    // Parse every stage's settings before any work, so a typo in [ppo] does not
-    // surface after an hour of SFT.
+    // Parse and validate every stage's settings before any work, so a typo or a value
+    // out of range in [ppo] does not surface after an hour of SFT.
     let (sft_dir, rm_dir, ppo_dir) = (out.join("sft"), out.join("rm"), out.join("ppo"));
     let policy = if sft.is_some() {
         sft_dir.clone()

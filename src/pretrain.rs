@@ -13,6 +13,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::hf::{load_pretrained, Pretrained};
 use crate::model::{presets, Arch};
+use crate::settings::{at_least, at_least_opt, finite_f64, float, invalid, Range, Settings};
 use crate::sft::split_eval;
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{text_rows, train_lm, Row};
@@ -39,7 +40,7 @@ pub struct PretrainArgs {
     #[arg(long)]
     pub eval_dataset: Option<PathBuf>,
     /// Fraction of the blocks held out for evaluation.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f64)]
     pub eval_split: f64,
     /// Continue pretraining this model folder instead of starting from --arch/--preset.
     #[arg(long, visible_alias = "model")]
@@ -67,6 +68,16 @@ pub struct PretrainArgs {
     pub train: TrainingArgs,
 }
 
+impl Settings for PretrainArgs {
+    fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        float("eval_split", self.eval_split, Range::HalfOpen(0.0, 1.0))?;
+        // The upper bound is the model's context, checked once the model is built.
+        at_least_opt("block_size", self.block_size, 2)?;
+        at_least("vocab_size", self.vocab_size, 1)
+    }
+}
+
 /// Builds the model to pretrain: an existing folder, or a fresh preset with the
 /// given (or a newly trained) tokenizer.
 fn starting_model(args: &PretrainArgs, docs: &[String]) -> Result<Pretrained> {
@@ -76,7 +87,7 @@ fn starting_model(args: &PretrainArgs, docs: &[String]) -> Result<Pretrained> {
     let tokenizer = match &args.tokenizer {
         Some(p) => Tokenizer::from_path(p)?,
         None => {
-            eprintln!(
+            crate::note!(
                 "training a {}-token BPE tokenizer on {} documents",
                 args.vocab_size,
                 docs.len()
@@ -119,22 +130,17 @@ pub fn run(args: &PretrainArgs) -> Result<TrainSummary> {
     let mut args = args.clone();
     args.train.fill_defaults(DEFAULTS);
     let args = &args;
-    args.train.validate()?;
+    args.validate()?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
-    if !(0.0..1.0).contains(&args.eval_split) {
-        return Err(Error::Invalid(format!(
-            "eval_split must be in [0, 1), got {}",
-            args.eval_split
-        )));
-    }
     let docs = read_documents(dataset)?;
     let pre = starting_model(args, &docs)?;
     let context = pre.model.config.context_length();
     let block = args.block_size.unwrap_or(context);
     if block < 2 || block > context {
-        return Err(Error::Invalid(format!(
-            "block_size must be in [2, {context}] (the model's context), got {block}"
-        )));
+        return Err(invalid(
+            "block_size",
+            format!("must be in [2, {context}] (the model's context), got {block}"),
+        ));
     }
     let rows = blocks(&docs, &pre, block)?;
     if rows.is_empty() {
@@ -148,7 +154,7 @@ pub fn run(args: &PretrainArgs) -> Result<TrainSummary> {
         Some(p) => (rows, blocks(&read_documents(p)?, &pre, block)?),
         None => split_eval(rows, args.eval_split, args.train.seed),
     };
-    eprintln!(
+    crate::note!(
         "pretraining {} ({:.2}M parameters) on {} blocks of {block} tokens",
         pre.model.config.arch.model_type(),
         pre.model.params.num_parameters() as f64 / 1e6,

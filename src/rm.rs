@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::losses::ranking_loss;
 use crate::model::params::Params;
 use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar, RewardNormalization};
+use crate::settings::{at_least, finite_f64, float, Range, Settings};
 use crate::sft::split_eval;
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::order::EpochOrder;
@@ -44,7 +45,7 @@ pub struct RmTrainArgs {
     #[arg(long)]
     pub eval_dataset: Option<PathBuf>,
     /// Fraction of the prompts held out (pairwise accuracy and loss).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f64)]
     pub eval_split: f64,
     /// Prompts per batch; each brings its K responses and C(K,2) comparisons.
     /// (per_device_train_batch_size is not used by the reward model.)
@@ -63,6 +64,15 @@ pub struct RmTrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub train: TrainingArgs,
+}
+
+impl Settings for RmTrainArgs {
+    fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        float("eval_split", self.eval_split, Range::HalfOpen(0.0, 1.0))?;
+        at_least("prompts_per_batch", self.prompts_per_batch, 1)?;
+        at_least("max_length", self.max_length, 1)
+    }
 }
 
 /// Loss, pairwise accuracy and counts over a set of ranked prompts.
@@ -233,10 +243,7 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
     let mut args = args.clone();
     args.train.fill_defaults(DEFAULTS);
     let args = &args;
-    args.train.validate()?;
-    if args.prompts_per_batch == 0 {
-        return Err(Error::Invalid("prompts_per_batch must be ≥ 1".into()));
-    }
+    args.validate()?;
     let model_dir = require(
         &args.model_name_or_path,
         "--model_name_or_path (or --model)",
@@ -246,14 +253,14 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
     let cfg = tokenizing(&rm, args.max_length)?;
     let (all, skipped) = load_rankings(dataset, &cfg, args.skip_invalid)?;
     if skipped > 0 {
-        eprintln!("{}: {skipped} invalid rows skipped", dataset.display());
+        crate::note!("{}: {skipped} invalid rows skipped", dataset.display());
     }
     let (train_set, eval_set) = match &args.eval_dataset {
         Some(p) => (all, load_rankings(p, &cfg, args.skip_invalid)?.0),
         None => split_eval(all, args.eval_split, args.train.seed),
     };
     let pairs: usize = train_set.iter().map(|r| r.pairs.len()).sum();
-    eprintln!(
+    crate::note!(
         "reward model: {} prompts, {pairs} comparisons",
         train_set.len()
     );

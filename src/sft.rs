@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use crate::data::sft::{load_sft, LoadReport, Overflow, SftExample, SftTokenizing};
 use crate::error::{Error, Result};
 use crate::model::hf::load_pretrained;
+use crate::settings::{at_least, finite_f64, float, Range, Settings};
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{pack, train_lm, Row};
 use crate::train::schedule::LrSchedulerType;
@@ -36,7 +37,7 @@ pub struct SftArgs {
     #[arg(long)]
     pub eval_dataset: Option<PathBuf>,
     /// Fraction of the dataset held out for evaluation (eval loss and perplexity).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f64)]
     pub eval_split: f64,
     /// Longest example in tokens (capped at the model's context).
     #[arg(long, default_value_t = 1024)]
@@ -59,6 +60,14 @@ pub struct SftArgs {
     pub train: TrainingArgs,
 }
 
+impl Settings for SftArgs {
+    fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        float("eval_split", self.eval_split, Range::HalfOpen(0.0, 1.0))?;
+        at_least("max_length", self.max_length, 1)
+    }
+}
+
 /// Splits off the last `fraction` of a seeded shuffle for evaluation.
 pub fn split_eval<T>(mut items: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     if fraction <= 0.0 || items.len() < 2 {
@@ -73,9 +82,12 @@ pub fn split_eval<T>(mut items: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Ve
 
 fn report_skips(what: &str, r: &LoadReport) {
     if r.skipped_invalid + r.skipped_overlong + r.truncated > 0 {
-        eprintln!(
+        crate::note!(
             "{what}: {} rows, {} invalid skipped, {} over max_length skipped, {} truncated",
-            r.rows, r.skipped_invalid, r.skipped_overlong, r.truncated
+            r.rows,
+            r.skipped_invalid,
+            r.skipped_overlong,
+            r.truncated
         );
     }
 }
@@ -85,18 +97,12 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
     let mut args = args.clone();
     args.train.fill_defaults(DEFAULTS);
     let args = &args;
-    args.train.validate()?;
+    args.validate()?;
     let model_dir = require(
         &args.model_name_or_path,
         "--model_name_or_path (or --model)",
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
-    if !(0.0..1.0).contains(&args.eval_split) {
-        return Err(Error::Invalid(format!(
-            "eval_split must be in [0, 1), got {}",
-            args.eval_split
-        )));
-    }
     let pre = load_pretrained(model_dir, &Device::Cpu)?;
     let max_length = args.max_length.min(pre.model.config.context_length());
     let eos = pre

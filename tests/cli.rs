@@ -168,3 +168,163 @@ fn init_writes_a_loadable_folder_for_each_arch() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown preset \"huge\""));
 }
+
+/// `/dev/full`, where every write fails with "No space left on device" (Linux).
+fn dev_full() -> Option<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .ok()
+}
+
+// Issue 16: `rlhf generate … | true` panicked on the broken pipe (println!, exit 101)
+// and `--prompts` to stdout failed with "error: Broken pipe". A closed pipe now ends
+// quietly with exit code 0, as Unix tools do.
+#[test]
+fn closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"The cat\"}\n").unwrap();
+    let model = fixture("qwen2");
+    let model = model.to_str().unwrap();
+    for args in [
+        vec!["generate", "--model", model, "--prompt", "The cat"],
+        vec![
+            "generate",
+            "--model",
+            model,
+            "--prompts",
+            prompts.to_str().unwrap(),
+        ],
+    ] {
+        let mut child = rlhf_bin()
+            .args(&args)
+            .args(["--max_new_tokens", "4"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the reading end before the model is even loaded.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
+// Issue 16: `rm eval > /dev/full` and `template > /dev/full` panicked (exit 101). A
+// failed write is an error naming what could not be written.
+#[test]
+fn full_stdout_is_an_error_naming_stdout() {
+    if dev_full().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rm = common::reward_model_folder(dir.path());
+    let rankings = dir.path().join("r.jsonl");
+    std::fs::write(
+        &rankings,
+        "{\"prompt\": \"The dog\", \"responses\": [\" ran.\", \" sat\"], \"ranking\": [0, 1]}\n",
+    )
+    .unwrap();
+    let msgs = dir.path().join("m.json");
+    std::fs::write(&msgs, r#"[{"role": "user", "content": "hi"}]"#).unwrap();
+    let commands = [
+        vec![
+            "rm".into(),
+            "eval".into(),
+            "--model".into(),
+            rm.clone().into_os_string(),
+            "--data".into(),
+            rankings.into_os_string(),
+        ],
+        vec![
+            "template".into(),
+            "--model".into(),
+            fixture("qwen2").into_os_string(),
+            "--messages".into(),
+            msgs.into_os_string(),
+        ],
+    ];
+    for args in commands {
+        let out = rlhf_bin()
+            .args(&args)
+            .stdout(dev_full().unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("error: cannot write <stdout>: No space left on device"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+// Issue 16: with stderr on a full device, `sft` exited 101 after saving its model
+// (the final report's eprintln!), `ppo` before any work (its plan's eprintln!), and
+// any error panicked while being printed. Messages to a full stderr are dropped.
+#[test]
+fn full_stderr_does_not_panic() {
+    if dev_full().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sft_data = dir.path().join("sft.jsonl");
+    std::fs::write(
+        &sft_data,
+        "{\"prompt\": \"The cat\", \"completion\": \" sat.\"}\n{\"prompt\": \"A dog\", \"completion\": \" ran.\"}\n",
+    )
+    .unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"The bird\"}\n").unwrap();
+    let rm = common::reward_model_folder(dir.path());
+    let (sft_out, ppo_out) = (dir.path().join("sft"), dir.path().join("ppo"));
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let runs: [Vec<String>; 2] = [
+        [
+            "sft",
+            "--model",
+            &p(&fixture("qwen2")),
+            "--data",
+            &p(&sft_data),
+        ]
+        .into_iter()
+        .chain(["--output_dir", &p(&sft_out), "--max_steps", "1"])
+        .map(String::from)
+        .collect(),
+        [
+            "ppo",
+            "--model",
+            &p(&fixture("qwen2")),
+            "--reward_model",
+            &p(&rm),
+        ]
+        .into_iter()
+        .chain(["--data", &p(&prompts), "--output_dir", &p(&ppo_out)])
+        .chain(["--num_iterations", "1", "--rollout_batch_size", "2"])
+        .chain(["--mini_batch_size", "2", "--ppo_epochs", "1"])
+        .chain(["--max_new_tokens", "4"])
+        .map(String::from)
+        .collect(),
+    ];
+    for args in runs {
+        let out = rlhf_bin()
+            .args(&args)
+            .stderr(dev_full().unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+    }
+    for out in [&sft_out, &ppo_out] {
+        assert!(out.join("model.safetensors").exists(), "{}", out.display());
+    }
+    // An error is still an error (exit 2), though its message cannot be printed.
+    let out = rlhf_bin()
+        .args(["generate", "--model", "/no/such/dir", "--prompt", "x"])
+        .stderr(dev_full().unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -125,9 +125,32 @@ fn a_bad_table_fails_before_any_work() {
             "reward_model = \"elsewhere\"",
             "[ppo]: \"reward_model\" is set by the pipeline",
         ),
-        ("kl_coef = \"big\"", "[ppo]: "),
+        // Issue 16: the type error did not name the key.
+        (
+            "kl_coef = \"big\"",
+            "[ppo]: kl_coef: invalid type: string \"big\", expected f64",
+        ),
+        // Issue 16: nan became JSON null ("invalid type: null"), without the key.
+        (
+            "gamma = nan",
+            "[ppo]: gamma must be a finite number, got NaN",
+        ),
+        ("cliprange = -1", "[ppo]: cliprange must be ≥ 0, got -1"),
+        // Issue 16: rejected only after SFT and the reward model had run.
+        (
+            "max_new_tokens = 0",
+            "[ppo]: max_new_tokens must be ≥ 1, got 0",
+        ),
     ] {
-        let config = setup(tmp.path(), extra);
+        let config = setup(tmp.path(), "");
+        let text = std::fs::read_to_string(&config).unwrap();
+        // A key the table already sets is replaced (TOML refuses duplicates).
+        let key = extra.split(" = ").next().unwrap();
+        let text = match text.lines().find(|l| l.starts_with(&format!("{key} = "))) {
+            Some(line) => text.replace(line, extra),
+            None => text.replace("ema = 0.9", &format!("ema = 0.9\n{extra}")),
+        };
+        std::fs::write(&config, text).unwrap();
         let o = run(&config);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{extra}: {err}");

@@ -89,10 +89,10 @@ impl Report {
         let f = |x: f64| format!("{x:.3}");
         let o = |x: Option<f64>| x.map_or("-".to_string(), f);
         let row = |name: &str, a: String, b: String, c: String| {
-            eprintln!("{name:<26}{a:>10}{b:>10}{c:>10}");
+            crate::note!("{name:<26}{a:>10}{b:>10}{c:>10}");
         };
         let (s, p, e) = (&self.sft, &self.ppo, &self.ema);
-        eprintln!(
+        crate::note!(
             "\n{} held-out prompts, {} held-out documents; {}",
             self.eval_prompts, self.held_out_documents, self.cpu
         );
@@ -130,7 +130,7 @@ impl Report {
             String::new(),
         );
         let t = &self.thresholds;
-        eprintln!(
+        crate::note!(
             "thresholds (full run): win rate ≥ {MIN_WIN_RATE} {}, RM accuracy ≥ {MIN_RM_ACCURACY} {}, no family worse {}, ptx loss ≤ {MAX_PTX_LOSS_RATIO}× SFT {}",
             ok(t.win_rate),
             ok(t.rm_accuracy),

@@ -44,6 +44,9 @@ use crate::model::hf::{
 use crate::model::response::{logprobs_of, response_logprobs, values_of, ResponseBatch};
 use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar};
 use crate::model::{CausalLm, Params};
+use crate::settings::{
+    at_least, at_least_opt, finite_f32, finite_f64, float, float_opt, invalid, Range, Settings,
+};
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{lm_loss_sum, text_rows, Row};
 use crate::train::order::EpochOrder;
@@ -80,7 +83,7 @@ pub struct PpoArgs {
     pub ptx_data: Option<PathBuf>,
     /// γ of equation 2 [default: 1.0 with --ptx_data]. The paper uses 27.8 on
     /// 175B models; on small models a smaller value is usually more stable.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     pub ptx_coef: Option<f64>,
     /// Pretraining rows per update.
     #[arg(long, default_value_t = 4)]
@@ -99,41 +102,41 @@ pub struct PpoArgs {
     pub num_iterations: Option<usize>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f32)]
     pub temperature: f32,
     /// ε of the clipped surrogate.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = finite_f64)]
     pub cliprange: f64,
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = finite_f64)]
     pub cliprange_value: f64,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = finite_f64)]
     pub vf_coef: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f32)]
     pub gamma: f32,
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, value_parser = finite_f32)]
     pub lam: f32,
     /// β, the KL coefficient (the paper's 0.02); the starting value when adaptive.
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, default_value_t = 0.02, value_parser = finite_f64)]
     pub kl_coef: f64,
     #[arg(long, value_enum, default_value_t = KlEstimator::K1)]
     pub kl_estimator: KlEstimator,
     /// Adapt β toward this KL per response (Ziegler et al.); fixed when unset.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     pub adaptive_kl_target: Option<f64>,
-    #[arg(long, default_value_t = 10_000.0)]
+    #[arg(long, default_value_t = 10_000.0, value_parser = finite_f64)]
     pub adaptive_kl_horizon: f64,
     /// Stop an iteration's updates early when the approximate KL between the new and
     /// the sampling policy exceeds 1.5× this.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     pub target_kl: Option<f64>,
     /// Clip normalised scores to ±this.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     pub reward_clip: Option<f64>,
     /// Subtracted from the score of a response cut at max_new_tokens without an eos.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     pub missing_eos_penalty: Option<f64>,
     /// EMA decay of the policy weights, saved in OUTPUT_DIR/ema (the paper: 0.992).
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     pub ema: Option<f64>,
     /// A TOML or YAML file with any of these settings; flags override it.
     #[arg(long)]
@@ -142,6 +145,54 @@ pub struct PpoArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub train: TrainingArgs,
+}
+
+impl Settings for PpoArgs {
+    fn validate(&self) -> Result<()> {
+        use Range::*;
+        self.train.validate()?;
+        let accumulation = self.train.gradient_accumulation_steps;
+        if accumulation != 1 {
+            return Err(invalid(
+                "gradient_accumulation_steps",
+                format!("must be 1 for ppo (use mini_batch_size), got {accumulation}"),
+            ));
+        }
+        at_least("rollout_batch_size", self.rollout_batch_size, 1)?;
+        at_least("mini_batch_size", self.mini_batch_size, 1)?;
+        if !self.rollout_batch_size.is_multiple_of(self.mini_batch_size) {
+            return Err(invalid(
+                "mini_batch_size",
+                format!(
+                    "{} does not divide rollout_batch_size {}",
+                    self.mini_batch_size, self.rollout_batch_size
+                ),
+            ));
+        }
+        at_least("ppo_epochs", self.ppo_epochs, 1)?;
+        at_least_opt("num_iterations", self.num_iterations, 1)?;
+        at_least("max_new_tokens", self.max_new_tokens, 1)?;
+        at_least("ptx_batch_size", self.ptx_batch_size, 1)?;
+        float_opt("ptx_coef", self.ptx_coef, AtLeast(0.0))?;
+        // The ratio π_φ/π_old assumes responses sampled from π: no greedy decoding.
+        float("temperature", self.temperature, Above(0.0))?;
+        float("cliprange", self.cliprange, AtLeast(0.0))?;
+        float("cliprange_value", self.cliprange_value, AtLeast(0.0))?;
+        float("vf_coef", self.vf_coef, AtLeast(0.0))?;
+        float("gamma", self.gamma, Closed(0.0, 1.0))?;
+        float("lam", self.lam, Closed(0.0, 1.0))?;
+        float("kl_coef", self.kl_coef, AtLeast(0.0))?;
+        float_opt("adaptive_kl_target", self.adaptive_kl_target, Above(0.0))?;
+        float("adaptive_kl_horizon", self.adaptive_kl_horizon, Above(0.0))?;
+        float_opt("target_kl", self.target_kl, Above(0.0))?;
+        float_opt("reward_clip", self.reward_clip, Above(0.0))?;
+        float_opt(
+            "missing_eos_penalty",
+            self.missing_eos_penalty,
+            AtLeast(0.0),
+        )?;
+        float_opt("ema", self.ema, HalfOpen(0.0, 1.0))
+    }
 }
 
 /// A programmatic score of (prompt tokens, response tokens).
@@ -613,19 +664,7 @@ fn same_tokenizer(a: &Tokenizer, b: &Tokenizer, what: &str) -> Result<()> {
 
 /// Builds the PPO task from settings (all checks happen here, before any training).
 pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<PpoTask> {
-    let bad = |m: String| Err(Error::Invalid(m));
-    if args.mini_batch_size == 0 || args.rollout_batch_size == 0 || args.ppo_epochs == 0 {
-        return bad("rollout_batch_size, mini_batch_size and ppo_epochs must be ≥ 1".into());
-    }
-    if !args.rollout_batch_size.is_multiple_of(args.mini_batch_size) {
-        return bad(format!(
-            "mini_batch_size {} does not divide rollout_batch_size {}",
-            args.mini_batch_size, args.rollout_batch_size
-        ));
-    }
-    if args.train.gradient_accumulation_steps != 1 {
-        return bad("ppo takes gradient_accumulation_steps 1 (use mini_batch_size)".into());
-    }
+    args.validate()?;
     let sft = require(
         &args.model_name_or_path,
         "--model_name_or_path (or --model)",
@@ -641,7 +680,7 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
             let rm = crate::rm::load_reward_model(rm_dir)?;
             same_tokenizer(&actor.tokenizer, &rm.tokenizer, "reward model")?;
             if rm.normalization.is_none() {
-                eprintln!(
+                crate::note!(
                     "warning: {} has no stored reward normalisation; raw scores are used",
                     rm_dir.display()
                 );
@@ -664,6 +703,9 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         let ids = p
             .tokenize(&actor.tokenizer)
             .map_err(|e| bad(e.to_string()))?;
+        if ids.is_empty() {
+            return Err(bad("the prompt is empty (0 tokens)".into()));
+        }
         if ids.len() + args.max_new_tokens > context {
             return Err(bad(format!(
                 "prompt has {} tokens; with max_new_tokens {} that exceeds the model's context of {context}",
@@ -742,7 +784,6 @@ pub fn run(
 ) -> Result<(TrainSummary, PpoTask)> {
     let mut args = args.clone();
     args.train.fill_defaults(DEFAULTS);
-    args.train.validate()?;
     let mut task = build(&args, reward_override)?;
     let iterations = match args.num_iterations {
         Some(n) => n,
@@ -755,7 +796,7 @@ pub fn run(
     args.train.max_steps = (iterations * task.batches_per_epoch()) as i64;
     task.args = args.clone();
     let resolved = serde_json::to_value(&args).expect("args serialize");
-    eprintln!(
+    crate::note!(
         "ppo: {iterations} iterations of {} prompts, {} updates each (ptx γ = {})",
         args.rollout_batch_size,
         task.batches_per_epoch(),

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use super::schedule::LrSchedulerType;
 use crate::error::{read_to_string, Error, Result};
+use crate::settings::{
+    at_least, at_least_opt, finite_f64, float, float_opt, invalid, Range, Settings,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -19,10 +22,10 @@ pub struct TrainingArgs {
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// Peak learning rate [default: pretrain 3e-4, sft 2e-5, rm 1e-5].
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     pub learning_rate: Option<f64>,
     /// [default: pretrain and sft 3, rm 1 (the paper: more overfits)]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     pub num_train_epochs: Option<f64>,
     /// Stop after this many optimizer steps (overrides num_train_epochs when > 0).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
@@ -34,25 +37,25 @@ pub struct TrainingArgs {
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     /// Global gradient-norm clipping (0 disables).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f64)]
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
     /// Warmup as a fraction of all steps (used when warmup_steps is 0).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f64)]
     pub warmup_ratio: f64,
     /// [default: pretrain and sft linear, rm cosine]
     #[arg(long, value_enum)]
     pub lr_scheduler_type: Option<LrSchedulerType>,
     /// Decoupled weight decay on matrices (not biases, norms, embeddings).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f64)]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = finite_f64)]
     pub adam_beta1: f64,
     /// InstructGPT uses 0.95.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = 0.999, value_parser = finite_f64)]
     pub adam_beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = 1e-8, value_parser = finite_f64)]
     pub adam_epsilon: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -115,37 +118,43 @@ impl TrainingArgs {
             .ok_or_else(|| Error::Invalid("--output_dir is required".into()))
     }
 
-    /// Checks values before any weights load.
+    /// Checks values before any weights load: every setting in its range (README,
+    /// "Settings"), the first one outside it named in the error.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
+        use Range::*;
         self.output_dir()?;
-        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad(
-                "per_device_train_batch_size and gradient_accumulation_steps must be ≥ 1".into(),
-            );
-        }
-        if let Some(lr) = self.learning_rate {
-            if !(lr > 0.0 && lr.is_finite()) {
-                return bad(format!("learning_rate must be > 0, got {lr}"));
-            }
-        }
-        if self.max_steps <= 0
-            && self.epochs().partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
-        {
-            return bad("set num_train_epochs > 0 or max_steps > 0".into());
-        }
-        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
-            return bad("adam_beta1 and adam_beta2 must be in [0, 1)".into());
-        }
-        if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return bad(format!(
-                "warmup_ratio must be in [0, 1], got {}",
-                self.warmup_ratio
+        float_opt("learning_rate", self.learning_rate, Above(0.0))?;
+        float_opt("num_train_epochs", self.num_train_epochs, AtLeast(0.0))?;
+        at_least("max_steps", self.max_steps, -1)?;
+        if self.max_steps <= 0 && self.epochs() <= 0.0 {
+            return Err(invalid(
+                "num_train_epochs",
+                "must be > 0 when max_steps is not set (> 0), got 0",
             ));
         }
-        if self.max_nonfinite_steps == 0 {
-            return bad("max_nonfinite_steps must be ≥ 1".into());
-        }
+        at_least(
+            "per_device_train_batch_size",
+            self.per_device_train_batch_size,
+            1,
+        )?;
+        at_least(
+            "per_device_eval_batch_size",
+            self.per_device_eval_batch_size,
+            1,
+        )?;
+        at_least(
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            1,
+        )?;
+        float("max_grad_norm", self.max_grad_norm, AtLeast(0.0))?;
+        float("warmup_ratio", self.warmup_ratio, Closed(0.0, 1.0))?;
+        float("weight_decay", self.weight_decay, AtLeast(0.0))?;
+        float("adam_beta1", self.adam_beta1, HalfOpen(0.0, 1.0))?;
+        float("adam_beta2", self.adam_beta2, HalfOpen(0.0, 1.0))?;
+        float("adam_epsilon", self.adam_epsilon, Above(0.0))?;
+        at_least_opt("save_total_limit", self.save_total_limit, 1)?;
+        at_least("max_nonfinite_steps", self.max_nonfinite_steps, 1)?;
         Ok(())
     }
 }
@@ -162,13 +171,36 @@ pub fn require<'a>(value: &'a Option<PathBuf>, flag: &str) -> Result<&'a Path> {
 pub fn read_config_file(path: &Path) -> Result<serde_json::Map<String, Value>> {
     let text = read_to_string(path)?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    // JSON has no inf or nan (serde_json turns them into null), so a non-finite float
+    // is refused here, by its key, before the file becomes JSON.
+    let non_finite = |found: Option<(Vec<String>, f64)>| match found {
+        Some((at, v)) => Err(Error::bad_file(
+            path,
+            None,
+            format!("{} must be a finite number, got {v}", setting_name(&at)),
+        )),
+        None => Ok(()),
+    };
     let value: Value = match ext {
-        "toml" => toml::from_str(&text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
-            Error::bad_file(path, line, e.message().to_string())
-        })?,
-        "yaml" | "yml" => serde_yaml_ng::from_str(&text)
-            .map_err(|e| Error::bad_file(path, e.location().map(|l| l.line()), e.to_string()))?,
+        "toml" => {
+            let value = toml::from_str(&text).map_err(|e| {
+                let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+                Error::bad_file(path, line, e.message().to_string())
+            })?;
+            let typed: toml::Value = toml::from_str(&text)
+                .map_err(|e| Error::bad_file(path, None, e.message().to_string()))?;
+            non_finite(non_finite_toml(&typed, &mut vec![]))?;
+            value
+        }
+        "yaml" | "yml" => {
+            let value = serde_yaml_ng::from_str(&text).map_err(|e| {
+                Error::bad_file(path, e.location().map(|l| l.line()), e.to_string())
+            })?;
+            let typed: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+                .map_err(|e| Error::bad_file(path, None, e.to_string()))?;
+            non_finite(non_finite_yaml(&typed, &mut vec![]))?;
+            value
+        }
         _ => {
             return Err(Error::bad_file(
                 path,
@@ -185,6 +217,67 @@ pub fn read_config_file(path: &Path) -> Result<serde_json::Map<String, Value>> {
             Some(1),
             "expected a table of settings",
         )),
+    }
+}
+
+/// How a config error names the key at `at`: `gamma`, or `[ppo]: gamma` inside a table.
+fn setting_name(at: &[String]) -> String {
+    match at {
+        [] => "the file".into(),
+        [key] => key.clone(),
+        [tables @ .., key] => format!("[{}]: {key}", tables.join(".")),
+    }
+}
+
+/// The first non-finite float in a TOML document, with its key path.
+fn non_finite_toml(v: &toml::Value, at: &mut Vec<String>) -> Option<(Vec<String>, f64)> {
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Some((at.clone(), *f)),
+        toml::Value::Table(t) => t.iter().find_map(|(k, v)| {
+            at.push(k.clone());
+            let found = non_finite_toml(v, at);
+            at.pop();
+            found
+        }),
+        toml::Value::Array(a) => a.iter().enumerate().find_map(|(i, v)| {
+            at.push(i.to_string());
+            let found = non_finite_toml(v, at);
+            at.pop();
+            found
+        }),
+        _ => None,
+    }
+}
+
+/// The first non-finite float in a YAML document (`.inf`, `.nan`), with its key path.
+fn non_finite_yaml(v: &serde_yaml_ng::Value, at: &mut Vec<String>) -> Option<(Vec<String>, f64)> {
+    use serde_yaml_ng::Value as Y;
+    let mut within = |key: String, v: &Y| {
+        at.push(key);
+        let found = non_finite_yaml(v, at);
+        at.pop();
+        found
+    };
+    match v {
+        Y::Number(n) => n
+            .as_f64()
+            .filter(|f| !f.is_finite())
+            .map(|f| (at.clone(), f)),
+        Y::Mapping(m) => m.iter().find_map(|(k, v)| {
+            let key = match k {
+                Y::String(s) => s.clone(),
+                k => serde_yaml_ng::to_string(k)
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default(),
+            };
+            within(key, v)
+        }),
+        Y::Sequence(s) => s
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| within(i.to_string(), v)),
+        Y::Tagged(t) => non_finite_yaml(&t.value, at),
+        _ => None,
     }
 }
 
@@ -211,31 +304,67 @@ pub fn check_known_setting(
     ))
 }
 
-/// Merges `config` under the parsed command line `parsed`: keys given on the command
-/// line keep their value; other keys take the file's. Unknown keys are an error that
-/// lists the known ones.
-pub fn merge_config<T: Serialize + DeserializeOwned>(
+/// Settings from their JSON form: `base` (known to deserialize) with `overrides` (a
+/// config file's keys) on top. serde's type error has no key ("invalid type: string
+/// \"fast\", expected f64"), so on failure each override is tried alone on `base`
+/// and the first that fails is named.
+pub fn settings_from_json<T: DeserializeOwned>(
+    base: &serde_json::Map<String, Value>,
+    overrides: &[(String, Value)],
+) -> std::result::Result<T, String> {
+    let with = |pairs: &[(String, Value)]| {
+        let mut merged = base.clone();
+        merged.extend(pairs.iter().cloned());
+        serde_json::from_value::<T>(Value::Object(merged))
+    };
+    with(overrides).map_err(|e| {
+        overrides
+            .iter()
+            .find_map(|pair| {
+                with(std::slice::from_ref(pair))
+                    .err()
+                    .map(|e| format!("{}: {e}", pair.0))
+            })
+            .unwrap_or_else(|| e.to_string())
+    })
+}
+
+/// A command's settings as it runs with them: the parsed command line `parsed` over
+/// the `config` file (keys given on the command line keep their value; other keys
+/// take the file's), then validated. Unknown keys are an error that lists the known
+/// ones; a setting out of range is named as its flag (`--max_grad_norm`) when it came
+/// from the command line, as the file and its key when it came from the file.
+pub fn resolve<T: Settings + Clone + Serialize + DeserializeOwned>(
     parsed: &T,
     matches: &ArgMatches,
     config: Option<&Path>,
 ) -> Result<T> {
     let Some(path) = config else {
-        return Ok(
-            serde_json::from_value(serde_json::to_value(parsed).expect("args serialize"))
-                .expect("args round-trip"),
-        );
+        parsed.validate().map_err(crate::settings::as_flag)?;
+        return Ok(parsed.clone());
     };
-    let mut merged = match serde_json::to_value(parsed).expect("args serialize") {
-        Value::Object(o) => o,
-        _ => unreachable!("args are a struct"),
+    // Every value is finite (clap's parser refuses inf and nan), so the JSON form is
+    // exact.
+    let Value::Object(base) =
+        serde_json::to_value(parsed).map_err(|e| Error::Invalid(format!("settings: {e}")))?
+    else {
+        return Err(Error::Invalid("settings are not a table".into()));
     };
+    let mut from_file = vec![];
     for (key, value) in read_config_file(path)? {
-        check_known_setting(&merged, &key, &[]).map_err(|m| Error::bad_file(path, None, m))?;
+        check_known_setting(&base, &key, &[]).map_err(|m| Error::bad_file(path, None, m))?;
         let from_cli = matches!(matches.value_source(&key), Some(ValueSource::CommandLine));
         if !from_cli {
-            merged.insert(key, value);
+            from_file.push((key, value));
         }
     }
-    serde_json::from_value(Value::Object(merged))
-        .map_err(|e| Error::bad_file(path, None, e.to_string()))
+    let settings: T =
+        settings_from_json(&base, &from_file).map_err(|m| Error::bad_file(path, None, m))?;
+    settings.validate().map_err(|e| match e {
+        Error::Setting { key, msg } if from_file.iter().any(|(k, _)| *k == key) => {
+            Error::bad_file(path, None, format!("{key} {msg}"))
+        }
+        e => crate::settings::as_flag(e),
+    })?;
+    Ok(settings)
 }

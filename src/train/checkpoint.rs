@@ -177,7 +177,7 @@ pub fn find_resumable(output_dir: &Path) -> Result<Option<(u64, PathBuf)>> {
     for (step, dir) in list(output_dir)? {
         match validate(&dir) {
             Ok(()) => return Ok(Some((step, dir))),
-            Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", dir.display()),
+            Err(e) => crate::note!("warning: skipping checkpoint {}: {e}", dir.display()),
         }
     }
     Ok(None)

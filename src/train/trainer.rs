@@ -140,7 +140,7 @@ pub fn train(
         resume_from(&dir, task, &mut opt, &mut state)?;
         state.total_steps = total_steps;
         resumed_from = Some(step);
-        eprintln!("resuming from {} (step {step})", dir.display());
+        crate::note!("resuming from {} (step {step})", dir.display());
     } else if args.resume {
         return Err(Error::Invalid(format!(
             "--resume: no valid checkpoint in {}",
@@ -292,7 +292,7 @@ pub fn train(
         resolved_config,
     )?;
     if state.global_step < total_steps {
-        eprintln!(
+        crate::note!(
             "stopped at step {} of {total_steps} (--stop_after_steps); rerun the same command to continue",
             state.global_step
         );

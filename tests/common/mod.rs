@@ -36,3 +36,16 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
 pub fn rlhf_bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
 }
+
+/// A reward-model folder under `dir`: the qwen2 fixture with a fresh scalar head
+/// (what `rlhf rm eval` and `rlhf ppo --reward_model` read), without training one.
+pub fn reward_model_folder(dir: &Path) -> PathBuf {
+    use rlhf::model::scalar::{load_scalar, save_scalar};
+    let rm = dir.join("rm");
+    save_scalar(
+        &load_scalar(&fixture("qwen2"), &Device::Cpu, 0).unwrap(),
+        &rm,
+    )
+    .unwrap();
+    rm
+}
