@@ -89,7 +89,7 @@ impl Plan {
 
 /// Parses a stage's settings from flags, as a user would give them.
 fn settings<T: clap::Args>(flags: &[String]) -> Result<T> {
-    crate::cli::parse_args(flags).map_err(|e| Error::Invalid(format!("demo settings: {e}")))
+    crate::train::args::parse_args(flags).map_err(|e| Error::Invalid(format!("demo settings: {e}")))
 }
 
 fn flags(pairs: &[(&str, String)]) -> Vec<String> {

@@ -16,7 +16,8 @@ use super::metrics::MetricsWriter;
 use super::optimizer::{AdamW, AdamWConfig, GradAccumulator};
 use super::schedule::lr_factor;
 use crate::error::{read_json, Error, Result};
-use crate::model::hf::{save_safetensors, write_json};
+use crate::io::write_json;
+use crate::model::hf::save_safetensors;
 use crate::model::Params;
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
