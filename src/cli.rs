@@ -246,11 +246,12 @@ fn report(stage: &str, out: &Path, s: &TrainSummary) {
         .map(|(k, v)| format!("eval {k} {v:.4}"))
         .collect();
     eprintln!(
-        "{stage}: {} steps{}, last loss {:.4}{}{}; model written to {}",
+        "{stage}: {} steps{} in {:.2} s, last loss {:.4}{}{}; model written to {}",
         s.state.global_step,
         s.resumed_from
             .map(|r| format!(" (resumed at {r})"))
             .unwrap_or_default(),
+        s.seconds,
         s.last_loss,
         if eval.is_empty() {
             String::new()
