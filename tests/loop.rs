@@ -46,6 +46,11 @@ fn config_files_set_defaults_and_flags_override_them() {
         std::fs::write(&cfg, body).unwrap();
         let out = sft_cli(dir.path(), &["--config", cfg.to_str().unwrap(), "--max_steps", "2"]);
         assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        // bench/ppo.py reads the training call's wall time from this line.
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("sft: 2 steps in "),
+            "{name}"
+        );
         let r = resolved(dir.path());
         assert_eq!(r["max_steps"], 2, "{name}: the flag wins");
         assert_eq!(r["learning_rate"], 0.001, "{name}: the file sets it");
