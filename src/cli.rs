@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::data::chat_template::ChatTemplate;
+use crate::data::chat_template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::data::prompts::{read_prompts, Prompt};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::read_json;
@@ -23,21 +23,6 @@ use crate::rm::RmTrainArgs;
 use crate::sft::SftArgs;
 use crate::train::args::merge_config;
 use crate::train::trainer::TrainSummary;
-
-/// Parses one command's settings from flags, as a user would give them (the demo and
-/// the pipeline build their stages' settings this way).
-pub fn parse_args<T: Args>(flags: &[String]) -> std::result::Result<T, clap::Error> {
-    #[derive(Parser)]
-    struct Wrap<T: Args> {
-        #[command(flatten)]
-        inner: T,
-    }
-    let argv = std::iter::once("rlhf".to_string()).chain(flags.iter().cloned());
-    Wrap::<T>::try_parse_from(argv).map(|w| w.inner)
-}
-
-/// ChatML, the template `rlhf init --chat_template chatml` installs.
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -261,11 +246,12 @@ fn report(stage: &str, out: &Path, s: &TrainSummary) {
         .map(|(k, v)| format!("eval {k} {v:.4}"))
         .collect();
     eprintln!(
-        "{stage}: {} steps{}, last loss {:.4}{}{}; model written to {}",
+        "{stage}: {} steps{} in {:.2} s, last loss {:.4}{}{}; model written to {}",
         s.state.global_step,
         s.resumed_from
             .map(|r| format!(" (resumed at {r})"))
             .unwrap_or_default(),
+        s.seconds,
         s.last_loss,
         if eval.is_empty() {
             String::new()

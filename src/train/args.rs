@@ -12,6 +12,18 @@ use std::path::{Path, PathBuf};
 use super::schedule::LrSchedulerType;
 use crate::error::{read_to_string, Error, Result};
 
+/// Parses one command's settings from flags, as a user would give them (the demo and
+/// the pipeline build their stages' settings this way).
+pub fn parse_args<T: clap::Args>(flags: &[String]) -> std::result::Result<T, clap::Error> {
+    #[derive(clap::Parser)]
+    struct Wrap<T: clap::Args> {
+        #[command(flatten)]
+        inner: T,
+    }
+    let argv = std::iter::once("rlhf".to_string()).chain(flags.iter().cloned());
+    <Wrap<T> as clap::Parser>::try_parse_from(argv).map(|w| w.inner)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[command(rename_all = "snake_case")]
 pub struct TrainingArgs {
