@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Generation throughput, rlhf vs transformers' generate, on the same model folders in
 the same run (torch CPU, 2 threads). 8 prompts x 32 tokens, 64 new tokens, sampling,
-KV cache. Prints a table with the ratio.
+KV cache. Prints a table with the ratio, and the CPU it ran on.
+
+What is compared: wall time to wall time, each side's whole generate call (rlhf's
+`generate` in examples/bench_generate, transformers' `model.generate` here), timed
+around the call inside each side's own process; the median of 3 calls after one
+warm-up call, within one run of this script (not a median over runs).
 
     python3 bench/generate.py            # needs torch + transformers for the comparison
 
@@ -14,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from cpu import describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RLHF = os.path.join(ROOT, "target", "release", "rlhf")
@@ -70,7 +77,9 @@ def main():
             theirs = torch_generate(d)
             rows.append((label, ours, theirs))
     tokens = BATCH * NEW
-    print(f"\ngeneration, {BATCH} prompts x {PROMPT} tokens, {NEW} new tokens, sampling, 2 threads (median of {REPEATS})")
+    print(f"\ngeneration, {BATCH} prompts x {PROMPT} tokens, {NEW} new tokens, sampling, 2 threads")
+    print(describe())
+    print(f"compared: wall time of each side's whole generate call, median of {REPEATS} calls after 1 warm-up")
     print(f"{'shape':<12}{'rlhf tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}")
     for label, ours, theirs in rows:
         if theirs is None:

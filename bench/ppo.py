@@ -1,35 +1,58 @@
 #!/usr/bin/env python3
-"""PPO iteration time and peak memory: `rlhf ppo` against TRL's PPOTrainer on the same
+"""PPO training time and peak memory: `rlhf ppo` against TRL's PPOTrainer on the same
 model folders, batch and machine, in the same run. 16 prompts x 64 new tokens per
 iteration, 1 PPO epoch, 4 minibatches, f32, 2 threads; random GPT-2 policy (from
-`rlhf init`) and a reward model from one `rlhf rm train` step.
+`rlhf init`) and a reward model from one `rlhf rm train` step, used as reward and
+value model on both sides.
+
+What is compared: wall time to wall time, twice.
+  - The training call: rlhf's `train()` (what `rlhf ppo` reports as "N steps in S s":
+    the whole loop, rollouts, scoring, updates, and the final checkpoint and model it
+    writes) against TRL's `trainer.train()` (which writes nothing: save_strategy "no").
+    Model loading and setup are outside both. This is the headline ratio;
+    s/iteration = the call / iterations, the first iteration included.
+  - The whole process: `rlhf ppo` against the TRL child process (interpreter start,
+    imports, model loading, PPOTrainer setup and train()), each timed from outside.
+rlhf's own time/rollout, time/scoring, time/update metrics are printed as its split
+only, never summed against the peer's clock. Peak RSS: each process's own high-water
+mark (os.wait4).
 
 TRL 1.x no longer ships PPOTrainer; the last releases that do need transformers 4.x.
-Install them beside the main environment and point --trl_path at them:
+Install them into bench/trl-0.19 (ignored by git), beside the main environment:
 
-    pip install --target /work/trl-old --no-deps trl==0.19.1 transformers==4.53.3 \\
-        accelerate==1.8.1 datasets==3.6.0 tokenizers==0.21.4 huggingface_hub==0.34.4
-    pip install --target /work/trl-old requests pyarrow dill multiprocess xxhash pandas 'fsspec<=2025.3.0' psutil
-    python3 bench/ppo.py --shape tiny --trl_path /work/trl-old
+    pyenv/bin/python -m pip install --target bench/trl-0.19 --no-deps trl==0.19.1 \\
+        transformers==4.53.3 accelerate==1.8.1 datasets==3.6.0 tokenizers==0.21.4 huggingface_hub==0.34.4
+    pyenv/bin/python -m pip install --target bench/trl-0.19 requests pyarrow dill multiprocess xxhash \\
+        pandas 'fsspec<=2025.3.0' psutil
+    pyenv/bin/python bench/ppo.py --shape tiny
+    pyenv/bin/python bench/ppo.py --shape gpt2 --iterations 2
+
+Without TRL there (or at --trl_path) the script prints its header and exits with code 2
+before any work; --rlhf_only times rlhf's side alone.
 """
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
 import time
 
+from cpu import describe
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RLHF = os.path.join(ROOT, "target", "release", "rlhf")
 TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "tokenizer.json")
+TRL_PATH = os.path.join("bench", "trl-0.19")  # relative to the project root
 SHAPES = {"tiny": ("tiny", 8192), "gpt2": ("gpt2", 50257)}
 PROMPTS, PROMPT_TOKENS, NEW, MINI = 16, 32, 64, 4
 WORDS = "the cat sat on mat alice has three apples and bob two together they five once upon a time".split()
+TRL_CHECK = "import trl, transformers; from trl import PPOTrainer; print(trl.__version__, transformers.__version__)"
 
 
-def trl_side(policy, rm, prompts_file, iterations, out):
+def trl_side(policy, rm, prompts_file, iterations, out, result):
+    """The TRL child process: writes {"train_seconds"} (its whole trainer.train())."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast
@@ -51,21 +74,62 @@ def trl_side(policy, rm, prompts_file, iterations, out):
                          train_dataset=ds, eval_dataset=ds)
     t = time.perf_counter()
     trainer.train()
-    total = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds_per_iteration": total / iterations, "peak_rss_mb": rss}))
+    with open(result, "w") as f:
+        json.dump({"train_seconds": time.perf_counter() - t}, f)
+
+
+def run_measured(cmd, env, log):
+    """Runs `cmd` to the end, stdout and stderr into the file `log`. Returns (wall
+    seconds from outside, peak RSS in MB of that process alone, exit code, output)."""
+    with open(log, "w+") as f:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        f.seek(0)
+        return wall, usage.ru_maxrss / 1024, p.returncode, f.read()
+
+
+def trl_versions(trl_path):
+    """(trl, transformers) versions importable from trl_path, or None."""
+    if not os.path.isdir(trl_path):
+        return None
+    env = dict(os.environ, PYTHONPATH=trl_path)
+    r = subprocess.run([sys.executable, "-c", TRL_CHECK], capture_output=True, text=True, env=env)
+    return r.stdout.split() if r.returncode == 0 else None
 
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--trl":
-        trl_side(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
-        return
-    ap = argparse.ArgumentParser()
+        trl_side(*sys.argv[2:5], int(sys.argv[5]), *sys.argv[6:8])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="tiny", choices=SHAPES)
     ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--trl_path", default=None, help="site folder holding trl<=0.19 and transformers 4.x")
+    ap.add_argument("--trl_path", default=TRL_PATH,
+                    help=f"site folder holding trl<=0.19 and transformers 4.x (default: {TRL_PATH}, under the project)")
+    ap.add_argument("--rlhf_only", action="store_true", help="time rlhf's side alone, without TRL")
     a = ap.parse_args()
+    trl_path = a.trl_path if os.path.isabs(a.trl_path) else os.path.join(ROOT, a.trl_path)
+    shown = a.trl_path  # as given: project-relative by default
     preset, vocab = SHAPES[a.shape]
+
+    print(f"PPO, {a.shape}: {PROMPTS} prompts x {NEW} new tokens, 1 PPO epoch, {PROMPTS // MINI} minibatches, "
+          f"{a.iterations} iterations, f32, 2 threads")
+    print(describe())
+    print("compared: wall time of each side's whole training call (rlhf train(), TRL trainer.train()), "
+          "and of each side's whole process")
+    versions = None
+    if not a.rlhf_only:
+        versions = trl_versions(trl_path)
+        if versions is None:
+            print(f"\nTRL's PPOTrainer is not importable from {shown}: install it there "
+                  f"(see the top of {os.path.relpath(__file__, ROOT)}), give --trl_path, or --rlhf_only")
+            return 2
+        print(f"TRL {versions[0]}, transformers {versions[1]} (from {shown})")
+    sys.stdout.flush()
+
     subprocess.run(["cargo", "build", "--release", "--bin", "rlhf"], cwd=ROOT, check=True)
     with tempfile.TemporaryDirectory() as tmp:
         policy, rm = os.path.join(tmp, "policy"), os.path.join(tmp, "rm")
@@ -81,35 +145,51 @@ def main():
             for i in range(PROMPTS):
                 words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(PROMPT_TOKENS)]
                 f.write(json.dumps({"prompt": " ".join(words)}) + "\n")
+
         out = os.path.join(tmp, "out")
         env = dict(os.environ, RAYON_NUM_THREADS="2")
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run([RLHF, "ppo", "--model", policy, "--reward_model", rm, "--data", prompts, "--output_dir", out,
-                        "--rollout_batch_size", str(PROMPTS), "--mini_batch_size", str(MINI), "--ppo_epochs", "1",
-                        "--max_new_tokens", str(NEW), "--num_iterations", str(a.iterations), "--logging_steps", "1",
-                        "--save_steps", "0"], check=True, env=env, capture_output=True)
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        cmd = [RLHF, "ppo", "--model", policy, "--reward_model", rm, "--data", prompts, "--output_dir", out,
+               "--rollout_batch_size", str(PROMPTS), "--mini_batch_size", str(MINI), "--ppo_epochs", "1",
+               "--max_new_tokens", str(NEW), "--num_iterations", str(a.iterations), "--logging_steps", "1",
+               "--save_steps", "0"]
+        wall, rss, code, log = run_measured(cmd, env, os.path.join(tmp, "rlhf.log"))
+        if code != 0:
+            print(log[-3000:])
+            raise SystemExit("rlhf ppo failed")
+        m = re.search(r"^ppo: \d+ steps(?: \(resumed at \d+\))? in ([0-9.]+) s,", log, re.M)
+        if m is None:
+            print(log[-3000:])
+            raise SystemExit("rlhf ppo did not report its training time")
+        ours = {"train_seconds": float(m.group(1)), "process_seconds": wall, "peak_rss_mb": rss}
         iters = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if "objective/scores" in l]
-        body = iters  # every iteration, warm-up included, as TRL's average below
-        split = {k: sum(m[k] for m in body) / len(body) for k in ["time/rollout", "time/scoring", "time/update"]}
-        ours = sum(split.values())
+        split = {k: sum(it[k] for it in iters) / len(iters) for k in ["time/rollout", "time/scoring", "time/update"]}
+
         theirs = None
-        if a.trl_path:
-            tenv = dict(os.environ, PYTHONPATH=a.trl_path, TOKENIZERS_PARALLELISM="false")
-            r = subprocess.run([sys.executable, __file__, "--trl", policy, rm, prompts, str(a.iterations),
-                                os.path.join(tmp, "trl")], capture_output=True, text=True, env=tenv)
-            if r.returncode != 0:
-                print(r.stderr[-3000:])
+        if not a.rlhf_only:
+            result = os.path.join(tmp, "trl.json")
+            tenv = dict(os.environ, PYTHONPATH=trl_path, TOKENIZERS_PARALLELISM="false")
+            wall, rss, code, log = run_measured(
+                [sys.executable, os.path.abspath(__file__), "--trl", policy, rm, prompts, str(a.iterations),
+                 os.path.join(tmp, "trl"), result], tenv, os.path.join(tmp, "trl.log"))
+            if code != 0:
+                print(log[-3000:])
                 raise SystemExit("TRL side failed")
-            theirs = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"\nPPO iteration, {a.shape}: {PROMPTS} prompts x {NEW} new tokens, 1 epoch, {PROMPTS // MINI} minibatches")
-        print(f"rlhf: {ours:.2f} s/iteration (rollout {split['time/rollout']:.2f}, scoring {split['time/scoring']:.2f}, "
-              f"update {split['time/update']:.2f}), peak RSS {rss:.0f} MB")
-        if theirs:
-            print(f"TRL PPOTrainer: {theirs['seconds_per_iteration']:.2f} s/iteration, peak RSS {theirs['peak_rss_mb']:.0f} MB")
-            print(f"speed ratio {theirs['seconds_per_iteration'] / ours:.2f}x, memory ratio {rss / theirs['peak_rss_mb']:.2f}")
-        else:
-            print("TRL side skipped (give --trl_path)")
+            theirs = dict(json.load(open(result)), process_seconds=wall, peak_rss_mb=rss)
+
+    n = a.iterations
+    print(f"\n{'':<16}{'training call s':>16}{'s/iteration':>13}{'whole process s':>17}{'peak RSS':>12}")
+    rows = [("rlhf", ours)] + ([("TRL PPOTrainer", theirs)] if theirs else [])
+    for name, r in rows:
+        print(f"{name:<16}{r['train_seconds']:>16.2f}{r['train_seconds'] / n:>13.2f}{r['process_seconds']:>17.2f}"
+              f"{r['peak_rss_mb']:>9.0f} MB")
+    if theirs:
+        print(f"speed ratio (TRL / rlhf): training call {theirs['train_seconds'] / ours['train_seconds']:.2f}x, "
+              f"whole process {theirs['process_seconds'] / ours['process_seconds']:.2f}x; "
+              f"memory ratio (rlhf / TRL) {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}")
+    print(f"rlhf's own split per iteration (its metrics; not compared): rollout {split['time/rollout']:.2f}, "
+          f"scoring {split['time/scoring']:.2f}, update {split['time/update']:.2f} s "
+          f"(sum {sum(split.values()):.2f} of {ours['train_seconds'] / n:.2f} s/iteration)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ PyTorch implementation that forwards every comparison's two sequences separately
 TRL's RewardTrainer does. Same GPT-2 shape, same sequences per step (so the same
 forward cost), same machine, same run; f32, 2 threads.
 
+What is compared: wall time to wall time, each side's whole training step (forward,
+loss, backward, clipping, AdamW; rlhf through `RmTask` in examples/bench_rm), timed
+around the step inside each side's own process; the median of --steps timed steps
+after one warm-up step, within one run of this script (not a median over runs).
+Prints the CPU it ran on.
+
     python3 bench/rm.py [--shape tiny|gpt2]      # torch side skipped without torch
 """
 import argparse
@@ -14,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from cpu import describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "target", "release", "examples", "bench_rm")
@@ -68,6 +76,8 @@ def main():
         have_torch = False
         print("torch is not installed: PyTorch side skipped")
     print(f"\nreward-model step, {args.shape} shape, prompt {PROMPT} + response {RESPONSE} tokens, f32, 2 threads")
+    print(describe())
+    print(f"compared: wall time of each side's whole training step, median of {args.steps} timed steps after 1 warm-up")
     print(f"{'K':>3}{'seqs/step':>11}{'rlhf cmp/s':>12}{'torch cmp/s':>13}{'ratio':>8}")
     for k, prompts in [(4, 2), (9, 1)]:
         seqs = k * prompts

@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """Training throughput, rlhf vs PyTorch eager, same GPT-2 shapes, same machine, same
 run. One step = forward + cross-entropy + backward + grad clipping + AdamW, f32,
-2 threads; median of the timed steps after one warm-up. Each side runs in its own
-process so that peak RSS is its own.
+2 threads. Each side runs in its own process so that peak RSS is its own.
+
+What is compared: wall time to wall time, each side's whole training step (all five
+parts above; rlhf through the trainer's own code in examples/bench_train), timed
+around the step inside each side's process; the median of the timed steps (5 on
+tiny, 3 on 124M) after one warm-up step, within one run of this script (not a
+median over runs). Prints the CPU it ran on.
 
     python3 bench/train.py            # torch side skipped (with a message) without torch
 """
@@ -13,6 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from cpu import describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "target", "release", "examples", "bench_train")
@@ -59,6 +66,8 @@ def main():
         have_torch = False
         print("torch is not installed: PyTorch side skipped")
     print(f"\ntraining step (fwd + CE + bwd + clip + AdamW), f32, 2 threads")
+    print(describe())
+    print("compared: wall time of each side's whole training step, median of the timed steps after 1 warm-up")
     print(f"{'shape':<11}{'batch':>8}{'rlhf tok/s':>12}{'torch tok/s':>13}{'ratio':>8}{'rlhf RSS':>10}{'torch RSS':>11}")
     for label, preset, (layers, width, heads), vocab, batch, seq, steps in SHAPES:
         env = dict(os.environ, RAYON_NUM_THREADS="2")

@@ -1,9 +1,12 @@
 //! Generation throughput: B prompts of P random tokens, N new tokens each, sampling
 //! (temperature 1), KV cache, eos ignored so every row makes exactly N tokens.
-//! Prints one JSON line. Driven by bench/generate.py, which runs transformers on the
-//! same model folder in the same run.
+//! Prints one JSON line: the median wall time of a whole `generate` call (after one
+//! warm-up call), and the CPU it ran on. Driven by bench/generate.py, which runs
+//! transformers on the same model folder in the same run.
 //!
 //!     cargo run --release --example bench_generate -- DIR [BATCH PROMPT_LEN NEW REPEATS]
+
+mod common;
 
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
@@ -50,11 +53,16 @@ fn main() -> anyhow::Result<()> {
         times.push(t.elapsed().as_secs_f64());
         assert!(out.iter().all(|c| c.tokens.len() == new));
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    println!(
-        "{{\"seconds\": {median:.4}, \"tokens_per_s\": {:.1}, \"batch\": {batch}, \"prompt_len\": {prompt_len}, \"new_tokens\": {new}}}",
-        (batch * new) as f64 / median
-    );
+    let median = common::median(&times);
+    let out = serde_json::json!({
+        "seconds": median,
+        "tokens_per_s": (batch * new) as f64 / median,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new,
+        "timed_calls": times.len(),
+        "cpu": common::cpu_info(),
+    });
+    println!("{out}");
     Ok(())
 }

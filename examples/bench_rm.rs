@@ -1,9 +1,12 @@
 //! Reward-model training throughput in comparisons/s: P prompts × K responses per
 //! step, every response forwarded once, all C(K,2) comparisons in the loss; one step
 //! = forward + loss + backward + clipping + AdamW through `RmTask`. Prints one JSON
-//! line. Driven by bench/rm.py.
+//! line: the median wall time of the whole step (after one warm-up step), and the
+//! CPU it ran on. Driven by bench/rm.py.
 //!
 //!     cargo run --release --example bench_rm -- PRESET VOCAB K PROMPTS PROMPT_LEN RESPONSE_LEN STEPS
+
+mod common;
 
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
@@ -90,13 +93,16 @@ fn main() -> anyhow::Result<()> {
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = common::median(&times);
     let comparisons = prompts * k * (k - 1) / 2;
-    println!(
-        "{{\"seconds\": {median:.4}, \"comparisons_per_s\": {:.2}, \"sequences\": {}, \"comparisons\": {comparisons}}}",
-        comparisons as f64 / median,
-        prompts * k
-    );
+    let out = serde_json::json!({
+        "seconds": median,
+        "comparisons_per_s": comparisons as f64 / median,
+        "sequences": prompts * k,
+        "comparisons": comparisons,
+        "timed_steps": times.len(),
+        "cpu": common::cpu_info(),
+    });
+    println!("{out}");
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! Training throughput: one step = forward + cross-entropy + backward + clipping +
 //! AdamW on a random GPT-2-shaped model and random tokens, through the same code the
 //! trainer runs (LmTask, GradAccumulator, AdamW). Prints one JSON line with the
-//! median step time, tokens/s and peak RSS. Driven by bench/train.py.
+//! median wall time of the whole step (after one warm-up step), tokens/s, peak RSS
+//! and the CPU it ran on. Driven by bench/train.py.
 //!
 //!     cargo run --release --example bench_train -- PRESET VOCAB BATCH SEQ STEPS
+
+mod common;
 
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
@@ -16,16 +19,6 @@ use rlhf::model::hf::Pretrained;
 use rlhf::model::{presets, Arch, CausalLm};
 use rlhf::train::lm_task::{LmTask, Row};
 use rlhf::train::optimizer::{AdamW, AdamWConfig, GradAccumulator};
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 // The same allocator as the `rlhf` binary (see src/main.rs).
 #[global_allocator]
@@ -86,12 +79,14 @@ fn main() -> anyhow::Result<()> {
             times.push(t.elapsed().as_secs_f64()); // the first step is a warm-up
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    println!(
-        "{{\"seconds\": {median:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}}}",
-        (batch * seq) as f64 / median,
-        peak_rss_mb()
-    );
+    let median = common::median(&times);
+    let out = serde_json::json!({
+        "seconds": median,
+        "tokens_per_s": (batch * seq) as f64 / median,
+        "peak_rss_mb": common::peak_rss_mb().round(),
+        "timed_steps": times.len(),
+        "cpu": common::cpu_info(),
+    });
+    println!("{out}");
     Ok(())
 }

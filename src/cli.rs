@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -11,7 +11,7 @@ use std::fmt::Display;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::data::chat_template::ChatTemplate;
+use crate::data::chat_template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::data::prompts::{read_prompts, Prompt};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{read_json, Error};
@@ -23,7 +23,7 @@ use crate::pretrain::PretrainArgs;
 use crate::rm::RmTrainArgs;
 use crate::settings::{as_flag, at_least, finite_f32, Settings};
 use crate::sft::SftArgs;
-use crate::train::args::resolve;
+use crate::train::args::{negative_numbers, resolve};
 use crate::train::trainer::TrainSummary;
 
 /// The `rlhf` command line as clap parses it: every option may take a negative
@@ -31,28 +31,6 @@ use crate::train::trainer::TrainSummary;
 /// is for their ranges to say (`crate::settings`), with an error naming the flag.
 pub fn command() -> clap::Command {
     negative_numbers(Cli::command())
-}
-
-fn negative_numbers(cmd: clap::Command) -> clap::Command {
-    cmd.mut_args(|a| {
-        // Only options with a value (clap asserts this for flags like --packing).
-        let takes_value = a.get_action().takes_values();
-        a.allow_negative_numbers(takes_value)
-    })
-    .mut_subcommands(negative_numbers)
-}
-
-/// Parses one command's settings from flags, as a user would give them (the demo and
-/// the pipeline build their stages' settings this way).
-pub fn parse_args<T: Args>(flags: &[String]) -> std::result::Result<T, clap::Error> {
-    #[derive(Parser)]
-    struct Wrap<T: Args> {
-        #[command(flatten)]
-        inner: T,
-    }
-    let argv = std::iter::once("rlhf".to_string()).chain(flags.iter().cloned());
-    let matches = negative_numbers(Wrap::<T>::command()).try_get_matches_from(argv)?;
-    Wrap::<T>::from_arg_matches(&matches).map(|w| w.inner)
 }
 
 /// Whether a failure is a write to a closed pipe (`rlhf generate ... | head -1`):
@@ -64,9 +42,6 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
         _ => c.downcast_ref::<std::io::Error>().is_some_and(broken),
     })
 }
-
-/// ChatML, the template `rlhf init --chat_template chatml` installs.
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -326,11 +301,12 @@ fn report(stage: &str, out: &Path, s: &TrainSummary) {
         .map(|(k, v)| format!("eval {k} {v:.4}"))
         .collect();
     crate::note!(
-        "{stage}: {} steps{}, last loss {:.4}{}{}; model written to {}",
+        "{stage}: {} steps{} in {:.2} s, last loss {:.4}{}{}; model written to {}",
         s.state.global_step,
         s.resumed_from
             .map(|r| format!(" (resumed at {r})"))
             .unwrap_or_default(),
+        s.seconds,
         s.last_loss,
         if eval.is_empty() {
             String::new()

@@ -3,7 +3,7 @@
 //!
 //! The modules follow the pipeline: `model` (backbones, heads, KV cache, HF import
 //! and export), `data` (formats, tokenization, chat templates), `generate` (batched
-//! sampling with logprobs), `losses` (pure loss functions), `train` (optimizer,
+//! sampling with logprobs), `io` (crash-safe file writes), `losses` (pure loss functions), `train` (optimizer,
 //! schedule, checkpoints, the shared loop), `pretrain`, `sft`, `rm` and `ppo` (the
 //! stages), `pipeline` and `demo` (the stages chained), `settings` (the ranges every
 //! command's settings are checked against) and `cli` (the `rlhf` binary's commands).
@@ -14,6 +14,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod generate;
+pub mod io;
 pub mod losses;
 pub mod model;
 pub mod ops;

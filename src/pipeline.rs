@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::hf::{write_atomic, write_json};
+use crate::io::{write_atomic, write_json};
 use crate::settings::Settings;
-use crate::train::args::{check_known_setting, read_config_file, settings_from_json};
+use crate::train::args::{check_known_setting, parse_args, read_config_file, settings_from_json};
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -63,8 +63,8 @@ pub fn stage_settings<T: clap::Args + Serialize + DeserializeOwned + Settings>(
     section: &str,
 ) -> Result<T> {
     let bad = |msg: String| Error::bad_file(file, None, format!("[{section}]: {msg}"));
-    let defaults: T = crate::cli::parse_args(&[])
-        .map_err(|e| bad(format!("cannot build the stage's defaults: {e}")))?;
+    let defaults: T =
+        parse_args(&[]).map_err(|e| bad(format!("cannot build the stage's defaults: {e}")))?;
     let Value::Object(mut base) =
         serde_json::to_value(&defaults).map_err(|e| bad(format!("settings: {e}")))?
     else {

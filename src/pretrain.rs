@@ -6,8 +6,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use crate::cli::CHATML_TEMPLATE;
-use crate::data::chat_template::ChatTemplate;
+use crate::data::chat_template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::data::text::read_documents;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};

@@ -46,6 +46,11 @@ fn config_files_set_defaults_and_flags_override_them() {
         std::fs::write(&cfg, body).unwrap();
         let out = sft_cli(dir.path(), &["--config", cfg.to_str().unwrap(), "--max_steps", "2"]);
         assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        // bench/ppo.py reads the training call's wall time from this line.
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("sft: 2 steps in "),
+            "{name}"
+        );
         let r = resolved(dir.path());
         assert_eq!(r["max_steps"], 2, "{name}: the flag wins");
         assert_eq!(r["learning_rate"], 0.001, "{name}: the file sets it");
@@ -177,5 +182,91 @@ fn nonfinite_steps_are_skipped_counted_and_abort_when_consecutive() {
             candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu).unwrap();
         let v: Vec<f32> = t["p"].to_vec1().unwrap();
         assert!(v[0].is_finite());
+    }
+}
+
+/// Records the order of the loop's calls; its loss takes at least `LOSS_SLEEP`, its
+/// preparation `PREPARE_SLEEP`.
+struct Traced {
+    params: Params,
+    events: Vec<String>,
+    step_seconds: Vec<f64>,
+}
+
+const LOSS_SLEEP: f64 = 0.02;
+const PREPARE_SLEEP: f64 = 0.5;
+
+impl TrainTask for Traced {
+    fn batches_per_epoch(&self) -> usize {
+        2
+    }
+    fn prepare_batch(&mut self, epoch: usize, index: usize) -> rlhf::Result<()> {
+        self.events.push(format!("prepare {epoch}.{index}"));
+        std::thread::sleep(std::time::Duration::from_secs_f64(PREPARE_SLEEP));
+        Ok(())
+    }
+    fn batch_weight(&self, _: usize, _: usize) -> rlhf::Result<f64> {
+        Ok(1.0)
+    }
+    fn batch_loss(&mut self, epoch: usize, index: usize) -> rlhf::Result<LossParts> {
+        self.events.push(format!("loss {epoch}.{index}"));
+        std::thread::sleep(std::time::Duration::from_secs_f64(LOSS_SLEEP));
+        let sum = (self.params.get("p") - 3.0)?.sqr()?.sum_all()?;
+        Ok(LossParts { sum, tokens: 1 })
+    }
+    fn params(&self) -> &Params {
+        &self.params
+    }
+    fn evaluate(&mut self) -> rlhf::Result<BTreeMap<String, f64>> {
+        Ok(BTreeMap::new())
+    }
+    fn save_model(&self, dir: &Path) -> rlhf::Result<()> {
+        rlhf::model::hf::save_safetensors(&self.params.to_hf()?, &dir.join("model.safetensors"))
+    }
+    fn after_update(&mut self) -> rlhf::Result<()> {
+        self.events.push("update".into());
+        Ok(())
+    }
+    fn record_step_seconds(&mut self, seconds: f64) {
+        self.events.push("timed".into());
+        self.step_seconds.push(seconds);
+    }
+}
+
+/// PPO's `time/update` comes from here: the step's time covers the losses, backward
+/// and the update, and leaves out the preparation (PPO's rollout).
+#[test]
+fn each_step_is_timed_whole_after_its_preparation() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = Params::init(
+        vec![ParamSpec::new("p", &[1], Init::Zeros)],
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut task = Traced {
+        params,
+        events: vec![],
+        step_seconds: vec![],
+    };
+    let mut args = loop_args(&dir.path().join("t"), 2);
+    args.gradient_accumulation_steps = 2;
+    train(&mut task, &args, &Value::Null, "test").unwrap();
+    let step = |e: usize| {
+        [
+            format!("prepare {e}.0"),
+            format!("prepare {e}.1"),
+            format!("loss {e}.0"),
+            format!("loss {e}.1"),
+            "update".into(),
+            "timed".into(),
+        ]
+    };
+    assert_eq!(task.events, [step(0), step(1)].concat());
+    for s in &task.step_seconds {
+        assert!(
+            (2.0 * LOSS_SLEEP..PREPARE_SLEEP).contains(s),
+            "a step took {s} s: both losses, not the preparation"
+        );
     }
 }

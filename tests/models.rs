@@ -42,7 +42,14 @@ fn logits_alone(model: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
 }
 
+/// The largest |a − b| over two outputs of the same shape (an output of another
+/// shape, an empty one included, fails).
 fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "rows");
+    assert!(!a.is_empty(), "empty output");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.len(), y.len(), "row {i} lengths");
+    }
     a.iter()
         .flatten()
         .zip(b.iter().flatten())
@@ -81,6 +88,7 @@ fn greedy_continuations_match_transformers() {
             let out = generate(&pre.model, &pre.tokenizer, &[prompt], &params, &mut rng).unwrap();
             assert_eq!(out[0].tokens, expected, "{name}");
             let ref_lp: Vec<f32> = serde_json::from_value(case["logprobs"].clone()).unwrap();
+            assert_eq!(out[0].logprobs.len(), ref_lp.len(), "{name}: logprobs");
             for (a, b) in out[0].logprobs.iter().zip(&ref_lp) {
                 assert!((a - b).abs() <= 1e-4, "{name}: logprob {a} vs {b}");
             }
@@ -152,6 +160,11 @@ fn left_padded_batch_equals_each_sequence_alone() {
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let together = generate(&pre.model, &pre.tokenizer, &seqs, &params, &mut rng).unwrap();
+        assert_eq!(
+            together.len(),
+            seqs.len(),
+            "{name}: one completion per prompt"
+        );
         for (s, c) in seqs.iter().zip(&together) {
             let alone = generate(
                 &pre.model,
@@ -173,9 +186,13 @@ fn save_then_load_is_bit_identical() {
         let dir = tempfile::tempdir().unwrap();
         save_pretrained(&pre, dir.path()).unwrap();
         let back = load_pretrained(dir.path(), &Device::Cpu).unwrap();
-        for ((spec, a), (_, b)) in pre.model.params.vars().iter().zip(back.model.params.vars()) {
+        let (va, vb) = (pre.model.params.vars(), back.model.params.vars());
+        assert_eq!(va.len(), vb.len(), "{name}: parameter count");
+        for ((spec, a), (spec_b, b)) in va.iter().zip(vb) {
+            assert_eq!(spec.name, spec_b.name, "{name}");
             let a: Vec<f32> = a.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             let b: Vec<f32> = b.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a.len(), b.len(), "{name}: {}", spec.name);
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{name}: {}",

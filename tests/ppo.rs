@@ -1,6 +1,7 @@
 //! PPO end to end on the tiny fixture policy with a programmatic reward: the reward
-//! rises with KL bounded; shaped rewards sit on the right tokens; PPO-ptx keeps the
-//! pretraining loss; a stopped run resumes bit for bit; bad settings fail early.
+//! rises with KL bounded; shaped rewards sit on the right tokens; the ptx term lowers
+//! the pretraining loss against the same run without it; a stopped run resumes bit
+//! for bit; bad settings fail early.
 
 mod common;
 
@@ -109,6 +110,9 @@ fn reward_rises_kl_stays_bounded_and_rewards_sit_on_the_right_tokens() {
         ] {
             assert!(v[key].is_number(), "missing {key}");
         }
+        for key in ["time/rollout", "time/scoring", "time/update"] {
+            assert!(v[key].as_f64() > Some(0.0), "{key}: {}", v[key]);
+        }
     }
     // The shaped reward: −β·KL on every response token, the score on the last one,
     // vectors exactly as long as the response (no padding, nothing after the eos).
@@ -172,8 +176,11 @@ fn ptx_loss(model_dir: &Path, text: &Path) -> f64 {
     sum.to_scalar::<f32>().unwrap() as f64 / n as f64
 }
 
+/// The ptx term is what keeps the pretraining loss: the same run (seed, prompts,
+/// pretraining text, reward) with γ_ptx = 4 ends with a lower LM loss on the
+/// pretraining text than with γ_ptx = 0, and the reward still rises.
 #[test]
-fn a_large_ptx_coefficient_keeps_the_pretraining_loss_while_reward_rises() {
+fn the_ptx_term_lowers_the_pretraining_loss_against_the_same_run_without_it() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prompts(tmp.path());
     let text = tmp.path().join("pretrain.txt");
@@ -181,13 +188,27 @@ fn a_large_ptx_coefficient_keeps_the_pretraining_loss_while_reward_rises() {
         .map(|i| format!("The cat {i} sat on the mat. Alice has {} apples.", i % 7))
         .collect();
     std::fs::write(&text, docs.join("\n\n")).unwrap();
-    let out = tmp.path().join("ptx");
-    let mut args = ppo_args(&data, &out);
-    args.ptx_data = Some(text.clone());
-    args.ptx_coef = Some(4.0);
-    args.ptx_batch_size = 4;
-    run(&args, Some(count_reward(target_token()))).unwrap();
-    let m = iteration_metrics(&out);
+    let run_with = |coef: f64| -> (Vec<Value>, f64) {
+        let out = tmp.path().join(format!("ptx-{coef}"));
+        let mut args = ppo_args(&data, &out);
+        args.ptx_data = Some(text.clone());
+        args.ptx_coef = Some(coef);
+        args.ptx_batch_size = 4;
+        run(&args, Some(count_reward(target_token()))).unwrap();
+        (iteration_metrics(&out), ptx_loss(&out, &text))
+    };
+    let (m, with_ptx) = run_with(4.0);
+    let (m0, without) = run_with(0.0);
+    assert!(
+        m0.iter().all(|v| v["loss/ptx"] == 0.0)
+            && m.iter().all(|v| v["loss/ptx"].as_f64() > Some(0.0)),
+        "the ptx loss is computed only with a coefficient"
+    );
+    assert!(
+        with_ptx < 0.5 * without,
+        "ptx loss with γ_ptx 4: {with_ptx}, with 0: {without} (start {})",
+        ptx_loss(&common::fixture("qwen2"), &text)
+    );
     let first = m[0]["objective/scores"].as_f64().unwrap();
     let last: f64 = m[9..]
         .iter()
@@ -198,9 +219,6 @@ fn a_large_ptx_coefficient_keeps_the_pretraining_loss_while_reward_rises() {
         last > first,
         "reward did not rise with ptx: {first} → {last}"
     );
-    let before = ptx_loss(&common::fixture("qwen2"), &text);
-    let after = ptx_loss(&out, &text);
-    assert!(after <= before, "pretraining loss rose: {before} → {after}");
 }
 
 #[test]

@@ -75,6 +75,7 @@ fn conversation_mask_covers_exactly_the_assistant_turns() {
         );
     }
     // The trained part ends each turn with <|im_end|>: the model learns to stop.
+    assert_eq!(ex.ids.len(), ex.loss_mask.len());
     let trained: Vec<u32> = ex
         .ids
         .iter()

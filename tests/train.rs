@@ -94,6 +94,15 @@ fn weights(dir: &Path) -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
+/// Two weight lists hold the same parameters in the same order (so that zipping
+/// them compares each with itself, and none is left out).
+fn assert_same_names(a: &[(String, Vec<u32>)], b: &[(String, Vec<u32>)]) {
+    let names =
+        |w: &[(String, Vec<u32>)]| -> Vec<String> { w.iter().map(|(n, _)| n.clone()).collect() };
+    assert_eq!(names(a), names(b));
+    assert!(!a.is_empty(), "no parameters read");
+}
+
 fn metrics(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -124,6 +133,7 @@ fn pretrain_changes_every_parameter_and_lowers_the_loss() {
     args.train.max_steps = 30;
     let summary = pretrain::run(&args).unwrap();
     let after = weights(&out);
+    assert_same_names(&before, &after);
     for ((name, b), (_, a)) in before.iter().zip(&after) {
         assert_ne!(a, b, "{name} did not change");
     }
@@ -229,6 +239,7 @@ fn sft_changes_every_parameter_and_lowers_the_loss() {
         sft::run(&args).unwrap();
         let before = weights(&model);
         let after = weights(&out);
+        assert_same_names(&before, &after);
         for ((name, b), (_, a)) in before.iter().zip(&after) {
             assert_ne!(a, b, "{name} did not change (packing {packing})");
         }
@@ -259,7 +270,9 @@ fn gradient_accumulation_equals_a_bigger_batch() {
     };
     let big = run("big", 8, 1);
     let acc = run("acc", 2, 4);
-    for ((spec, a), (_, b)) in big.model.params.vars().iter().zip(acc.model.params.vars()) {
+    let (vb, va) = (big.model.params.vars(), acc.model.params.vars());
+    assert_eq!(vb.len(), va.len());
+    for ((spec, a), (_, b)) in vb.iter().zip(va) {
         let d: f32 = (a.as_tensor() - b.as_tensor())
             .unwrap()
             .abs()

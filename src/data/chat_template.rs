@@ -11,6 +11,10 @@ use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+/// ChatML, the template `rlhf init --chat_template chatml` installs and `rlhf
+/// pretrain` gives the tokenizer it trains.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
 use crate::error::{Error, Result};
 
 const TEMPLATE_NAME: &str = "chat";

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::chat_template::ChatTemplate;
 use crate::error::{read_json, read_to_string, Error, Result};
-use crate::model::hf::{write_atomic, write_json};
+use crate::io::{write_atomic, write_json};
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";

@@ -77,7 +77,8 @@ pub fn garbled_words(response: &str) -> usize {
 pub fn gold_score(task: &Task, response: &str) -> f64 {
     let text = response.to_lowercase();
     let words = response.split_whitespace().count();
-    let says_unknown = text.contains("not know") || text.contains("don't know");
+    // The whole phrase: "You can do not know." is not an honest answer.
+    let says_unknown = text.contains("i do not know") || text.contains("i don't know");
     let refuses = text.contains("cannot help") || text.contains("sorry");
     let pets_named = PETS.iter().filter(|p| text.contains(*p)).count();
     let base = match task.family {

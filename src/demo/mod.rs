@@ -23,7 +23,8 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::generate::{generate, SamplingParams};
-use crate::model::hf::{load_pretrained, write_atomic};
+use crate::io::write_atomic;
+use crate::model::hf::load_pretrained;
 use crate::pipeline::stage;
 use environment::{Environment, Task};
 use format::FormatWorld;
@@ -113,7 +114,7 @@ impl Plan {
 
 /// Parses a stage's settings from flags, as a user would give them.
 fn settings<T: clap::Args>(flags: &[String]) -> Result<T> {
-    crate::cli::parse_args(flags).map_err(|e| Error::Invalid(format!("demo settings: {e}")))
+    crate::train::args::parse_args(flags).map_err(|e| Error::Invalid(format!("demo settings: {e}")))
 }
 
 fn flags(pairs: &[(&str, String)]) -> Vec<String> {

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use super::eval::{PolicyEval, PromptResult};
 use crate::error::{read_to_string, Result};
-use crate::model::hf::{write_atomic, write_json};
+use crate::io::{write_atomic, write_json};
 
 /// The full run's bar, checked on every seed: PPO's win rate against SFT, the
 /// reward model's held-out accuracy, no family worse than SFT's, and the

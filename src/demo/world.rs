@@ -86,8 +86,9 @@ enum Doc {
     Trip(usize, usize),
     /// The sum a + b, stated in both orders.
     Sum(u32, u32),
-    /// A question about a person's pet, answered.
-    Answered(usize),
+    /// A question about a person's pet, answered (in one of two phrasings, neither
+    /// of them a prompt's).
+    Answered(usize, bool),
     /// Two friends and their pets.
     Friends(usize, usize),
     /// Someone refusing to help.
@@ -157,9 +158,15 @@ impl World {
                 format!("Once upon a time {name} went to {} with the {pet}. They walked home at night.", CITIES[c])
             }
             Doc::Sum(a, b) => format!("{a} plus {b} is {}. {b} plus {a} is {}.", a + b, a + b),
-            Doc::Answered(p) => {
+            Doc::Answered(p, false) => {
                 let (name, pet, _) = fact(p);
                 format!("The user asked the assistant which pet {name} has. The assistant said: {name} has a {pet}.")
+            }
+            // Question and answer, as a chat reads (the answer names the person asked
+            // about): knowledge in the form SFT asks for it, for every person.
+            Doc::Answered(p, true) => {
+                let (name, pet, _) = fact(p);
+                format!("Q: Tell me about the pet of {name}. A: {name} has a {pet}.")
             }
             Doc::Friends(p, q) => {
                 let (name, pet, _) = fact(p);
@@ -269,7 +276,7 @@ impl Environment for World {
                     0 => Doc::Facts(p),
                     1 => Doc::Trip(p, rng.random_range(0..CITIES.len())),
                     2 => Doc::Sum(rng.random_range(0..10), rng.random_range(0..10)),
-                    3 => Doc::Answered(p),
+                    3 => Doc::Answered(p, rng.random()),
                     5 => Doc::Refusing(p),
                     6 => Doc::NotKnowing(p),
                     _ => Doc::Friends(p, rng.random_range(0..PEOPLE.len())),

@@ -15,6 +15,10 @@ use super::config::{token_id_list, ModelConfig};
 use super::{Backbone, CausalLm, Params};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{read_json, Error, Result};
+use crate::io::tmp_path;
+// Re-exported for src/demo, which still imports them from here; new code takes them
+// from `crate::io`.
+use crate::io::write_json;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -162,25 +166,6 @@ pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()>
     )
     .map_err(|e| Error::write(&tmp, std::io::Error::other(e.to_string())))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
-}
-
-/// Writes pretty JSON through a temporary file.
-pub fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("JSON values serialize") + "\n";
-    write_atomic(path, text.as_bytes())
-}
-
-/// Writes a file through a temporary name in the same folder, then renames it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::write(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 /// A model folder loaded whole: model, tokenizer and the eos ids to stop on.

@@ -10,15 +10,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::config::{Arch, ModelConfig};
-use super::hf::{
-    read_config, read_weights, save_safetensors, write_json, CONFIG_FILE, WEIGHTS_FILE,
-};
+use super::hf::{read_config, read_weights, save_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use super::layers::Linear;
 use super::params::{Init, ParamSpec, Params};
 use super::{AttentionMask, Backbone};
 use crate::data::reward_input::RewardInput;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::io::write_json;
 
 pub const SCORE_WEIGHT: &str = "score.weight";
 

@@ -16,12 +16,30 @@ const ROWS_PER_TASK: usize = 64;
 
 struct SkinnyMatmul;
 
-/// yt (out, n) = W (out, in) · xᵀ for the W rows in `w` (a slice of whole rows).
+/// yt (rows, n) = W (rows, in) · xᵀ for the W rows in `w` (a slice of whole rows),
+/// x (n, in).
 fn kernel(w: &[f32], x: &[f32], inner: usize, n: usize, yt: &mut [f32]) {
+    assert!(
+        inner > 0 && w.len().is_multiple_of(inner),
+        "skinny matmul: W holds {} floats, not whole rows of {inner}",
+        w.len()
+    );
+    assert!(
+        x.len() >= n * inner,
+        "skinny matmul: x holds {} floats, {n} rows of {inner} need {}",
+        x.len(),
+        n * inner
+    );
+    assert!(
+        yt.len() >= w.len() / inner * n,
+        "skinny matmul: output too small"
+    );
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above); the kernel
+            // reads W rows below w.len() / inner and x rows below n, which the asserts
+            // above keep inside `w` and `x`.
             unsafe { avx2::kernel(w, x, inner, n, yt) };
             return;
         }
@@ -48,6 +66,9 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `inner > 0`, `w` is whole rows of `inner` and `x`
+    /// holds at least `n * inner` floats (`super::kernel` asserts these).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel(w: &[f32], x: &[f32], inner: usize, n: usize, yt: &mut [f32]) {
         let rows = w.len() / inner;
@@ -143,14 +164,17 @@ impl CustomOp2 for SkinnyMatmul {
 
 /// x (n, in) · Wᵀ with W (out, in) → (n, out), for CPU f32 tensors and small n.
 pub fn skinny_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (_, inner) = x.dims2()?;
-    let (_, w_inner) = w.dims2()?;
+    let (n, inner) = x.dims2()?;
+    let (out, w_inner) = w.dims2()?;
     if inner != w_inner {
         candle_core::bail!(
             "skinny matmul: x {:?} and W {:?} do not fit",
             x.dims(),
             w.dims()
         );
+    }
+    if inner == 0 {
+        return Tensor::zeros((n, out), x.dtype(), x.device()); // empty sums
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, SkinnyMatmul)
 }

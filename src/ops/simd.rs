@@ -16,20 +16,35 @@ const LN2_LO: f32 = 1.428_606_8e-6;
 /// integer with plain arithmetic (no libm `floorf` call, which blocks vectorisation).
 const ROUND: f32 = 12_582_912.0;
 
-/// e^x for f32, vectorisable. Saturates to e^−87.3 below −87.3 and to e^88.3 above
-/// 88.3; NaN stays NaN.
+/// e^x for f32, vectorisable. Finite inputs saturate: to e^−87.3 below −87.3 and to
+/// e^88.3 above 88.3. Non-finite inputs give the exact answer: e^+∞ = +∞, e^−∞ = 0,
+/// NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND; // nearest integer, in −126 ..= 127
-    let r = x - n * LN2_HI - n * LN2_LO; // |r| ≤ ln2/2
+    // The clamp written as two selects: a NaN fails both comparisons and becomes
+    // −87.3, so `c` is always finite and in range (f32::clamp would keep the NaN, and
+    // converting a NaN with `to_int_unchecked` is undefined behaviour). Both selects
+    // compile to vmaxps / vminps.
+    let c = if x > -87.3 { x } else { -87.3 };
+    let c = if c < 88.3 { c } else { 88.3 };
+    let n = (c * LOG2E + ROUND) - ROUND; // nearest integer, in −126 ..= 127
+    let r = c - n * LN2_HI - n * LN2_LO; // |r| ≤ ln2/2
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // SAFETY: n is an integer in −126 ..= 127 (x was clamped), so it fits an i32.
+    // SAFETY: c is finite and in [−87.3, 88.3], so n is an integer in −126 ..= 127,
+    // which fits an i32.
     let e = unsafe { n.to_int_unchecked::<i32>() } + 127;
-    p * f32::from_bits((e as u32) << 23)
+    let y = p * f32::from_bits((e as u32) << 23);
+    // Non-finite inputs, restored with selects (no branch, the loop stays vectorised):
+    // −∞ → 0, +∞ → +∞, NaN → NaN (a NaN fails `x < 0`).
+    let special = if x < 0.0 { 0.0 } else { x };
+    if x.is_finite() {
+        y
+    } else {
+        special
+    }
 }
 
 /// tanh x = 1 − 2 / (e^{2x} + 1), vectorisable; absolute error ≤ 3e-7.
@@ -144,9 +159,26 @@ mod tests {
         assert_eq!(tanh(-50.0), -1.0);
     }
 
+    /// exp, tanh and sigmoid of every input, in one pass each.
+    fn all_three(xs: &[f32]) -> [Vec<f32>; 3] {
+        [
+            xs.iter().map(|&x| exp(x)).collect(),
+            xs.iter().map(|&x| tanh(x)).collect(),
+            xs.iter().map(|&x| sigmoid(x)).collect(),
+        ]
+    }
+
     simd_kernel! {
         fn tanh_all(xs: &[f32]) -> Vec<f32> {
             xs.iter().map(|&x| tanh(x)).collect()
+        }
+    }
+
+    simd_kernel! {
+        /// The same loops through the run-time dispatch (the AVX2 copy on a CPU that
+        /// has it).
+        fn all_three_dispatched(xs: &[f32]) -> [Vec<f32>; 3] {
+            all_three(xs)
         }
     }
 
@@ -156,5 +188,99 @@ mod tests {
         let plain: Vec<f32> = xs.iter().map(|&x| tanh(x)).collect();
         // Rust never contracts a·b + c into an FMA, so the vector code rounds alike.
         assert_eq!(plain, tanh_all(&xs));
+    }
+
+    /// The reference in f64: libm on the saturated input for finite x, the exact
+    /// limits for ±∞, NaN for NaN.
+    fn expected(x: f32) -> [f64; 3] {
+        let x = x as f64;
+        let e = if x.is_finite() {
+            x.clamp(-87.3f32 as f64, 88.3f32 as f64).exp()
+        } else {
+            x.exp()
+        };
+        [e, x.tanh(), 1.0 / (1.0 + (-x).exp())]
+    }
+
+    #[test]
+    fn non_finite_and_huge_inputs_are_well_defined_on_every_path() {
+        let edge = |x: f32, ulps: i32| f32::from_bits((x.to_bits() as i32 + ulps) as u32);
+        let mut special = vec![
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            -1e30,
+            88.7,
+            -88.7,
+            f32::MAX,
+            f32::MIN,
+            0.0,
+            -0.0,
+            1e-40, // subnormal
+        ];
+        // Either side of the clamp's edges, and 2x at them (tanh calls exp(2x)).
+        for x in [88.3f32, -87.3, 44.15, -43.65] {
+            special.extend((-2..=2).map(|u| edge(x, u)));
+        }
+        assert!(special.len() % 8 != 0);
+        // Repeated so that each value lands in every lane of the vector loops, and
+        // in their scalar remainder.
+        let xs: Vec<f32> = special
+            .iter()
+            .copied()
+            .cycle()
+            .take(8 * special.len() + 3)
+            .collect();
+        let scalar: [Vec<f32>; 3] = {
+            let mut out: [Vec<f32>; 3] = Default::default();
+            for &x in &xs {
+                // One element at a time, not through a loop the compiler vectorises.
+                let x = std::hint::black_box(x);
+                out[0].push(exp(x));
+                out[1].push(tanh(x));
+                out[2].push(sigmoid(x));
+            }
+            out
+        };
+        let paths = [
+            ("scalar", scalar),
+            ("baseline loop", all_three(&xs)),
+            ("dispatched kernel", all_three_dispatched(&xs)),
+        ];
+        let names = ["exp", "tanh", "sigmoid"];
+        for (path, got) in &paths {
+            for (f, name) in names.iter().enumerate() {
+                assert_eq!(got[f].len(), xs.len(), "{path} {name}");
+                for (&x, &y) in xs.iter().zip(&got[f]) {
+                    let want = expected(x)[f];
+                    if want.is_nan() {
+                        assert!(y.is_nan(), "{path}: {name}({x}) = {y}, want NaN");
+                        continue;
+                    }
+                    let y = y as f64;
+                    let ok = if want.is_infinite() || (f == 0 && want == 0.0) {
+                        y == want
+                    } else if f == 0 {
+                        ((y - want) / want).abs() < 3e-7
+                    } else {
+                        (y - want).abs() < 5e-7
+                    };
+                    assert!(ok, "{path}: {name}({x:e}) = {y:e}, want {want:e}");
+                }
+            }
+        }
+        // Every path gives the same bits (NaN payloads aside).
+        let bits = |v: &Vec<f32>| -> Vec<u32> {
+            v.iter()
+                .map(|y| if y.is_nan() { u32::MAX } else { y.to_bits() })
+                .collect()
+        };
+        for (path, got) in &paths[1..] {
+            for f in 0..3 {
+                assert_eq!(bits(&got[f]), bits(&paths[0].1[f]), "{path} {}", names[f]);
+            }
+        }
     }
 }

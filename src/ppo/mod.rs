@@ -15,6 +15,9 @@
 //! actor and the critic, clipping, checkpoints, exact resume); an iteration is one
 //! "epoch" of that loop. The rollout buffer, the sampling RNG and the KL controller
 //! are part of the checkpointed state, so a run stopped anywhere resumes bit for bit.
+//! Steps 1–3 run in the loop's `prepare_batch`, before the iteration's first update:
+//! `time/rollout` and `time/scoring` time steps 1 and 2, `time/update` the
+//! iteration's optimizer steps whole (forward, backward, clipping, AdamW, EMA).
 
 pub mod advantage;
 pub mod kl;
@@ -218,6 +221,8 @@ struct UpdateStats {
     /// approx KL summed over the current PPO epoch (for --target_kl).
     epoch_approxkl: f64,
     epoch_n: usize,
+    /// Wall time of the iteration's optimizer steps so far (forward, backward,
+    /// clipping, AdamW, EMA), from the training loop.
     seconds: f64,
 }
 
@@ -430,7 +435,6 @@ impl PpoTask {
 
     /// Step 4 for one minibatch: clipped surrogate + vf_coef·value loss + γ·ptx loss.
     fn update_loss(&mut self, iteration: usize, index: usize) -> Result<LossParts> {
-        let t0 = Instant::now();
         let n_mb = self.n_minibatches();
         let (pe, mb) = (index / n_mb, index % n_mb);
         let picked = self.minibatch(iteration, pe, mb);
@@ -498,7 +502,6 @@ impl PpoTask {
             s.epoch_approxkl = 0.0;
             s.epoch_n = 0;
         }
-        s.seconds += t0.elapsed().as_secs_f64();
         let tokens = rows.iter().map(|(p, r)| p.len() + r.len()).sum();
         Ok(LossParts { sum: total, tokens })
     }
@@ -545,15 +548,21 @@ impl TrainTask for PpoTask {
         self.args.ppo_epochs * self.n_minibatches()
     }
 
+    /// Steps 1–3 run before the iteration's first update, outside its timing.
+    fn prepare_batch(&mut self, iteration: usize, _index: usize) -> Result<()> {
+        if self.iteration != Some(iteration) {
+            self.rollout(iteration)?;
+        }
+        Ok(())
+    }
+
     fn batch_weight(&self, iteration: usize, _index: usize) -> Result<f64> {
         let stopped = self.iteration == Some(iteration) && self.early_stopped;
         Ok(if stopped { 0.0 } else { 1.0 })
     }
 
     fn batch_loss(&mut self, iteration: usize, index: usize) -> Result<LossParts> {
-        if self.iteration != Some(iteration) {
-            self.rollout(iteration)?;
-        }
+        self.prepare_batch(iteration, index)?; // a no-op inside the training loop
         self.update_loss(iteration, index)
     }
 
@@ -630,6 +639,11 @@ impl TrainTask for PpoTask {
             }
         }
         Ok(())
+    }
+
+    /// `time/update`: the whole optimizer step, not only the loss's forward.
+    fn record_step_seconds(&mut self, seconds: f64) {
+        self.stats.seconds += seconds;
     }
 
     fn take_metrics(&mut self) -> BTreeMap<String, f64> {

@@ -15,6 +15,32 @@ use crate::settings::{
     at_least, at_least_opt, finite_f64, float, float_opt, invalid, Range, Settings,
 };
 
+/// Parses one command's settings from flags, as a user would give them (the demo and
+/// the pipeline build their stages' settings this way), as the `rlhf` binary does.
+pub fn parse_args<T: clap::Args>(flags: &[String]) -> std::result::Result<T, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    #[derive(clap::Parser)]
+    struct Wrap<T: clap::Args> {
+        #[command(flatten)]
+        inner: T,
+    }
+    let argv = std::iter::once("rlhf".to_string()).chain(flags.iter().cloned());
+    let matches = negative_numbers(Wrap::<T>::command()).try_get_matches_from(argv)?;
+    Wrap::<T>::from_arg_matches(&matches).map(|w| w.inner)
+}
+
+/// Lets every option of `cmd` (and its subcommands) take a negative number: `--flag -1`
+/// as well as `--flag=-1`. Which settings may be negative is for their ranges to say
+/// (`crate::settings`), in an error that names the flag, not for the parser.
+pub fn negative_numbers(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        // Only options with a value (clap asserts this for flags like --packing).
+        let takes_value = a.get_action().takes_values();
+        a.allow_negative_numbers(takes_value)
+    })
+    .mut_subcommands(negative_numbers)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[command(rename_all = "snake_case")]
 pub struct TrainingArgs {

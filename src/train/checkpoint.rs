@@ -14,7 +14,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::error::{read_json, Error, Result};
-use crate::model::hf::write_atomic;
+use crate::io::write_atomic;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const LATEST_FILE: &str = "latest";

@@ -16,7 +16,8 @@ use super::metrics::MetricsWriter;
 use super::optimizer::{AdamW, AdamWConfig, GradAccumulator};
 use super::schedule::lr_factor;
 use crate::error::{read_json, Error, Result};
-use crate::model::hf::{save_safetensors, write_json};
+use crate::io::write_json;
+use crate::model::hf::save_safetensors;
 use crate::model::Params;
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -36,6 +37,13 @@ pub struct LossParts {
 pub trait TrainTask {
     /// Micro-batches in one epoch.
     fn batches_per_epoch(&self) -> usize;
+    /// Work micro-batch `index` of `epoch` needs before its step, that belongs to no
+    /// single update (PPO samples and scores its rollout here). Called for each of a
+    /// step's micro-batches before their weights are read, and kept out of the step's
+    /// timing (`record_step_seconds`).
+    fn prepare_batch(&mut self, _epoch: usize, _index: usize) -> Result<()> {
+        Ok(())
+    }
     /// The averaging weight of micro-batch `index` of `epoch` (e.g. its target tokens).
     fn batch_weight(&self, epoch: usize, index: usize) -> Result<f64>;
     /// The loss numerator of micro-batch `index` of `epoch`.
@@ -62,6 +70,11 @@ pub trait TrainTask {
     fn after_update(&mut self) -> Result<()> {
         Ok(())
     }
+    /// The wall time of the optimizer step just taken: its micro-batches' losses,
+    /// backward passes, clipping, AdamW and `after_update` (everything after
+    /// `prepare_batch`, before logging and checkpoints). Called for every step,
+    /// skipped ones included, before `take_metrics`.
+    fn record_step_seconds(&mut self, _seconds: f64) {}
     /// Metrics the task gathered since the last call, logged at the current step.
     fn take_metrics(&mut self) -> BTreeMap<String, f64> {
         BTreeMap::new()
@@ -88,6 +101,9 @@ pub struct TrainSummary {
     pub last_loss: f64,
     pub eval: BTreeMap<String, f64>,
     pub resumed_from: Option<u64>,
+    /// Wall time of this call to `train`, from its start to the final model written
+    /// (what a benchmark compares with a peer's whole training call).
+    pub seconds: f64,
 }
 
 fn adamw_config(args: &TrainingArgs) -> AdamWConfig {
@@ -108,6 +124,7 @@ pub fn train(
     resolved_config: &Value,
     label: &str,
 ) -> Result<TrainSummary> {
+    let call_start = Instant::now();
     let out = args.output_dir()?.to_path_buf();
     std::fs::create_dir_all(&out).map_err(|e| Error::write(&out, e))?;
     let nb = task.batches_per_epoch();
@@ -171,6 +188,10 @@ pub fn train(
                 (m / nb, m % nb)
             })
             .collect();
+        for &(e, i) in &micro {
+            task.prepare_batch(e, i)?;
+        }
+        let step_start = Instant::now();
         let total_weight: f64 = micro
             .iter()
             .map(|&(e, i)| task.batch_weight(e, i))
@@ -217,6 +238,7 @@ pub fn train(
             window_loss += loss;
             window_steps += 1;
         }
+        task.record_step_seconds(step_start.elapsed().as_secs_f64());
         bar.set_position(state.global_step);
         bar.set_message(format!("{label} loss {loss:.4} lr {step_lr:.2e}"));
 
@@ -301,6 +323,7 @@ pub fn train(
             last_loss,
             eval,
             resumed_from,
+            seconds: call_start.elapsed().as_secs_f64(),
         });
     }
     task.save_model(&out)?;
@@ -313,6 +336,7 @@ pub fn train(
         last_loss,
         eval,
         resumed_from,
+        seconds: call_start.elapsed().as_secs_f64(),
     })
 }
 

@@ -1,0 +1,35 @@
+//! What the bench examples share: the machine they ran on (printed with every
+//! result, as bench/cpu.py does for the Python side), the median and peak RSS.
+#![allow(dead_code)]
+
+use serde_json::Value;
+
+/// {"model", "logical_cpus", "simd": [...]} of this machine (`rlhf::cpu`).
+pub fn cpu_info() -> Value {
+    serde_json::to_value(rlhf::cpu::Cpu::read()).unwrap_or(Value::Null)
+}
+
+/// The median (the mean of the two middle values for an even count), as Python's
+/// `statistics.median` computes it on the other side.
+pub fn median(times: &[f64]) -> f64 {
+    assert!(!times.is_empty(), "no timed runs");
+    let mut t = times.to_vec();
+    t.sort_by(f64::total_cmp);
+    let n = t.len();
+    if n % 2 == 1 {
+        t[n / 2]
+    } else {
+        (t[n / 2 - 1] + t[n / 2]) / 2.0
+    }
+}
+
+/// The process's peak resident memory (VmHWM) in MB; 0 where /proc is absent.
+pub fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
