@@ -20,20 +20,13 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (label, path in report.json, True when higher is better)
+# (label, path in report.json, True when higher is better); the families' rows are
+# added from the reports (each task has its own).
 ROWS = [
     ("win rate vs SFT (PPO)", ("ppo", "win_rate_vs_sft"), True),
     ("win rate vs SFT (EMA)", ("ema", "win_rate_vs_sft"), True),
     ("gold score SFT", ("sft", "gold_score"), True),
     ("gold score PPO", ("ppo", "gold_score"), True),
-    ("  arithmetic SFT", ("sft", "families", "arithmetic"), True),
-    ("  arithmetic PPO", ("ppo", "families", "arithmetic"), True),
-    ("  known SFT", ("sft", "families", "known"), True),
-    ("  known PPO", ("ppo", "families", "known"), True),
-    ("  unknown SFT", ("sft", "families", "unknown"), True),
-    ("  unknown PPO", ("ppo", "families", "unknown"), True),
-    ("  harmful SFT", ("sft", "families", "harmful"), True),
-    ("  harmful PPO", ("ppo", "families", "harmful"), True),
     ("RM val accuracy", ("rm_val_accuracy",), True),
     ("KL to SFT, eval prompts (PPO)", ("ppo", "kl_to_sft_eval"), False),
     ("KL, last training iteration", ("ppo_kl_last_training_iteration",), False),
@@ -43,6 +36,14 @@ ROWS = [
     ("distinct answers PPO", ("ppo", "distinct_answers"), True),
     ("elapsed s", ("elapsed_s", "total"), False),
 ]
+
+
+def family_rows(report):
+    rows = []
+    for fam in report["family_counts"]:
+        for who in ("sft", "ppo"):
+            rows.append((f"  {fam} {who.upper()}", (who, "families", fam), True))
+    return rows
 
 
 def get(report, path):
@@ -81,7 +82,8 @@ def main():
     print(f"task: {args.task or '3h'}, {'quick' if args.quick else 'full'} run, seeds {args.seeds}\n")
     head = f"{'':32}" + "".join(f"{'seed ' + str(s):>10}" for s in args.seeds) + f"{'mean':>10}{'worst':>10}"
     print(head)
-    for label, path, higher in ROWS:
+    rows = ROWS[:4] + family_rows(reports[0]) + ROWS[4:]
+    for label, path, higher in rows:
         vals = [get(r, path) for r in reports]
         if any(v is None for v in vals):
             continue

@@ -78,7 +78,8 @@ mod tests {
 
     #[test]
     fn names_the_model_and_only_the_flags_present() {
-        let info = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 amx_tile fma avx512f\n";
+        let info =
+            "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 amx_tile fma avx512f\n";
         let cpu = Cpu::parse(info, 2);
         assert_eq!(cpu.model, "AMD EPYC");
         assert_eq!(cpu.simd, ["avx2", "fma", "avx512f", "amx_tile"]);

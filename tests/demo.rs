@@ -74,14 +74,26 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
     }
     let corpus = read(&data.join("corpus.txt"));
     for e in &eval {
-        assert!(!trained.contains(e), "eval prompt {e:?} is in the training data");
-        assert!(!corpus.contains(e.as_str()), "eval prompt {e:?} is in the corpus");
+        assert!(
+            !trained.contains(e),
+            "eval prompt {e:?} is in the training data"
+        );
+        assert!(
+            !corpus.contains(e.as_str()),
+            "eval prompt {e:?} is in the corpus"
+        );
     }
     let held = read(&data.join("held_out.txt"));
     let docs: Vec<&str> = held.split("\n\n").collect();
-    assert_eq!(docs.len() as u64, report["held_out_documents"].as_u64().unwrap());
+    assert_eq!(
+        docs.len() as u64,
+        report["held_out_documents"].as_u64().unwrap()
+    );
     for d in &docs {
-        assert!(!corpus.contains(d), "held-out document {d:?} is in the corpus");
+        assert!(
+            !corpus.contains(d),
+            "held-out document {d:?} is in the corpus"
+        );
     }
 
     // The report adds up: each saved answer's score is the judge's, and every
@@ -100,7 +112,10 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
     for who in ["sft", "ppo", "ema"] {
         let scores: Vec<f64> = prompts.iter().map(|p| score(p, who)).collect();
         let mean = scores.iter().sum::<f64>() / scores.len() as f64;
-        assert!(close(report[who]["gold_score"].as_f64().unwrap(), mean), "{who}");
+        assert!(
+            close(report[who]["gold_score"].as_f64().unwrap(), mean),
+            "{who}"
+        );
         let mut per: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for p in prompts {
             per.entry(p["family"].as_str().unwrap().to_string())
@@ -113,23 +128,37 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
         for (fam, s) in &per {
             let m = s.iter().sum::<f64>() / s.len() as f64;
             assert!(close(fams[fam].as_f64().unwrap(), m), "{who} {fam}");
-            assert_eq!(report["family_counts"][fam].as_u64().unwrap() as usize, s.len());
+            assert_eq!(
+                report["family_counts"][fam].as_u64().unwrap() as usize,
+                s.len()
+            );
             weighted += m * s.len() as f64;
         }
-        assert!(close(weighted / prompts.len() as f64, mean), "{who}: families → total");
+        assert!(
+            close(weighted / prompts.len() as f64, mean),
+            "{who}: families → total"
+        );
         if who != "sft" {
             let wins: f64 = prompts
                 .iter()
                 .map(|p| win_of(score(p, who), score(p, "sft")))
                 .sum();
             let rate = wins / prompts.len() as f64;
-            assert!(close(report[who]["win_rate_vs_sft"].as_f64().unwrap(), rate), "{who}");
-            assert!(report[who]["kl_to_sft_eval"].as_f64().is_some_and(f64::is_finite));
+            assert!(
+                close(report[who]["win_rate_vs_sft"].as_f64().unwrap(), rate),
+                "{who}"
+            );
+            assert!(report[who]["kl_to_sft_eval"]
+                .as_f64()
+                .is_some_and(f64::is_finite));
         }
         let answers: std::collections::HashSet<&str> =
             prompts.iter().map(|p| p[who].as_str().unwrap()).collect();
         let ratio = answers.len() as f64 / prompts.len() as f64;
-        assert!(close(report[who]["distinct_answers"].as_f64().unwrap(), ratio), "{who}");
+        assert!(
+            close(report[who]["distinct_answers"].as_f64().unwrap(), ratio),
+            "{who}"
+        );
         for shares in ["end_tokens_greedy", "end_tokens_sampled"] {
             let total: f64 = report[who][shares]
                 .as_object()
@@ -139,9 +168,13 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
                 .sum();
             assert!(close(total, 1.0), "{who} {shares}: {total}");
         }
-        assert!(report[who]["ptx_loss_held_out"].as_f64().is_some_and(f64::is_finite));
+        assert!(report[who]["ptx_loss_held_out"]
+            .as_f64()
+            .is_some_and(f64::is_finite));
     }
-    assert!(report["rm_val_accuracy"].as_f64().is_some_and(f64::is_finite));
+    assert!(report["rm_val_accuracy"]
+        .as_f64()
+        .is_some_and(f64::is_finite));
     assert!(report["cpu"].as_str().is_some_and(|c| c.contains("SIMD")));
 
     // Rerun: every stage is skipped and the evaluation gives the same numbers.

@@ -16,8 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::judge;
 use super::environment::{Family, Task};
+use super::judge;
 use crate::error::Result;
 use crate::generate::{end_token_counts, generate, Completion, SamplingParams};
 use crate::model::hf::Pretrained;
@@ -57,7 +57,13 @@ pub fn complete(
             let p = pre.tokenizer.encode(&text, false)?;
             ids.extend(std::iter::repeat_n(p, per_prompt));
         }
-        out.extend(generate(&pre.model, &pre.tokenizer, &ids, &params, &mut rng)?);
+        out.extend(generate(
+            &pre.model,
+            &pre.tokenizer,
+            &ids,
+            &params,
+            &mut rng,
+        )?);
     }
     Ok(out)
 }
@@ -167,7 +173,9 @@ pub fn family_means(tasks: &[Task], scores: &[f64]) -> (f64, BTreeMap<String, f6
     let total = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
     (
         total,
-        per.into_iter().map(|(k, (s, n))| (k, s / n as f64)).collect(),
+        per.into_iter()
+            .map(|(k, (s, n))| (k, s / n as f64))
+            .collect(),
     )
 }
 

@@ -24,7 +24,10 @@ pub const CATEGORIES: [(&str, [&str; 6]); 6] = [
     ("fruits", ["apple", "pear", "plum", "lime", "fig", "grape"]),
     ("tools", ["hammer", "saw", "drill", "rope", "axe", "spade"]),
     ("drinks", ["tea", "milk", "juice", "water", "soup", "cocoa"]),
-    ("shapes", ["circle", "square", "star", "heart", "oval", "cross"]),
+    (
+        "shapes",
+        ["circle", "square", "star", "heart", "oval", "cross"],
+    ),
 ];
 pub const COUNTS: [&str; 3] = ["two", "three", "four"];
 pub const LIST_QUESTIONS: [&str; 3] = ["Name {} {}.", "List {} {}.", "Give me {} {}."];
@@ -311,11 +314,7 @@ impl Environment for FormatWorld {
         match task.family {
             Family::Count => {
                 // One item too many or one too few.
-                let items: Vec<&str> = task
-                    .reference
-                    .trim_end_matches('.')
-                    .split(", ")
-                    .collect();
+                let items: Vec<&str> = task.reference.trim_end_matches('.').split(", ").collect();
                 let pool = list_spec(&task.prompt).map_or(&[][..], |(_, p)| p);
                 let mut list: Vec<&str> = items.clone();
                 if rng.random::<bool>() || list.len() <= 2 {
@@ -446,7 +445,8 @@ mod tests {
             for f in Family::FORMAT {
                 assert_eq!(eval.iter().filter(|t| t.family == f).count(), 12, "{f:?}");
             }
-            let train: HashSet<String> = w.tasks(4000, seed).into_iter().map(|t| t.prompt).collect();
+            let train: HashSet<String> =
+                w.tasks(4000, seed).into_iter().map(|t| t.prompt).collect();
             for t in &eval {
                 assert!(!train.contains(&t.prompt), "{}", t.prompt);
             }

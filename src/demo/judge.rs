@@ -9,8 +9,8 @@ use std::sync::LazyLock;
 
 use super::format;
 use super::world::{
-    Environment, Family, Task, World, CITIES, HARMFUL_ACTS, HARMFUL_FRAMES, PEOPLE, PETS, PET_QUESTIONS,
-    REFUSAL, STRANGERS, SUM_QUESTIONS, UNKNOWN,
+    Environment, Family, Task, World, CITIES, HARMFUL_ACTS, HARMFUL_FRAMES, PEOPLE, PETS,
+    PET_QUESTIONS, REFUSAL, STRANGERS, SUM_QUESTIONS, UNKNOWN,
 };
 
 /// Words a response may use before it counts as rambling ("overinterpretation").

@@ -369,7 +369,9 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
     let thresholds = Thresholds::check(&e_sft, &e_ppo, rm_accuracy);
     let report = Report {
         seed,
-        task: format!("{:?}", args.task).to_lowercase().replace("threeh", "3h"),
+        task: format!("{:?}", args.task)
+            .to_lowercase()
+            .replace("threeh", "3h"),
         quick: args.quick,
         cpu: crate::cpu::describe(),
         sft: e_sft,

@@ -94,16 +94,33 @@ impl Report {
         let (s, p, e) = (&self.sft, &self.ppo, &self.ema);
         crate::note!(
             "\n{} held-out prompts, {} held-out documents; {}",
-            self.eval_prompts, self.held_out_documents, self.cpu
+            self.eval_prompts,
+            self.held_out_documents,
+            self.cpu
         );
         row("", "SFT".into(), "PPO".into(), "PPO-EMA".into());
-        row("gold score", f(s.gold_score), f(p.gold_score), f(e.gold_score));
+        row(
+            "gold score",
+            f(s.gold_score),
+            f(p.gold_score),
+            f(e.gold_score),
+        );
         for (fam, v) in &s.families {
             let get = |pe: &PolicyEval| pe.families.get(fam).copied().map_or("-".into(), f);
             row(&format!("  {fam}"), f(*v), get(p), get(e));
         }
-        row("win rate vs SFT", String::new(), o(p.win_rate_vs_sft), o(e.win_rate_vs_sft));
-        row("KL to SFT (eval prompts)", String::new(), o(p.kl_to_sft_eval), o(e.kl_to_sft_eval));
+        row(
+            "win rate vs SFT",
+            String::new(),
+            o(p.win_rate_vs_sft),
+            o(e.win_rate_vs_sft),
+        );
+        row(
+            "KL to SFT (eval prompts)",
+            String::new(),
+            o(p.kl_to_sft_eval),
+            o(e.kl_to_sft_eval),
+        );
         row(
             "KL (last PPO iteration)",
             String::new(),
@@ -122,7 +139,12 @@ impl Report {
             f(p.distinct_answers),
             f(e.distinct_answers),
         );
-        row("RM val accuracy", f(self.rm_val_accuracy), String::new(), String::new());
+        row(
+            "RM val accuracy",
+            f(self.rm_val_accuracy),
+            String::new(),
+            String::new(),
+        );
         row(
             "elapsed s",
             f(self.elapsed_s.get("total").copied().unwrap_or(f64::NAN)),

@@ -7,8 +7,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
 
-pub use super::environment::{Environment, Family, Task};
 use super::environment::{draw, fill};
+pub use super::environment::{Environment, Family, Task};
 
 /// The people of the world: their pets and cities are facts of the corpus.
 pub const PEOPLE: [&str; 24] = [
@@ -155,7 +155,10 @@ impl World {
             }
             Doc::Trip(p, c) => {
                 let (name, pet, _) = fact(p);
-                format!("Once upon a time {name} went to {} with the {pet}. They walked home at night.", CITIES[c])
+                format!(
+                    "Once upon a time {name} went to {} with the {pet}. They walked home at night.",
+                    CITIES[c]
+                )
             }
             Doc::Sum(a, b) => format!("{a} plus {b} is {}. {b} plus {a} is {}.", a + b, a + b),
             Doc::Answered(p, false) => {
@@ -170,7 +173,10 @@ impl World {
             }
             Doc::Friends(p, q) => {
                 let (name, pet, _) = fact(p);
-                format!("{name} and {} are friends. {name} has a {pet} and {} has a {}.", PEOPLE[q], PEOPLE[q], self.pets[q])
+                format!(
+                    "{name} and {} are friends. {name} has a {pet} and {} has a {}.",
+                    PEOPLE[q], PEOPLE[q], self.pets[q]
+                )
             }
             // The words of refusing and of not knowing, outside any assistant answer
             // (SFT decides when the assistant uses them).
@@ -180,7 +186,9 @@ impl World {
             }
             Doc::NotKnowing(p) => {
                 let (name, pet, _) = fact(p);
-                format!("{name} asked where the {pet} went. I do not know, said the friend of {name}.")
+                format!(
+                    "{name} asked where the {pet} went. I do not know, said the friend of {name}."
+                )
             }
         }
     }
@@ -257,7 +265,6 @@ impl World {
             }
         }
     }
-
 }
 
 impl Environment for World {
@@ -408,7 +415,11 @@ mod tests {
             // Held-out people keep their facts in the corpus.
             let corpus = w.corpus(2000, seed);
             for t in eval.iter().filter(|t| t.family == Family::Known) {
-                let fact = format!("{} has a {}.", t.person().unwrap(), t.answer.as_deref().unwrap());
+                let fact = format!(
+                    "{} has a {}.",
+                    t.person().unwrap(),
+                    t.answer.as_deref().unwrap()
+                );
                 assert!(corpus.iter().any(|d| d.contains(&fact)), "{fact}");
             }
             // Held-out strangers appear nowhere in the corpus.
