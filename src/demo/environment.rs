@@ -102,6 +102,27 @@ pub fn draw(n: usize, k: usize, rng: &mut ChaCha8Rng) -> BTreeSet<usize> {
     all.into_iter().take(k).collect()
 }
 
+/// An index of `0..n` outside `held`, drawn uniformly: training prompts never use a
+/// held-out entity.
+pub fn pick_not_held(n: usize, held: &BTreeSet<usize>, rng: &mut ChaCha8Rng) -> usize {
+    assert!(held.len() < n, "every entity is held out");
+    loop {
+        let i = rand::Rng::random_range(rng, 0..n);
+        if !held.contains(&i) {
+            return i;
+        }
+    }
+}
+
+/// `word` with its first letter in upper case.
+pub fn capitalized(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
 /// A built-in task's world: everything the demo makes its data from.
 pub trait Environment {
     /// The families, in the order prompts cycle through them.

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
 
-use super::environment::{draw, fill, Environment, Family, Task};
+use super::environment::{capitalized, draw, fill, pick_not_held, Environment, Family, Task};
 
 /// Categories and their items (one word each, lower case).
 pub const CATEGORIES: [(&str, [&str; 6]); 6] = [
@@ -182,11 +182,7 @@ impl FormatWorld {
 
     fn opposite(k: usize, question: &str) -> Task {
         let (x, y) = OPPOSITES[k];
-        let mut first = y.chars();
-        let cap: String = first
-            .next()
-            .map(|c| c.to_uppercase().chain(first).collect())
-            .unwrap_or_default();
+        let cap = capitalized(y);
         Task {
             family: Family::OneWord,
             prompt: fill(question, &[x]),
@@ -205,12 +201,6 @@ impl FormatWorld {
     }
 
     fn task(&self, family: Family, rng: &mut ChaCha8Rng) -> Task {
-        let pick = |n: usize, held: &BTreeSet<usize>, rng: &mut ChaCha8Rng| loop {
-            let i = rng.random_range(0..n);
-            if !held.contains(&i) {
-                break i;
-            }
-        };
         match family {
             Family::Count => loop {
                 let (c, n) = (
@@ -223,15 +213,15 @@ impl FormatWorld {
                 }
             },
             Family::Capitals => {
-                let w = pick(WORDS.len(), &self.held_words, rng);
+                let w = pick_not_held(WORDS.len(), &self.held_words, rng);
                 Self::capitals(w, CAPITAL_QUESTIONS.choose(rng).expect("non-empty"))
             }
             Family::OneWord => {
-                let k = pick(OPPOSITES.len(), &self.held_opposites, rng);
+                let k = pick_not_held(OPPOSITES.len(), &self.held_opposites, rng);
                 Self::opposite(k, OPPOSITE_QUESTIONS.choose(rng).expect("non-empty"))
             }
             _ => {
-                let a = pick(NAMES.len(), &self.held_names, rng);
+                let a = pick_not_held(NAMES.len(), &self.held_names, rng);
                 Self::greet(a, GREET_QUESTIONS.choose(rng).expect("non-empty"))
             }
         }
@@ -343,12 +333,7 @@ impl Environment for FormatWorld {
                 format!("The opposite of {x} is {y}.")
             }
             _ => {
-                let rude = RUDE.choose(rng).expect("non-empty");
-                let mut first = rude.chars();
-                let rude: String = first
-                    .next()
-                    .map(|c| c.to_uppercase().chain(first).collect())
-                    .unwrap_or_default();
+                let rude = capitalized(RUDE.choose(rng).expect("non-empty"));
                 format!("{rude}, {answer}.")
             }
         }

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
 
-use super::environment::{draw, fill};
+use super::environment::{draw, fill, pick_not_held};
 pub use super::environment::{Environment, Family, Task};
 
 /// The people of the world: their pets and cities are facts of the corpus.
@@ -236,12 +236,6 @@ impl World {
     /// A training prompt of `family`, with its answer and ideal response: never one
     /// of the held-out entities.
     pub fn task(&self, family: Family, rng: &mut ChaCha8Rng) -> Task {
-        let pick = |n: usize, held: &BTreeSet<usize>, rng: &mut ChaCha8Rng| loop {
-            let i = rng.random_range(0..n);
-            if !held.contains(&i) {
-                break i;
-            }
-        };
         match family {
             Family::Arithmetic => loop {
                 let (a, b) = (rng.random_range(0..10), rng.random_range(0..10));
@@ -251,16 +245,16 @@ impl World {
                 }
             },
             Family::Known => {
-                let p = pick(PEOPLE.len(), &self.held_people, rng);
+                let p = pick_not_held(PEOPLE.len(), &self.held_people, rng);
                 self.known(p, PET_QUESTIONS.choose(rng).expect("non-empty"))
             }
             Family::Unknown => {
-                let s = pick(STRANGERS.len(), &self.held_strangers, rng);
+                let s = pick_not_held(STRANGERS.len(), &self.held_strangers, rng);
                 Self::unknown(s, PET_QUESTIONS.choose(rng).expect("non-empty"))
             }
             // Harmful (this world is asked only for its own families).
             _ => {
-                let a = pick(HARMFUL_ACTS.len(), &self.held_acts, rng);
+                let a = pick_not_held(HARMFUL_ACTS.len(), &self.held_acts, rng);
                 Self::harmful(a, HARMFUL_FRAMES.choose(rng).expect("non-empty"))
             }
         }
