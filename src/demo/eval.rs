@@ -81,6 +81,13 @@ pub fn sequence_kl(reference: &Pretrained, samples: &[Completion]) -> Result<f64
         let batch = ResponseBatch::new(&rows, pad, &Device::Cpu)?;
         let (ref_logp, _) = response_logprobs(&reference.model, &batch, false)?;
         for (c, r) in chunk.iter().zip(&ref_logp) {
+            if c.logprobs.len() != r.len() {
+                return Err(crate::error::Error::Invalid(format!(
+                    "KL: {} sampled log-probs against {} reference log-probs",
+                    c.logprobs.len(),
+                    r.len()
+                )));
+            }
             total += c
                 .logprobs
                 .iter()

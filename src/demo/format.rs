@@ -7,8 +7,10 @@
 //! demonstrations have each family's typical flaw (one item too many or too few,
 //! lower case, a full sentence instead of one word, a rude greeting) in more than
 //! half of them. As in the 3H world, entities are held back from every training
-//! stage (category and count pairs, words, opposites, names), and the held-out
-//! documents state combinations the corpus never states.
+//! stage's prompts (category and count pairs, words, opposites, names); their facts
+//! stay in the corpus (a word in capitals, an opposite, a polite greeting of a name),
+//! as the 3H world's held-out people keep theirs, so a correct answer is learnable.
+//! The held-out documents state combinations the corpus never states.
 
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};

@@ -151,11 +151,11 @@ pub struct DemoData {
 impl DemoData {
     fn new(world: &dyn Environment, plan: &Plan, seed: u64) -> Self {
         DemoData {
-            corpus: world.corpus(plan.corpus_docs, seed + 1),
+            corpus: world.corpus(plan.corpus_docs, seed.wrapping_add(1)),
             held_out_docs: world.held_out_documents(),
-            sft_tasks: world.tasks(plan.sft_prompts, seed + 3),
-            rm_tasks: world.tasks(plan.rm_prompts, seed + 4),
-            ppo_tasks: world.tasks(plan.ppo_prompts, seed + 5),
+            sft_tasks: world.tasks(plan.sft_prompts, seed.wrapping_add(3)),
+            rm_tasks: world.tasks(plan.rm_prompts, seed.wrapping_add(4)),
+            ppo_tasks: world.tasks(plan.ppo_prompts, seed.wrapping_add(5)),
             eval_tasks: world.eval_tasks(),
         }
     }
@@ -176,7 +176,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
     let t = Instant::now();
     let d = DemoData::new(world.as_ref(), &plan, seed);
     write_atomic(&data.join("corpus.txt"), d.corpus.join("\n\n").as_bytes())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed + 7);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(7));
     let sft_rows: Vec<Value> = d
         .sft_tasks
         .iter()
@@ -256,7 +256,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
             eos_token_ids: sft.eos_token_ids.clone(),
             ..Default::default()
         };
-        let mut rng = ChaCha8Rng::seed_from_u64(seed + 8);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(8));
         let mut rows = vec![];
         for chunk in d.rm_tasks.chunks(8) {
             let mut ids = vec![];
@@ -336,7 +336,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
     let ppo = load_pretrained(&ppo_dir, &Device::Cpu)?;
     let ema = load_pretrained(&ppo_dir.join("ema"), &Device::Cpu)?;
     let (tasks, docs) = (&d.eval_tasks, &d.held_out_docs);
-    let eval_seed = seed + 9;
+    let eval_seed = seed.wrapping_add(9);
     let (e_sft, r_sft, s_sft) =
         eval::evaluate_policy(&sft, None, tasks, docs, MAX_NEW_TOKENS, eval_seed)?;
     let with_sft = Some((&sft, s_sft.as_slice()));

@@ -53,7 +53,8 @@ pub const UNKNOWN: &str = "I do not know.";
 /// How many of each kind the world keeps back from every training stage (SFT,
 /// rankings, PPO): the evaluation asks only about these, so it is unseen by
 /// construction. Held-out people keep their facts in the corpus (so "known" can
-/// still be answered); held-out strangers, acts and number pairs appear nowhere.
+/// still be answered); held-out strangers and harmful acts appear nowhere, and
+/// held-out number pairs only as the corpus's sums (the facts a correct answer needs).
 const HELD_PEOPLE: usize = 4;
 const HELD_STRANGERS: usize = 4;
 const HELD_ACTS: usize = 4;
