@@ -73,7 +73,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<(usize, Value, Prompt)>> {
 
 /// Checks a non-empty list of messages, each with a string "role" and a "content";
 /// the error is a message about `what`.
-pub fn check_messages(msgs: &[Value], what: &str) -> std::result::Result<(), String> {
+fn check_messages(msgs: &[Value], what: &str) -> std::result::Result<(), String> {
     for (i, m) in msgs.iter().enumerate() {
         if !m.get("role").is_some_and(Value::is_string) || m.get("content").is_none() {
             return Err(format!(

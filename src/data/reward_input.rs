@@ -25,7 +25,7 @@
 
 use serde_json::Value;
 
-use super::prompts::{check_messages, Prompt};
+use super::prompts::Prompt;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 
@@ -41,14 +41,11 @@ pub enum Response {
 impl Response {
     /// Parses a response value; the error is a message about `what` ("response 2").
     pub fn from_value(v: &Value, what: &str) -> std::result::Result<Self, String> {
-        match v {
-            Value::String(s) => Ok(Response::Text(s.clone())),
-            Value::Array(msgs) => {
-                check_messages(msgs, what)?;
-                Ok(Response::Messages(msgs.clone()))
-            }
-            _ => Err(format!("{what} must be a string or a list of messages")),
-        }
+        // The same shapes as a prompt's, checked by the same rules.
+        Ok(match Prompt::from_value(v, what)? {
+            Prompt::Text(s) => Response::Text(s),
+            Prompt::Messages(m) => Response::Messages(m.as_array().cloned().unwrap_or_default()),
+        })
     }
 }
 

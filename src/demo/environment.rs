@@ -138,3 +138,17 @@ pub trait Environment {
     /// A labeler's demonstration, with the family's flaw in `flaw_rate` of them.
     fn demonstration(&self, task: &Task, flaw_rate: f64, rng: &mut ChaCha8Rng) -> String;
 }
+
+/// Every text a world makes: its corpus, its held-out documents and `tasks` training
+/// prompts plus every eval prompt, each with its reference and a flawed
+/// demonstration. The judge's lexicon is made of them.
+pub fn texts(env: &dyn Environment, tasks: usize) -> Vec<String> {
+    let mut out = env.corpus(500, 0);
+    out.extend(env.held_out_documents());
+    let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    for t in env.tasks(tasks, 0).iter().chain(&env.eval_tasks()) {
+        let demo = env.demonstration(t, 1.0, &mut rng);
+        out.push(format!("{} {} {demo}", t.prompt, t.reference));
+    }
+    out
+}

@@ -29,8 +29,16 @@ pub const SAMPLES_PER_PROMPT: usize = 4;
 /// Eval prompts generated at once.
 const CHUNK: usize = 16;
 
-fn chat(prompt: &str) -> serde_json::Value {
+/// A prompt as a one-turn conversation.
+pub fn chat(prompt: &str) -> serde_json::Value {
     serde_json::json!([{"role": "user", "content": prompt}])
+}
+
+/// The token ids a chat model is prompted with: the conversation rendered by its
+/// template with the generation prompt.
+pub fn chat_ids(pre: &Pretrained, prompt: &str) -> Result<Vec<u32>> {
+    let text = pre.tokenizer.apply_chat_template(&chat(prompt), true)?;
+    pre.tokenizer.encode(&text, false)
 }
 
 /// Completions of a policy for chat prompts: greedy when `temperature` is 0.
@@ -53,9 +61,7 @@ pub fn complete(
     for chunk in tasks.chunks(CHUNK) {
         let mut ids = vec![];
         for t in chunk {
-            let text = pre.tokenizer.apply_chat_template(&chat(&t.prompt), true)?;
-            let p = pre.tokenizer.encode(&text, false)?;
-            ids.extend(std::iter::repeat_n(p, per_prompt));
+            ids.extend(std::iter::repeat_n(chat_ids(pre, &t.prompt)?, per_prompt));
         }
         out.extend(generate(
             &pre.model,
@@ -192,11 +198,6 @@ pub fn win_rate(a: &[f64], b: &[f64]) -> f64 {
     wins / a.len().max(1) as f64
 }
 
-/// Greedy answers (trimmed text) and their completions.
-fn greedy(pre: &Pretrained, tasks: &[Task], max_new_tokens: usize) -> Result<Vec<Completion>> {
-    complete(pre, tasks, 1, 0.0, max_new_tokens, 0)
-}
-
 /// Evaluates one policy; `sft` is the reference for the KL and the win rate.
 pub fn evaluate_policy(
     pre: &Pretrained,
@@ -206,7 +207,7 @@ pub fn evaluate_policy(
     max_new_tokens: usize,
     seed: u64,
 ) -> Result<(PolicyEval, Vec<String>, Vec<f64>)> {
-    let answers = greedy(pre, tasks, max_new_tokens)?;
+    let answers = complete(pre, tasks, 1, 0.0, max_new_tokens, 0)?; // greedy
     let texts: Vec<String> = answers.iter().map(|c| c.text.trim().to_string()).collect();
     let scores: Vec<f64> = tasks
         .iter()

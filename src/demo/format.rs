@@ -17,7 +17,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
 
-use super::environment::{capitalized, draw, fill, pick_not_held, Environment, Family, Task};
+use super::environment::{
+    capitalized, draw, fill, pick_not_held, texts, Environment, Family, Task,
+};
 
 /// Categories and their items (one word each, lower case).
 pub const CATEGORIES: [(&str, [&str; 6]); 6] = [
@@ -380,18 +382,7 @@ pub fn base_score(task: &Task, response: &str) -> f64 {
 
 /// Every word of the format world's texts, for the judge's lexicon.
 pub fn vocabulary() -> Vec<String> {
-    let w = FormatWorld::new(0);
-    let mut text: Vec<String> = w.corpus(500, 0);
-    text.extend(w.held_out_documents());
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    for t in w.tasks(400, 0).iter().chain(&w.eval_tasks()) {
-        text.push(format!(
-            "{} {} {}",
-            t.prompt,
-            t.reference,
-            w.demonstration(t, 1.0, &mut rng)
-        ));
-    }
+    let mut text = texts(&FormatWorld::new(0), 400);
     for (cat, items) in CATEGORIES {
         text.push(format!("{cat} {}", items.join(" ")));
     }

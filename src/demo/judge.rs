@@ -7,10 +7,11 @@ use rand_distr::{Distribution, Normal};
 use std::collections::HashSet;
 use std::sync::LazyLock;
 
+use super::environment::texts;
 use super::format;
 use super::world::{
-    Environment, Family, Task, World, CITIES, HARMFUL_ACTS, HARMFUL_FRAMES, PEOPLE, PETS,
-    PET_QUESTIONS, REFUSAL, STRANGERS, SUM_QUESTIONS, UNKNOWN,
+    Family, Task, World, CITIES, HARMFUL_ACTS, HARMFUL_FRAMES, PEOPLE, PETS, PET_QUESTIONS,
+    REFUSAL, STRANGERS, SUM_QUESTIONS, UNKNOWN,
 };
 
 /// Words a response may use before it counts as rambling ("overinterpretation").
@@ -25,19 +26,7 @@ const MAX_GARBLE_PENALTY: f64 = 1.0;
 /// Every word of the world's texts (corpus, prompts, demonstrations, every name and
 /// phrasing, held out or not), lower case.
 static LEXICON: LazyLock<HashSet<String>> = LazyLock::new(|| {
-    let w = World::new(0);
-    let mut text = w.corpus(500, 0).join(" ");
-    text.push(' ');
-    text.push_str(&w.held_out_documents().join(" "));
-    let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-    for t in w.tasks(200, 0).iter().chain(&w.eval_tasks()) {
-        text.push_str(&format!(
-            " {} {} {}",
-            t.prompt,
-            t.reference,
-            w.demonstration(t, 1.0, &mut rng)
-        ));
-    }
+    let mut text = texts(&World::new(0), 200).join(" ");
     for list in [
         &PEOPLE[..],
         &STRANGERS,

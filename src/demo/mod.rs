@@ -27,6 +27,7 @@ use crate::io::write_atomic;
 use crate::model::hf::load_pretrained;
 use crate::pipeline::stage;
 use environment::{Environment, Task};
+use eval::chat;
 use format::FormatWorld;
 use report::{Report, Thresholds};
 use world::World;
@@ -60,6 +61,14 @@ pub enum DemoTask {
 }
 
 impl DemoTask {
+    /// The name `--task` takes.
+    fn name(self) -> &'static str {
+        match self {
+            DemoTask::ThreeH => "3h",
+            DemoTask::Format => "format",
+        }
+    }
+
     fn world(self, seed: u64) -> Box<dyn Environment> {
         match self {
             DemoTask::ThreeH => Box::new(World::new(seed)),
@@ -127,10 +136,6 @@ fn flags(pairs: &[(&str, String)]) -> Vec<String> {
 fn write_jsonl(path: &Path, rows: &[Value]) -> Result<()> {
     let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
     write_atomic(path, text.as_bytes())
-}
-
-fn chat(prompt: &str) -> Value {
-    json!([{"role": "user", "content": prompt}])
 }
 
 /// Length of every response the demo samples or evaluates.
@@ -261,8 +266,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
         for chunk in d.rm_tasks.chunks(8) {
             let mut ids = vec![];
             for t in chunk {
-                let text = sft.tokenizer.apply_chat_template(&chat(&t.prompt), true)?;
-                let p = sft.tokenizer.encode(&text, false)?;
+                let p = eval::chat_ids(&sft, &t.prompt)?;
                 ids.extend(std::iter::repeat_n(p, plan.k));
             }
             let samples = generate(&sft.model, &sft.tokenizer, &ids, &params, &mut rng)?;
@@ -369,9 +373,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
     let thresholds = Thresholds::check(&e_sft, &e_ppo, rm_accuracy);
     let report = Report {
         seed,
-        task: format!("{:?}", args.task)
-            .to_lowercase()
-            .replace("threeh", "3h"),
+        task: args.task.name().to_string(),
         quick: args.quick,
         cpu: crate::cpu::describe(),
         sft: e_sft,
