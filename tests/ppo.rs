@@ -403,22 +403,9 @@ fn a_rollout_reward_equals_rm_score_on_the_same_prompt_and_response_text() {
     }
     let score_in = tmp.path().join("score.jsonl");
     std::fs::write(&score_in, rows.join("\n")).unwrap();
-    let s = common::rlhf_bin()
-        .args(["rm", "score", "--model"])
-        .arg(&rm)
-        .arg("--data")
-        .arg(&score_in)
-        .output()
-        .unwrap();
-    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
-    let scored: Vec<f64> = String::from_utf8(s.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["reward"]
-                .as_f64()
-                .unwrap()
-        })
+    let scored: Vec<f64> = common::rm_score(&rm, &score_in)
+        .iter()
+        .map(|r| r["reward"].as_f64().unwrap())
         .collect();
     assert_eq!(scored.len(), task.experience().len());
     // The share of responses stopping at each eos id is logged (issue 16's symptom).

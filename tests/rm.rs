@@ -173,19 +173,7 @@ fn learns_a_toy_preference_and_every_parameter_changes() {
         ),
     )
     .unwrap();
-    let s = common::rlhf_bin()
-        .args(["rm", "score", "--model"])
-        .arg(&out)
-        .arg("--data")
-        .arg(&score_in)
-        .output()
-        .unwrap();
-    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
-    let rows: Vec<Value> = String::from_utf8(s.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = common::rm_score(&out, &score_in);
     assert!(
         rows[0]["reward"].as_f64().unwrap() > rows[1]["reward"].as_f64().unwrap(),
         "{rows:?}"

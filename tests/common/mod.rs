@@ -49,3 +49,20 @@ pub fn reward_model_folder(dir: &Path) -> PathBuf {
     .unwrap();
     rm
 }
+
+/// `rlhf rm score --model MODEL --data DATA`: its output rows (asserting success).
+pub fn rm_score(model: &Path, data: &Path) -> Vec<serde_json::Value> {
+    let s = rlhf_bin()
+        .args(["rm", "score", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    String::from_utf8(s.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
