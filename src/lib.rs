@@ -6,7 +6,8 @@
 //! sampling with logprobs), `io` (crash-safe file writes), `losses` (pure loss functions), `train` (optimizer,
 //! schedule, checkpoints, the shared loop), `pretrain`, `sft`, `rm` and `ppo` (the
 //! stages), `pipeline` and `demo` (the stages chained), `settings` (the ranges every
-//! command's settings are checked against) and `cli` (the `rlhf` binary's commands).
+//! command's settings are checked against), `web` (the HTTP layer the servers share) and
+//! `cli` (the `rlhf` binary's commands).
 
 pub mod cli;
 pub mod cpu;
@@ -26,6 +27,7 @@ pub mod rm;
 pub mod settings;
 pub mod sft;
 pub mod train;
+pub mod web;
 
 pub use error::{Error, Result};
 

@@ -66,3 +66,6 @@ pub fn rm_score(model: &Path, data: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+pub mod browser;
+pub mod server;
