@@ -75,6 +75,8 @@ pub enum Command {
     Rm(RmCommand),
     /// PPO against the reward model with a KL penalty and PPO-ptx (InstructGPT step 3).
     Ppo(PpoArgs),
+    /// DPO: the policy trained on comparisons directly, against the frozen SFT model.
+    Dpo(crate::dpo::DpoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,6 +265,12 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 norm.mean,
                 norm.std
             );
+            Ok(())
+        }
+        Command::Dpo(a) => {
+            let a = resolve(&a, sub("dpo"), a.config.as_deref())?;
+            let summary = crate::dpo::run(&a)?;
+            report("dpo", a.train.output_dir()?, &summary);
             Ok(())
         }
         Command::Ppo(a) => {

@@ -4,7 +4,7 @@
 //! The modules follow the pipeline: `model` (backbones, heads, KV cache, HF import
 //! and export), `data` (formats, tokenization, chat templates), `generate` (batched
 //! sampling with logprobs), `io` (crash-safe file writes), `losses` (pure loss functions), `train` (optimizer,
-//! schedule, checkpoints, the shared loop), `pretrain`, `sft`, `rm` and `ppo` (the
+//! schedule, checkpoints, the shared loop), `pretrain`, `sft`, `rm`, `ppo` and `dpo` (the
 //! stages), `pipeline` and `demo` (the stages chained), `settings` (the ranges every
 //! command's settings are checked against), `web` (the HTTP layer the servers share) and
 //! `cli` (the `rlhf` binary's commands).
@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cpu;
 pub mod data;
 pub mod demo;
+pub mod dpo;
 pub mod error;
 pub mod generate;
 pub mod io;

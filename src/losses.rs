@@ -72,6 +72,46 @@ pub fn ranking_loss(rewards: &Tensor, pairs: &[(usize, usize)]) -> Result<Tensor
     Ok(log_sigmoid(&(rw - rl)?)?.mean_all()?.neg()?)
 }
 
+/// DPO's loss variants, named as TRL's `loss_type`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLossType {
+    /// −log σ(β h) (Rafailov et al. 2023), on summed log-probs.
+    Sigmoid,
+    /// (h − 1/(2β))² (Azar et al. 2023), on log-probs averaged over the response's
+    /// tokens (as TRL does for IPO).
+    Ipo,
+}
+
+/// DPO's loss for one prompt's ranked responses, averaged over its C untied pairs
+/// (the reward model's equation 1 with the implicit reward β·log πθ/π_ref):
+///   h = [log πθ(y_w|x) − log π_ref(y_w|x)] − [log πθ(y_l|x) − log π_ref(y_l|x)],
+///   sigmoid: −1/C Σ log σ(β h),   ipo: 1/C Σ (h − 1/(2β))².
+/// policy_logps: (K,) (gradients flow), ref_logps: (K,) → scalar.
+pub fn dpo_loss(
+    policy_logps: &Tensor,
+    ref_logps: &Tensor,
+    pairs: &[(usize, usize)],
+    beta: f64,
+    loss_type: DpoLossType,
+) -> Result<Tensor> {
+    let dev = policy_logps.device();
+    let w: Vec<u32> = pairs.iter().map(|p| p.0 as u32).collect();
+    let l: Vec<u32> = pairs.iter().map(|p| p.1 as u32).collect();
+    let (w, l) = (
+        Tensor::new(w.as_slice(), dev)?,
+        Tensor::new(l.as_slice(), dev)?,
+    );
+    let logratio = (policy_logps - ref_logps.detach())?; // (K,)
+    let h = (logratio.index_select(&w, 0)? - logratio.index_select(&l, 0)?)?; // (C,)
+    Ok(match loss_type {
+        DpoLossType::Sigmoid => log_sigmoid(&(h * beta)?)?.mean_all()?.neg()?,
+        DpoLossType::Ipo => (h - 1.0 / (2.0 * beta))?.sqr()?.mean_all()?,
+    })
+}
+
 /// Statistics of one PPO policy-loss evaluation (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PolicyStats {
@@ -226,5 +266,46 @@ mod tests {
         assert_eq!(t, [11, 12, 13]);
         // Position 0 predicts 11 (prompt: no loss); positions 1, 2 predict 12, 13.
         assert_eq!(w, [0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn dpo_loss_matches_torch() {
+        // Reference: torch, float64, K = 3, pairs (0,1), (2,1), (2,0), β = 0.1:
+        //   h = (pol[w]-ref[w]) - (pol[l]-ref[l]);
+        //   (-F.logsigmoid(beta*h)).mean() and ((h - 1/(2*beta))**2).mean(),
+        //   with pol.grad from .backward().
+        let dev = candle_core::Device::Cpu;
+        let pol = candle_core::Var::new(&[-12.5f64, -15.0, -9.25], &dev).unwrap();
+        let reference = Tensor::new(&[-13.0f64, -14.0, -10.0], &dev).unwrap();
+        let pairs = [(0, 1), (2, 1), (2, 0)];
+        let cases = [
+            (
+                DpoLossType::Sigmoid,
+                0.6370509273260346,
+                [
+                    0.001039339028141302,
+                    0.03063104891397239,
+                    -0.03167038794211369,
+                ],
+            ),
+            (
+                DpoLossType::Ipo,
+                15.125,
+                [0.8333333333333335, 4.5, -5.333333333333333],
+            ),
+        ];
+        for (kind, want, want_grad) in cases {
+            let loss = dpo_loss(pol.as_tensor(), &reference, &pairs, 0.1, kind).unwrap();
+            let got = loss.to_scalar::<f64>().unwrap();
+            assert!((got - want).abs() < 1e-12, "{kind:?}: {got} vs {want}");
+            let grads = loss.backward().unwrap();
+            let g: Vec<f64> = grads.get(pol.as_tensor()).unwrap().to_vec1().unwrap();
+            for (a, b) in g.iter().zip(want_grad) {
+                assert!(
+                    (a - b).abs() < 1e-12,
+                    "{kind:?}: grad {g:?} vs {want_grad:?}"
+                );
+            }
+        }
     }
 }

@@ -6,50 +6,12 @@ mod common;
 
 use candle_core::Device;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rlhf::data::rankings::{ranked_from_row, PairTokenizing};
 use rlhf::model::scalar::load_scalar;
 use rlhf::rm::{train_rm, RmTask, RmTrainArgs};
 use rlhf::train::args::TrainingArgs;
-
-const WORDS: [&str; 6] = ["cat", "dog", "sun", "tree", "cup", "box"];
-
-/// K responses per prompt ranked by how often they say "good" (ties allowed).
-fn toy_rankings(dir: &Path, n: usize, seed: usize) -> PathBuf {
-    let mut lines = vec![];
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed as u64);
-    let mut next = || rng.random_range(0..1000usize);
-    for i in 0..n {
-        let k = 2 + i % 4; // K = 2..5
-        let mut responses = vec![];
-        let mut goods = vec![];
-        for _ in 0..k {
-            let g = next() % 4;
-            let mut words: Vec<&str> = (0..4).map(|_| WORDS[next() % WORDS.len()]).collect();
-            for _ in 0..g {
-                let pos = next() % (words.len() + 1);
-                words.insert(pos, "good");
-            }
-            responses.push(words.join(" "));
-            goods.push(g);
-        }
-        if goods.iter().all(|&g| g == goods[0]) {
-            goods[0] += 1;
-            responses[0] = format!("good {}", responses[0]);
-        }
-        // rank = number of responses with strictly more "good"
-        let ranking: Vec<usize> = goods
-            .iter()
-            .map(|g| goods.iter().filter(|h| *h > g).count())
-            .collect();
-        lines.push(json!({"prompt": format!("Tell me about the {}.", WORDS[i % 6]), "responses": responses, "ranking": ranking}).to_string());
-    }
-    let p = dir.join(format!("rank{seed}.jsonl"));
-    std::fs::write(&p, lines.join("\n")).unwrap();
-    p
-}
 
 fn train_args(out: &Path) -> TrainingArgs {
     use clap::Parser;
@@ -107,8 +69,8 @@ fn weights(dir: &Path) -> Vec<(String, Vec<u32>)> {
 #[test]
 fn learns_a_toy_preference_and_every_parameter_changes() {
     let tmp = tempfile::tempdir().unwrap();
-    let train = toy_rankings(tmp.path(), 160, 1);
-    let held_out = toy_rankings(tmp.path(), 40, 2);
+    let train = common::toy_rankings(tmp.path(), 160, 1);
+    let held_out = common::toy_rankings(tmp.path(), 40, 2);
     let out = tmp.path().join("rm");
     let (summary, norm) = train_rm(&rm_args(&train, Some(&held_out), &out)).unwrap();
     let acc = summary.eval["accuracy"];
@@ -184,7 +146,7 @@ fn learns_a_toy_preference_and_every_parameter_changes() {
 #[test]
 fn each_response_is_forwarded_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = toy_rankings(tmp.path(), 12, 5);
+    let data = common::toy_rankings(tmp.path(), 12, 5);
     let rm = load_scalar(&common::fixture("qwen2"), &Device::Cpu, 0).unwrap();
     let cfg = PairTokenizing {
         rule: rm.reward_input().unwrap(),
@@ -240,7 +202,7 @@ fn chat_responses_are_read_at_the_end_of_the_templated_turn() {
 #[test]
 fn resume_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = toy_rankings(tmp.path(), 48, 3);
+    let data = common::toy_rankings(tmp.path(), 48, 3);
     let full = tmp.path().join("full");
     let mut a = rm_args(&data, None, &full);
     a.train.num_train_epochs = Some(2.0);

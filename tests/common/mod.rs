@@ -67,5 +67,43 @@ pub fn rm_score(model: &Path, data: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+pub const WORDS: [&str; 6] = ["cat", "dog", "sun", "tree", "cup", "box"];
+
+/// A toy comparisons file: K responses per prompt ranked by how often they say "good" (ties allowed).
+pub fn toy_rankings(dir: &Path, n: usize, seed: usize) -> PathBuf {
+    let mut lines = vec![];
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed as u64);
+    let mut next = || rng.random_range(0..1000usize);
+    for i in 0..n {
+        let k = 2 + i % 4; // K = 2..5
+        let mut responses = vec![];
+        let mut goods = vec![];
+        for _ in 0..k {
+            let g = next() % 4;
+            let mut words: Vec<&str> = (0..4).map(|_| WORDS[next() % WORDS.len()]).collect();
+            for _ in 0..g {
+                let pos = next() % (words.len() + 1);
+                words.insert(pos, "good");
+            }
+            responses.push(words.join(" "));
+            goods.push(g);
+        }
+        if goods.iter().all(|&g| g == goods[0]) {
+            goods[0] += 1;
+            responses[0] = format!("good {}", responses[0]);
+        }
+        // rank = number of responses with strictly more "good"
+        let ranking: Vec<usize> = goods
+            .iter()
+            .map(|g| goods.iter().filter(|h| *h > g).count())
+            .collect();
+        lines.push(serde_json::json!({"prompt": format!("Tell me about the {}.", WORDS[i % 6]), "responses": responses, "ranking": ranking}).to_string());
+    }
+    let p = dir.join(format!("rank{seed}.jsonl"));
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
 pub mod browser;
 pub mod server;
