@@ -77,6 +77,10 @@ pub enum Command {
     Ppo(PpoArgs),
     /// DPO: the policy trained on comparisons directly, against the frozen SFT model.
     Dpo(crate::dpo::DpoArgs),
+    /// GRPO: G samples per prompt, advantages relative to the group; no critic.
+    Grpo(crate::grpo::GrpoArgs),
+    /// RLOO: k samples per prompt, a leave-one-out baseline; no critic.
+    Rloo(crate::rloo::RlooArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,6 +275,18 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let a = resolve(&a, sub("dpo"), a.config.as_deref())?;
             let summary = crate::dpo::run(&a)?;
             report("dpo", a.train.output_dir()?, &summary);
+            Ok(())
+        }
+        Command::Grpo(a) => {
+            let a = resolve(&a, sub("grpo"), a.group.config.as_deref())?;
+            let (summary, _) = crate::grpo::run(&a, None)?;
+            report("grpo", a.group.train.output_dir()?, &summary);
+            Ok(())
+        }
+        Command::Rloo(a) => {
+            let a = resolve(&a, sub("rloo"), a.group.config.as_deref())?;
+            let (summary, _) = crate::rloo::run(&a, None)?;
+            report("rloo", a.group.train.output_dir()?, &summary);
             Ok(())
         }
         Command::Ppo(a) => {

@@ -152,6 +152,14 @@ pub fn clipped_policy_loss(
     Ok((loss, stats))
 }
 
+/// Schulman's k3 estimate of KL(π‖π_ref) on each token, as GRPO's penalty: with
+/// d = log π_ref − log π, k3 = e^d − d − 1 ≥ 0 (unbiased for samples of π, zero when
+/// the policies agree). Gradients flow through `logp`. (M,), (M,) → (M,)
+pub fn k3_kl(logp: &Tensor, ref_logp: &Tensor) -> Result<Tensor> {
+    let d = (ref_logp.detach() - logp)?; // (M,)
+    Ok(((d.exp()? - &d)? - 1.0)?)
+}
+
 /// The clipped value loss of PPO2/TRL: ½·mean max((V − R)², (V_old + clip(V − V_old,
 /// −c, c) − R)²). values, old_values, returns: (M,) → scalar.
 pub fn clipped_value_loss(
@@ -306,6 +314,33 @@ mod tests {
                     "{kind:?}: grad {g:?} vs {want_grad:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn k3_is_zero_at_agreement_and_its_gradient_is_one_minus_the_ratio() {
+        let dev = candle_core::Device::Cpu;
+        let logp = candle_core::Var::new(&[-1.0f64, -2.0, -0.5], &dev).unwrap();
+        let reference = Tensor::new(&[-1.0f64, -1.5, -1.0], &dev).unwrap();
+        let k3 = k3_kl(logp.as_tensor(), &reference).unwrap();
+        let got: Vec<f64> = k3.to_vec1().unwrap();
+        let want = [0.0, 0.5f64.exp() - 0.5 - 1.0, (-0.5f64).exp() + 0.5 - 1.0];
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12 && *a >= 0.0, "{got:?}");
+        }
+        // d k3 / d log π = 1 − e^d.
+        let g: Vec<f64> = k3
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(logp.as_tensor())
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = [0.0, 1.0 - 0.5f64.exp(), 1.0 - (-0.5f64).exp()];
+        for (a, b) in g.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{g:?}");
         }
     }
 }

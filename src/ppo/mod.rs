@@ -34,11 +34,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::data::prompts::{read_prompts, Prompt};
+use crate::data::prompts::Prompt;
 use crate::data::text::read_documents;
-use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::generate::{end_token_counts, generate, SamplingParams};
+use crate::generate::{generate, SamplingParams};
 use crate::losses::{clipped_policy_loss, clipped_value_loss};
 use crate::model::frozen::Frozen;
 use crate::model::hf::{
@@ -47,17 +46,19 @@ use crate::model::hf::{
 use crate::model::response::{logprobs_of, response_logprobs, values_of, ResponseBatch};
 use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar};
 use crate::model::{CausalLm, Params};
+use crate::rollout::scorer::same_tokenizer;
+use crate::rollout::stats::SampleStats;
+use crate::rollout::PromptSet;
 use crate::settings::{
     at_least, at_least_opt, finite_f32, finite_f64, float, float_opt, invalid, Range, Settings,
 };
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{lm_loss_sum, text_rows, Row};
-use crate::train::order::EpochOrder;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
 use advantage::{gae, whiten};
 use kl::{kl_per_token, KlController, KlEstimator};
-use reward::{final_score, reward_model_scores, shaped_rewards};
+use reward::{final_score, shaped_rewards};
 use rollout::Experience;
 
 pub const DEFAULTS: StageDefaults = StageDefaults {
@@ -75,6 +76,10 @@ pub struct PpoArgs {
     /// The reward model folder (`rlhf rm train`), frozen.
     #[arg(long)]
     pub reward_model: Option<PathBuf>,
+    /// A program that scores responses instead of a reward model: it reads JSONL
+    /// {"prompt", "completion"} on stdin and prints one reward per line.
+    #[arg(long, conflicts_with = "reward_model")]
+    pub reward_cmd: Option<String>,
     /// Where the critic starts (default: the reward model, as InstructGPT does).
     #[arg(long)]
     pub value_model: Option<PathBuf>,
@@ -198,15 +203,9 @@ impl Settings for PpoArgs {
     }
 }
 
-/// A programmatic score of (prompt tokens, response tokens).
-pub type ScoreFn = Box<dyn Fn(&[u32], &[u32]) -> f64>;
-
-/// Where scores come from: the frozen reward model, or a function (tests, toy tasks).
-pub enum RewardSource {
-    Model(Box<Frozen<PretrainedScalar>>),
-    /// Used as is (no normalisation).
-    Function(ScoreFn),
-}
+/// Where PPO's scores come from (the shared `rollout::Scorer`): the frozen reward
+/// model, a command, or a function (tests, toy tasks).
+pub use crate::rollout::{ScoreFn, Scorer as RewardSource};
 
 /// Running sums of one iteration's update statistics.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -244,10 +243,7 @@ pub struct PpoTask {
     pub critic: PretrainedScalar,
     reference: Frozen<CausalLm>,
     reward: RewardSource,
-    /// The prompts in file order, as given (the reward model's input is built from
-    /// them) and tokenized for generation.
-    prompts: Vec<(Prompt, Vec<u32>)>,
-    prompt_order: EpochOrder,
+    prompts: PromptSet,
     ptx_rows: Vec<Row>,
     args: PpoArgs,
     /// Actor and critic parameters under one optimizer.
@@ -282,14 +278,11 @@ impl PpoTask {
         let t0 = Instant::now();
         // 1. Rollout: the iteration's prompts, a deterministic walk over shuffled epochs.
         let r = self.args.rollout_batch_size;
-        let n = self.prompts.len();
-        let picked: Vec<usize> = (0..r)
-            .map(|i| {
-                let g = iteration * r + i;
-                self.prompt_order.batch(g / n, g % n, 1)[0]
-            })
+        let picked = self.prompts.pick(iteration, r);
+        let prompts: Vec<Vec<u32>> = picked
+            .iter()
+            .map(|&i| self.prompts.prompts[i].1.clone())
             .collect();
-        let prompts: Vec<Vec<u32>> = picked.iter().map(|&i| self.prompts[i].1.clone()).collect();
         let params = SamplingParams {
             max_new_tokens: self.args.max_new_tokens,
             temperature: self.args.temperature,
@@ -322,16 +315,8 @@ impl PpoTask {
             .iter()
             .map(|c| c.finish_reason == crate::generate::FinishReason::Eos)
             .collect();
-        let raw_scores: Vec<f64> = match &self.reward {
-            RewardSource::Model(rm) => {
-                let prompts: Vec<&Prompt> = picked.iter().map(|&i| &self.prompts[i].0).collect();
-                reward_model_scores(rm, &prompts, &samples)?
-            }
-            RewardSource::Function(f) => samples
-                .iter()
-                .map(|c| f(&c.prompt_tokens, &c.tokens))
-                .collect(),
-        };
+        let prompts: Vec<&Prompt> = picked.iter().map(|&i| &self.prompts.prompts[i].0).collect();
+        let raw_scores = self.reward.scores(&prompts, &samples)?;
         let scoring_s = t1.elapsed().as_secs_f64();
 
         // 3. Rewards and advantages.
@@ -379,6 +364,7 @@ impl PpoTask {
             e.advantages = a;
         }
         let nb = r as f64;
+        let sample_stats = SampleStats::of(&samples, &self.actor.eos_token_ids);
         let mean_kl = kl_sum / nb;
         self.kl.update(mean_kl, r);
         let tokens: f64 = len_sum + exps.iter().map(|e| e.prompt.len() as f64).sum::<f64>();
@@ -391,11 +377,11 @@ impl PpoTask {
                 "objective/rlhf_reward".to_string(),
                 (score_sum + non_score) / nb,
             ),
-            ("val/mean_response_length".to_string(), len_sum / nb),
             (
-                "val/num_eos".to_string(),
-                ended.iter().filter(|&&e| e).count() as f64,
+                "val/mean_response_length".to_string(),
+                sample_stats.mean_length,
             ),
+            ("val/num_eos".to_string(), sample_stats.num_eos as f64),
             ("time/rollout".to_string(), rollout_s),
             ("time/scoring".to_string(), scoring_s),
             (
@@ -409,9 +395,7 @@ impl PpoTask {
         ]);
         // Which end token the responses stop with (a policy gaming the reward
         // model's end token shows here).
-        let ends = end_token_counts(&samples);
-        for id in &self.actor.eos_token_ids {
-            let share = ends.get(id).copied().unwrap_or(0) as f64 / nb;
+        for (id, share) in sample_stats.end_token_shares {
             self.pending_metrics
                 .insert(format!("val/end_token/{id}"), share);
         }
@@ -658,24 +642,6 @@ impl TrainTask for PpoTask {
     }
 }
 
-/// Checks that two tokenizers encode identically (same vocabulary and rules) and use
-/// the same chat template.
-fn same_tokenizer(a: &Tokenizer, b: &Tokenizer, what: &str) -> Result<()> {
-    if a.vocab_size() != b.vocab_size() || a.to_json()? != b.to_json()? {
-        return Err(Error::Invalid(format!(
-            "the policy's and the {what}'s tokenizers differ; they must be the same"
-        )));
-    }
-    let ta = a.chat_template().map(|t| t.source().to_string());
-    let tb = b.chat_template().map(|t| t.source().to_string());
-    if ta != tb {
-        return Err(Error::Invalid(format!(
-            "the policy's and the {what}'s chat templates differ; they must be the same"
-        )));
-    }
-    Ok(())
-}
-
 /// Builds the PPO task from settings (all checks happen here, before any training).
 pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<PpoTask> {
     args.validate()?;
@@ -689,18 +655,11 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
     let reference = Frozen::new(load_pretrained(sft, &dev)?.model);
     let reward = match reward_override {
         Some(r) => r,
-        None => {
-            let rm_dir = require(&args.reward_model, "--reward_model")?;
-            let rm = crate::rm::load_reward_model(rm_dir)?;
-            same_tokenizer(&actor.tokenizer, &rm.tokenizer, "reward model")?;
-            if rm.normalization.is_none() {
-                crate::note!(
-                    "warning: {} has no stored reward normalisation; raw scores are used",
-                    rm_dir.display()
-                );
-            }
-            RewardSource::Model(Box::new(Frozen::new(rm)))
-        }
+        None => RewardSource::from_args(
+            args.reward_model.as_deref(),
+            args.reward_cmd.as_deref(),
+            &actor.tokenizer,
+        )?,
     };
     let critic_dir = args
         .value_model
@@ -711,35 +670,14 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
     same_tokenizer(&actor.tokenizer, &critic.tokenizer, "value model")?;
 
     let context = actor.model.config.context_length();
-    let mut prompts = vec![];
-    for (line, _, p) in read_prompts(data)? {
-        let bad = |m: String| Error::bad_file(data, Some(line), m);
-        let ids = p
-            .tokenize(&actor.tokenizer)
-            .map_err(|e| bad(e.to_string()))?;
-        if ids.is_empty() {
-            return Err(bad("the prompt is empty (0 tokens)".into()));
-        }
-        if ids.len() + args.max_new_tokens > context {
-            return Err(bad(format!(
-                "prompt has {} tokens; with max_new_tokens {} that exceeds the model's context of {context}",
-                ids.len(),
-                args.max_new_tokens
-            )));
-        }
-        if let RewardSource::Model(rm) = &reward {
-            // The reward model reads the prompt, the response and what closes it.
-            let closed = rm.input(&p, "").map_err(|e| bad(e.to_string()))?.len();
-            let rm_context = rm.context_length();
-            if closed + args.max_new_tokens > rm_context {
-                return Err(bad(format!(
-                    "prompt with a closed empty response is {closed} tokens for the reward model; with max_new_tokens {} that exceeds its context of {rm_context}",
-                    args.max_new_tokens
-                )));
-            }
-        }
-        prompts.push((p, ids));
-    }
+    let prompts = PromptSet::load(
+        data,
+        &actor.tokenizer,
+        context,
+        args.max_new_tokens,
+        &reward,
+        args.train.seed,
+    )?;
     let ptx_rows = match &args.ptx_data {
         Some(p) => {
             let block = context.min(128);
@@ -768,14 +706,12 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         },
         None => KlController::Fixed { beta: args.kl_coef },
     };
-    let n = prompts.len();
     Ok(PpoTask {
         actor,
         critic,
         reference,
         reward,
         prompts,
-        prompt_order: EpochOrder::new(n, args.train.seed),
         ptx_rows,
         args: args.clone(),
         union,

@@ -4,48 +4,7 @@
 //! estimate on every response token. Nothing is placed on padding or after
 //! the eos: a response's vectors stop at its last token.
 
-use crate::data::prompts::Prompt;
-use crate::error::{Error, Result};
-use crate::generate::Completion;
-use crate::model::frozen::Frozen;
-use crate::model::scalar::PretrainedScalar;
-
-/// The reward model's scores of sampled responses, normalised with its stored mean
-/// and std (raw without them): read where `rm score` reads them (`RewardInput`), from
-/// the prompt and the response's text. Which end token the policy stopped with is not
-/// part of the input, so the policy cannot game it; a response cut at max_new_tokens
-/// is closed the same way (`final_score` applies --missing_eos_penalty).
-/// Re-tokenising the text can, rarely, make an input longer than PPO's setup checked
-/// against the reward model's context: its earliest tokens are dropped then (the
-/// reward is read at the end).
-pub fn reward_model_scores(
-    rm: &Frozen<PretrainedScalar>,
-    prompts: &[&Prompt],
-    samples: &[Completion],
-) -> Result<Vec<f64>> {
-    if prompts.len() != samples.len() {
-        return Err(Error::Invalid(format!(
-            "{} prompts for {} responses",
-            prompts.len(),
-            samples.len()
-        )));
-    }
-    let context = rm.context_length();
-    let inputs = prompts
-        .iter()
-        .zip(samples)
-        .map(|(p, c)| {
-            let mut ids = rm.input(p, &c.text)?;
-            ids.drain(..ids.len().saturating_sub(context));
-            Ok(ids)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let raw = rm.score(&inputs)?;
-    Ok(match rm.normalization() {
-        Some(norm) => raw.iter().map(|&x| norm.apply(x)).collect(),
-        None => raw,
-    })
-}
+pub use crate::rollout::scorer::reward_model_scores;
 
 /// Per-token shaped rewards of one response: r_t = −β·kl_t, plus `score` on the last
 /// token. kl: (T,) → (T,)
