@@ -5,8 +5,11 @@
 //! The config file (TOML or YAML) holds `output_dir`, `model_name_or_path` and one
 //! table per stage to run, `[sft]`, `[rm]`, `[ppo]`, with that stage's settings
 //! under the names of its own command (`rlhf sft`, `rlhf rm train`, `rlhf ppo`). The
+//! methods compared with PPO run from the same SFT model when their tables are there:
+//! `[dpo]` (on its own `dataset` of comparisons), `[grpo]` and `[rloo]` (against the
+//! `[rm]` reward model, or their own `reward_model` or `reward_cmd`). The
 //! pipeline sets what connects the stages (each stage's model, output folder, and
-//! PPO's reward model) and refuses a table that sets them too. A stage left out is
+//! the reward model) and refuses a table that sets them too. A stage left out is
 //! skipped: without `[sft]` the base model is the policy; without `[rm]`, `[ppo]`
 //! names its `reward_model`. Like the demo, a finished stage is skipped on a rerun and
 //! an interrupted one resumes from its checkpoint.
@@ -115,7 +118,16 @@ fn table<'a>(
 pub fn run(args: &PipelineArgs) -> Result<Value> {
     let file = &args.config;
     let config = read_config_file(file)?;
-    const TOP: [&str; 5] = ["output_dir", "model_name_or_path", "sft", "rm", "ppo"];
+    const TOP: [&str; 8] = [
+        "output_dir",
+        "model_name_or_path",
+        "sft",
+        "rm",
+        "ppo",
+        "dpo",
+        "grpo",
+        "rloo",
+    ];
     if let Some(key) = config.keys().find(|k| !TOP.contains(&k.as_str())) {
         return Err(Error::bad_file(
             file,
@@ -151,11 +163,16 @@ pub fn run(args: &PipelineArgs) -> Result<Value> {
         table(&config, "rm", file)?,
         table(&config, "ppo", file)?,
     );
-    if sft.is_none() && rm.is_none() && ppo.is_none() {
+    let (dpo, grpo, rloo) = (
+        table(&config, "dpo", file)?,
+        table(&config, "grpo", file)?,
+        table(&config, "rloo", file)?,
+    );
+    if [sft, rm, ppo, dpo, grpo, rloo].iter().all(Option::is_none) {
         return Err(Error::bad_file(
             file,
             None,
-            "no stage to run: add an [sft], [rm] or [ppo] table",
+            "no stage to run: add an [sft], [rm], [ppo], [dpo], [grpo] or [rloo] table",
         ));
     }
     // Parse and validate every stage's settings before any work, so a typo or a value
@@ -179,20 +196,34 @@ pub fn run(args: &PipelineArgs) -> Result<Value> {
     let rm_args = rm
         .map(|t| stage_settings::<crate::rm::RmTrainArgs>(t, &io(&policy, &rm_dir), file, "rm"))
         .transpose()?;
+    // An online method's wiring: the policy, its folder, and the [rm] reward model
+    // unless the table scores with its own command.
+    let online = |t: &Map<String, Value>, name: &str| {
+        let mut wired = io(&policy, &out.join(name));
+        let command = t.contains_key("reward_cmd");
+        if rm.is_some() && !command {
+            wired.push(("reward_model", path_value(&rm_dir)));
+        } else if !command && !t.contains_key("reward_model") {
+            return Err(Error::bad_file(
+                file,
+                None,
+                format!("[{name}]: \"reward_model\" or \"reward_cmd\" is needed when there is no [rm] stage"),
+            ));
+        }
+        Ok(wired)
+    };
     let ppo_args = ppo
-        .map(|t| {
-            let mut wired = io(&policy, &ppo_dir);
-            if rm.is_some() {
-                wired.push(("reward_model", path_value(&rm_dir)));
-            } else if !t.contains_key("reward_model") {
-                return Err(Error::bad_file(
-                    file,
-                    None,
-                    "[ppo]: \"reward_model\" is needed when there is no [rm] stage",
-                ));
-            }
-            stage_settings::<crate::ppo::PpoArgs>(t, &wired, file, "ppo")
-        })
+        .map(|t| stage_settings::<crate::ppo::PpoArgs>(t, &online(t, "ppo")?, file, "ppo"))
+        .transpose()?;
+    let (dpo_dir, grpo_dir, rloo_dir) = (out.join("dpo"), out.join("grpo"), out.join("rloo"));
+    let dpo_args = dpo
+        .map(|t| stage_settings::<crate::dpo::DpoArgs>(t, &io(&policy, &dpo_dir), file, "dpo"))
+        .transpose()?;
+    let grpo_args = grpo
+        .map(|t| stage_settings::<crate::grpo::GrpoArgs>(t, &online(t, "grpo")?, file, "grpo"))
+        .transpose()?;
+    let rloo_args = rloo
+        .map(|t| stage_settings::<crate::rloo::RlooArgs>(t, &online(t, "rloo")?, file, "rloo"))
         .transpose()?;
 
     let (mut elapsed, mut outputs) = (Map::new(), Map::new());
@@ -211,9 +242,21 @@ pub fn run(args: &PipelineArgs) -> Result<Value> {
     if let Some(a) = &ppo_args {
         let s = stage(&ppo_dir, "ppo", || crate::ppo::run(a, None).map(|_| ()))?;
         record("ppo", &ppo_dir, s);
-        if a.ema.is_some() {
-            outputs.insert("ppo_ema".into(), path_value(&ppo_dir.join("ema")));
-        }
+    }
+    if let Some(a) = &dpo_args {
+        let s = stage(&dpo_dir, "dpo", || crate::dpo::run(a).map(|_| ()))?;
+        record("dpo", &dpo_dir, s);
+    }
+    if let Some(a) = &grpo_args {
+        let s = stage(&grpo_dir, "grpo", || crate::grpo::run(a, None).map(|_| ()))?;
+        record("grpo", &grpo_dir, s);
+    }
+    if let Some(a) = &rloo_args {
+        let s = stage(&rloo_dir, "rloo", || crate::rloo::run(a, None).map(|_| ()))?;
+        record("rloo", &rloo_dir, s);
+    }
+    if ppo_args.as_ref().is_some_and(|a| a.ema.is_some()) {
+        outputs.insert("ppo_ema".into(), path_value(&ppo_dir.join("ema")));
     }
     let summary = json!({"outputs": outputs, "elapsed_s": elapsed});
     write_json(&out.join("pipeline.json"), &summary)?;

@@ -180,3 +180,84 @@ fn the_example_config_in_the_repository_is_valid() {
         stage_settings::<rlhf::ppo::PpoArgs>(&table("ppo"), &wired(&ppo), &file, "ppo").unwrap();
     assert_eq!(a.ema, Some(0.992));
 }
+
+#[test]
+fn dpo_grpo_and_rloo_run_from_the_same_sft_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().display().to_string();
+    let extra = format!(
+        r#"
+[dpo]
+dataset = "{d}/rankings.jsonl"
+max_steps = 2
+max_length = 64
+
+[grpo]
+dataset = "{d}/prompts.jsonl"
+max_iterations = 1
+rollout_batch_size = 2
+num_generations = 2
+mini_batch_size = 2
+max_completion_length = 4
+
+[rloo]
+dataset = "{d}/prompts.jsonl"
+reward_cmd = "while IFS= read -r l; do echo ${{#l}}; done"
+max_iterations = 1
+rollout_batch_size = 2
+num_generations = 2
+mini_batch_size = 4
+max_completion_length = 4
+"#
+    );
+    let config = setup(tmp.path(), &extra);
+    let o = run(&config);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("run");
+    let args = |stage: &str| -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(out.join(stage).join("training_args.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let sft = out.join("sft").display().to_string();
+    for stage in ["dpo", "grpo", "rloo"] {
+        assert!(
+            out.join(stage).join("model.safetensors").exists(),
+            "{stage}"
+        );
+        assert_eq!(args(stage)["model_name_or_path"], sft.as_str(), "{stage}");
+    }
+    assert_eq!(
+        args("grpo")["reward_model"],
+        out.join("rm").display().to_string().as_str()
+    );
+    assert_eq!(args("rloo")["reward_model"], Value::Null);
+    assert!(args("rloo")["reward_cmd"]
+        .as_str()
+        .unwrap()
+        .contains("read"));
+}
+
+#[test]
+fn an_online_method_without_a_reward_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("p.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "output_dir = \"{}\"\nmodel_name_or_path = \"{}\"\n[grpo]\ndataset = \"x.jsonl\"\n",
+            tmp.path().join("run").display(),
+            common::fixture("qwen2").display()
+        ),
+    )
+    .unwrap();
+    let o = run(&config);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("[grpo]: \"reward_model\" or \"reward_cmd\" is needed"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("run").exists());
+}
