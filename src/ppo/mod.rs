@@ -53,6 +53,7 @@ use crate::settings::{
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{lm_loss_sum, text_rows, Row};
 use crate::train::order::EpochOrder;
+use crate::train::output_dir::check_stage;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
 use advantage::{gae, whiten};
@@ -684,6 +685,14 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         "--model_name_or_path (or --model)",
     )?;
     let data = require(&args.dataset, "--dataset (or --data)")?;
+    check_stage(
+        &args.train,
+        &[
+            ("--model", Some(sft)),
+            ("--reward_model", args.reward_model.as_deref()),
+            ("--value_model", args.value_model.as_deref()),
+        ],
+    )?;
     let dev = Device::Cpu;
     let actor = load_pretrained(sft, &dev)?;
     let reference = Frozen::new(load_pretrained(sft, &dev)?.model);
@@ -693,11 +702,18 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
             let rm_dir = require(&args.reward_model, "--reward_model")?;
             let rm = crate::rm::load_reward_model(rm_dir)?;
             same_tokenizer(&actor.tokenizer, &rm.tokenizer, "reward model")?;
-            if rm.normalization.is_none() {
-                crate::note!(
+            match &rm.normalization {
+                None => crate::note!(
                     "warning: {} has no stored reward normalisation; raw scores are used",
                     rm_dir.display()
-                );
+                ),
+                Some(n) => crate::rm::check_normalization(n).map_err(|msg| {
+                    Error::bad_file(
+                        &rm_dir.join(crate::model::hf::CONFIG_FILE),
+                        None,
+                        format!("rlhf.reward_normalization: {msg}; retrain the reward model on distinct responses"),
+                    )
+                })?,
             }
             RewardSource::Model(Box::new(Frozen::new(rm)))
         }
@@ -715,7 +731,7 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
     for (line, _, p) in read_prompts(data)? {
         let bad = |m: String| Error::bad_file(data, Some(line), m);
         let ids = p
-            .tokenize(&actor.tokenizer)
+            .tokenize(&actor.tokenizer, false)
             .map_err(|e| bad(e.to_string()))?;
         if ids.is_empty() {
             return Err(bad("the prompt is empty (0 tokens)".into()));
