@@ -7,7 +7,10 @@
 //! nesting, invalid UTF-8), so every run checks the same cases. `cargo test` runs
 //! `DEFAULT_CASES` per loader; `RLHF_FUZZ_CASES=100000 cargo test --release --test
 //! fuzz` runs more (and `RLHF_FUZZ_SEED` picks another stream). Run with 100,000
-//! cases per loader when this file was written: no panic, no case over a second.
+//! cases per loader (seed 0) when this file was written: no panic, no case over the
+//! limit; inputs that loaded: TOML 5,599, YAML 6,046, config.json 16,363, prompts
+//! 13,455, rankings 10,987 and 13,824 (split_special_tokens off, on), SFT rows
+//! 13,095, chat messages 8,829 (the rest were errors, as mutations mostly break a file).
 
 mod common;
 
@@ -262,7 +265,9 @@ fn prompts() {
                 let plain = prompt.tokenize(&tok, false).is_ok();
                 prompt.tokenize(&tok, true).is_ok() && plain
             })
-            .fold(true, |a, b| a && b)
+            .filter(|ok| !ok)
+            .count()
+            == 0
     });
 }
 
@@ -360,7 +365,9 @@ fn chat_messages() {
             [(false, false), (true, true), (false, true)]
                 .iter()
                 .map(|&(gen, split)| tok.encode_chat(&v, gen, split).is_ok())
-                .fold(true, |a, b| a && b)
+                .filter(|ok| !ok)
+                .count()
+                == 0
         },
     );
 }
