@@ -11,11 +11,12 @@ use std::fmt::Display;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::data::chat_template::{ChatTemplate, CHATML_TEMPLATE};
+use crate::data::chat_template::{check_role, ChatTemplate, CHATML_TEMPLATE};
 use crate::data::prompts::{read_prompts, Prompt};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{read_json, Error};
 use crate::generate::{generate, SamplingParams};
+use crate::io::AtomicFile;
 use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
 use crate::model::{presets, Arch};
 use crate::ppo::PpoArgs;
@@ -24,6 +25,7 @@ use crate::rm::RmTrainArgs;
 use crate::settings::{as_flag, at_least, finite_f32, Settings};
 use crate::sft::SftArgs;
 use crate::train::args::{negative_numbers, resolve};
+use crate::train::output_dir::{check_model_dir, check_not_input, claim_for_model};
 use crate::train::trainer::TrainSummary;
 
 /// The `rlhf` command line as clap parses it: every option may take a negative
@@ -110,6 +112,10 @@ pub struct RmDataArgs {
     /// Sequences (eval: prompts) per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Encode special-token strings inside prompts and responses (`<|im_end|>`) as
+    /// text, not as special tokens (transformers' option; off by default, as there).
+    #[arg(long)]
+    pub split_special_tokens: bool,
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +157,11 @@ pub struct GenerateArgs {
     /// Prompts per generation batch with --prompts.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Encode special-token strings inside prompts and message content
+    /// (`<|im_end|>`) as text, not as special tokens, so that a prompt cannot close
+    /// its turn (transformers' option; off by default, as there).
+    #[arg(long)]
+    pub split_special_tokens: bool,
 }
 
 impl GenerateArgs {
@@ -209,6 +220,9 @@ pub struct InitArgs {
     pub tokenizer: PathBuf,
     #[arg(long)]
     pub output_dir: PathBuf,
+    /// Replace a model or run already in output_dir (refused otherwise).
+    #[arg(long)]
+    pub overwrite_output_dir: bool,
     /// A Jinja chat template file, or `chatml`.
     #[arg(long)]
     pub chat_template: Option<String>,
@@ -299,16 +313,28 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         }
         Command::Rm(RmCommand::Eval(a)) => {
             a.validate().map_err(as_flag)?;
-            let e = crate::rm::eval_rm(&a.model, &a.data, a.max_length, a.batch_size)
-                .with_context(|| format!("evaluating {}", a.model.display()))?;
+            let e = crate::rm::eval_rm(
+                &a.model,
+                &a.data,
+                a.max_length,
+                a.batch_size,
+                a.split_special_tokens,
+            )
+            .with_context(|| format!("evaluating {}", a.model.display()))?;
             let mut out = Output::open(None)?;
             out.line(serde_json::to_string(&e)?)?;
             out.finish()
         }
         Command::Rm(RmCommand::Score(a)) => {
             a.validate().map_err(as_flag)?;
-            let rows = crate::rm::score_rm(&a.model, &a.data, a.max_length, a.batch_size)
-                .with_context(|| format!("scoring with {}", a.model.display()))?;
+            let rows = crate::rm::score_rm(
+                &a.model,
+                &a.data,
+                a.max_length,
+                a.batch_size,
+                a.split_special_tokens,
+            )
+            .with_context(|| format!("scoring with {}", a.model.display()))?;
             let mut out = Output::open(a.output.as_deref())?;
             for r in rows {
                 out.line(r)?;
@@ -380,11 +406,18 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let context = pre.model.config.context_length();
     let mut ids: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
     for (line, _, p) in &entries {
-        let t = p.tokenize(&pre.tokenizer)?;
+        // `line` is the prompt's line in the file (from its start, blank lines
+        // counted), whatever batch it falls in.
         let at = match &a.prompts {
             Some(path) => format!("{}:{line}: ", path.display()),
             None => String::new(),
         };
+        let t = p
+            .tokenize(&pre.tokenizer, a.split_special_tokens)
+            .with_context(|| match &a.prompts {
+                Some(path) => format!("{}:{line}", path.display()),
+                None => "--prompt".into(),
+            })?;
         if t.is_empty() {
             bail!("{at}the prompt is empty (0 tokens)");
         }
@@ -434,11 +467,15 @@ fn run_template(a: TemplateArgs) -> Result<()> {
         }
         v => v,
     };
-    if !messages.is_array() {
+    let Some(list) = messages.as_array() else {
         bail!(
             "{}: expected a list of {{role, content}} messages or {{\"messages\": [...]}}",
             a.messages.display()
         );
+    };
+    for (i, m) in list.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
+        check_role(role, i).map_err(|e| Error::bad_file(&a.messages, None, e))?;
     }
     let tokenizer = Tokenizer::from_dir(&a.model)
         .with_context(|| format!("loading tokenizer from {}", a.model.display()))?;
@@ -450,6 +487,8 @@ fn run_template(a: TemplateArgs) -> Result<()> {
 
 fn run_init(a: InitArgs) -> Result<()> {
     let arch = a.arch;
+    check_not_input(&a.output_dir, &[("--tokenizer", Some(&a.tokenizer))])?;
+    check_model_dir(&a.output_dir, a.overwrite_output_dir)?;
     let mut tokenizer = Tokenizer::from_path(&a.tokenizer)?;
     if let Some(t) = &a.chat_template {
         let src = if t == "chatml" {
@@ -467,6 +506,7 @@ fn run_init(a: InitArgs) -> Result<()> {
         tokenizer,
         eos_token_ids: eos.into_iter().collect(),
     };
+    claim_for_model(&a.output_dir, a.overwrite_output_dir)?;
     save_pretrained(&pre, &a.output_dir)
         .with_context(|| format!("writing {}", a.output_dir.display()))?;
     crate::note!(
@@ -482,9 +522,27 @@ fn run_init(a: InitArgs) -> Result<()> {
 /// Where a command's results go: a buffered file, or stdout when no path is given. A
 /// failed write is an error naming the file (or `<stdout>`); a closed pipe on stdout
 /// is one too, which `main` turns into a quiet exit (see [`is_broken_pipe`]).
+///
+/// A file is written whole or not at all ([`AtomicFile`]): rows go to a temporary
+/// file beside it, renamed over the path by [`Output::finish`]; a run that fails
+/// midway leaves an existing file untouched.
 struct Output {
     name: PathBuf,
-    sink: Box<dyn Write>,
+    sink: Sink,
+}
+
+enum Sink {
+    File(AtomicFile),
+    Stdout(std::io::StdoutLock<'static>),
+}
+
+impl Sink {
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::File(f) => f,
+            Sink::Stdout(s) => s,
+        }
+    }
 }
 
 impl Output {
@@ -492,31 +550,32 @@ impl Output {
         Ok(match path {
             Some(p) => Output {
                 name: p.to_path_buf(),
-                sink: Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(p)
-                        .with_context(|| format!("creating {}", p.display()))?,
-                )),
+                sink: Sink::File(AtomicFile::create(p)?),
             },
             None => Output {
                 name: PathBuf::from("<stdout>"),
-                sink: Box::new(std::io::stdout().lock()),
+                sink: Sink::Stdout(std::io::stdout().lock()),
             },
         })
     }
 
     fn text(&mut self, text: impl Display) -> Result<()> {
-        write!(self.sink, "{text}").map_err(|e| Error::write(&self.name, e))?;
+        write!(self.sink.writer(), "{text}").map_err(|e| Error::write(&self.name, e))?;
         Ok(())
     }
 
     fn line(&mut self, text: impl Display) -> Result<()> {
-        writeln!(self.sink, "{text}").map_err(|e| Error::write(&self.name, e))?;
+        writeln!(self.sink.writer(), "{text}").map_err(|e| Error::write(&self.name, e))?;
         Ok(())
     }
 
-    /// Flushes; a write that fails only here (a full disk) is still reported.
-    fn finish(mut self) -> Result<()> {
-        self.sink.flush().map_err(|e| Error::write(&self.name, e))?;
+    /// Flushes (and puts a file in place); a write that fails only here (a full
+    /// disk) is still reported.
+    fn finish(self) -> Result<()> {
+        match self.sink {
+            Sink::File(f) => f.commit()?,
+            Sink::Stdout(mut s) => s.flush().map_err(|e| Error::write(&self.name, e))?,
+        }
         Ok(())
     }
 }

@@ -34,6 +34,7 @@ use crate::settings::{at_least, finite_f64, float, Range, Settings};
 use crate::sft::split_eval;
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::order::EpochOrder;
+use crate::train::output_dir::check_stage;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
 
@@ -106,16 +107,22 @@ pub struct Preference {
     pub ref_logps: Vec<f32>,
 }
 
-/// Parses a comparisons row: the reward model's parsing (`ranked_from_row`), and the
-/// prompt's own tokens, which must begin every prompt + response sequence.
+/// Parses a comparisons row: the reward model's parsing (`ranked_from_row`, its
+/// comparisons between identical responses dropped and counted, as `rm train` does),
+/// and the prompt's own tokens, which must begin every prompt + response sequence.
+/// Returns the preference and the number of comparisons dropped.
 pub fn preference_from_row(
     v: &Value,
     cfg: &PairTokenizing,
-) -> std::result::Result<Preference, String> {
-    let ranked = ranked_from_row(v, cfg)?;
+) -> std::result::Result<(Preference, usize), String> {
+    let mut ranked = ranked_from_row(v, cfg)?;
+    let dropped = ranked.drop_identical_pairs();
+    if ranked.pairs.is_empty() {
+        return Err("every comparison is between identical responses: nothing to learn".into());
+    }
     let prompt = cfg.prompt(v.get("prompt").ok_or("field \"prompt\" is missing")?)?;
     let prompt_ids = prompt
-        .tokenize(cfg.rule.tokenizer)
+        .tokenize(cfg.rule.tokenizer, cfg.rule.split_special_tokens)
         .map_err(|e| format!("field \"prompt\": {e}"))?;
     for (i, ids) in ranked.inputs.iter().enumerate() {
         if ids.len() <= prompt_ids.len() || !ids.starts_with(&prompt_ids) {
@@ -125,12 +132,13 @@ pub fn preference_from_row(
             ));
         }
     }
-    Ok(Preference {
+    let preference = Preference {
         inputs: ranked.inputs,
         prompt_len: prompt_ids.len(),
         pairs: ranked.pairs,
         ref_logps: vec![],
-    })
+    };
+    Ok((preference, dropped))
 }
 
 /// The rows of a batch of preferences: (prompt, response) token slices, K per prompt.
@@ -350,6 +358,7 @@ pub fn run(args: &DpoArgs) -> Result<TrainSummary> {
         "--model_name_or_path (or --model)",
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
+    check_stage(&args.train, &[("--model", Some(model_dir))])?;
     let policy = load_pretrained(model_dir, &Device::Cpu)?;
     let eos = policy
         .eos()
@@ -359,14 +368,26 @@ pub fn run(args: &DpoArgs) -> Result<TrainSummary> {
             tokenizer: &policy.tokenizer,
             eos,
             eos_ids: &policy.eos_token_ids,
+            split_special_tokens: false,
         },
         max_length: args.max_length.min(policy.model.config.context_length()),
     };
     let load = |path: &Path| -> Result<Vec<Preference>> {
-        let (prefs, skipped) =
-            parse_rows(path, args.skip_invalid, |v| preference_from_row(v, &cfg))?;
+        let mut identical = 0;
+        let (prefs, skipped) = parse_rows(path, args.skip_invalid, |v| {
+            preference_from_row(v, &cfg).map(|(p, dropped)| {
+                identical += dropped;
+                p
+            })
+        })?;
         if skipped > 0 {
             crate::note!("{}: {skipped} invalid rows skipped", path.display());
+        }
+        if identical > 0 {
+            crate::note!(
+                "{}: {identical} comparisons between identical responses dropped",
+                path.display()
+            );
         }
         Ok(prefs)
     };

@@ -73,6 +73,19 @@ pub enum Error {
     #[error("{key} {msg}")]
     Setting { key: String, msg: String },
 
+    /// An output folder a run may not write (it holds a model, or is an input).
+    #[error("--output_dir {}: {what}", path.display())]
+    OutputDir { path: PathBuf, what: String },
+
+    /// A model folder of the wrong kind for a command: a reward model where a causal
+    /// LM is expected, or the reverse.
+    #[error("{}: {found}; expected {expected}", path.display())]
+    WrongModelKind {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

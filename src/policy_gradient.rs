@@ -39,6 +39,7 @@ use crate::rollout::stats::{mean_std, SampleStats};
 use crate::rollout::{PromptSet, Scorer};
 use crate::settings::{at_least, finite_f32, finite_f64, float, invalid, Range, Settings};
 use crate::train::args::{require, StageDefaults, TrainingArgs};
+use crate::train::output_dir::check_stage;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
 
@@ -444,6 +445,13 @@ pub fn run<M: GroupMethod>(
         "--model_name_or_path (or --model)",
     )?;
     let data = require(&args.dataset, "--dataset (or --data)")?;
+    check_stage(
+        &args.train,
+        &[
+            ("--model", Some(sft)),
+            ("--reward_model", args.reward_model.as_deref()),
+        ],
+    )?;
     let dev = Device::Cpu;
     let policy = load_pretrained(sft, &dev)?;
     let scorer = match scorer_override {

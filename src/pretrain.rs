@@ -16,6 +16,7 @@ use crate::settings::{at_least, at_least_opt, finite_f64, float, invalid, Range,
 use crate::sft::split_eval;
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{text_rows, train_lm, Row};
+use crate::train::output_dir::check_stage;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::TrainSummary;
 
@@ -131,6 +132,13 @@ pub fn run(args: &PretrainArgs) -> Result<TrainSummary> {
     let args = &args;
     args.validate()?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
+    check_stage(
+        &args.train,
+        &[
+            ("--model", args.model_name_or_path.as_deref()),
+            ("--tokenizer", args.tokenizer.as_deref()),
+        ],
+    )?;
     let docs = read_documents(dataset)?;
     let pre = starting_model(args, &docs)?;
     let context = pre.model.config.context_length();

@@ -22,6 +22,7 @@ use crate::settings::{at_least, finite_f64, float, Range, Settings};
 use crate::sft::split_eval;
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::order::EpochOrder;
+use crate::train::output_dir::check_stage;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
 
@@ -169,7 +170,8 @@ impl RmTask {
         })
     }
 
-    /// Mean and standard deviation of the rewards of every training response.
+    /// Mean and standard deviation of the rewards of every training response (the
+    /// standard deviation as computed, before any floor).
     pub fn reward_statistics(&self) -> Result<RewardNormalization> {
         let mut all = vec![];
         for chunk in self.train_set.chunks(self.prompts_per_batch.max(1)) {
@@ -190,7 +192,7 @@ impl RmTask {
         let var = all.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
         Ok(RewardNormalization {
             mean,
-            std: var.sqrt().max(1e-6),
+            std: var.sqrt(),
         })
     }
 }
@@ -231,9 +233,15 @@ impl TrainTask for RmTask {
     }
 }
 
-fn tokenizing(rm: &PretrainedScalar, max_length: usize) -> Result<PairTokenizing<'_>> {
+fn tokenizing(
+    rm: &PretrainedScalar,
+    max_length: usize,
+    split_special_tokens: bool,
+) -> Result<PairTokenizing<'_>> {
+    let mut rule = rm.reward_input()?;
+    rule.split_special_tokens = split_special_tokens;
     Ok(PairTokenizing {
-        rule: rm.reward_input()?,
+        rule,
         max_length: max_length.min(rm.model.config.context_length()),
     })
 }
@@ -249,8 +257,9 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
         "--model_name_or_path (or --model)",
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
+    check_stage(&args.train, &[("--model", Some(model_dir))])?;
     let rm = load_scalar(model_dir, &Device::Cpu, args.train.seed)?;
-    let cfg = tokenizing(&rm, args.max_length)?;
+    let cfg = tokenizing(&rm, args.max_length, false)?;
     let (all, skipped) = load_rankings(dataset, &cfg, args.skip_invalid)?;
     if skipped > 0 {
         crate::note!("{}: {skipped} invalid rows skipped", dataset.display());
@@ -275,26 +284,71 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
     let summary = train(&mut task, &args.train, &resolved, "rm")?;
     let norm = task.reward_statistics()?;
     task.rm.normalization = Some(norm);
-    save_scalar(&task.rm, args.train.output_dir()?)?;
+    let out = args.train.output_dir()?;
+    // Saved either way, so that `rm eval` / `rm score` can inspect a degenerate model;
+    // PPO refuses it (`check_normalization`).
+    save_scalar(&task.rm, out)?;
+    check_normalization(&norm).map_err(|msg| {
+        Error::Invalid(format!(
+            "{}: {msg}. The reward model gives (nearly) the same reward to every training response: the comparisons are likely degenerate (identical or near-identical chosen and rejected responses, or too few distinct ones), or the learning rate is too high. The model was saved for inspection (rlhf rm score); rlhf ppo refuses it",
+            out.display()
+        ))
+    })?;
     Ok((summary, norm))
+}
+
+/// The smallest standard deviation of the training rewards a reward model may have:
+/// PPO divides every score by it, so below this a tiny difference between two
+/// responses becomes a reward of thousands.
+pub const MIN_REWARD_STD: f64 = 1e-3;
+
+/// Whether stored reward statistics can normalise scores: finite, and a standard
+/// deviation of at least [`MIN_REWARD_STD`]. The error says what is wrong.
+pub fn check_normalization(n: &RewardNormalization) -> std::result::Result<(), String> {
+    if !n.mean.is_finite() || !n.std.is_finite() {
+        return Err(format!(
+            "the reward statistics are not finite (mean {}, std {})",
+            n.mean, n.std
+        ));
+    }
+    if n.std < MIN_REWARD_STD {
+        return Err(format!(
+            "the standard deviation of the training rewards is {:e}, below {MIN_REWARD_STD:e}: normalised scores would be multiplied by {:.0}",
+            n.std,
+            1.0 / n.std.max(f64::MIN_POSITIVE)
+        ));
+    }
+    Ok(())
 }
 
 /// Loads a trained reward model (a folder with `score.weight`).
 pub fn load_reward_model(dir: &Path) -> Result<PretrainedScalar> {
     let rm = load_scalar(dir, &Device::Cpu, 0)?;
     if rm.fresh_head {
-        return Err(Error::Invalid(format!(
-            "{}: not a reward model (no score.weight)",
-            dir.display()
-        )));
+        let classes = crate::model::hf::architectures(&rm.model.config);
+        return Err(Error::WrongModelKind {
+            path: dir.to_path_buf(),
+            expected: "a reward model (a ...ForSequenceClassification folder with score.weight, written by `rlhf rm train`)".into(),
+            found: format!(
+                "this is a causal LM without a score head (no score.weight; architectures {classes:?})"
+            ),
+        });
     }
     Ok(rm)
 }
 
 /// `rlhf rm eval`: loss and pairwise accuracy on a rankings file.
-pub fn eval_rm(model: &Path, data: &Path, max_length: usize, batch: usize) -> Result<RmEval> {
+/// `split_special_tokens`: special-token strings in prompts and responses are
+/// encoded as text (`Tokenizer::encode_chat`).
+pub fn eval_rm(
+    model: &Path,
+    data: &Path,
+    max_length: usize,
+    batch: usize,
+    split_special_tokens: bool,
+) -> Result<RmEval> {
     let rm = load_reward_model(model)?;
-    let cfg = tokenizing(&rm, max_length)?;
+    let cfg = tokenizing(&rm, max_length, split_special_tokens)?;
     let (set, _) = load_rankings(data, &cfg, false)?;
     RmTask::new(rm, vec![], vec![], batch, 0).evaluate_set(&set)
 }
@@ -302,15 +356,17 @@ pub fn eval_rm(model: &Path, data: &Path, max_length: usize, batch: usize) -> Re
 /// `rlhf rm score`: rewards for JSONL rows of {"prompt", "response"}; each row comes
 /// back with "reward" (the head's output at the last token of `RewardInput::ids`, as
 /// transformers' sequence classifier computes it on the same ids) and, for a trained
-/// reward model, "reward_normalized" ((r − mean) / std).
+/// reward model, "reward_normalized" ((r − mean) / std). `split_special_tokens`: as
+/// for `eval_rm`.
 pub fn score_rm(
     model: &Path,
     data: &Path,
     max_length: usize,
     batch: usize,
+    split_special_tokens: bool,
 ) -> Result<Vec<serde_json::Value>> {
     let rm = load_reward_model(model)?;
-    let cfg = tokenizing(&rm, max_length)?;
+    let cfg = tokenizing(&rm, max_length, split_special_tokens)?;
     let lines = crate::data::jsonl::read_jsonl(data)?;
     let mut seqs = vec![];
     for l in &lines {

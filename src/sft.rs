@@ -14,6 +14,7 @@ use crate::model::hf::load_pretrained;
 use crate::settings::{at_least, finite_f64, float, Range, Settings};
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{pack, train_lm, Row};
+use crate::train::output_dir::check_stage;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::TrainSummary;
 
@@ -51,6 +52,12 @@ pub struct SftArgs {
     /// Skip malformed rows (and report how many) instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,
+    /// Encode special-token strings inside the data's text and message content
+    /// (`<|im_end|>`) as text, not as special tokens (transformers' option; off by
+    /// default, as there).
+    #[arg(long)]
+    #[serde(default)]
+    pub split_special_tokens: bool,
     /// A TOML or YAML file with any of these settings; flags override it.
     #[arg(long)]
     #[serde(skip)]
@@ -103,6 +110,7 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
         "--model_name_or_path (or --model)",
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
+    check_stage(&args.train, &[("--model", Some(model_dir))])?;
     let pre = load_pretrained(model_dir, &Device::Cpu)?;
     let max_length = args.max_length.min(pre.model.config.context_length());
     let eos = pre
@@ -114,6 +122,7 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
         eos_ids: &pre.eos_token_ids,
         max_length,
         overflow: args.on_overflow,
+        split_special_tokens: args.split_special_tokens,
     };
     let (examples, report) = load_sft(dataset, &cfg, args.skip_invalid)?;
     report_skips(&dataset.display().to_string(), &report);

@@ -519,3 +519,468 @@ fn ppo_names_an_empty_prompt_before_creating_its_folder() {
     );
     assert!(!out.exists(), "the output folder was created");
 }
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Six prompt/completion rows for `rlhf sft`.
+fn sft_rows(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("sft.jsonl");
+    let rows: Vec<String> = (0..6)
+        .map(|i| format!("{{\"prompt\": \"q{i}\", \"completion\": \" a{i}\"}}"))
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    data
+}
+
+fn sft_into(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec![
+        "sft",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--output_dir",
+        s(out),
+    ];
+    args.extend(extra);
+    if !extra.contains(&"--max_steps") {
+        args.extend(["--max_steps", "1"]);
+    }
+    rlhf(&args)
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+// Issue 17: `sft --output_dir` on a folder holding a model overwrote it (no checkpoint
+// to resume from, so the run started and replaced the weights); with
+// --overwrite_output_dir, old shards stayed beside the new model.
+#[test]
+fn an_output_folder_holding_a_model_is_refused_unless_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sft_rows(tmp.path());
+    let held = copy_fixture("llama");
+    let before = listing(held.path());
+    let (code, err) = sft_into(&fixture("gpt2"), &data, held.path(), &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("holds a model") && err.contains("--overwrite_output_dir"),
+        "{err}"
+    );
+    assert_eq!(listing(held.path()), before, "nothing was touched");
+
+    let (code, err) = sft_into(
+        &fixture("gpt2"),
+        &data,
+        held.path(),
+        &["--overwrite_output_dir"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let after = listing(held.path());
+    assert!(
+        !after.iter().any(|f| f.starts_with("model-0000")),
+        "the old model's shards are gone: {after:?}"
+    );
+    assert!(!after.contains(&"chat_template.jinja".to_string()));
+    load_pretrained(held.path(), &Device::Cpu).unwrap();
+
+    // A rerun of the finished run resumes (as before), it is not refused.
+    let (code, err) = sft_into(&fixture("gpt2"), &data, held.path(), &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("resuming from"), "{err}");
+}
+
+// Issue 17: `--output_dir` equal to `--model` overwrote the input model while reading it.
+#[test]
+fn an_output_folder_that_is_an_input_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sft_rows(tmp.path());
+    let model = copy_fixture("gpt2");
+    let same = model
+        .path()
+        .join("..")
+        .join(model.path().file_name().unwrap());
+    for extra in [&[][..], &["--overwrite_output_dir"][..]] {
+        let (code, err) = sft_into(model.path(), &data, &same, extra);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("is the --model folder"), "{err}");
+    }
+    let rm = common::reward_model_folder(tmp.path());
+    let prompts = tmp.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"The cat\"}\n").unwrap();
+    let (code, err) = rlhf(&[
+        "ppo",
+        "--model",
+        s(&fixture("qwen2")),
+        "--reward_model",
+        s(&rm),
+        "--data",
+        s(&prompts),
+        "--output_dir",
+        s(&rm),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is the --reward_model folder"), "{err}");
+}
+
+// Issue 17: `rlhf init` wrote over an existing model folder.
+#[test]
+fn init_refuses_an_existing_model_unless_overwritten() {
+    let held = copy_fixture("llama");
+    let tok = common::fixtures().join("tokenizer.json");
+    let init = |extra: &[&str]| {
+        let mut args = vec![
+            "init",
+            "--arch",
+            "gpt2",
+            "--preset",
+            "nano",
+            "--tokenizer",
+            s(&tok),
+            "--output_dir",
+            s(held.path()),
+        ];
+        args.extend(extra);
+        rlhf(&args)
+    };
+    let (code, err) = init(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("holds a model or a run"), "{err}");
+    let (code, err) = init(&["--overwrite_output_dir"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!held.path().join("model.safetensors.index.json").exists());
+    let pre = load_pretrained(held.path(), &Device::Cpu).unwrap();
+    assert_eq!(pre.model.config.arch.model_type(), "gpt2");
+}
+
+// Issue 17: a checkpoint torn by a full disk left `.tmp-checkpoint-N/` behind for good.
+#[test]
+fn leftover_temporary_folders_are_removed_on_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sft_rows(tmp.path());
+    let out = tmp.path().join("out");
+    let (code, err) = sft_into(
+        &fixture("gpt2"),
+        &data,
+        &out,
+        &["--max_steps", "2", "--stop_after_steps", "1"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::create_dir_all(out.join(".tmp-checkpoint-7")).unwrap();
+    std::fs::write(out.join(".tmp-checkpoint-7/model.safetensors"), "torn").unwrap();
+    std::fs::write(out.join(".tmp-config.json"), "{").unwrap();
+    let (code, err) = sft_into(&fixture("gpt2"), &data, &out, &["--max_steps", "2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains(".tmp-checkpoint-7, left by an interrupted run"),
+        "{err}"
+    );
+    assert!(
+        !listing(&out).iter().any(|f| f.starts_with(".tmp-")),
+        "{:?}",
+        listing(&out)
+    );
+}
+
+// Issue 17: `generate --model RM_DIR` sampled from a reward model's backbone with an
+// LM head it does not have (or failed on a missing lm_head.weight); `rm score` on an
+// SFT folder said only "no score.weight".
+#[test]
+fn a_model_of_the_wrong_kind_says_what_was_expected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = common::reward_model_folder(tmp.path());
+    let (code, err) = rlhf(&["generate", "--model", s(&rm), "--prompt", "x"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("this is a reward model (score.weight")
+            && err.contains("expected a causal LM (Qwen2ForCausalLM"),
+        "{err}"
+    );
+    let rows = tmp.path().join("r.jsonl");
+    std::fs::write(&rows, "{\"prompt\": \"a\", \"response\": \"b\"}\n").unwrap();
+    let (code, err) = rlhf(&[
+        "rm",
+        "score",
+        "--model",
+        s(&fixture("qwen2")),
+        "--data",
+        s(&rows),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("causal LM without a score head") && err.contains("expected a reward model"),
+        "{err}"
+    );
+}
+
+// Issue 17: an eos id outside the vocabulary was accepted (generation could never stop
+// at it), and NaN weights loaded silently.
+#[test]
+fn eos_outside_the_vocabulary_is_refused_and_nan_weights_are_noted() {
+    let dir = copy_fixture("qwen2");
+    edit_json(&dir.path().join("generation_config.json"), |v| {
+        v["eos_token_id"] = serde_json::json!([0, 5000])
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("generation_config.json") && err.contains("eos_token_id 5000"),
+        "{err}"
+    );
+    let dir = copy_fixture("qwen2");
+    edit_json(&dir.path().join("config.json"), |v| {
+        v["eos_token_id"] = (-1).into()
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains("config.json: eos_token_id -1"), "{err}");
+
+    let dir = copy_fixture("gpt2");
+    let st = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let w = &tensors["transformer.ln_f.weight"];
+    let nan = candle_core::Tensor::full(f32::NAN, w.dims(), &Device::Cpu).unwrap();
+    tensors.insert("transformer.ln_f.weight".into(), nan);
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let out = rlhf_bin()
+        .args(["generate", "--model"])
+        .arg(dir.path())
+        .args(["--prompt", "x", "--max_new_tokens", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning:")
+            && err.contains("\"transformer.ln_f.weight\" holds 32 non-finite values"),
+        "{err}"
+    );
+}
+
+// Issue 17: rows with chosen == rejected were trained on (a constant loss of log 2
+// that diluted the others); a response repeated in a ranking contradicted itself.
+#[test]
+fn comparisons_between_identical_responses_are_dropped_and_counted() {
+    use rlhf::data::rankings::{load_rankings, PairTokenizing};
+    let rm = rlhf::model::scalar::load_scalar(&fixture("qwen2"), &Device::Cpu, 0).unwrap();
+    let cfg = PairTokenizing {
+        rule: rm.reward_input().unwrap(),
+        max_length: 64,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("r.jsonl");
+    std::fs::write(
+        &p,
+        [
+            r#"{"prompt": "p", "chosen": "same", "rejected": "same"}"#,
+            r#"{"prompt": "p", "chosen": "a", "rejected": "b"}"#,
+            r#"{"prompt": "p", "responses": ["x", "y", "x"], "ranking": [0, 1, 2]}"#,
+            r#"{"prompt": "p", "chosen": "", "rejected": "b"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let (set, skipped) = load_rankings(&p, &cfg, false).unwrap();
+    assert_eq!(skipped, 0);
+    assert_eq!(set.len(), 3, "the chosen == rejected row is dropped");
+    assert_eq!(set[1].pairs, [(0, 1), (1, 2)], "x vs x is dropped");
+    assert_eq!(set[2].pairs, [(0, 1)], "an empty response is ranked");
+}
+
+// Issue 17: PPO divided every score by a stored reward std of 1e-6 (a reward model
+// trained on degenerate pairs), turning tiny differences into rewards of millions.
+#[test]
+fn ppo_refuses_a_reward_model_whose_normalisation_would_blow_scores_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = common::reward_model_folder(tmp.path());
+    edit_json(
+        &rm.join("config.json"),
+        |v| v["rlhf"] = serde_json::json!({"reward_normalization": {"mean": 0.5, "std": 1e-6}}),
+    );
+    let prompts = tmp.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"The cat\"}\n").unwrap();
+    let out = tmp.path().join("out");
+    let (code, err) = rlhf(&[
+        "ppo",
+        "--model",
+        s(&fixture("qwen2")),
+        "--reward_model",
+        s(&rm),
+        "--data",
+        s(&prompts),
+        "--output_dir",
+        s(&out),
+        "--max_new_tokens",
+        "4",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("config.json: rlhf.reward_normalization")
+            && err.contains("below 1e-3")
+            && err.contains("multiplied by 1000000"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+// Issue 17: a reward model that gives every response the same reward (here: a zero
+// head that barely moves) finished "successfully" and PPO then divided by its std.
+#[test]
+fn rm_train_with_degenerate_rewards_exits_2_and_explains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = common::reward_model_folder(tmp.path());
+    let st = rm.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let zero = tensors["score.weight"].zeros_like().unwrap();
+    tensors.insert("score.weight".into(), zero);
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let data = tmp.path().join("r.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"p\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{\"prompt\": \"q\", \"chosen\": \"c\", \"rejected\": \"d\"}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let (code, err) = rlhf(&[
+        "rm",
+        "train",
+        "--model",
+        s(&rm),
+        "--data",
+        s(&data),
+        "--output_dir",
+        s(&out),
+        "--max_steps",
+        "1",
+        "--learning_rate",
+        "1e-30",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("standard deviation of the training rewards")
+            && err.contains("identical or near-identical chosen and rejected"),
+        "{err}"
+    );
+    assert!(
+        out.join("model.safetensors").exists(),
+        "saved for inspection"
+    );
+}
+
+fn generate_prompts(model: &Path, prompts: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec![
+        "generate",
+        "--model",
+        s(model),
+        "--prompts",
+        s(prompts),
+        "--max_new_tokens",
+        "2",
+    ];
+    args.extend(extra);
+    rlhf(&args)
+}
+
+// Issue 17: an unknown role went to the template (dropped or rendered as a turn of its
+// own); a prompt ending with the assistant's turn was sampled from; a template error
+// said only what jinja said.
+#[test]
+fn conversations_name_unknown_roles_bad_endings_and_template_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("p.jsonl");
+    let model = fixture("qwen2");
+    std::fs::write(
+        &p,
+        "{\"prompt\": \"ok\"}\n{\"messages\": [{\"role\": \"admin\", \"content\": \"x\"}]}\n",
+    )
+    .unwrap();
+    let (code, err) = generate_prompts(&model, &p, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(
+            "p.jsonl:2: field \"messages\": message 0 has role \"admin\"; expected one of system"
+        ),
+        "{err}"
+    );
+    std::fs::write(
+        &p,
+        "{\"prompt\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": \"y\"}]}\n",
+    )
+    .unwrap();
+    let (code, err) = generate_prompts(&model, &p, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(
+            "p.jsonl:1: field \"prompt\": the conversation ends with a \"assistant\" message"
+        ),
+        "{err}"
+    );
+
+    let dir = copy_fixture("qwen2");
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('no booms') }}{% endif %}{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    std::fs::write(
+        &p,
+        "{\"prompt\": [{\"role\": \"user\", \"content\": \"fine\"}]}\n\n{\"prompt\": [{\"role\": \"user\", \"content\": \"boom\"}]}\n",
+    )
+    .unwrap();
+    let (code, err) = generate_prompts(dir.path(), &p, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("p.jsonl:3: chat template: ")
+            && err.contains("chat_template.jinja: line 1: no booms"),
+        "{err}"
+    );
+}
+
+// Issue 17 asked whether an empty prompt's line counts from the batch: it counts from
+// the start of the file (blank lines included), whatever the batch size.
+#[test]
+fn an_empty_prompt_is_named_by_its_line_in_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("p.jsonl");
+    let mut lines: Vec<String> = (0..5)
+        .map(|i| format!("{{\"prompt\": \"p{i}\"}}"))
+        .collect();
+    lines.push(String::new());
+    lines.push("{\"prompt\": \"\"}".into());
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    let (code, err) = generate_prompts(&fixture("gpt2"), &p, &["--batch_size", "2"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("p.jsonl:7: the prompt is empty"), "{err}");
+}
+
+// Issue 17: `generate --output OUT` truncated OUT when it started, so a run that failed
+// left a half-written or empty file in place of the previous results.
+#[test]
+fn a_failed_generate_leaves_its_previous_output_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.jsonl");
+    std::fs::write(&out, "previous\n").unwrap();
+    let p = tmp.path().join("p.jsonl");
+    std::fs::write(
+        &p,
+        "{\"prompt\": \"a\"}\n{\"prompt\": \"b\"}\n{\"prompt\": 3}\n",
+    )
+    .unwrap();
+    let (code, err) = generate_prompts(&fixture("gpt2"), &p, &["--output", s(&out)]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("p.jsonl:3"), "{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous\n");
+    // A leftover temporary file of a killed run is replaced; success puts the file in
+    // place and leaves no temporary file.
+    std::fs::write(tmp.path().join(".tmp-out.jsonl"), "half a row").unwrap();
+    std::fs::write(&p, "{\"prompt\": \"a\"}\n{\"prompt\": \"b\"}\n").unwrap();
+    let (code, err) = generate_prompts(&fixture("gpt2"), &p, &["--output", s(&out)]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
+    assert_eq!(listing(tmp.path()), ["out.jsonl", "p.jsonl"]);
+}

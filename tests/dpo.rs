@@ -140,6 +140,7 @@ fn chat_responses_are_the_assistant_turn() {
             tokenizer: &p.tokenizer,
             eos: p.eos().unwrap(),
             eos_ids: &p.eos_token_ids,
+            split_special_tokens: false,
         },
         max_length: 128,
     };
@@ -147,7 +148,8 @@ fn chat_responses_are_the_assistant_turn() {
         "prompt": [{"role": "user", "content": "hi"}],
         "chosen": "hello there", "rejected": "go away"
     });
-    let pref = preference_from_row(&row, &cfg).unwrap();
+    let (pref, dropped) = preference_from_row(&row, &cfg).unwrap();
+    assert_eq!(dropped, 0);
     assert_eq!(pref.pairs, vec![(0, 1)]);
     let response = p
         .tokenizer

@@ -388,7 +388,7 @@ fn a_rollout_reward_equals_rm_score_on_the_same_prompt_and_response_text() {
             .iter()
             .find(|p| {
                 Prompt::Messages((*p).clone())
-                    .tokenize(&pre.tokenizer)
+                    .tokenize(&pre.tokenizer, false)
                     .unwrap()
                     == e.prompt
             })
@@ -441,7 +441,7 @@ fn the_reward_does_not_depend_on_which_end_token_the_policy_emitted() {
     assert_eq!(pre.eos_token_ids, [eot, im_end]);
     let messages = json!([{"role": "user", "content": "What is two plus two?"}]);
     let prompt = Prompt::Messages(messages.clone());
-    let prompt_ids = prompt.tokenize(tok).unwrap();
+    let prompt_ids = prompt.tokenize(tok, false).unwrap();
     let text = "Two plus two is four.";
     let completion = |end: u32| Completion {
         prompt_tokens: prompt_ids.clone(),
@@ -490,7 +490,10 @@ fn a_response_the_reward_model_cannot_read_whole_fails_before_any_work() {
         .lines()
         .map(|l| {
             let p = serde_json::from_str::<Value>(l).unwrap()["prompt"].clone();
-            Prompt::Messages(p).tokenize(&pre.tokenizer).unwrap().len()
+            Prompt::Messages(p)
+                .tokenize(&pre.tokenizer, false)
+                .unwrap()
+                .len()
         })
         .max()
         .unwrap();

@@ -221,6 +221,7 @@ pub fn sft_args(model: &Path, data: &Path, out: &Path) -> SftArgs {
         packing: false,
         on_overflow: rlhf::data::sft::Overflow::Error,
         skip_invalid: false,
+        split_special_tokens: false,
         config: None,
         train: train_args(out),
     }

@@ -19,22 +19,55 @@ use crate::error::{Error, Result};
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// The roles a conversation's messages may have (OpenAI's and the templates' of the
+/// supported families: `developer` is OpenAI's newer `system`, `ipython` Llama 3's
+/// tool results). Another role is an error naming the file and line, before any
+/// template sees it: templates treat an unknown role differently (drop it, raise,
+/// or render it as a turn of its own).
+pub const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "ipython",
+];
+
+/// Checks message `i`'s role; the error is a message for the caller to place.
+pub fn check_role(role: &str, i: usize) -> std::result::Result<(), String> {
+    if ROLES.contains(&role) {
+        return Ok(());
+    }
+    Err(format!(
+        "message {i} has role {role:?}; expected one of {}",
+        ROLES.join(", ")
+    ))
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
+    /// Where the template was read from (`DIR/chat_template.jinja`), named in errors.
+    origin: Option<String>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTemplate")
             .field("source", &self.source)
+            .field("origin", &self.origin)
             .finish()
     }
 }
 
 impl Clone for ChatTemplate {
     fn clone(&self) -> Self {
-        ChatTemplate::new(&self.source).expect("a template that compiled once compiles again")
+        let t =
+            ChatTemplate::new(&self.source).expect("a template that compiled once compiles again");
+        ChatTemplate {
+            origin: self.origin.clone(),
+            ..t
+        }
     }
 }
 
@@ -59,11 +92,29 @@ impl ChatTemplate {
         Ok(ChatTemplate {
             env,
             source: source.to_string(),
+            origin: None,
         })
+    }
+
+    /// Compiles a template read from `origin` (a file, or a file and key), which
+    /// every error then names.
+    pub fn from_origin(source: &str, origin: &str) -> Result<Self> {
+        let at = |e: Error| match e {
+            Error::Template(m) => Error::Template(format!("{origin}: {m}")),
+            e => e,
+        };
+        let mut t = Self::new(source).map_err(at)?;
+        t.origin = Some(origin.to_string());
+        Ok(t)
     }
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Where the template was read from, when known.
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
     }
 
     /// Renders `messages` (a JSON list of {role, content, ...}) with the special tokens
@@ -92,7 +143,12 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| Error::Template(describe(&e)))?;
-        tmpl.render(ctx).map_err(|e| Error::Template(describe(&e)))
+        tmpl.render(ctx).map_err(|e| {
+            Error::Template(match &self.origin {
+                Some(o) => format!("{o}: {}", describe(&e)),
+                None => describe(&e),
+            })
+        })
     }
 }
 

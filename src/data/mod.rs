@@ -1,5 +1,6 @@
 //! Data: file formats, tokenization and chat templates.
 
+pub mod chat_encoding;
 pub mod chat_template;
 pub mod jsonl;
 pub mod prompts;

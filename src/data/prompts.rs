@@ -5,6 +5,7 @@
 use serde_json::Value;
 use std::path::Path;
 
+use super::chat_template::check_role;
 use super::jsonl::read_jsonl;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -36,8 +37,25 @@ impl Prompt {
     }
 
     /// Parses a prompt value (text or a list of messages); the error is a message
-    /// about `what` (`field "prompt"`).
+    /// about `what` (`field "prompt"`). A conversation must end with the user's turn
+    /// (the model answers it): a system message alone, or one ending with an
+    /// assistant or tool turn, is an error.
     pub fn from_value(v: &Value, what: &str) -> std::result::Result<Self, String> {
+        let p = Self::parse(v, what)?;
+        if let Prompt::Messages(Value::Array(msgs)) = &p {
+            let last = msgs.last().and_then(|m| m["role"].as_str()).unwrap_or("");
+            if last != "user" {
+                return Err(format!(
+                    "{what}: the conversation ends with a {last:?} message; a prompt must end with the user's turn"
+                ));
+            }
+        }
+        Ok(p)
+    }
+
+    /// Text or a list of messages with known roles, whatever their order (the shape
+    /// of a response too).
+    pub(crate) fn parse(v: &Value, what: &str) -> std::result::Result<Self, String> {
         match v {
             Value::String(s) => Ok(Prompt::Text(s.clone())),
             Value::Array(msgs) => {
@@ -48,14 +66,13 @@ impl Prompt {
         }
     }
 
-    /// Token ids for generation.
-    pub fn tokenize(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    /// Token ids for generation. With `split_special_tokens`, special-token strings
+    /// in the text or in the messages' content are encoded as text
+    /// (`Tokenizer::encode_chat`).
+    pub fn tokenize(&self, tokenizer: &Tokenizer, split_special_tokens: bool) -> Result<Vec<u32>> {
         match self {
-            Prompt::Text(t) => tokenizer.encode(t, true),
-            Prompt::Messages(m) => {
-                let text = tokenizer.apply_chat_template(m, true)?;
-                tokenizer.encode(&text, false)
-            }
+            Prompt::Text(t) => tokenizer.encode_with(t, true, split_special_tokens),
+            Prompt::Messages(m) => tokenizer.encode_chat(m, true, split_special_tokens),
         }
     }
 }
@@ -75,11 +92,13 @@ pub fn read_prompts(path: &Path) -> Result<Vec<(usize, Value, Prompt)>> {
 /// the error is a message about `what`.
 fn check_messages(msgs: &[Value], what: &str) -> std::result::Result<(), String> {
     for (i, m) in msgs.iter().enumerate() {
-        if !m.get("role").is_some_and(Value::is_string) || m.get("content").is_none() {
+        let role = m.get("role").and_then(Value::as_str);
+        let Some(role) = role.filter(|_| m.get("content").is_some()) else {
             return Err(format!(
                 "{what}: message {i} needs a string \"role\" and a \"content\""
             ));
-        }
+        };
+        check_role(role, i).map_err(|e| format!("{what}: {e}"))?;
     }
     if msgs.is_empty() {
         return Err(format!("{what} is an empty list"));

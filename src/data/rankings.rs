@@ -6,6 +6,15 @@
 //! Prompts may be text or a list of messages; responses text or assistant messages.
 //! Every response becomes the ids the reward model reads (`reward_input`: the end of
 //! the templated assistant turn for conversations, the eos for plain text).
+//!
+//! Comparisons between two responses the reward model reads as the same ids
+//! (`chosen == rejected`, a response repeated in a K-way ranking, `"a"` and
+//! `"a<|endoftext|>"` in plain text) teach nothing (their rewards are equal by
+//! construction) and, ranked apart, contradict each other: they are dropped and
+//! counted, and a row left with no comparison is dropped (counted too). An empty
+//! response is a valid answer to rank (a model may end its turn at once) as long as
+//! the row compares it with a different response; a row of empty responses only is
+//! dropped by the same rule.
 
 use serde_json::Value;
 use std::path::Path;
@@ -133,8 +142,20 @@ pub fn ranked_from_row(v: &Value, cfg: &PairTokenizing) -> std::result::Result<R
     })
 }
 
+impl Ranked {
+    /// Drops the comparisons between responses with identical inputs; returns how
+    /// many were dropped.
+    pub fn drop_identical_pairs(&mut self) -> usize {
+        let before = self.pairs.len();
+        let inputs = &self.inputs;
+        self.pairs.retain(|&(w, l)| inputs[w] != inputs[l]);
+        before - self.pairs.len()
+    }
+}
+
 /// Reads a comparisons file; with `skip_invalid`, bad rows are counted and skipped.
-/// Returns the examples and the number skipped.
+/// Comparisons between identical responses are dropped (see the module doc) and
+/// their count printed. Returns the examples and the number of invalid rows skipped.
 pub fn load_rankings(
     path: &Path,
     cfg: &PairTokenizing,
@@ -144,18 +165,39 @@ pub fn load_rankings(
     let mut skipped = 0;
     let lines = read_jsonl(path)?;
     let rows = lines.len();
+    let (mut identical_pairs, mut identical_rows) = (0, 0);
+    let mut first_identical = None;
     for line in lines {
         match ranked_from_row(&line.value, cfg) {
-            Ok(r) => out.push(r),
+            Ok(mut r) => {
+                let n = r.drop_identical_pairs();
+                if n > 0 {
+                    identical_pairs += n;
+                    first_identical.get_or_insert(line.number);
+                }
+                if r.pairs.is_empty() {
+                    identical_rows += 1;
+                } else {
+                    out.push(r);
+                }
+            }
             Err(_) if skip_invalid => skipped += 1,
             Err(msg) => return Err(Error::bad_file(path, Some(line.number), msg)),
         }
+    }
+    if let Some(first) = first_identical {
+        crate::note!(
+            "{}: {identical_pairs} comparisons between identical responses dropped (chosen == rejected; first at line {first}); {identical_rows} rows left with no comparison dropped",
+            path.display()
+        );
     }
     if out.is_empty() {
         return Err(Error::bad_file(
             path,
             None,
-            format!("no usable row ({rows} rows, {skipped} invalid)"),
+            format!(
+                "no usable row ({rows} rows, {skipped} invalid, {identical_rows} comparing only identical responses)"
+            ),
         ));
     }
     Ok((out, skipped))

@@ -42,7 +42,7 @@ impl Response {
     /// Parses a response value; the error is a message about `what` ("response 2").
     pub fn from_value(v: &Value, what: &str) -> std::result::Result<Self, String> {
         // The same shapes as a prompt's, checked by the same rules.
-        Ok(match Prompt::from_value(v, what)? {
+        Ok(match Prompt::parse(v, what)? {
             Prompt::Text(s) => Response::Text(s),
             Prompt::Messages(m) => Response::Messages(m.as_array().cloned().unwrap_or_default()),
         })
@@ -57,6 +57,9 @@ pub struct RewardInput<'a> {
     pub eos: u32,
     /// Every id that ends a generation (the model's eos list).
     pub eos_ids: &'a [u32],
+    /// Special-token strings in prompts and responses encoded as text
+    /// (`Tokenizer::encode_chat`); false is transformers' default.
+    pub split_special_tokens: bool,
 }
 
 impl RewardInput<'_> {
@@ -75,12 +78,13 @@ impl RewardInput<'_> {
                     Error::Invalid("a conversational prompt must be a list of messages".into())
                 })?;
                 let all = Value::Array(msgs.iter().cloned().chain(turn).collect());
-                let text = self.tokenizer.apply_chat_template(&all, false)?;
-                self.tokenizer.encode(&text, false)
+                self.tokenizer
+                    .encode_chat(&all, false, self.split_special_tokens)
             }
             (Prompt::Text(p), Response::Text(t)) => {
-                let mut ids = self.tokenizer.encode(p, true)?;
-                let mut r = self.tokenizer.encode(t, false)?;
+                let split = self.split_special_tokens;
+                let mut ids = self.tokenizer.encode_with(p, true, split)?;
+                let mut r = self.tokenizer.encode_with(t, false, split)?;
                 while r
                     .last()
                     .is_some_and(|x| *x == self.eos || self.eos_ids.contains(x))
@@ -119,6 +123,7 @@ mod tests {
             tokenizer: &tok,
             eos,
             eos_ids: &[eos, im_end],
+            split_special_tokens: false,
         };
         let chat = Prompt::Messages(json!([{"role": "user", "content": "hi"}]));
         let ids = rule.ids(&chat, &Response::Text("hello".into())).unwrap();

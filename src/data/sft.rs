@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
+use super::chat_template::check_role;
 use super::jsonl::read_jsonl;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -58,6 +59,9 @@ pub struct SftTokenizing<'a> {
     pub eos_ids: &'a [u32],
     pub max_length: usize,
     pub overflow: Overflow,
+    /// Special-token strings in the rows' text and message content encoded as text
+    /// (`Tokenizer::encode_chat`); false is transformers' default.
+    pub split_special_tokens: bool,
 }
 
 /// Reads and tokenizes an SFT JSONL file. With `skip_invalid`, bad rows are counted
@@ -141,11 +145,12 @@ fn messages<'a>(v: &'a Value, field: &str) -> std::result::Result<&'a [Value], S
         .and_then(Value::as_array)
         .ok_or_else(|| format!("field {field:?} must be a list of messages"))?;
     for (i, m) in list.iter().enumerate() {
-        if !m.get("role").is_some_and(Value::is_string) {
+        let Some(role) = m.get("role").and_then(Value::as_str) else {
             return Err(format!(
                 "field {field:?}: message {i} needs a string \"role\""
             ));
-        }
+        };
+        check_role(role, i).map_err(|e| format!("field {field:?}: {e}"))?;
         match m.get("content") {
             Some(Value::String(_)) | Some(Value::Array(_)) => {}
             _ => return Err(format!("field {field:?}: message {i} needs a \"content\"")),
@@ -158,7 +163,10 @@ fn messages<'a>(v: &'a Value, field: &str) -> std::result::Result<&'a [Value], S
 /// line).
 pub fn example_from_row(v: &Value, cfg: &SftTokenizing) -> std::result::Result<SftExample, String> {
     let tok = cfg.tokenizer;
-    let enc = |t: &str, special: bool| tok.encode(t, special).map_err(|e| e.to_string());
+    let enc = |t: &str, special: bool| {
+        tok.encode_with(t, special, cfg.split_special_tokens)
+            .map_err(|e| e.to_string())
+    };
     if v.get("messages").is_some() {
         let msgs = messages(v, "messages")?;
         return conversation(cfg, msgs, 0);
@@ -246,14 +254,32 @@ fn conversation(
         .ok_or("the chat template does not render a conversation as a growing prefix")?;
     segments.push((rest.to_string(), false));
 
+    // With split_special_tokens: where the content holding special-token strings is
+    // in the whole rendering, which the segments cut in order.
+    let plain = if cfg.split_special_tokens {
+        tok.content_spans(&Value::Array(msgs.to_vec()), false, &full)
+            .map_err(|e| e.to_string())?
+    } else {
+        vec![]
+    };
     let mut ids = vec![];
     let mut loss_mask = vec![];
     let mut last_trained_end = 0;
+    let mut offset = 0;
     for (text, train) in segments {
+        let start = offset;
+        offset += text.len();
         if text.is_empty() {
             continue;
         }
-        let t = tok.encode(&text, false).map_err(|e| e.to_string())?;
+        let within: Vec<std::ops::Range<usize>> = plain
+            .iter()
+            .filter(|r| r.start < offset && r.end > start)
+            .map(|r| r.start.max(start) - start..r.end.min(offset) - start)
+            .collect();
+        let t = tok
+            .encode_with_plain(&text, &within)
+            .map_err(|e| e.to_string())?;
         loss_mask.extend(std::iter::repeat_n(u8::from(train), t.len()));
         ids.extend(t);
         if train {

@@ -28,6 +28,9 @@ const SPECIAL_TOKEN_KEYS: [&str; 7] = [
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with transformers' `split_special_tokens`: special-token strings in
+    /// the text are encoded as text (built on first use).
+    split: std::sync::OnceLock<tokenizers::Tokenizer>,
     /// tokenizer_config.json as read ({} when absent).
     config: Value,
     /// Special tokens by role (`bos_token` → "<s>"), also passed to chat templates.
@@ -57,16 +60,13 @@ impl Tokenizer {
         }
         let jinja = dir.join(CHAT_TEMPLATE_FILE);
         let source = if jinja.exists() {
-            Some(read_to_string(&jinja)?)
+            Some((read_to_string(&jinja)?, jinja.display().to_string()))
         } else {
             template_from_config(&tok.config, &cfg_path)?
+                .map(|s| (s, format!("{}: \"chat_template\"", cfg_path.display())))
         };
-        if let Some(src) = source {
-            let t = ChatTemplate::new(&src).map_err(|e| match e {
-                Error::Template(m) => Error::Template(format!("{}: {m}", dir.display())),
-                e => e,
-            })?;
-            tok.chat_template = Some(t);
+        if let Some((src, origin)) = source {
+            tok.chat_template = Some(ChatTemplate::from_origin(&src, &origin)?);
         }
         Ok(tok)
     }
@@ -116,6 +116,7 @@ impl Tokenizer {
             .map_err(|e| Error::bad_file(path, None, format!("not a valid tokenizer.json: {e}")))?;
         Ok(Tokenizer {
             inner,
+            split: Default::default(),
             config: json!({}),
             special_tokens: BTreeMap::new(),
             chat_template: None,
@@ -149,6 +150,7 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(format!("training BPE: {e}")))?;
         Ok(Tokenizer {
             inner,
+            split: Default::default(),
             config: json!({}),
             special_tokens: BTreeMap::new(),
             chat_template: None,
@@ -168,11 +170,46 @@ impl Tokenizer {
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
+        self.encode_with(text, add_special_tokens, false)
+    }
+
+    /// [`Tokenizer::encode`] with transformers' `split_special_tokens`: when true,
+    /// special-token strings in `text` (`<|im_end|>`) are encoded as the text they
+    /// spell, never as the special ids (what user-written text needs, so that it
+    /// cannot close a turn or open a system message). The tokenizer's own
+    /// additions (`add_special_tokens`: a BOS) are still made.
+    pub fn encode_with(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        split_special_tokens: bool,
+    ) -> Result<Vec<u32>> {
+        let inner = if split_special_tokens {
+            self.split.get_or_init(|| {
+                let mut t = self.inner.clone();
+                t.set_encode_special_tokens(true);
+                t
+            })
+        } else {
+            &self.inner
+        };
+        let enc = inner
             .encode(text, add_special_tokens)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// The special added tokens (`<|im_start|>`, `<|endoftext|>`, ...) as (text, id).
+    pub fn special_added_tokens(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        v.sort();
+        v
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {

@@ -24,6 +24,44 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+/// The scalar head of a reward model or critic (`...ForSequenceClassification`).
+pub const SCORE_WEIGHT: &str = "score.weight";
+
+/// Whether a folder's config and tensors are a sequence classifier (a reward model
+/// or a critic): a `score.weight` head or a `...ForSequenceClassification` class.
+/// Returns what shows it, for messages.
+pub fn scalar_head_evidence(
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Option<String> {
+    let classes = architectures(config);
+    let classifier = classes
+        .iter()
+        .any(|c| c.ends_with("ForSequenceClassification"));
+    let head = tensors.contains_key(SCORE_WEIGHT);
+    match (head, classifier) {
+        (false, false) => None,
+        (true, _) => Some(format!(
+            "a reward model ({SCORE_WEIGHT}, architectures {classes:?})"
+        )),
+        (false, true) => Some(format!("a reward model (architectures {classes:?})")),
+    }
+}
+
+/// config.json's `architectures` (empty when absent).
+pub fn architectures(config: &ModelConfig) -> Vec<String> {
+    config
+        .raw
+        .get("architectures")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 /// Reads and validates `DIR/config.json`.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
@@ -86,14 +124,48 @@ fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 
 /// eos ids for generation: generation_config.json's (an int or a list) when present,
 /// else config.json's.
+/// Every id must be a token of the model's vocabulary (an eos the model cannot
+/// produce would never stop a generation): an id outside it is an error naming the
+/// file.
 pub fn read_generation_eos(dir: &Path, config: &ModelConfig) -> Result<Vec<u32>> {
     let path = dir.join(GENERATION_CONFIG_FILE);
-    let mut ids = config.eos_token_ids();
+    let mut ids = eos_ids_in(
+        &dir.join(CONFIG_FILE),
+        config.raw.get("eos_token_id"),
+        config,
+    )?;
     if path.exists() {
         let gen: Value = read_json(&path)?;
-        let from_gen = token_id_list(gen.get("eos_token_id"));
+        let from_gen = eos_ids_in(&path, gen.get("eos_token_id"), config)?;
         if !from_gen.is_empty() {
             ids = from_gen;
+        }
+    }
+    Ok(ids)
+}
+
+/// The eos ids of one file's `eos_token_id` (an int, a list of ints or null), each
+/// checked against the vocabulary.
+fn eos_ids_in(path: &Path, v: Option<&Value>, config: &ModelConfig) -> Result<Vec<u32>> {
+    let vocab = config.vocab_size();
+    let list: Vec<&Value> = match v {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(one) => vec![one],
+    };
+    let ids = token_id_list(v);
+    for x in list {
+        match x.as_u64() {
+            Some(id) if (id as usize) < vocab && ids.contains(&(id as u32)) => {}
+            _ => {
+                return Err(Error::bad_file(
+                    path,
+                    None,
+                    format!(
+                        "eos_token_id {x} is not a token id of the vocabulary (0..{vocab}, config.json's vocab_size)"
+                    ),
+                ))
+            }
         }
     }
     Ok(ids)
@@ -123,10 +195,23 @@ pub fn ensure_model_dir(dir: &Path) -> Result<()> {
 }
 
 /// Loads a causal LM from an HF folder, checking every tensor's name and shape.
+///
+/// A reward model's folder (a score head) is refused: generating from it or training
+/// it as a policy would silently drop its head (and use an untrained LM head).
 pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<CausalLm> {
     ensure_model_dir(dir)?;
     let config = read_config(dir)?;
     let (tensors, source) = read_weights(dir, device)?;
+    if let Some(found) = scalar_head_evidence(&config, &tensors) {
+        return Err(Error::WrongModelKind {
+            path: dir.to_path_buf(),
+            expected: format!(
+                "a causal LM ({}, e.g. an SFT model); a reward model goes to --reward_model or `rlhf rm score`",
+                config.arch.causal_lm_class()
+            ),
+            found: format!("this is {found}"),
+        });
+    }
     let params = Params::from_hf(Backbone::param_specs(&config), tensors, &source, device)?;
     CausalLm::from_params(config, params, device)
 }

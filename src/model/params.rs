@@ -147,6 +147,7 @@ impl Params {
                 });
             }
             let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            warn_non_finite(&t, &spec.name, path)?;
             let t = match spec.layout {
                 HfLayout::Same => t,
                 HfLayout::Transposed => t.t()?.contiguous()?,
@@ -233,6 +234,30 @@ impl Params {
             })
             .collect()
     }
+}
+
+/// Notes (on stderr) a tensor that holds NaN or ±inf: a model that loads but whose
+/// outputs will be NaN (a diverged run, a broken conversion). A warning, not an
+/// error, so that such a folder can still be inspected.
+fn warn_non_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
+    // The sum is finite unless an element is not (f32 weights are far from overflowing
+    // in a sum); only then are the elements counted.
+    if t.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        return Ok(());
+    }
+    let bad = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .filter(|x| !x.is_finite())
+        .count();
+    if bad > 0 {
+        crate::note!(
+            "warning: {}: tensor {name:?} holds {bad} non-finite values (NaN or inf)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn take_tensor(tensors: &mut HashMap<String, Tensor>, name: &str) -> Option<Tensor> {

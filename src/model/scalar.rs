@@ -19,7 +19,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::io::write_json;
 
-pub const SCORE_WEIGHT: &str = "score.weight";
+pub use super::hf::SCORE_WEIGHT;
 
 /// Hidden states → one scalar per position.
 #[derive(Debug, Clone)]
@@ -179,6 +179,7 @@ impl PretrainedScalar {
             tokenizer: &self.tokenizer,
             eos: self.eos()?,
             eos_ids: &self.eos_token_ids,
+            split_special_tokens: false,
         })
     }
 }

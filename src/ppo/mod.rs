@@ -54,6 +54,7 @@ use crate::settings::{
 };
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{lm_loss_sum, text_rows, Row};
+use crate::train::output_dir::check_stage;
 use crate::train::schedule::LrSchedulerType;
 use crate::train::trainer::{train, LossParts, TrainSummary, TrainTask};
 use advantage::{gae, whiten};
@@ -650,6 +651,14 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         "--model_name_or_path (or --model)",
     )?;
     let data = require(&args.dataset, "--dataset (or --data)")?;
+    check_stage(
+        &args.train,
+        &[
+            ("--model", Some(sft)),
+            ("--reward_model", args.reward_model.as_deref()),
+            ("--value_model", args.value_model.as_deref()),
+        ],
+    )?;
     let dev = Device::Cpu;
     let actor = load_pretrained(sft, &dev)?;
     let reference = Frozen::new(load_pretrained(sft, &dev)?.model);

@@ -32,7 +32,9 @@ impl PromptSet {
         let mut prompts = vec![];
         for (line, _, p) in read_prompts(path)? {
             let bad = |m: String| Error::bad_file(path, Some(line), m);
-            let ids = p.tokenize(tokenizer).map_err(|e| bad(e.to_string()))?;
+            let ids = p
+                .tokenize(tokenizer, false)
+                .map_err(|e| bad(e.to_string()))?;
             if ids.is_empty() {
                 return Err(bad("the prompt is empty (0 tokens)".into()));
             }

@@ -35,11 +35,18 @@ impl Scorer {
             (Some(dir), None) => {
                 let rm = crate::rm::load_reward_model(dir)?;
                 same_tokenizer(policy_tokenizer, &rm.tokenizer, "reward model")?;
-                if rm.normalization.is_none() {
-                    crate::note!(
+                match &rm.normalization {
+                    None => crate::note!(
                         "warning: {} has no stored reward normalisation; raw scores are used",
                         dir.display()
-                    );
+                    ),
+                    Some(n) => crate::rm::check_normalization(n).map_err(|msg| {
+                        Error::bad_file(
+                            &dir.join(crate::model::hf::CONFIG_FILE),
+                            None,
+                            format!("rlhf.reward_normalization: {msg}; retrain the reward model on distinct responses"),
+                        )
+                    })?,
                 }
                 Ok(Scorer::Model(Box::new(Frozen::new(rm))))
             }

@@ -103,7 +103,7 @@ pub fn save(
     fsync(&tmp)?;
     let manifest = json!({"step": step, "files": files});
     let text = serde_json::to_string_pretty(&manifest).expect("JSON serializes");
-    std::fs::write(tmp.join(MANIFEST_FILE), text).map_err(io(&tmp))?;
+    std::fs::write(tmp.join(MANIFEST_FILE), text).map_err(io(&tmp.join(MANIFEST_FILE)))?;
     fsync(&tmp.join(MANIFEST_FILE))?;
     fsync(&tmp)?;
     if dest.exists() {

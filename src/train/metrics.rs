@@ -25,9 +25,21 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    /// Opens (appending) `dir/metrics.jsonl` and a new event file under `dir/runs/`.
-    pub fn create(dir: &Path) -> Result<Self> {
+    /// Opens `dir/metrics.jsonl` and a new event file under `dir/runs/`. A run that
+    /// resumes from the checkpoint of step `resumed_from` keeps the lines of the steps
+    /// up to it and drops the later ones (logged after that checkpoint by the run that
+    /// stopped), so that every step appears once; a fresh run starts an empty file.
+    /// The event file starts with TensorBoard's session start at the first new step,
+    /// which tells TensorBoard to drop the older files' later steps too.
+    pub fn create(dir: &Path, resumed_from: Option<u64>) -> Result<Self> {
         let jsonl_path = dir.join(METRICS_FILE);
+        let kept = match resumed_from {
+            Some(step) if jsonl_path.exists() => {
+                lines_up_to(&crate::error::read_to_string(&jsonl_path)?, step)
+            }
+            _ => String::new(),
+        };
+        crate::io::write_atomic(&jsonl_path, kept.as_bytes())?;
         let jsonl = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -52,6 +64,12 @@ impl MetricsWriter {
         events
             .write_all(&tfrecord(&header))
             .map_err(|e| Error::write(&events_path, e))?;
+        if let Some(step) = resumed_from {
+            let start = encode_event(wall_time(), step as i64 + 1, EventBody::SessionStart);
+            events
+                .write_all(&tfrecord(&start))
+                .map_err(|e| Error::write(&events_path, e))?;
+        }
         Ok(MetricsWriter {
             jsonl,
             jsonl_path,
@@ -94,6 +112,20 @@ impl MetricsWriter {
     }
 }
 
+/// The lines of a metrics.jsonl whose step is at most `step` (a line cut short by a
+/// crash, which does not parse, is dropped too).
+fn lines_up_to(text: &str, step: u64) -> String {
+    text.lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_u64))
+                .is_some_and(|s| s <= step)
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect()
+}
+
 fn wall_time() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -121,6 +153,9 @@ pub fn tfrecord(payload: &[u8]) -> Vec<u8> {
 enum EventBody<'a> {
     FileVersion(&'a str),
     Scalars(&'a [(&'a str, f32)]),
+    /// `SessionLog { status: START }`: TensorBoard drops the steps ≥ this event's
+    /// step that earlier files logged (its `purge_orphaned_data`).
+    SessionStart,
 }
 
 fn varint(mut v: u64, out: &mut Vec<u8>) {
@@ -139,8 +174,9 @@ fn bytes_field(field: u32, data: &[u8], out: &mut Vec<u8>) {
 }
 
 /// tensorflow.Event { double wall_time = 1; int64 step = 2; string file_version = 3;
-/// Summary summary = 5; }, Summary { repeated Value value = 1; },
-/// Value { string tag = 1; float simple_value = 2; }
+/// Summary summary = 5; SessionLog session_log = 7; }, Summary { repeated Value
+/// value = 1; }, Value { string tag = 1; float simple_value = 2; }, SessionLog {
+/// SessionStatus status = 1; } (START = 1)
 fn encode_event(wall_time: f64, step: i64, body: EventBody) -> Vec<u8> {
     let mut out = vec![1 << 3 | 1];
     out.extend_from_slice(&wall_time.to_le_bytes());
@@ -148,6 +184,7 @@ fn encode_event(wall_time: f64, step: i64, body: EventBody) -> Vec<u8> {
     varint(step as u64, &mut out);
     match body {
         EventBody::FileVersion(v) => bytes_field(3, v.as_bytes(), &mut out),
+        EventBody::SessionStart => bytes_field(7, &[1 << 3, 1], &mut out),
         EventBody::Scalars(values) => {
             let mut summary = vec![];
             for (tag, x) in values {
@@ -175,5 +212,19 @@ mod tests {
         assert_eq!(rec.len(), 8 + 4 + 3 + 4);
         assert_eq!(u64::from_le_bytes(rec[..8].try_into().unwrap()), 3);
         assert_eq!(&rec[12..15], b"abc");
+    }
+
+    #[test]
+    fn resuming_keeps_the_steps_up_to_the_checkpoint() {
+        let text =
+            "{\"step\":1,\"a\":1}\n{\"step\":2,\"a\":2}\n{\"step\":3,\"a\":3}\n{\"step\":4,\"a";
+        assert_eq!(
+            lines_up_to(text, 2),
+            "{\"step\":1,\"a\":1}\n{\"step\":2,\"a\":2}\n"
+        );
+        // The session start: wall_time (field 1), step (field 2), session_log (7)
+        // holding status START (field 1 = 1).
+        let ev = encode_event(0.0, 5, EventBody::SessionStart);
+        assert_eq!(&ev[9..], &[2 << 3, 5, 7 << 3 | 2, 2, 1 << 3, 1]);
     }
 }

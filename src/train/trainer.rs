@@ -14,6 +14,7 @@ use super::args::TrainingArgs;
 use super::checkpoint;
 use super::metrics::MetricsWriter;
 use super::optimizer::{AdamW, AdamWConfig, GradAccumulator};
+use super::output_dir::{self, Start};
 use super::schedule::lr_factor;
 use crate::error::{read_json, Error, Result};
 use crate::io::write_json;
@@ -116,7 +117,8 @@ fn adamw_config(args: &TrainingArgs) -> AdamWConfig {
 }
 
 /// Runs the loop to the end, resuming from the newest valid checkpoint in the output
-/// folder when there is one (unless `overwrite_output_dir`). `args` has its stage
+/// folder when there is one (unless `overwrite_output_dir`; a folder holding a model
+/// and no checkpoint is refused: see `output_dir`). `args` has its stage
 /// defaults filled; `resolved_config` is saved beside every checkpoint.
 pub fn train(
     task: &mut dyn TrainTask,
@@ -126,7 +128,6 @@ pub fn train(
 ) -> Result<TrainSummary> {
     let call_start = Instant::now();
     let out = args.output_dir()?.to_path_buf();
-    std::fs::create_dir_all(&out).map_err(|e| Error::write(&out, e))?;
     let nb = task.batches_per_epoch();
     if nb == 0 {
         return Err(Error::Invalid("the training set yields no batch".into()));
@@ -149,24 +150,30 @@ pub fn train(
         ..Default::default()
     };
     let mut resumed_from = None;
-    if args.overwrite_output_dir {
-        for (_, dir) in checkpoint::list(&out)? {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::write(&dir, e))?;
+    // Resume, start over, or refuse the folder (`output_dir`'s rules), before
+    // anything is written; the folder is created only now, with the data and the
+    // settings checked.
+    match output_dir::claim(&out, args.overwrite_output_dir)? {
+        Start::Resume(step, dir) => {
+            resume_from(&dir, task, &mut opt, &mut state)?;
+            state.total_steps = total_steps;
+            resumed_from = Some(step);
+            crate::note!("resuming from {} (step {step})", dir.display());
         }
-    } else if let Some((step, dir)) = checkpoint::find_resumable(&out)? {
-        resume_from(&dir, task, &mut opt, &mut state)?;
-        state.total_steps = total_steps;
-        resumed_from = Some(step);
-        crate::note!("resuming from {} (step {step})", dir.display());
-    } else if args.resume {
-        return Err(Error::Invalid(format!(
-            "--resume: no valid checkpoint in {}",
-            out.display()
-        )));
+        Start::Fresh if args.resume => {
+            return Err(Error::Invalid(format!(
+                "--resume: no valid checkpoint in {}",
+                out.display()
+            )));
+        }
+        Start::Fresh => {}
     }
+    std::fs::create_dir_all(&out).map_err(|e| Error::write(&out, e))?;
     write_json(&out.join(TRAINING_ARGS_FILE), resolved_config)?;
 
-    let mut metrics = MetricsWriter::create(&out)?;
+    // metrics.jsonl keeps the steps up to the checkpoint resumed from, so that each
+    // step appears once.
+    let mut metrics = MetricsWriter::create(&out, resumed_from)?;
     let mut acc = GradAccumulator::new(task.params());
     let bar = crate::progress::bar(total_steps, label);
     bar.set_position(state.global_step);
