@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""`rlhf demo` over several seeds: each seed's figures, their mean and the worst, and
-whether every seed meets the full run's thresholds. Standard library only.
+"""`rlhf demo` over several seeds: each seed's figures for every method (SFT, PPO,
+PPO-EMA, DPO, GRPO, RLOO), their mean and the worst, and whether every seed meets
+the full run's thresholds (PPO). Standard library only.
 
     cargo build --release
     python3 bench/demo_seeds.py                      # full runs, seeds 0 1 2
@@ -20,30 +21,36 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (label, path in report.json, True when higher is better); the families' rows are
-# added from the reports (each task has its own).
-ROWS = [
-    ("win rate vs SFT (PPO)", ("ppo", "win_rate_vs_sft"), True),
-    ("win rate vs SFT (EMA)", ("ema", "win_rate_vs_sft"), True),
-    ("gold score SFT", ("sft", "gold_score"), True),
-    ("gold score PPO", ("ppo", "gold_score"), True),
-    ("RM val accuracy", ("rm_val_accuracy",), True),
-    ("KL to SFT, eval prompts (PPO)", ("ppo", "kl_to_sft_eval"), False),
-    ("KL, last training iteration", ("ppo_kl_last_training_iteration",), False),
-    ("ptx loss held-out SFT", ("sft", "ptx_loss_held_out"), False),
-    ("ptx loss held-out PPO", ("ppo", "ptx_loss_held_out"), False),
-    ("distinct answers SFT", ("sft", "distinct_answers"), True),
-    ("distinct answers PPO", ("ppo", "distinct_answers"), True),
-    ("elapsed s", ("elapsed_s", "total"), False),
+# (label, path in a policy's entry of report.json, True when higher is better).
+POLICY_ROWS = [
+    ("gold score", ("gold_score",), True),
+    ("win rate vs SFT", ("win_rate_vs_sft",), True),
+    ("KL to SFT, eval prompts", ("kl_to_sft_eval",), False),
+    ("ptx loss held-out", ("ptx_loss_held_out",), False),
+    ("distinct answers", ("distinct_answers",), True),
 ]
+RUN_ROWS = [
+    ("RM val accuracy", ("rm_val_accuracy",), True),
+    ("KL, last PPO iteration", ("ppo_kl_last_training_iteration",), False),
+    ("elapsed s (whole demo)", ("elapsed_s", "total"), False),
+]
+ORDER = ["sft", "ppo", "ppo-ema", "dpo", "grpo", "rloo"]
 
 
-def family_rows(report):
+def rows_for(report):
     rows = []
-    for fam in report["family_counts"]:
-        for who in ("sft", "ppo"):
-            rows.append((f"  {fam} {who.upper()}", (who, "families", fam), True))
-    return rows
+    for who in [w for w in ORDER if w in report["policies"]]:
+        for label, path, higher in POLICY_ROWS:
+            if who == "sft" and path[0] in ("win_rate_vs_sft", "kl_to_sft_eval"):
+                continue
+            rows.append((f"{who}: {label}", ("policies", who) + path, higher))
+        for fam in report["family_counts"]:
+            rows.append((f"{who}:   {fam}", ("policies", who, "families", fam), True))
+        stage = who.replace("-ema", "")
+        if who != "sft":
+            rows.append((f"{who}: train s", ("elapsed_s", stage), False))
+            rows.append((f"{who}: peak RSS MiB", ("peak_rss_mib", stage, "peak_mib"), False))
+    return rows + RUN_ROWS
 
 
 def get(report, path):
@@ -80,24 +87,24 @@ def main():
 
     print(f"\nCPU: {reports[0].get('cpu')}")
     print(f"task: {args.task or '3h'}, {'quick' if args.quick else 'full'} run, seeds {args.seeds}\n")
-    head = f"{'':32}" + "".join(f"{'seed ' + str(s):>10}" for s in args.seeds) + f"{'mean':>10}{'worst':>10}"
+    head = f"{'':40}" + "".join(f"{'seed ' + str(s):>10}" for s in args.seeds) + f"{'mean':>10}{'worst':>10}"
     print(head)
-    rows = ROWS[:4] + family_rows(reports[0]) + ROWS[4:]
-    for label, path, higher in rows:
+    for label, path, higher in rows_for(reports[0]):
         vals = [get(r, path) for r in reports]
         if any(v is None for v in vals):
             continue
         mean = sum(vals) / len(vals)
         worst = min(vals) if higher else max(vals)
-        print(f"{label:32}" + "".join(f"{v:>10.3f}" for v in vals) + f"{mean:>10.3f}{worst:>10.3f}")
+        print(f"{label:40}" + "".join(f"{v:>10.3f}" for v in vals) + f"{mean:>10.3f}{worst:>10.3f}")
     for r in reports:
-        t = r["thresholds"]
-        print(
-            f"seed {r['seed']}: thresholds {'met' if t['all'] else 'NOT met'} "
-            f"(win {t['win_rate']}, rm {t['rm_accuracy']}, families worse {t['families_worse']}, ptx {t['ptx_loss']})"
-        )
-        for who in ("sft", "ppo"):
-            print(f"  {who} end tokens (sampled): {r[who]['end_tokens_sampled']}")
+        t = r.get("thresholds")
+        if t:
+            print(
+                f"seed {r['seed']}: PPO thresholds {'met' if t['all'] else 'NOT met'} "
+                f"(win {t['win_rate']}, rm {t['rm_accuracy']}, families worse {t['families_worse']}, ptx {t['ptx_loss']})"
+            )
+        for who in [w for w in ORDER if w in r["policies"]]:
+            print(f"  {who} end tokens (sampled): {r['policies'][who]['end_tokens_sampled']}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ pub mod generate;
 pub mod grpo;
 pub mod io;
 pub mod losses;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod pipeline;
@@ -52,9 +53,24 @@ macro_rules! note {
 /// unchanged (freed blocks are reused), only the memory it holds between peaks. Only
 /// effective where mimalloc is the global allocator (the `rlhf` binary, benches).
 pub fn keep_freed_memory() {
-    // mimalloc's `mi_option_purge_delay` (15 in its v2 option enum, which
-    // libmimalloc-sys does not name); −1 disables purging.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: setting an option is a plain store in mimalloc's option table.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
+/// mimalloc's `mi_option_purge_delay` (15 in its v2 option enum, which
+/// libmimalloc-sys does not name); −1 disables purging, 0 purges at once.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Returns the memory mimalloc holds but no longer uses to the kernel, then goes back
+/// to keeping it (`keep_freed_memory`): what a measurement of one stage's peak memory
+/// needs first, so that an earlier stage's freed buffers do not count as its own.
+pub fn release_freed_memory() {
+    // SAFETY: option stores and a collection of mimalloc's own empty pages; no
+    // pointer is handed over. Where mimalloc is not the global allocator its heaps
+    // are empty and this does nothing.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        libmimalloc_sys::mi_collect(true);
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+    }
 }

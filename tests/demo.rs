@@ -51,14 +51,38 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
     };
     run();
     let report: Value = serde_json::from_str(&read(&out.join("report.json"))).unwrap();
-    for stage in ["pretrain", "sft", "rm", "ppo", "ppo/ema"] {
+    for stage in [
+        "pretrain", "sft", "rm", "ppo", "ppo/ema", "dpo", "grpo", "rloo",
+    ] {
         assert!(
             out.join(stage).join("model.safetensors").exists(),
             "{stage}"
         );
     }
     let html = read(&out.join("report.html"));
-    assert!(html.contains("<svg") && html.contains("polyline") && html.contains("SFT vs PPO"));
+    assert!(html.contains("<svg") && html.contains("polyline") && html.contains("<rect"));
+    assert!(html.contains("Answers on held-out prompts") && !html.contains("\"prompts\":"));
+    // Every method is trained, evaluated and timed.
+    let policies = ["sft", "ppo", "ppo-ema", "dpo", "grpo", "rloo"];
+    let names: Vec<&str> = report["policies"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(names.len(), policies.len(), "{names:?}");
+    for stage in ["rm", "ppo", "dpo", "grpo", "rloo"] {
+        assert!(
+            report["elapsed_s"][stage].as_f64().is_some_and(|s| s > 0.0),
+            "{stage}"
+        );
+        let m = &report["peak_rss_mib"][stage];
+        let (peak, start) = (
+            m["peak_mib"].as_f64().unwrap(),
+            m["start_mib"].as_f64().unwrap(),
+        );
+        assert!(peak > 1.0 && start > 1.0 && peak >= start, "{stage}: {m}");
+    }
 
     // Unseen by construction, checked on what the run wrote: no eval prompt occurs
     // in the SFT, ranking or PPO data, nor in the pretraining corpus (PPO's ptx
@@ -101,28 +125,29 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
     let prompts = report["prompts"].as_array().unwrap();
     assert_eq!(prompts.len(), eval.len());
     let tasks = World::new(3).eval_tasks();
-    let score = |p: &Value, who: &str| p[format!("score_{who}")].as_f64().unwrap();
+    let score = |p: &Value, who: &str| p["answers"][who]["score"].as_f64().unwrap();
+    let text = |p: &Value, who: &str| p["answers"][who]["text"].as_str().unwrap().to_string();
     for (p, t) in prompts.iter().zip(&tasks) {
         assert_eq!(p["prompt"], t.prompt.as_str());
-        for who in ["sft", "ppo", "ema"] {
-            let answer = p[who].as_str().unwrap();
-            assert!(close(score(p, who), gold_score(t, answer)), "{who}: {p}");
+        for who in policies {
+            assert!(
+                close(score(p, who), gold_score(t, &text(p, who))),
+                "{who}: {p}"
+            );
         }
     }
-    for who in ["sft", "ppo", "ema"] {
+    for who in policies {
+        let r = &report["policies"][who];
         let scores: Vec<f64> = prompts.iter().map(|p| score(p, who)).collect();
         let mean = scores.iter().sum::<f64>() / scores.len() as f64;
-        assert!(
-            close(report[who]["gold_score"].as_f64().unwrap(), mean),
-            "{who}"
-        );
+        assert!(close(r["gold_score"].as_f64().unwrap(), mean), "{who}");
         let mut per: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for p in prompts {
             per.entry(p["family"].as_str().unwrap().to_string())
                 .or_default()
                 .push(score(p, who));
         }
-        let fams = report[who]["families"].as_object().unwrap();
+        let fams = r["families"].as_object().unwrap();
         assert_eq!(fams.len(), 4, "{who}");
         let mut weighted = 0.0;
         for (fam, s) in &per {
@@ -144,23 +169,18 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
                 .map(|p| win_of(score(p, who), score(p, "sft")))
                 .sum();
             let rate = wins / prompts.len() as f64;
-            assert!(
-                close(report[who]["win_rate_vs_sft"].as_f64().unwrap(), rate),
-                "{who}"
-            );
-            assert!(report[who]["kl_to_sft_eval"]
-                .as_f64()
-                .is_some_and(f64::is_finite));
+            assert!(close(r["win_rate_vs_sft"].as_f64().unwrap(), rate), "{who}");
+            assert!(r["kl_to_sft_eval"].as_f64().is_some_and(f64::is_finite));
         }
-        let answers: std::collections::HashSet<&str> =
-            prompts.iter().map(|p| p[who].as_str().unwrap()).collect();
+        let answers: std::collections::HashSet<String> =
+            prompts.iter().map(|p| text(p, who)).collect();
         let ratio = answers.len() as f64 / prompts.len() as f64;
         assert!(
-            close(report[who]["distinct_answers"].as_f64().unwrap(), ratio),
+            close(r["distinct_answers"].as_f64().unwrap(), ratio),
             "{who}"
         );
         for shares in ["end_tokens_greedy", "end_tokens_sampled"] {
-            let total: f64 = report[who][shares]
+            let total: f64 = r[shares]
                 .as_object()
                 .unwrap()
                 .values()
@@ -168,9 +188,7 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
                 .sum();
             assert!(close(total, 1.0), "{who} {shares}: {total}");
         }
-        assert!(report[who]["ptx_loss_held_out"]
-            .as_f64()
-            .is_some_and(f64::is_finite));
+        assert!(r["ptx_loss_held_out"].as_f64().is_some_and(f64::is_finite));
     }
     assert!(report["rm_val_accuracy"]
         .as_f64()
@@ -178,11 +196,10 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
 
     // Rerun: every stage is skipped and the evaluation gives the same numbers.
     let log = run();
-    assert_eq!(log.matches("already done").count(), 5, "{log}");
+    assert_eq!(log.matches("already done").count(), 8, "{log}");
     let again: Value = serde_json::from_str(&read(&out.join("report.json"))).unwrap();
-    for who in ["sft", "ppo", "ema"] {
-        assert_eq!(again[who], report[who], "{who}");
-    }
+    assert_eq!(again["policies"], report["policies"]);
+    assert_eq!(again["peak_rss_mib"], report["peak_rss_mib"]);
     assert_eq!(again["prompts"], report["prompts"]);
 }
 

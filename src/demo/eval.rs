@@ -140,17 +140,20 @@ pub fn lm_loss(pre: &Pretrained, docs: &[String]) -> Result<f64> {
     Ok(total / count.max(1) as f64)
 }
 
-/// One eval prompt: each policy's greedy answer and the judge's score of it.
+/// One eval prompt: each policy's greedy answer and the judge's score of it, by the
+/// policy's name (`sft`, `ppo`, `ppo-ema`, `dpo`, `grpo`, `rloo`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PromptResult {
     pub family: Family,
     pub prompt: String,
-    pub sft: String,
-    pub ppo: String,
-    pub ema: String,
-    pub score_sft: f64,
-    pub score_ppo: f64,
-    pub score_ema: f64,
+    pub answers: BTreeMap<String, Answer>,
+}
+
+/// A greedy answer and the judge's score of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub text: String,
+    pub score: f64,
 }
 
 /// What the report says of one policy.

@@ -1,7 +1,9 @@
 //! `rlhf demo`: the whole InstructGPT pipeline on the built-in 3H task, with nothing
 //! downloaded: make the data → pretrain the tokenizer and GPT → SFT → sample K
 //! responses per RM prompt from the SFT model → the gold judge ranks them → reward
-//! model → PPO-ptx → evaluate SFT, PPO and the EMA policy on held-out prompts.
+//! model → PPO-ptx, and beside it the methods users compare it with, each from the
+//! same SFT model: DPO on the same rankings, GRPO and RLOO against the same reward
+//! model (`--methods`) → evaluate every policy on the same held-out prompts.
 //!
 //! Every stage writes its HF folder and metrics under the output folder and resumes:
 //! a finished stage is skipped, an interrupted one continues from its checkpoint.
@@ -29,7 +31,7 @@ use crate::pipeline::stage;
 use environment::{Environment, Task};
 use eval::chat;
 use format::FormatWorld;
-use report::{Report, Thresholds};
+use report::{Report, StageMemory, Thresholds};
 use world::World;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -50,6 +52,86 @@ pub struct DemoArgs {
     /// answers, polite greetings), the second task that checks the recipe carries over.
     #[arg(long, value_enum, default_value_t = DemoTask::ThreeH)]
     pub task: DemoTask,
+    /// The methods trained from the SFT model and compared (SFT is always evaluated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ppo,dpo,grpo,rloo"
+    )]
+    pub methods: Vec<Method>,
+}
+
+/// The methods the demo compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Method {
+    Ppo,
+    Dpo,
+    Grpo,
+    Rloo,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Ppo => "ppo",
+            Method::Dpo => "dpo",
+            Method::Grpo => "grpo",
+            Method::Rloo => "rloo",
+        }
+    }
+}
+
+/// Runs a training stage, recording its wall time and peak resident memory: the
+/// process's high-water mark from the stage's start, after the memory earlier stages
+/// freed was handed back to the kernel as far as the allocator lets go of it. What it
+/// still held at the start is recorded beside the peak: the stage's own footprint is
+/// between `peak − start` and `peak`.
+fn measured(
+    dir: &Path,
+    name: &str,
+    elapsed: &mut BTreeMap<String, f64>,
+    peak: &mut BTreeMap<String, StageMemory>,
+    run: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    crate::release_freed_memory();
+    let reset = crate::memory::reset_peak();
+    let start = crate::memory::peak_mib();
+    let ran = std::cell::Cell::new(false);
+    let s = stage(dir, name, || {
+        ran.set(true);
+        run()
+    })?;
+    elapsed.insert(name.to_string(), s);
+    let file = dir.join(".stage-peak-mib");
+    if let (true, true, Some(start), Some(mib)) =
+        (reset, ran.get(), start, crate::memory::peak_mib())
+    {
+        let m = StageMemory {
+            peak_mib: mib,
+            start_mib: start,
+        };
+        write_atomic(
+            &file,
+            format!("{} {}\n", m.peak_mib, m.start_mib).as_bytes(),
+        )?;
+        peak.insert(name.to_string(), m);
+    } else if let Ok(text) = std::fs::read_to_string(&file) {
+        let v: Vec<f64> = text
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if let [peak_mib, start_mib] = v[..] {
+            peak.insert(
+                name.to_string(),
+                StageMemory {
+                    peak_mib,
+                    start_mib,
+                },
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The built-in tasks.
@@ -287,8 +369,9 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
     elapsed.insert("rankings".into(), s);
 
     // Reward model from the SFT model.
+    let mut peak = BTreeMap::new();
     let rm_dir = out.join("rm");
-    let s = stage(&rm_dir, "reward model", || {
+    measured(&rm_dir, "rm", &mut elapsed, &mut peak, || {
         let a: crate::rm::RmTrainArgs = settings(&flags(&[
             ("model_name_or_path", sft_dir.display().to_string()),
             ("dataset", rank_path.display().to_string()),
@@ -304,81 +387,159 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
         ]))?;
         crate::rm::train_rm(&a).map(|_| ())
     })?;
-    elapsed.insert("rm".into(), s);
 
-    // PPO-ptx against the reward model.
-    let ppo_dir = out.join("ppo");
-    let s = stage(&ppo_dir, "ppo", || {
-        let mut f = flags(&[
-            ("model_name_or_path", sft_dir.display().to_string()),
+    let mut methods = args.methods.clone();
+    methods.sort();
+    methods.dedup();
+    let prompts_path = data.join("prompts.jsonl").display().to_string();
+    for &method in &methods {
+        let dir = out.join(method.name());
+        let common = |extra: &[(&str, String)]| -> Vec<String> {
+            let mut pairs = vec![
+                ("model_name_or_path", sft_dir.display().to_string()),
+                ("output_dir", dir.display().to_string()),
+                ("seed", seed.to_string()),
+            ];
+            pairs.extend(extra.iter().cloned());
+            flags(&pairs)
+        };
+        // The online methods sample as many responses per iteration as PPO (32) and
+        // run as many iterations against the same reward model.
+        let online = [
             ("reward_model", rm_dir.display().to_string()),
-            ("dataset", data.join("prompts.jsonl").display().to_string()),
-            ("ptx_data", data.join("corpus.txt").display().to_string()),
-            ("output_dir", ppo_dir.display().to_string()),
-            ("ptx_coef", "0.2".into()),
-            ("rollout_batch_size", "32".into()),
-            ("mini_batch_size", "8".into()),
-            ("ppo_epochs", "4".into()),
-            ("num_iterations", plan.ppo_iterations.to_string()),
-            ("max_new_tokens", MAX_NEW_TOKENS.to_string()),
-            ("learning_rate", "3e-5".into()),
-            ("kl_coef", "0.3".into()),
-            ("ema", "0.9".into()),
-            ("save_steps", "16".into()),
-            ("logging_steps", "8".into()),
-            ("seed", seed.to_string()),
-        ]);
-        f.extend(["--missing_eos_penalty".to_string(), "1.0".to_string()]);
-        let a: crate::ppo::PpoArgs = settings(&f)?;
-        crate::ppo::run(&a, None).map(|_| ())
-    })?;
-    elapsed.insert("ppo".into(), s);
+            ("dataset", prompts_path.clone()),
+            ("num_generations", "4".to_string()),
+            ("rollout_batch_size", "8".to_string()),
+            ("mini_batch_size", "8".to_string()),
+            ("num_iterations", "2".to_string()),
+            ("max_iterations", plan.ppo_iterations.to_string()),
+            ("max_completion_length", MAX_NEW_TOKENS.to_string()),
+            ("learning_rate", "3e-5".to_string()),
+            ("lr_scheduler_type", "constant".to_string()),
+            ("save_steps", "16".to_string()),
+            ("logging_steps", "8".to_string()),
+        ];
+        measured(
+            &dir,
+            method.name(),
+            &mut elapsed,
+            &mut peak,
+            || match method {
+                Method::Ppo => {
+                    let mut f = common(&[
+                        ("reward_model", rm_dir.display().to_string()),
+                        ("dataset", prompts_path.clone()),
+                        ("ptx_data", data.join("corpus.txt").display().to_string()),
+                        ("ptx_coef", "0.2".into()),
+                        ("rollout_batch_size", "32".into()),
+                        ("mini_batch_size", "8".into()),
+                        ("ppo_epochs", "4".into()),
+                        ("num_iterations", plan.ppo_iterations.to_string()),
+                        ("max_new_tokens", MAX_NEW_TOKENS.to_string()),
+                        ("learning_rate", "3e-5".into()),
+                        ("kl_coef", "0.3".into()),
+                        ("ema", "0.9".into()),
+                        ("save_steps", "16".into()),
+                        ("logging_steps", "8".into()),
+                    ]);
+                    f.extend(["--missing_eos_penalty".to_string(), "1.0".to_string()]);
+                    let a: crate::ppo::PpoArgs = settings(&f)?;
+                    crate::ppo::run(&a, None).map(|_| ())
+                }
+                Method::Dpo => {
+                    let a: crate::dpo::DpoArgs = settings(&common(&[
+                        ("dataset", rank_path.display().to_string()),
+                        ("beta", "0.1".into()),
+                        ("eval_split", "0.1".into()),
+                        ("prompts_per_batch", "8".into()),
+                        ("num_train_epochs", "2".into()),
+                        ("learning_rate", "5e-5".into()),
+                        ("max_length", "128".into()),
+                        ("save_steps", "50".into()),
+                        ("logging_steps", "5".into()),
+                    ]))?;
+                    crate::dpo::run(&a).map(|_| ())
+                }
+                Method::Grpo => {
+                    let mut pairs = online.to_vec();
+                    pairs.push(("beta", "0.04".into()));
+                    let a: crate::grpo::GrpoArgs = settings(&common(&pairs))?;
+                    crate::grpo::run(&a, None).map(|_| ())
+                }
+                Method::Rloo => {
+                    let mut pairs = online.to_vec();
+                    pairs.push(("beta", "0.1".into()));
+                    let a: crate::rloo::RlooArgs = settings(&common(&pairs))?;
+                    crate::rloo::run(&a, None).map(|_| ())
+                }
+            },
+        )?;
+    }
 
-    // Evaluation on the held-out prompts and documents.
+    // Evaluation on the held-out prompts and documents, every policy the same way.
     let t = Instant::now();
     let sft = load_pretrained(&sft_dir, &Device::Cpu)?;
-    let ppo = load_pretrained(&ppo_dir, &Device::Cpu)?;
-    let ema = load_pretrained(&ppo_dir.join("ema"), &Device::Cpu)?;
     let (tasks, docs) = (&d.eval_tasks, &d.held_out_docs);
     let eval_seed = seed.wrapping_add(9);
-    let (e_sft, r_sft, s_sft) =
+    let (e_sft, t_sft, s_sft) =
         eval::evaluate_policy(&sft, None, tasks, docs, MAX_NEW_TOKENS, eval_seed)?;
-    let with_sft = Some((&sft, s_sft.as_slice()));
-    let (e_ppo, r_ppo, s_ppo) =
-        eval::evaluate_policy(&ppo, with_sft, tasks, docs, MAX_NEW_TOKENS, eval_seed)?;
-    let (e_ema, r_ema, s_ema) =
-        eval::evaluate_policy(&ema, with_sft, tasks, docs, MAX_NEW_TOKENS, eval_seed)?;
+    let mut folders: Vec<(String, PathBuf)> = vec![];
+    for &m in &methods {
+        folders.push((m.name().to_string(), out.join(m.name())));
+        if m == Method::Ppo {
+            folders.push(("ppo-ema".into(), out.join("ppo").join("ema")));
+        }
+    }
+    let mut policies = BTreeMap::new();
+    let mut answers: Vec<BTreeMap<String, eval::Answer>> = t_sft
+        .into_iter()
+        .zip(&s_sft)
+        .map(|(text, &score)| BTreeMap::from([("sft".to_string(), eval::Answer { text, score })]))
+        .collect();
+    for (name, dir) in &folders {
+        let policy = load_pretrained(dir, &Device::Cpu)?;
+        let (e, texts, scores) = eval::evaluate_policy(
+            &policy,
+            Some((&sft, s_sft.as_slice())),
+            tasks,
+            docs,
+            MAX_NEW_TOKENS,
+            eval_seed,
+        )?;
+        for ((a, text), score) in answers.iter_mut().zip(texts).zip(scores) {
+            a.insert(name.clone(), eval::Answer { text, score });
+        }
+        policies.insert(name.clone(), e);
+    }
     let rm_accuracy = report::curve(&rm_dir, "eval/accuracy")
         .last()
         .map_or(f64::NAN, |p| p.1);
-    let ppo_kl_train = report::curve(&ppo_dir, "objective/kl")
-        .last()
-        .map_or(f64::NAN, |p| p.1);
+    let ppo_dir = out.join("ppo");
+    let ppo_kl_train = report::curve(&ppo_dir, "objective/kl").last().map(|p| p.1);
     elapsed.insert("eval".into(), t.elapsed().as_secs_f64());
     let total: f64 = elapsed.values().sum();
     elapsed.insert("total".into(), total);
 
-    let prompts: Vec<eval::PromptResult> = (0..tasks.len())
-        .map(|i| eval::PromptResult {
-            family: tasks[i].family,
-            prompt: tasks[i].prompt.clone(),
-            sft: r_sft[i].clone(),
-            ppo: r_ppo[i].clone(),
-            ema: r_ema[i].clone(),
-            score_sft: s_sft[i],
-            score_ppo: s_ppo[i],
-            score_ema: s_ema[i],
+    let prompts: Vec<eval::PromptResult> = tasks
+        .iter()
+        .zip(answers)
+        .map(|(t, answers)| eval::PromptResult {
+            family: t.family,
+            prompt: t.prompt.clone(),
+            answers,
         })
         .collect();
-    let thresholds = Thresholds::check(&e_sft, &e_ppo, rm_accuracy);
+    let thresholds = policies
+        .get("ppo")
+        .map(|ppo| Thresholds::check(&e_sft, ppo, rm_accuracy));
+    policies.insert("sft".into(), e_sft);
     let report = Report {
         seed,
         task: args.task.name().to_string(),
         quick: args.quick,
         cpu: crate::cpu::describe(),
-        sft: e_sft,
-        ppo: e_ppo,
-        ema: e_ema,
+        methods: methods.iter().map(|m| m.name().to_string()).collect(),
+        policies,
         rm_val_accuracy: rm_accuracy,
         ppo_kl_last_training_iteration: ppo_kl_train,
         eval_prompts: tasks.len(),
@@ -386,9 +547,11 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
         held_out_documents: docs.len(),
         thresholds,
         elapsed_s: elapsed,
+        peak_rss_mib: peak,
         prompts,
     };
     report.write(&out)?;
+    let (dpo_dir, grpo_dir, rloo_dir) = (out.join("dpo"), out.join("grpo"), out.join("rloo"));
     let plots: Vec<(String, Vec<(f64, f64)>)> = [
         ("pretrain train/loss", &pt_dir, "train/loss"),
         ("sft train/loss", &sft_dir, "train/loss"),
@@ -396,9 +559,15 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
         ("ppo objective/scores", &ppo_dir, "objective/scores"),
         ("ppo objective/kl", &ppo_dir, "objective/kl"),
         ("ppo loss/ptx", &ppo_dir, "loss/ptx"),
+        ("dpo rewards/accuracies", &dpo_dir, "rewards/accuracies"),
+        ("grpo reward", &grpo_dir, "reward"),
+        ("grpo kl", &grpo_dir, "kl"),
+        ("rloo reward", &rloo_dir, "reward"),
+        ("rloo kl", &rloo_dir, "kl"),
     ]
     .iter()
     .map(|(title, dir, m)| (title.to_string(), report::curve(dir, m)))
+    .filter(|(_, points)| !points.is_empty())
     .collect();
     report::write_html(&out, &report, &plots)?;
     report.print_table();

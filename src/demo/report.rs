@@ -51,6 +51,19 @@ impl Thresholds {
     }
 }
 
+/// A training stage's memory: the process's resident high-water mark during the
+/// stage, and the resident memory at its start (held from earlier stages after
+/// handing freed memory back). The stage's own footprint lies between
+/// `peak_mib − start_mib` and `peak_mib`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StageMemory {
+    pub peak_mib: f64,
+    pub start_mib: f64,
+}
+
+/// The policies a report can hold, in the order tables show them.
+pub const POLICY_ORDER: [&str; 6] = ["sft", "ppo", "ppo-ema", "dpo", "grpo", "rloo"];
+
 /// Everything `rlhf demo` measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -60,19 +73,24 @@ pub struct Report {
     pub quick: bool,
     /// The CPU it ran on (model and SIMD flags): numbers are for that kind of CPU.
     pub cpu: String,
-    pub sft: PolicyEval,
-    pub ppo: PolicyEval,
-    pub ema: PolicyEval,
+    /// The methods trained from the SFT model (`--methods`).
+    pub methods: Vec<String>,
+    /// Each policy's evaluation by name: `sft`, each method, and `ppo-ema` with PPO.
+    pub policies: BTreeMap<String, PolicyEval>,
     /// The reward model's accuracy on its held-out comparisons.
     pub rm_val_accuracy: f64,
     /// PPO's `objective/kl` (k1, summed per response) on the last training
-    /// iteration's rollouts; compare `ppo.kl_to_sft_eval` on the eval prompts.
-    pub ppo_kl_last_training_iteration: f64,
+    /// iteration's rollouts; compare `policies.ppo.kl_to_sft_eval` on the eval prompts.
+    pub ppo_kl_last_training_iteration: Option<f64>,
     pub eval_prompts: usize,
     pub family_counts: BTreeMap<String, usize>,
     pub held_out_documents: usize,
-    pub thresholds: Thresholds,
+    /// PPO against the full run's bar (when PPO ran).
+    pub thresholds: Option<Thresholds>,
+    /// Wall time of each stage, seconds.
     pub elapsed_s: BTreeMap<String, f64>,
+    /// Peak resident memory of each training stage (Linux only).
+    pub peak_rss_mib: BTreeMap<String, StageMemory>,
     /// Every eval prompt with each policy's greedy answer and its score.
     pub prompts: Vec<PromptResult>,
 }
@@ -84,81 +102,98 @@ impl Report {
         write_json(&out.join("report.json"), &value)
     }
 
-    /// The headline table on stderr.
-    pub fn print_table(&self) {
+    /// The policies present, in table order.
+    pub fn columns(&self) -> Vec<(&'static str, &PolicyEval)> {
+        POLICY_ORDER
+            .iter()
+            .filter_map(|&n| self.policies.get(n).map(|p| (n, p)))
+            .collect()
+    }
+
+    /// The stage that trained a policy (`ppo-ema` comes from the `ppo` stage).
+    fn stage_of(policy: &str) -> &str {
+        policy.strip_suffix("-ema").unwrap_or(policy)
+    }
+
+    /// The rows of the headline table: (label, one cell per column).
+    pub fn table(&self) -> Vec<(String, Vec<String>)> {
+        let cols = self.columns();
         let f = |x: f64| format!("{x:.3}");
         let o = |x: Option<f64>| x.map_or("-".to_string(), f);
-        let row = |name: &str, a: String, b: String, c: String| {
-            crate::note!("{name:<26}{a:>10}{b:>10}{c:>10}");
+        let mut rows = vec![(
+            "gold score".to_string(),
+            cols.iter()
+                .map(|(_, p)| f(p.gold_score))
+                .collect::<Vec<_>>(),
+        )];
+        for fam in self.family_counts.keys() {
+            rows.push((
+                format!("  {fam}"),
+                cols.iter()
+                    .map(|(_, p)| p.families.get(fam).copied().map_or("-".into(), f))
+                    .collect(),
+            ));
+        }
+        let mut add = |label: &str, cell: &dyn Fn(&str, &PolicyEval) -> String| {
+            rows.push((
+                label.to_string(),
+                cols.iter().map(|(n, p)| cell(n, p)).collect(),
+            ));
         };
-        let (s, p, e) = (&self.sft, &self.ppo, &self.ema);
+        add("win rate vs SFT", &|_, p| o(p.win_rate_vs_sft));
+        add("KL to SFT (eval prompts)", &|_, p| o(p.kl_to_sft_eval));
+        add("ptx loss (held-out docs)", &|_, p| f(p.ptx_loss_held_out));
+        add("distinct answers", &|_, p| f(p.distinct_answers));
+        add("train wall time s", &|n, _| {
+            self.elapsed_s
+                .get(Self::stage_of(n))
+                .map_or("-".into(), |s| format!("{s:.1}"))
+        });
+        add("peak RSS MiB (at start)", &|n, _| {
+            self.peak_rss_mib
+                .get(Self::stage_of(n))
+                .map_or("-".into(), |m| {
+                    format!("{:.0} ({:.0})", m.peak_mib, m.start_mib)
+                })
+        });
+        rows
+    }
+
+    /// The headline table on stderr.
+    pub fn print_table(&self) {
         crate::note!(
             "\n{} held-out prompts, {} held-out documents; {}",
             self.eval_prompts,
             self.held_out_documents,
             self.cpu
         );
-        row("", "SFT".into(), "PPO".into(), "PPO-EMA".into());
-        row(
-            "gold score",
-            f(s.gold_score),
-            f(p.gold_score),
-            f(e.gold_score),
-        );
-        for (fam, v) in &s.families {
-            let get = |pe: &PolicyEval| pe.families.get(fam).copied().map_or("-".into(), f);
-            row(&format!("  {fam}"), f(*v), get(p), get(e));
+        let header: String = self
+            .columns()
+            .iter()
+            .map(|(n, _)| format!("{n:>10}"))
+            .collect();
+        crate::note!("{:<26}{header}", "");
+        for (label, cells) in self.table() {
+            let cells: String = cells.iter().map(|c| format!("{c:>10}")).collect();
+            crate::note!("{label:<26}{cells}");
         }
-        row(
-            "win rate vs SFT",
-            String::new(),
-            o(p.win_rate_vs_sft),
-            o(e.win_rate_vs_sft),
-        );
-        row(
-            "KL to SFT (eval prompts)",
-            String::new(),
-            o(p.kl_to_sft_eval),
-            o(e.kl_to_sft_eval),
-        );
-        row(
-            "KL (last PPO iteration)",
-            String::new(),
-            f(self.ppo_kl_last_training_iteration),
-            String::new(),
-        );
-        row(
-            "ptx loss (held-out docs)",
-            f(s.ptx_loss_held_out),
-            f(p.ptx_loss_held_out),
-            f(e.ptx_loss_held_out),
-        );
-        row(
-            "distinct answers",
-            f(s.distinct_answers),
-            f(p.distinct_answers),
-            f(e.distinct_answers),
-        );
-        row(
-            "RM val accuracy",
-            f(self.rm_val_accuracy),
-            String::new(),
-            String::new(),
-        );
-        row(
-            "elapsed s",
-            f(self.elapsed_s.get("total").copied().unwrap_or(f64::NAN)),
-            String::new(),
-            String::new(),
-        );
-        let t = &self.thresholds;
+        crate::note!("RM val accuracy {:.3}", self.rm_val_accuracy);
+        if let Some(kl) = self.ppo_kl_last_training_iteration {
+            crate::note!("KL on PPO's last training iteration {kl:.3}");
+        }
         crate::note!(
-            "thresholds (full run): win rate ≥ {MIN_WIN_RATE} {}, RM accuracy ≥ {MIN_RM_ACCURACY} {}, no family worse {}, ptx loss ≤ {MAX_PTX_LOSS_RATIO}× SFT {}",
-            ok(t.win_rate),
-            ok(t.rm_accuracy),
-            if t.families_worse.is_empty() { "ok".to_string() } else { format!("FAIL ({})", t.families_worse.join(", ")) },
-            ok(t.ptx_loss)
+            "elapsed s: {:.1} in all",
+            self.elapsed_s.get("total").copied().unwrap_or(f64::NAN)
         );
+        if let Some(t) = &self.thresholds {
+            crate::note!(
+                "thresholds (full run, PPO): win rate ≥ {MIN_WIN_RATE} {}, RM accuracy ≥ {MIN_RM_ACCURACY} {}, no family worse {}, ptx loss ≤ {MAX_PTX_LOSS_RATIO}× SFT {}",
+                ok(t.win_rate),
+                ok(t.rm_accuracy),
+                if t.families_worse.is_empty() { "ok".to_string() } else { format!("FAIL ({})", t.families_worse.join(", ")) },
+                ok(t.ptx_loss)
+            );
+        }
     }
 }
 
@@ -221,35 +256,169 @@ pub fn svg_plot(title: &str, points: &[(f64, f64)]) -> String {
     svg + "</svg>"
 }
 
-/// Writes report.html: headline numbers, curves and every eval prompt's answers.
+/// Writes report.html: the summary table, per-family bars, the training curves with
+/// labelled axes, every eval prompt's answers side by side, and the machine. Every
+/// string from the run (answers, prompts) is escaped.
 pub fn write_html(out: &Path, report: &Report, plots: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
-    let mut html = String::from("<!doctype html><meta charset=\"utf-8\"><title>rlhf demo report</title><body style=\"font-family:sans-serif;max-width:1000px\"><h1>rlhf demo: SFT → RM → PPO-ptx</h1>");
-    let mut summary = serde_json::to_value(report).unwrap_or(Value::Null);
-    if let Some(m) = summary.as_object_mut() {
-        m.remove("prompts");
+    let cols = report.columns();
+    let mut html = String::from(
+        "<!doctype html><meta charset=\"utf-8\"><title>rlhf demo report</title>\
+         <style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}\
+         table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}\
+         td.t{text-align:left;white-space:pre-wrap}th{background:#f3f3f3}</style><body>",
+    );
+    let _ = write!(
+        html,
+        "<h1>rlhf demo: {} from one SFT model</h1><p>Task <b>{}</b>, seed {}, {} held-out prompts \
+         (never in any training data) and {} held-out documents. {}</p>",
+        esc(&cols.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")),
+        esc(&report.task),
+        report.seed,
+        report.eval_prompts,
+        report.held_out_documents,
+        if report.quick { "A --quick run." } else { "" }
+    );
+    html.push_str("<h2>Summary</h2><table><tr><th></th>");
+    for (n, _) in &cols {
+        let _ = write!(html, "<th>{}</th>", esc(n));
+    }
+    html.push_str("</tr>");
+    for (label, cells) in report.table() {
+        let _ = write!(
+            html,
+            "<tr><th style=\"text-align:left\">{}</th>",
+            esc(label.trim())
+        );
+        for c in cells {
+            let _ = write!(html, "<td>{}</td>", esc(&c));
+        }
+        html.push_str("</tr>");
     }
     let _ = write!(
         html,
-        "<h2>Results</h2><pre>{}</pre>",
-        esc(&serde_json::to_string_pretty(&summary).unwrap_or_default())
+        "</table><p>Reward model accuracy on its held-out comparisons: {:.3}.</p>",
+        report.rm_val_accuracy
     );
+    html.push_str("<h2>Gold score per family</h2>");
+    let families: Vec<&String> = report.family_counts.keys().collect();
+    let bars: Vec<(String, Vec<f64>)> = cols
+        .iter()
+        .map(|(n, p)| {
+            (
+                n.to_string(),
+                families
+                    .iter()
+                    .map(|f| p.families.get(*f).copied().unwrap_or(0.0))
+                    .collect(),
+            )
+        })
+        .collect();
+    html.push_str(&svg_bars(
+        &families.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
+        &bars,
+    ));
     html.push_str("<h2>Training curves</h2><div>");
     for (title, pts) in plots {
         html.push_str(&svg_plot(title, pts));
     }
-    html.push_str("</div><h2>SFT vs PPO on held-out prompts</h2><table border=\"1\" cellpadding=\"4\" style=\"border-collapse:collapse\"><tr><th>family</th><th>prompt</th><th>SFT</th><th>PPO</th></tr>");
+    html.push_str(
+        "</div><h2>Answers on held-out prompts</h2><table><tr><th>family</th><th>prompt</th>",
+    );
+    for (n, _) in &cols {
+        let _ = write!(html, "<th>{}</th>", esc(n));
+    }
+    html.push_str("</tr>");
     for p in &report.prompts {
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{} ({:+.2})</td><td>{} ({:+.2})</td></tr>",
+            "<tr><td class=t>{}</td><td class=t>{}</td>",
             p.family.name(),
-            esc(&p.prompt),
-            esc(&p.sft),
-            p.score_sft,
-            esc(&p.ppo),
-            p.score_ppo
+            esc(&p.prompt)
+        );
+        for (n, _) in &cols {
+            match p.answers.get(*n) {
+                Some(a) => {
+                    let _ = write!(
+                        html,
+                        "<td class=t>{} <small>({:+.2})</small></td>",
+                        esc(&a.text),
+                        a.score
+                    );
+                }
+                None => html.push_str("<td></td>"),
+            }
+        }
+        html.push_str("</tr>");
+    }
+    let _ = write!(
+        html,
+        "</table><h2>Machine</h2><p>{}</p><p>Stage wall times (s): {}</p></body>",
+        esc(&report.cpu),
+        esc(&report
+            .elapsed_s
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect::<Vec<_>>()
+            .join(", "))
+    );
+    write_atomic(&out.join("report.html"), html.as_bytes())
+}
+
+/// Grouped bars: one group per category, one bar per series, with a legend.
+pub fn svg_bars(categories: &[&str], series: &[(String, Vec<f64>)]) -> String {
+    const COLORS: [&str; 6] = [
+        "#888", "#2f5fd0", "#7aa0f0", "#d07a2f", "#2f9d5f", "#9d2f8a",
+    ];
+    let (w, h, pad) = (760.0, 240.0, 40.0);
+    let all: Vec<f64> = series.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+    let lo = all.iter().copied().fold(0.0f64, f64::min);
+    let hi = all.iter().copied().fold(0.0f64, f64::max).max(lo + 1e-9);
+    let y = |v: f64| h - pad - (v - lo) / (hi - lo) * (h - 2.0 * pad);
+    let group_w = (w - 2.0 * pad) / categories.len().max(1) as f64;
+    let bar_w = group_w * 0.8 / series.len().max(1) as f64;
+    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}">"#);
+    let _ = write!(
+        svg,
+        r##"<line x1="{pad}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#444"/><text x="4" y="{:.0}" font-size="10">{hi:.2}</text><text x="4" y="{:.0}" font-size="10">{lo:.2}</text><text x="4" y="12" font-size="11">mean gold score</text>"##,
+        w - pad,
+        y(0.0),
+        y(0.0),
+        y(hi) + 4.0,
+        y(lo)
+    );
+    for (c, cat) in categories.iter().enumerate() {
+        let x0 = pad + c as f64 * group_w + group_w * 0.1;
+        for (s, (_, values)) in series.iter().enumerate() {
+            let v = values.get(c).copied().unwrap_or(0.0);
+            let (top, bottom) = (y(v.max(0.0)), y(v.min(0.0)));
+            let _ = write!(
+                svg,
+                r#"<rect x="{:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{v:.3}</title></rect>"#,
+                x0 + s as f64 * bar_w,
+                bar_w * 0.9,
+                (bottom - top).max(0.5),
+                COLORS[s % COLORS.len()]
+            );
+        }
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{:.0}" font-size="11" text-anchor="middle">{}</text>"#,
+            x0 + group_w * 0.4,
+            h - pad + 16.0,
+            esc(cat)
         );
     }
-    html.push_str("</table></body>");
-    write_atomic(&out.join("report.html"), html.as_bytes())
+    for (s, (name, _)) in series.iter().enumerate() {
+        let _ = write!(
+            svg,
+            r#"<rect x="{:.0}" y="{:.0}" width="10" height="10" fill="{}"/><text x="{:.0}" y="{:.0}" font-size="11">{}</text>"#,
+            pad + s as f64 * 100.0,
+            h - 14.0,
+            COLORS[s % COLORS.len()],
+            pad + s as f64 * 100.0 + 14.0,
+            h - 5.0,
+            esc(name)
+        );
+    }
+    svg + "</svg>"
 }
