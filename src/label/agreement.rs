@@ -216,7 +216,9 @@ mod tests {
         // Between labelers: item 1 has 9 strict pairs over 3 labeler pairs, 3 same;
         // item 3 one pair, same → 4 / 10.
         assert!((a.between_labelers.unwrap() - 0.4).abs() < 1e-12);
-        assert_eq!(a.most_disagreed[0], (1, 2.0 / 3.0, 3));
+        let (item, d, n) = a.most_disagreed[0];
+        assert_eq!((item, n), (1, 3));
+        assert!((d - 2.0 / 3.0).abs() < 1e-12, "{d}");
         assert_eq!(a.most_disagreed[1], (3, 0.0, 2));
     }
 
