@@ -129,8 +129,17 @@ async fn with_store<T: Send + 'static>(
 }
 
 /// The labeler a request's token belongs to, and where the token came from.
+/// A link's `?token=` wins over the cookie: opening a personal link signs in as that
+/// person even where another's cookie is set (one browser shared by two people).
 async fn who(state: &Shared, parts: &Parts) -> Result<(Labeler, TokenSource, String), ApiError> {
-    let (token, source) = request_token(parts).ok_or_else(ApiError::unauthorized)?;
+    let in_query = parts.uri.query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(|t| (t.to_string(), TokenSource::Query))
+    });
+    let (token, source) = in_query
+        .or_else(|| request_token(parts))
+        .ok_or_else(ApiError::unauthorized)?;
     let t = token.clone();
     let found = with_store(state, move |s| s.labeler_by_token(&t)).await?;
     found
@@ -259,12 +268,23 @@ async fn next(State(state): State<Shared>, parts: Parts) -> Result<Response, Api
     Ok(Json(resp).into_response())
 }
 
+/// The labeler behind a request, checked before the body is read (so a request
+/// without a valid token is 401 whatever its body).
+pub struct Authed(Labeler);
+
+impl axum::extract::FromRequestParts<Shared> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        who(state, parts).await.map(|(l, _, _)| Authed(l))
+    }
+}
+
 async fn submit(
     State(state): State<Shared>,
-    parts: Parts,
+    Authed(l): Authed,
     ApiJson(sub): ApiJson<Submission>,
 ) -> Result<Response, ApiError> {
-    let (l, _, _) = who(&state, &parts).await?;
     let label = check(&state.project, &sub, a_on_left(state.salt, sub.item_id))?;
     let stored = with_store(&state, move |s| s.submit(&l, &label)).await?;
     Ok(Json(stored).into_response())
