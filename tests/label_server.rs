@@ -378,3 +378,88 @@ fn a_labeler_ranks_with_a_tie_flags_and_submits_in_a_real_browser() {
         c.clone().close().await.unwrap();
     });
 }
+
+#[test]
+fn uncertainty_selection_hands_out_the_item_the_reward_model_separates_least_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rm = common::reward_model_folder(d);
+    let rows: Vec<Value> = (0..6)
+        .map(|i| json!({"prompt": format!("Question {i}?"),
+                        "responses": [format!("Answer {i}."), "No.".repeat(i + 1), format!("{i} {i} {i}"), "Yes"]}))
+        .collect();
+    let (db, _, ann) = project(d, &rows, "");
+    // The expected order, from `rlhf rm score` on the same responses.
+    let score_rows: Vec<Value> = rows
+        .iter()
+        .flat_map(|r| {
+            r["responses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |x| json!({"prompt": r["prompt"], "response": x}))
+        })
+        .collect();
+    let data = d.join("score.jsonl");
+    std::fs::write(
+        &data,
+        score_rows
+            .iter()
+            .map(|r| r.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let scored = common::rm_score(&rm, &data);
+    let spreads: Vec<f64> = scored
+        .chunks(4)
+        .map(|c| {
+            let r: Vec<f64> = c.iter().map(|x| x["reward"].as_f64().unwrap()).collect();
+            rlhf::label::select::spread(&r) // the four responses of a row all differ
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..6).collect();
+    order.sort_by(|&a, &b| spreads[a].total_cmp(&spreads[b]));
+    let server = ServerProcess::start([
+        "label",
+        "serve",
+        "--db",
+        db.to_str().unwrap(),
+        "--select",
+        "uncertainty",
+        "--reward_model",
+        rm.to_str().unwrap(),
+    ]);
+    let a = agent();
+    let auth = format!("Bearer {ann}");
+    for (n, &want) in order.iter().take(3).enumerate() {
+        let (_, next) = status_and_body(
+            a.get(&format!("{}/api/next", server.url))
+                .header("authorization", &auth)
+                .call(),
+        );
+        assert_eq!(
+            next["item"]["prompt"], rows[want]["prompt"],
+            "position {n}: spreads {spreads:?}"
+        );
+        let id = next["item"]["id"].as_i64().unwrap();
+        let (s, _) = status_and_body(a.post(&format!("{}/api/labels", server.url)).header("authorization", &auth)
+            .send_json(json!({"client_id": format!("unc-{n}-xxxx"), "item_id": id, "seconds": 1, "skip": "test"})));
+        assert_eq!(s, 200);
+    }
+    // Without a reward model the selection is refused with the flag named.
+    let o = common::rlhf_bin()
+        .args([
+            "label",
+            "serve",
+            "--db",
+            db.to_str().unwrap(),
+            "--select",
+            "uncertainty",
+            "--port",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--reward_model"));
+}

@@ -8,6 +8,8 @@
 //!   the responses apart, so a labeler's ranking of them teaches it the most. (The
 //!   smallest gap between two responses' rewards would rank an item with two
 //!   near-duplicates first even when the RM orders its other responses confidently.)
+//!   Identical responses are counted once: an item whose K samples are all the same
+//!   text has nothing to rank and goes last, not first (its spread is 0).
 //!
 //! Priorities are written to `items.priority` when `label serve` starts, so a
 //! retrained RM reorders the queue on the next start; items already labeled keep
@@ -34,6 +36,24 @@ pub fn spread(rewards: &[f64]) -> f64 {
     let n = rewards.len().max(1) as f64;
     let mean = rewards.iter().sum::<f64>() / n;
     (rewards.iter().map(|r| (r - mean) * (r - mean)).sum::<f64>() / n).sqrt()
+}
+
+/// An item's priority under `uncertainty`: the spread of the rewards of its distinct
+/// responses; `f64::MAX` (last) when fewer than two responses differ.
+pub fn uncertainty(responses: &[String], rewards: &[f64]) -> f64 {
+    let mut seen: Vec<&str> = vec![];
+    let mut distinct = vec![];
+    for (r, &x) in responses.iter().zip(rewards) {
+        if !seen.contains(&r.as_str()) {
+            seen.push(r);
+            distinct.push(x);
+        }
+    }
+    if distinct.len() < 2 {
+        f64::MAX
+    } else {
+        spread(&distinct)
+    }
 }
 
 /// Writes the queue order for `select` (the reward model is needed, and only used,
@@ -83,7 +103,7 @@ pub fn apply(
                 .iter()
                 .map(|i| {
                     let k = i.responses.len();
-                    let s = spread(&rewards[at..at + k]);
+                    let s = uncertainty(&i.responses, &rewards[at..at + k]);
                     at += k;
                     (i.id, Some(s))
                 })
@@ -100,5 +120,14 @@ mod tests {
     fn spread_is_the_population_std() {
         assert_eq!(super::spread(&[1.0, 1.0, 1.0]), 0.0);
         assert!((super::spread(&[0.0, 2.0]) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn identical_responses_count_once_and_all_same_goes_last() {
+        let r = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // "a" twice: rewards 0 and 2 of the distinct texts → std 1.
+        let u = super::uncertainty(&r(&["a", "a", "b"]), &[0.0, 0.0, 2.0]);
+        assert!((u - 1.0).abs() < 1e-12);
+        assert_eq!(super::uncertainty(&r(&["a", "a"]), &[0.5, 0.5]), f64::MAX);
     }
 }
