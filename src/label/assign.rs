@@ -12,8 +12,8 @@
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
+use super::error::Result;
 use super::store::{unix_now, Labeler, Store};
-use super::Result;
 
 /// A labeler's place in the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

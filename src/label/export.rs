@@ -20,8 +20,8 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
 use super::consensus::borda;
+use super::error::{LabelError, Result};
 use super::store::{Item, Kind, LabelRow, Project, Store};
-use super::{LabelError, Result};
 use crate::losses::ranked_pairs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -8,8 +8,8 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
+use super::error::{LabelError, Result};
 use super::store::{Kind, NewItem, Project};
-use super::{LabelError, Result};
 use crate::data::jsonl::read_jsonl;
 use crate::data::prompts::Prompt;
 use crate::generate::{generate_n, SamplingParams};

@@ -23,11 +23,11 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 
 use super::assign::Progress;
+use super::error::LabelError;
 use super::project::{a_on_left, display_order, salt};
 use super::stats::{admin_stats, prompt_text};
 use super::store::{Kind, Labeler, Project, Store};
 use super::submission::{check, Submission, FLAGS};
-use super::{LabelError, ServeArgs};
 use crate::web::auth::{request_token, store_and_redirect, TokenSource};
 use crate::web::templates::static_routes;
 use crate::web::{ApiError, ApiJson, Listen, Server, Templates};
@@ -114,7 +114,7 @@ pub fn render_markdown(md: &str) -> String {
 /// Runs a store call on a blocking thread.
 async fn with_store<T: Send + 'static>(
     state: &Shared,
-    f: impl FnOnce(&mut Store) -> super::Result<T> + Send + 'static,
+    f: impl FnOnce(&mut Store) -> super::error::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
@@ -297,7 +297,7 @@ async fn undo(State(state): State<Shared>, parts: Parts) -> Result<Response, Api
 }
 
 /// The router over a store (tests serve it in-process).
-pub fn router(store: Store, lease_s: f64) -> super::Result<Router> {
+pub fn router(store: Store, lease_s: f64) -> super::error::Result<Router> {
     let project = store.project()?;
     let state = Arc::new(AppState {
         salt: salt(&project),
@@ -319,14 +319,15 @@ pub fn router(store: Store, lease_s: f64) -> super::Result<Router> {
         .merge(static_routes(STATIC)))
 }
 
-/// `rlhf label serve`.
-pub fn serve(store: Store, a: &ServeArgs) -> anyhow::Result<()> {
-    let router = router(store, a.lease_minutes * 60.0)?;
-    let listen = Listen {
-        host: a.host.clone(),
-        port: a.port,
-    };
-    Server::new(router, a.max_body_bytes, "labeling app").run(&listen)?;
+/// `rlhf label serve`: serves until Ctrl-C or SIGTERM.
+pub fn serve(
+    store: Store,
+    listen: &Listen,
+    lease_s: f64,
+    max_body_bytes: usize,
+) -> anyhow::Result<()> {
+    let router = router(store, lease_s)?;
+    Server::new(router, max_body_bytes, "labeling app").run(listen)?;
     Ok(())
 }
 

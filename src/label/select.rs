@@ -21,8 +21,8 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use std::path::Path;
 
+use super::error::{LabelError, Result};
 use super::store::{Kind, Store};
-use super::{LabelError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Select {

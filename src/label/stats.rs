@@ -6,9 +6,9 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 use super::agreement::{agreement, wilson_interval, Agreement};
+use super::error::Result;
 use super::export::{label_ranks, verdict};
 use super::store::{Kind, Store};
-use super::Result;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LabelerProgress {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
-use super::{LabelError, Result};
+use super::error::{LabelError, Result};
 
 /// The schema, one migration per version: `MIGRATIONS[v]` takes a file from version
 /// `v` to `v + 1`. Append only; never edit a released migration.

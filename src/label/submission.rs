@@ -5,8 +5,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::consensus::normalize;
+use super::error::{LabelError, Result};
 use super::store::{Kind, NewLabel, Project};
-use super::{LabelError, Result};
 
 /// The InstructGPT metadata flags (Ouyang et al. 2022, appendix B, table 3): (key,
 /// what the page shows).
