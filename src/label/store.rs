@@ -605,8 +605,7 @@ impl Store {
         Ok(out)
     }
 
-    /// How many labels (live or undone) carry each client id more than once: always
-    /// empty (the column is UNIQUE); the reliability test reads it.
+    /// (live labels, all labels including undone ones).
     pub fn count_labels(&self) -> Result<(usize, usize)> {
         let (live, all): (i64, i64) = self.conn.query_row(
             "SELECT COUNT(*) FILTER (WHERE undone_at IS NULL), COUNT(*) FROM labels",
