@@ -15,7 +15,7 @@ use crate::data::chat_template::{check_role, ChatTemplate, CHATML_TEMPLATE};
 use crate::data::prompts::{read_prompts, Prompt};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{read_json, Error};
-use crate::generate::{generate, SamplingParams};
+use crate::generate::{generate, generate_n, SamplingParams};
 use crate::io::AtomicFile;
 use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
 use crate::model::{presets, Arch};
@@ -83,6 +83,9 @@ pub enum Command {
     Grpo(crate::grpo::GrpoArgs),
     /// RLOO: k samples per prompt, a leave-one-out baseline; no critic.
     Rloo(crate::rloo::RlooArgs),
+    /// The labeling app: demonstrations, rankings of K outputs, blind model comparisons.
+    #[command(subcommand)]
+    Label(crate::label::LabelCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +165,10 @@ pub struct GenerateArgs {
     /// its turn (transformers' option; off by default, as there).
     #[arg(long)]
     pub split_special_tokens: bool,
+    /// Samples per prompt, drawn in the same batch; above 1 every output row gains
+    /// `prompt_index` (0-based, the prompt's row) and `sample_index`.
+    #[arg(long, default_value_t = 1)]
+    pub num_return_sequences: usize,
 }
 
 impl GenerateArgs {
@@ -182,6 +189,7 @@ impl GenerateArgs {
 impl Settings for GenerateArgs {
     fn validate(&self) -> crate::Result<()> {
         self.sampling().validate()?;
+        at_least("num_return_sequences", self.num_return_sequences, 1)?;
         at_least("batch_size", self.batch_size, 1)
     }
 }
@@ -258,6 +266,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             run_generate(a)
         }
         Command::Template(a) => run_template(a),
+        Command::Label(c) => crate::label::run(c),
         Command::Init(a) => run_init(a),
         Command::Pretrain(a) => {
             let a = resolve(&a, sub("pretrain"), a.config.as_deref())?;
@@ -431,7 +440,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         ids.push(t);
     }
 
-    if a.prompt.is_some() {
+    if a.prompt.is_some() && a.num_return_sequences == 1 {
         let out = generate(&pre.model, &pre.tokenizer, &ids, &params, &mut rng)?;
         let mut stdout = Output::open(None)?;
         stdout.line(&out[0].text)?;
@@ -439,19 +448,27 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     }
     let mut sink = Output::open(a.output.as_deref())?;
     let bar = crate::progress::bar(entries.len() as u64, "generating");
-    for (chunk_entries, chunk_ids) in entries.chunks(a.batch_size).zip(ids.chunks(a.batch_size)) {
-        let outs = generate(&pre.model, &pre.tokenizer, chunk_ids, &params, &mut rng)?;
-        for ((_, orig, _), c) in chunk_entries.iter().zip(outs) {
-            let mut row = match orig {
-                Value::Object(o) => o.clone(),
-                _ => Default::default(),
-            };
-            row.insert("completion".into(), c.text.into());
-            row.insert("prompt_token_ids".into(), json!(c.prompt_tokens));
-            row.insert("token_ids".into(), json!(c.tokens));
-            row.insert("logprobs".into(), json!(c.logprobs));
-            row.insert("finish_reason".into(), json!(c.finish_reason));
-            sink.line(Value::Object(row))?;
+    let n = a.num_return_sequences;
+    let chunks = entries.chunks(a.batch_size).zip(ids.chunks(a.batch_size));
+    for (chunk, (chunk_entries, chunk_ids)) in chunks.enumerate() {
+        let outs = generate_n(&pre.model, &pre.tokenizer, chunk_ids, n, &params, &mut rng)?;
+        for (i, ((_, orig, _), samples)) in chunk_entries.iter().zip(outs).enumerate() {
+            for (s, c) in samples.into_iter().enumerate() {
+                let mut row = match orig {
+                    Value::Object(o) => o.clone(),
+                    _ => Default::default(),
+                };
+                if n > 1 {
+                    row.insert("prompt_index".into(), json!(chunk * a.batch_size + i));
+                    row.insert("sample_index".into(), json!(s));
+                }
+                row.insert("completion".into(), c.text.into());
+                row.insert("prompt_token_ids".into(), json!(c.prompt_tokens));
+                row.insert("token_ids".into(), json!(c.tokens));
+                row.insert("logprobs".into(), json!(c.logprobs));
+                row.insert("finish_reason".into(), json!(c.finish_reason));
+                sink.line(Value::Object(row))?;
+            }
         }
         bar.inc(chunk_entries.len() as u64);
     }

@@ -205,6 +205,33 @@ pub fn generate(
     Ok(out)
 }
 
+/// `n` samples for every prompt, in one batch of `prompts.len() × n` sequences: the
+/// result holds, per prompt, its `n` completions (InstructGPT's K samples per prompt
+/// for ranking, `--num_return_sequences`).
+pub fn generate_n(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    n: usize,
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Vec<Completion>>> {
+    if n == 0 {
+        return Err(Error::Invalid(
+            "num_return_sequences must be ≥ 1, got 0".into(),
+        ));
+    }
+    let repeated: Vec<Vec<u32>> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), n))
+        .collect();
+    let mut out = generate(model, tokenizer, &repeated, params, rng)?.into_iter();
+    Ok(prompts
+        .iter()
+        .map(|_| out.by_ref().take(n).collect())
+        .collect())
+}
+
 /// How many completions stopped at each end token (eos id → count); completions cut
 /// at max_new_tokens or a stop string are not counted. A policy that learned to end
 /// its turns with another token than its SFT model did shows here.

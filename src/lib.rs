@@ -6,7 +6,7 @@
 //! sampling with logprobs), `io` (crash-safe file writes), `losses` (pure loss functions), `train` (optimizer,
 //! schedule, checkpoints, the shared loop), `pretrain`, `sft`, `rm`, `ppo` and `dpo` (the
 //! stages), `pipeline` and `demo` (the stages chained), `settings` (the ranges every
-//! command's settings are checked against), `web` (the HTTP layer the servers share) and
+//! command's settings are checked against), `web` (the HTTP layer the servers share), `label` (the labeling app) and
 //! `cli` (the `rlhf` binary's commands).
 
 pub mod cli;
@@ -18,6 +18,7 @@ pub mod error;
 pub mod generate;
 pub mod grpo;
 pub mod io;
+pub mod label;
 pub mod losses;
 pub mod memory;
 pub mod model;

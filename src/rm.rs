@@ -383,21 +383,48 @@ pub fn score_rm(
         seqs.push(cfg.input(&prompt, r, "field \"response\"").map_err(bad)?);
     }
     let mut out = vec![];
-    let pad = rm.tokenizer.pad_token_id();
-    for (chunk, rows) in seqs.chunks(batch.max(1)).zip(lines.chunks(batch.max(1))) {
-        let rewards = rm
-            .model
-            .score_last(chunk, pad)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?;
-        for (r, l) in rewards.into_iter().zip(rows) {
-            let mut row = l.value.as_object().cloned().unwrap_or_default();
-            row.insert("reward".into(), r.into());
-            if let Some(n) = rm.normalization {
-                row.insert("reward_normalized".into(), n.apply(r).into());
-            }
-            out.push(serde_json::Value::Object(row));
+    for (r, l) in rewards(&rm, &seqs, batch)?.into_iter().zip(&lines) {
+        let mut row = l.value.as_object().cloned().unwrap_or_default();
+        row.insert("reward".into(), r.into());
+        if let Some(n) = rm.normalization {
+            row.insert("reward_normalized".into(), n.apply(r).into());
         }
+        out.push(serde_json::Value::Object(row));
     }
     Ok(out)
+}
+
+/// The raw reward of each sequence (`RewardInput::ids`), `batch` per forward pass.
+fn rewards(rm: &PretrainedScalar, seqs: &[Vec<u32>], batch: usize) -> Result<Vec<f64>> {
+    let pad = rm.tokenizer.pad_token_id();
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(batch.max(1)) {
+        out.extend(
+            rm.model
+                .score_last(chunk, pad)?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1::<f64>()?,
+        );
+    }
+    Ok(out)
+}
+
+/// Raw rewards of (prompt, response) values (a prompt is text or messages, a
+/// response text or an assistant message), as `rlhf rm score --split_special_tokens`
+/// computes them (the pairs come from outside: a special-token string in them is
+/// text); an error names the pair's index.
+pub fn score_values(
+    rm: &PretrainedScalar,
+    pairs: &[(serde_json::Value, serde_json::Value)],
+    max_length: usize,
+    batch: usize,
+) -> Result<Vec<f64>> {
+    let cfg = tokenizing(rm, max_length, true)?;
+    let mut seqs = Vec::with_capacity(pairs.len());
+    for (i, (p, r)) in pairs.iter().enumerate() {
+        let bad = |m: String| Error::Invalid(format!("pair {i}: {m}"));
+        let prompt = cfg.prompt(p).map_err(bad)?;
+        seqs.push(cfg.input(&prompt, r, "response").map_err(bad)?);
+    }
+    rewards(rm, &seqs, batch)
 }

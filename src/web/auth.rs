@@ -55,8 +55,9 @@ pub enum TokenSource {
     Query,
 }
 
-/// The token a request carries, and where: the header first, then the cookie, then
-/// the query string.
+/// The token a request carries, and where: the header first, then the query string
+/// (a link someone opened is who they are now, whatever cookie the browser holds
+/// from another link), then the cookie.
 pub fn request_token(parts: &Parts) -> Option<(String, TokenSource)> {
     if let Some(v) = parts
         .headers
@@ -66,6 +67,13 @@ pub fn request_token(parts: &Parts) -> Option<(String, TokenSource)> {
         if let Some(t) = v.strip_prefix("Bearer ") {
             return Some((t.trim().to_string(), TokenSource::Header));
         }
+    }
+    if let Some(t) = parts
+        .uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")))
+    {
+        return Some((t.to_string(), TokenSource::Query));
     }
     for v in parts.headers.get_all(COOKIE) {
         let Ok(v) = v.to_str() else { continue };
@@ -79,11 +87,7 @@ pub fn request_token(parts: &Parts) -> Option<(String, TokenSource)> {
             }
         }
     }
-    let query = parts.uri.query()?;
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("token="))
-        .map(|t| (t.to_string(), TokenSource::Query))
+    None
 }
 
 /// The answer to a page opened with `?token=`: store the token in an HttpOnly cookie
@@ -153,6 +157,12 @@ mod tests {
         let q = parts("/x?a=1&token=ghi", &[]);
         assert_eq!(request_token(&q), Some(("ghi".into(), TokenSource::Query)));
         assert_eq!(request_token(&parts("/x?tokens=1", &[])), None);
+        // A link's token wins over a cookie left by another link.
+        let both = parts("/x?token=new", &[("cookie", "rlhf_token=old")]);
+        assert_eq!(
+            request_token(&both),
+            Some(("new".into(), TokenSource::Query))
+        );
     }
 
     #[test]
