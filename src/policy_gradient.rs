@@ -234,7 +234,8 @@ impl<M: GroupMethod> GroupTask<M> {
             &rows,
             self.policy.tokenizer.pad_token_id(),
             &self.policy.model.device,
-        )?;
+        )?
+        .with_temperature(self.args.temperature);
         let (logprobs, entropies) = response_logprobs(&self.policy.model, &batch, true)?;
         let ref_logprobs = self.reference.response_logprobs(&batch)?;
         let kl: Vec<f64> = logprobs
@@ -316,7 +317,8 @@ impl<M: GroupMethod> GroupTask<M> {
             .map(|s| (s.prompt.as_slice(), s.response.as_slice()))
             .collect();
         let dev = self.policy.model.device.clone();
-        let batch = ResponseBatch::new(&rows, self.policy.tokenizer.pad_token_id(), &dev)?;
+        let batch = ResponseBatch::new(&rows, self.policy.tokenizer.pad_token_id(), &dev)?
+            .with_temperature(self.args.temperature);
         let flat = |f: &dyn Fn(&Sample) -> Vec<f32>| -> Result<Tensor> {
             let v: Vec<f32> = samples.iter().flat_map(|s| f(s)).collect();
             let n = v.len();

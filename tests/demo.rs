@@ -81,7 +81,7 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
             m["peak_mib"].as_f64().unwrap(),
             m["start_mib"].as_f64().unwrap(),
         );
-        assert!(peak > 1.0 && start > 1.0 && peak >= start, "{stage}: {m}");
+        assert!(start > 1.0 && peak > start, "{stage}: {m}");
     }
 
     // Unseen by construction, checked on what the run wrote: no eval prompt occurs

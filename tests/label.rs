@@ -148,6 +148,47 @@ fn an_expired_lease_hands_the_item_on_and_the_first_holder_cannot_submit_it() {
 }
 
 #[test]
+fn a_late_answer_on_an_expired_hold_whose_slot_was_taken_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store_with(dir.path(), &project(Kind::Rank, 3, 1), 2);
+    let (a, b) = (labeler(&mut s, "a"), labeler(&mut s, "b"));
+    let first = s.next_item(&a, LEASE).unwrap().unwrap();
+    // a's page stays open past the lease (0 s here); b takes the slot and answers.
+    assert_eq!(s.next_item(&b, 0.0).unwrap(), Some(first));
+    s.submit_within(&b, &rank_label("b-000001", first, vec![0, 1, 2]), 0.0)
+        .unwrap();
+    // a submits without asking for a new item first: refused, the item keeps one label.
+    let err = s
+        .submit_within(&a, &rank_label("late-0001", first, vec![0, 1, 2]), 0.0)
+        .unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+    assert_eq!(s.count_labels().unwrap(), (1, 1));
+    // Within the lease the same answer is taken.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut s2 = store_with(dir2.path(), &project(Kind::Rank, 3, 1), 2);
+    let a2 = labeler(&mut s2, "a");
+    let item = s2.next_item(&a2, LEASE).unwrap().unwrap();
+    s2.submit_within(&a2, &rank_label("in-time-1", item, vec![0, 1, 2]), LEASE)
+        .unwrap();
+}
+
+#[test]
+fn a_client_id_reused_for_a_different_answer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store_with(dir.path(), &project(Kind::Rank, 3, 1), 2);
+    let a = labeler(&mut s, "a");
+    let item = s.next_item(&a, LEASE).unwrap().unwrap();
+    s.submit(&a, &rank_label("same-id-01", item, vec![0, 1, 2]))
+        .unwrap();
+    // The first reply was lost; the labeler changed the ranking and sent it with the
+    // same id: not a retry, and the stored answer is not silently kept.
+    let err = s
+        .submit(&a, &rank_label("same-id-01", item, vec![2, 1, 0]))
+        .unwrap_err();
+    assert!(err.to_string().contains("different submission"), "{err}");
+}
+
+#[test]
 fn a_retried_submission_is_stored_once_and_undo_gives_the_item_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = store_with(dir.path(), &project(Kind::Rank, 3, 2), 2);

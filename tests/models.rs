@@ -319,3 +319,42 @@ fn stop_strings_end_generation_and_cut_the_text() {
     assert!(text.starts_with(&cut[0].text));
     assert!(cut[0].tokens.len() < free[0].tokens.len());
 }
+
+/// An RL method's log-probs are those of the distribution its samples came from:
+/// softmax(logits / T) at the sampling temperature T, as TRL computes them.
+#[test]
+fn response_logprobs_follow_the_sampling_temperature() {
+    use rlhf::model::response::{logprobs_of, response_logprobs, ResponseBatch};
+    let pre = common::load_fixture("qwen2");
+    let (prompt, response) = (vec![5u32, 9, 13], vec![17u32, 4, 250]);
+    let rows = [(prompt.as_slice(), response.as_slice())];
+    let ids = candle_core::Tensor::new(&[[5u32, 9, 13, 17, 4]], &candle_core::Device::Cpu).unwrap();
+    let mask =
+        rlhf::model::AttentionMask::full(&[vec![1u8; 5]], &candle_core::Device::Cpu).unwrap();
+    let logits: Vec<Vec<f32>> = pre
+        .model
+        .forward(&ids, &mask, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for t in [1.0f32, 0.7, 2.0] {
+        let batch = ResponseBatch::new(&rows, 0, &candle_core::Device::Cpu)
+            .unwrap()
+            .with_temperature(t);
+        let (lp, _) = logprobs_of(&pre.model, &batch, false).unwrap();
+        let lp: Vec<f32> = lp.to_vec1().unwrap();
+        let (detached, _) = response_logprobs(&pre.model, &batch, false).unwrap();
+        for (j, &tok) in response.iter().enumerate() {
+            let row: Vec<f32> = logits[2 + j].iter().map(|x| x / t).collect();
+            let want = rlhf::generate::log_softmax_at(&row, tok as usize);
+            assert!(
+                (lp[j] - want).abs() < 1e-4,
+                "T={t} token {j}: {} vs {want}",
+                lp[j]
+            );
+            assert!((detached[0][j] - want).abs() < 1e-4, "T={t} token {j}");
+        }
+    }
+}

@@ -31,7 +31,7 @@ fn start() -> (tokio::runtime::Runtime, String) {
             "/echo",
             post(|ApiJson(e): ApiJson<Echo>| async move { e.text }),
         )
-        .route("/guarded", get(guarded))
+        .route("/guarded", get(guarded).post(guarded))
         // A page with injected markup that escaping would have stopped: the CSP must
         // stop it too. The shared script loads.
         .route(
@@ -103,8 +103,21 @@ fn errors_limits_headers_and_tokens() {
         .as_str()
         .unwrap()
         .contains("not valid JSON"));
-    let (status, _) = error_of(agent.post(&format!("{url}/echo")).send("text").unwrap());
+    let (status, body) = error_of(agent.post(&format!("{url}/echo")).send("text").unwrap());
     assert_eq!(status, 400);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("application/json"));
+    // A cross-site form post (no JSON content type) never reaches a handler, even one
+    // that reads no body.
+    let form = agent
+        .post(&format!("{url}/guarded"))
+        .header("cookie", "rlhf_token=sesame")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .send("a=1")
+        .unwrap();
+    assert_eq!(form.status(), 400);
 
     // Over the 1024-byte limit: 413 in the same shape.
     let big = serde_json::json!({"text": "x".repeat(2000)});

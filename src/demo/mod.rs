@@ -403,15 +403,18 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
             pairs.extend(extra.iter().cloned());
             flags(&pairs)
         };
-        // The online methods sample as many responses per iteration as PPO (32) and
-        // run as many iterations against the same reward model.
+        // The online methods sample as many responses per iteration as PPO (32), take
+        // as many updates per iteration (4 passes × 4 minibatches of 8 = 16) and run
+        // as many iterations against the same reward model. Their KL terms differ by
+        // method: PPO's β·k1 per token in the reward, GRPO's β·k3 in the loss, RLOO's
+        // β·Σ k1 folded into the sequence's reward.
         let online = [
             ("reward_model", rm_dir.display().to_string()),
             ("dataset", prompts_path.clone()),
             ("num_generations", "4".to_string()),
             ("rollout_batch_size", "8".to_string()),
             ("mini_batch_size", "8".to_string()),
-            ("num_iterations", "2".to_string()),
+            ("num_iterations", "4".to_string()),
             ("max_iterations", plan.ppo_iterations.to_string()),
             ("max_completion_length", MAX_NEW_TOKENS.to_string()),
             ("learning_rate", "3e-5".to_string()),

@@ -32,6 +32,36 @@ const HAS_ROOM: &str = "(SELECT COUNT(*) FROM assignments a
       WHERE a.item_id = i.id AND a.released = 0
         AND ((l.id IS NOT NULL AND l.kind != 'skip') OR (l.id IS NULL AND a.assigned_at > ?2))) < ?3";
 
+/// Whether `labeler`'s hold on `item` still has its slot: within the lease, or past
+/// it while no one else has filled the slot. A submission on a hold that lost its
+/// slot is refused, so an item never gets more than `overlap` labels.
+pub(super) fn hold_is_valid(
+    conn: &rusqlite::Connection,
+    item: i64,
+    labeler: i64,
+    lease_s: f64,
+    overlap: i64,
+) -> Result<bool> {
+    let now = unix_now();
+    let at: f64 = conn.query_row(
+        "SELECT assigned_at FROM assignments WHERE item_id = ?1 AND labeler_id = ?2",
+        params![item, labeler],
+        |r| r.get(0),
+    )?;
+    if at > now - lease_s {
+        return Ok(true);
+    }
+    let room: i64 = conn.query_row(
+        &format!(
+            "SELECT {} FROM items i WHERE i.id = ?1",
+            HAS_ROOM.replace("a.released = 0", "a.released = 0 AND a.labeler_id != ?4")
+        ),
+        params![item, now - lease_s, overlap, labeler],
+        |r| r.get(0),
+    )?;
+    Ok(room == 1)
+}
+
 impl Store {
     /// The item `labeler` should label next, assigning it if new: the one they hold
     /// and have not answered (after an undo or a reload), else the first item of the
@@ -54,29 +84,19 @@ impl Store {
                 |r| Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?)),
             )
             .optional()?;
-        if let Some((item, at)) = held {
-            if at > now - lease_s {
-                return Ok(Some(item));
-            }
-            // The lease ran out: keep the item if its slot is still free, else let it go
-            // (the row stays, so the item is never handed to this labeler again).
-            let others: i64 = tx.query_row(
-                &format!(
-                    "SELECT {HAS_ROOM} FROM items i WHERE i.id = ?1",
-                    HAS_ROOM =
-                        HAS_ROOM.replace("a.released = 0", "a.released = 0 AND a.labeler_id != ?4")
-                ),
-                params![item, now - lease_s, overlap, labeler.id],
-                |r| r.get(0),
-            )?;
-            if others == 1 {
+        if let Some((item, _)) = held {
+            if hold_is_valid(&tx, item, labeler.id, lease_s, overlap)? {
+                // Within the lease, or past it while its slot is still free: keep it
+                // (a renewed lease).
                 tx.execute(
-                    "UPDATE assignments SET assigned_at = ?3 WHERE item_id = ?1 AND labeler_id = ?2",
-                    params![item, labeler.id, now],
+                    "UPDATE assignments SET assigned_at = ?3 WHERE item_id = ?1 AND labeler_id = ?2 AND assigned_at <= ?4",
+                    params![item, labeler.id, now, now - lease_s],
                 )?;
                 tx.commit()?;
                 return Ok(Some(item));
             }
+            // The lease ran out and the slot went to someone else: let it go (the row
+            // stays, so the item is never handed to this labeler again).
             tx.execute(
                 "UPDATE assignments SET released = 1 WHERE item_id = ?1 AND labeler_id = ?2",
                 params![item, labeler.id],

@@ -118,10 +118,9 @@ async fn with_store<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
-        let mut store = state
-            .store
-            .lock()
-            .map_err(|_| ApiError::internal("the store's lock is poisoned"))?;
+        // A panic in an earlier call poisons the lock; the store is still sound (an
+        // unfinished transaction rolls back when dropped), so keep serving.
+        let mut store = state.store.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut store).map_err(ApiError::from)
     })
     .await
@@ -279,7 +278,8 @@ async fn submit(
     ApiJson(sub): ApiJson<Submission>,
 ) -> Result<Response, ApiError> {
     let label = check(&state.project, &sub, a_on_left(state.salt, sub.item_id))?;
-    let stored = with_store(&state, move |s| s.submit(&l, &label)).await?;
+    let lease = state.lease_s;
+    let stored = with_store(&state, move |s| s.submit_within(&l, &label, lease)).await?;
     Ok(Json(stored).into_response())
 }
 

@@ -458,24 +458,52 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a label from `labeler` for an item assigned to them. A client id seen
-    /// before from the same labeler is a retry: the stored label is returned and
-    /// nothing is written.
+    /// Stores a label from `labeler` for an item assigned to them, whatever the age
+    /// of their hold (`submit_within` checks the lease). A client id seen before from
+    /// the same labeler with the same item and answer is a retry: the stored label is
+    /// returned and nothing is written; with another item or answer it is refused.
     pub fn submit(&mut self, labeler: &Labeler, label: &NewLabel) -> Result<Stored> {
+        self.submit_within(labeler, label, f64::INFINITY)
+    }
+
+    /// `submit`, refusing a hold older than `lease_s` whose slot another labeler
+    /// has taken since (the item would get more than `overlap` labels).
+    pub fn submit_within(
+        &mut self,
+        labeler: &Labeler,
+        label: &NewLabel,
+        lease_s: f64,
+    ) -> Result<Stored> {
+        let overlap = self.project()?.overlap as i64;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let seen = tx
             .query_row(
-                "SELECT id, labeler_id FROM labels WHERE client_id = ?1",
+                "SELECT id, labeler_id, item_id, kind, payload FROM labels WHERE client_id = ?1",
                 params![label.client_id],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                },
             )
             .optional()?;
-        if let Some((id, owner)) = seen {
+        if let Some((id, owner, item, kind, payload)) = seen {
             if owner != labeler.id {
                 return Err(LabelError::Conflict(format!(
                     "client_id {:?} was already used by another labeler",
+                    label.client_id
+                )));
+            }
+            if item != label.item_id || kind != label.kind || payload != label.payload.to_string() {
+                return Err(LabelError::Conflict(format!(
+                    "client_id {:?} was already used for a different submission; \
+                     a changed answer needs a new client_id",
                     label.client_id
                 )));
             }
@@ -504,7 +532,15 @@ impl Store {
                     label.item_id
                 )))
             }
-            Some(false) => {}
+            Some(false) => {
+                if !super::assign::hold_is_valid(&tx, label.item_id, labeler.id, lease_s, overlap)?
+                {
+                    return Err(LabelError::Conflict(format!(
+                        "your hold on item {} expired and another labeler took its slot",
+                        label.item_id
+                    )));
+                }
+            }
         }
         let live: i64 = tx.query_row(
             "SELECT COUNT(*) FROM labels WHERE item_id = ?1 AND labeler_id = ?2 AND undone_at IS NULL",

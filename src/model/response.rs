@@ -23,6 +23,11 @@ pub struct ResponseBatch {
     pub targets: Tensor,   // (M,) u32: the response tokens
     /// Response length of each row (splits the M outputs back into rows).
     pub lengths: Vec<usize>,
+    /// The temperature the responses were sampled at: log-probs (and entropies) are
+    /// those of softmax(logits / T), the distribution the samples came from (as TRL
+    /// computes them), so that an RL method's ratio and KL describe the sampling
+    /// policy. 1 by default.
+    pub temperature: f32,
 }
 
 impl ResponseBatch {
@@ -59,7 +64,22 @@ impl ResponseBatch {
             positions: Tensor::from_vec(positions, m, device)?,
             targets: Tensor::from_vec(targets, m, device)?,
             lengths,
+            temperature: 1.0,
         })
+    }
+
+    /// The same batch, scored at temperature `t` (see `temperature`).
+    pub fn with_temperature(mut self, t: f32) -> Self {
+        self.temperature = t;
+        self
+    }
+
+    /// Hidden states scaled so that the (bias-free) LM head gives logits / T.
+    fn tempered(&self, hidden: Tensor) -> Result<Tensor> {
+        if self.temperature == 1.0 {
+            return Ok(hidden);
+        }
+        Ok((hidden / self.temperature as f64)?)
     }
 
     /// Splits a flat (M,) tensor into one vector per row.
@@ -84,9 +104,11 @@ pub fn logprobs_of(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let hidden = model.backbone.forward(&batch.ids, &batch.mask, None)?; // (B, T, C)
     let (b, t, c) = hidden.dims3()?;
-    let picked = hidden
-        .reshape((b * t, c))?
-        .index_select(&batch.positions, 0)?; // (M, C)
+    let picked = batch.tempered(
+        hidden
+            .reshape((b * t, c))?
+            .index_select(&batch.positions, 0)?,
+    )?; // (M, C)
     if with_entropy {
         let (logp, ent) = model
             .lm_head
@@ -125,7 +147,8 @@ pub fn response_logprobs(
     let (mut logp, mut ent) = (Vec::with_capacity(m), Vec::with_capacity(m));
     for start in (0..m).step_by(SCORING_CHUNK) {
         let n = SCORING_CHUNK.min(m - start);
-        let picked = hidden.index_select(&batch.positions.narrow(0, start, n)?, 0)?; // (n, C)
+        let picked =
+            batch.tempered(hidden.index_select(&batch.positions.narrow(0, start, n)?, 0)?)?; // (n, C)
         let targets = batch.targets.narrow(0, start, n)?; // (n,)
         if with_entropy {
             let (lp, h) = model

@@ -307,7 +307,8 @@ impl PpoTask {
             .collect();
         let pad = self.pad();
         // One padded batch serves the policy, the reference and the critic.
-        let batch = ResponseBatch::new(&rows, pad, &self.actor.model.device)?;
+        let batch = ResponseBatch::new(&rows, pad, &self.actor.model.device)?
+            .with_temperature(self.args.temperature);
         let (logprobs, entropies) = response_logprobs(&self.actor.model, &batch, true)?;
         let entropies = entropies.unwrap_or_default();
         let ref_logprobs = self.reference.response_logprobs(&batch)?;
@@ -429,7 +430,8 @@ impl PpoTask {
             .map(|e| (e.prompt.as_slice(), e.response.as_slice()))
             .collect();
         let dev = self.actor.model.device.clone();
-        let batch = ResponseBatch::new(&rows, self.pad(), &dev)?;
+        let batch =
+            ResponseBatch::new(&rows, self.pad(), &dev)?.with_temperature(self.args.temperature);
         let flat = |f: &dyn Fn(&Experience) -> &Vec<f32>| -> Result<Tensor> {
             let v: Vec<f32> = exps.iter().flat_map(|e| f(e).iter().copied()).collect();
             let n = v.len();

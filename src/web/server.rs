@@ -48,6 +48,40 @@ async fn security_headers(mut response: Response) -> Response {
     response
 }
 
+/// Requests that change state (anything but GET, HEAD and OPTIONS) must carry a JSON
+/// body (`Content-Type: application/json`): a page on another site, or another app on
+/// this machine (another port of 127.0.0.1 is the same "site" to a browser, so
+/// SameSite cookies do not stop it), can submit a form cross-origin, but cannot set
+/// that content type without a CORS preflight this server never answers. This stops
+/// cross-site requests riding on a page's cookie.
+async fn json_writes_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::{header::CONTENT_TYPE, Method};
+    use axum::response::IntoResponse;
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    let json = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if safe || json {
+        return next.run(request).await;
+    }
+    super::error::ApiError::bad_request(
+        "a request that changes state needs a JSON body (`Content-Type: application/json`)",
+    )
+    .into_response()
+}
+
 /// A router with the shared layers, ready to bind.
 pub struct Server {
     router: Router,
@@ -60,6 +94,7 @@ impl Server {
         let router = router
             .fallback(super::error::fallback)
             .layer(DefaultBodyLimit::max(max_body_bytes))
+            .layer(axum::middleware::from_fn(json_writes_only))
             .layer(axum::middleware::map_response(security_headers));
         Server { router, what }
     }

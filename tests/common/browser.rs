@@ -29,8 +29,20 @@ impl Drop for Browser {
     }
 }
 
-/// Starts chromedriver and a headless Chromium, or returns why it cannot.
+/// Starts chromedriver and a headless Chromium, or returns why it cannot (the test
+/// then skips, printing why). Where `RLHF_REQUIRE_BROWSER` is set (CI sets it, having
+/// installed Chromium), a browser that cannot start fails the test instead: a
+/// browser test never passes without a browser there.
 pub async fn start() -> Result<Browser, String> {
+    match launch().await {
+        Err(why) if std::env::var_os("RLHF_REQUIRE_BROWSER").is_some() => {
+            panic!("RLHF_REQUIRE_BROWSER is set but the browser cannot start: {why}")
+        }
+        other => other,
+    }
+}
+
+async fn launch() -> Result<Browser, String> {
     let chrome = find(&["chromium", "chromium-browser", "google-chrome"])
         .ok_or("no chromium on PATH (Debian: apt-get install chromium chromium-driver)")?;
     let driver_bin = find(&["chromedriver"])

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 let item = null;        // the item shown
 let shownAt = 0;        // when it was shown (ms)
 let pending = null;     // client id of the submission in flight: a retry reuses it
+let pendingAnswer = null; // the answer that client id was made for
 let selected = 0;       // rank page: the selected card's position
 let busy = false;
 
@@ -122,6 +123,7 @@ function show(resp) {
   $("undo").disabled = $("undo-empty").disabled = !resp.can_undo;
   item = resp.item;
   pending = null;
+  pendingAnswer = null;
   $("skip-reason").value = "";
   if (!item) { $("item").hidden = true; $("empty").hidden = false; return; }
   $("empty").hidden = true;
@@ -140,7 +142,10 @@ async function load() {
 async function send(fields) {
   if (!item || busy) return;
   busy = true;
-  pending = pending || clientId();
+  // One client id per answer: a retry of the same answer reuses it (stored once), a
+  // changed answer gets a new one (the server refuses an id reused for another).
+  const answer = JSON.stringify(fields);
+  if (!pending || pendingAnswer !== answer) { pending = clientId(); pendingAnswer = answer; }
   const body = Object.assign({ client_id: pending, item_id: item.id, seconds: (Date.now() - shownAt) / 1000 }, fields);
   try {
     await api("/api/labels", body);
