@@ -500,7 +500,9 @@ impl Store {
                     label.client_id
                 )));
             }
-            if item != label.item_id || kind != label.kind || payload != label.payload.to_string() {
+            let same_answer =
+                serde_json::from_str::<Value>(&payload).ok().as_ref() == Some(&label.payload);
+            if item != label.item_id || kind != label.kind || !same_answer {
                 return Err(LabelError::Conflict(format!(
                     "client_id {:?} was already used for a different submission; \
                      a changed answer needs a new client_id",
