@@ -75,6 +75,10 @@ pub enum Command {
     Rm(RmCommand),
     /// PPO against the reward model with a KL penalty and PPO-ptx (InstructGPT step 3).
     Ppo(PpoArgs),
+    /// An OpenAI-compatible server with continuous batching, and a chat page at `/`.
+    Serve(crate::serve::ServeArgs),
+    /// Chat with a model in the terminal.
+    Chat(crate::serve::chat_cli::ChatArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -272,6 +276,14 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             report("ppo", out, &summary);
             crate::note!("last iteration: {}", crate::ppo::last_metrics(out)?);
             Ok(())
+        }
+        Command::Serve(a) => {
+            a.validate().map_err(as_flag)?;
+            crate::serve::run(&a)
+        }
+        Command::Chat(a) => {
+            a.validate().map_err(as_flag)?;
+            crate::serve::chat_cli::run(&a)
         }
         Command::Rm(RmCommand::Eval(a)) => {
             a.validate().map_err(as_flag)?;

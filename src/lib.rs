@@ -6,7 +6,8 @@
 //! sampling with logprobs), `io` (crash-safe file writes), `losses` (pure loss functions), `train` (optimizer,
 //! schedule, checkpoints, the shared loop), `pretrain`, `sft`, `rm` and `ppo` (the
 //! stages), `pipeline` and `demo` (the stages chained), `settings` (the ranges every
-//! command's settings are checked against), `web` (the HTTP layer the servers share) and
+//! command's settings are checked against), `web` (the HTTP layer the servers share),
+//! `serve` (the OpenAI-compatible server, its chat page and `rlhf chat`) and
 //! `cli` (the `rlhf` binary's commands).
 
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod ppo;
 pub mod pretrain;
 pub mod progress;
 pub mod rm;
+pub mod serve;
 pub mod settings;
 pub mod sft;
 pub mod train;
