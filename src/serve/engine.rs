@@ -97,21 +97,18 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
-/// New text of one choice; the last one carries `finish`.
+/// What one sampled token of a choice releases: new text (often empty while a
+/// possible stop string or a split character is held back); the last one carries
+/// `finish`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delta {
     pub choice: usize,
     pub text: String,
     /// The tokens whose text this delta releases (empty unless logprobs were asked).
     pub logprobs: Vec<TokenLogprob>,
-    pub finish: Option<Finish>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Finish {
-    pub reason: FinishReason,
-    /// Tokens sampled for this choice (an eos included).
-    pub completion_tokens: usize,
+    /// Tokens sampled for this choice so far (an eos included).
+    pub tokens: usize,
+    pub finish: Option<FinishReason>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -363,13 +360,10 @@ impl Engine {
         }
         let r = release(&text, &p.stop, eos || length);
         let end = r.end.max(s.sent);
-        let finish = (eos || length || r.stopped).then(|| Finish {
-            reason: if length && !eos && !r.stopped {
-                FinishReason::Length
-            } else {
-                FinishReason::Stop
-            },
-            completion_tokens: s.generated.len(),
+        let finish = (eos || length || r.stopped).then_some(if length && !eos && !r.stopped {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
         });
         // A token's logprob goes out with the first text it contributes to; at the
         // end, every token before a stop string's start goes out, none after.
@@ -388,13 +382,12 @@ impl Engine {
             choice: s.choice,
             text,
             logprobs: out.into_iter().map(|(_, lp)| lp).collect(),
+            tokens: s.generated.len(),
             finish,
         };
         s.sent = sent;
-        if !delta.text.is_empty() || !delta.logprobs.is_empty() || delta.finish.is_some() {
-            // A closed receiver is noticed (and the sequence dropped) at the next step.
-            let _ = s.events.send(Event::Delta(delta));
-        }
+        // A closed receiver is noticed (and the sequence dropped) at the next step.
+        let _ = s.events.send(Event::Delta(delta));
         if finish.is_none() {
             s.pending = Some(token);
         }

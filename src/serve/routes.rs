@@ -229,9 +229,9 @@ async fn collect(
                 let c = &mut choices[d.choice];
                 c.text.push_str(&d.text);
                 c.logprobs.extend(d.logprobs);
-                if let Some(f) = d.finish {
-                    c.finish = Some(f.reason);
-                    c.completion_tokens = f.completion_tokens;
+                if d.finish.is_some() {
+                    c.finish = d.finish;
+                    c.completion_tokens = d.tokens;
                     done += 1;
                 }
             }
@@ -335,9 +335,11 @@ fn stream(state: Shared, head: Head, mut rx: mpsc::UnboundedReceiver<Event>) -> 
                     return;
                 }
             };
-            if let Some(f) = d.finish {
+            if d.finish.is_some() {
                 done += 1;
-                completion_tokens += f.completion_tokens;
+                completion_tokens += d.tokens;
+            } else if d.text.is_empty() && d.logprobs.is_empty() {
+                continue; // nothing released by this token yet
             }
             let logprobs = match (head.logprobs, head.kind) {
                 (false, _) => Value::Null,
@@ -352,13 +354,13 @@ fn stream(state: Shared, head: Head, mut rx: mpsc::UnboundedReceiver<Event>) -> 
                     "index": d.choice,
                     "delta": {"content": d.text},
                     "logprobs": logprobs,
-                    "finish_reason": finish_str(d.finish.map(|f| f.reason)),
+                    "finish_reason": finish_str(d.finish),
                 }),
                 Kind::Text => json!({
                     "index": d.choice,
                     "text": d.text,
                     "logprobs": logprobs,
-                    "finish_reason": finish_str(d.finish.map(|f| f.reason)),
+                    "finish_reason": finish_str(d.finish),
                 }),
             };
             if !send(sse_data(&chunk(vec![choice]))).await {
