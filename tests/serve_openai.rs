@@ -9,7 +9,9 @@ use std::process::Command;
 
 #[test]
 fn the_openai_python_client_works_against_the_server() {
-    let probe = Command::new("python3").args(["-c", "import openai"]).output();
+    let probe = Command::new("python3")
+        .args(["-c", "import openai"])
+        .output();
     match probe {
         Ok(o) if o.status.success() => {}
         Ok(o) => {

@@ -136,6 +136,8 @@ pub struct EngineStats {
     pub waiting: AtomicUsize,
     /// Columns in the KV cache (live and garbage).
     pub cache_columns: AtomicUsize,
+    /// Sequences dropped because their client went away, since the start.
+    pub cancelled: AtomicUsize,
     /// False once the engine thread has stopped.
     pub alive: AtomicBool,
 }
@@ -401,6 +403,7 @@ impl Engine {
             if self.seqs[i].events.is_closed() {
                 let s = self.seqs.remove(i);
                 self.free(s.segment);
+                self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
             } else {
                 i += 1;
             }
@@ -550,6 +553,7 @@ fn run_loop(mut engine: Engine, rx: Receiver<Job>) {
             }
             let Some(job) = next.take() else { break };
             if job.events.is_closed() {
+                stats.cancelled.fetch_add(job.n, Ordering::SeqCst);
                 continue; // cancelled while queued
             }
             let room = engine.config.max_batch.saturating_sub(engine.running());

@@ -93,6 +93,7 @@ async fn health(State(state): State<Shared>) -> Response {
         "running": s.running.load(Ordering::SeqCst),
         "waiting": s.waiting.load(Ordering::SeqCst),
         "cache_columns": s.cache_columns.load(Ordering::SeqCst),
+        "cancelled": s.cancelled.load(Ordering::SeqCst),
     });
     let status = if alive {
         StatusCode::OK
