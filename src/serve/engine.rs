@@ -160,6 +160,8 @@ struct Sequence {
     unsent_logprobs: Vec<(usize, TokenLogprob)>,
     /// Bytes of decoded text already sent.
     sent: usize,
+    /// Bytes of the text decoded at the last step.
+    decoded_len: usize,
     rng: ChaCha8Rng,
     params: Arc<GenParams>,
     events: UnboundedSender<Event>,
@@ -239,6 +241,7 @@ impl Engine {
                 starts: vec![],
                 unsent_logprobs: vec![],
                 sent: 0,
+                decoded_len: 0,
                 rng: ChaCha8Rng::seed_from_u64(base_seed.wrapping_add(choice as u64)),
                 params: params.clone(),
                 events: job.events.clone(),
@@ -357,9 +360,10 @@ impl Engine {
         };
         let text = self.tokenizer.decode(body, true)?;
         if !eos {
-            let before = self.tokenizer.decode(&body[..body.len() - 1], true)?.len();
-            s.starts.push(before);
+            // The text before this token is what the previous step decoded.
+            s.starts.push(s.decoded_len);
         }
+        s.decoded_len = text.len();
         let r = release(&text, &p.stop, eos || length);
         let end = r.end.max(s.sent);
         let finish = (eos || length || r.stopped).then_some(if length && !eos && !r.stopped {
