@@ -706,3 +706,32 @@ fn the_terminal_chat_streams_keeps_history_and_saves_it() {
     assert_eq!(saved["messages"][0]["content"], "Answer briefly.");
     assert_eq!(saved["messages"][3]["content"], "and again");
 }
+
+#[test]
+fn bad_command_lines_exit_2_with_a_message() {
+    let run = |args: &[&str]| {
+        let out = common::rlhf_bin().args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let qwen = common::fixture("qwen2").display().to_string();
+    let gpt2 = common::fixture("gpt2").display().to_string();
+    let (code, err) = run(&["serve", "--model", &qwen, "--max_batch", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--max_batch must be ≥ 1, got 0"), "{err}");
+    let (code, err) = run(&["serve", "--model", "/no/such/model", "--port", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("loading model from /no/such/model"), "{err}");
+    let (code, err) = run(&["chat", "--model", &qwen, "--temperature", "3"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--temperature must be in [0, 2], got 3"),
+        "{err}"
+    );
+    let (code, err) = run(&["chat", "--model", &gpt2]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("has no chat template"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

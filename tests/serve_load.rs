@@ -212,10 +212,9 @@ fn sixty_four_clients_a_quarter_disconnecting() {
 
     // Still answering.
     let (text, _, usage) = streamed(&url, 5000);
-    assert_eq!(
-        usage["completion_tokens"].as_u64().is_some(),
-        true,
-        "{text}"
+    assert!(
+        usage["completion_tokens"].as_u64().is_some_and(|n| n >= 1),
+        "{text} {usage}"
     );
     assert_eq!(health(&url)["status"], "ok");
 }

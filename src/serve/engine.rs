@@ -616,4 +616,30 @@ mod tests {
         assert!((all - 1.0).abs() < 1e-6);
         assert!(top_logprobs(&row, 0).is_empty());
     }
+
+    #[test]
+    fn a_full_queue_refuses_and_a_stopped_engine_is_reported() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let stats = Arc::new(EngineStats::default());
+        stats.alive.store(true, Ordering::SeqCst);
+        let handle = EngineHandle {
+            tx,
+            stats: stats.clone(),
+            queue_capacity: 1,
+            context_length: 64,
+        };
+        let job = || Job {
+            prompt: vec![1],
+            params: GenParams::default(),
+            n: 1,
+            events: tokio::sync::mpsc::unbounded_channel().0,
+        };
+        assert_eq!(handle.submit(job()), Ok(()));
+        assert_eq!(handle.submit(job()), Err(SubmitError::QueueFull)); // 429
+        assert_eq!(stats.waiting.load(Ordering::SeqCst), 1);
+        drop(rx); // the engine thread is gone
+        assert_eq!(handle.submit(job()), Err(SubmitError::Stopped)); // 503
+        stats.alive.store(false, Ordering::SeqCst);
+        assert_eq!(handle.submit(job()), Err(SubmitError::Stopped));
+    }
 }
