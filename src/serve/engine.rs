@@ -23,6 +23,7 @@
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -294,6 +295,7 @@ impl Engine {
             .model
             .backbone
             .forward(&ids, &mask, Some(&mut self.cache))?; // (1, N, C)
+        heads.sort_unstable();
         let logits: Vec<Vec<f32>> = if heads.is_empty() {
             vec![]
         } else {
@@ -302,9 +304,24 @@ impl Engine {
             let rows = hidden.index_select(&at, 1)?; // (1, K, C)
             self.model.lm_head.forward(&rows)?.squeeze(0)?.to_vec2()? // K rows of V
         };
+        // Sampling is per sequence (its own RNG), so the rows are sampled in
+        // parallel; `heads` is in increasing sequence order, as `iter_mut` visits.
+        let mut wanted = heads.iter().map(|&(i, _)| i).peekable();
+        let targets: Vec<&mut Sequence> = self
+            .seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| wanted.next_if_eq(i).is_some())
+            .map(|(_, s)| s)
+            .collect();
+        let sampled: Vec<(u32, Option<TokenLogprob>)> = targets
+            .into_par_iter()
+            .zip(logits.par_iter())
+            .map(|(s, row)| sample(s, row))
+            .collect();
         let mut finished = vec![];
-        for (&(i, _), row) in heads.iter().zip(&logits) {
-            if self.advance(i, row)? {
+        for (&(i, _), (token, logprob)) in heads.iter().zip(sampled) {
+            if self.advance(i, token, logprob)? {
                 finished.push(i);
             }
         }
@@ -317,40 +334,16 @@ impl Engine {
         Ok(true)
     }
 
-    /// Samples sequence `i`'s next token from its logits row and sends what it
-    /// releases. Returns whether the sequence is done.
-    fn advance(&mut self, i: usize, row: &[f32]) -> Result<bool> {
+    /// Records sequence `i`'s sampled token and sends the text it releases. Returns
+    /// whether the sequence is done.
+    fn advance(&mut self, i: usize, token: u32, logprob: Option<TokenLogprob>) -> Result<bool> {
         let s = &mut self.seqs[i];
         let p = s.params.clone();
-        let sampling = SamplingParams {
-            max_new_tokens: p.max_tokens,
-            temperature: p.temperature,
-            top_p: p.top_p,
-            ..SamplingParams::default()
-        };
-        let token = if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            let mut scores = row.to_vec();
-            for (&t, &c) in &s.counts {
-                if let Some(x) = scores.get_mut(t as usize) {
-                    *x -= p.presence_penalty + p.frequency_penalty * c as f32;
-                }
-            }
-            sample_token(&scores, &[], &sampling, &mut s.rng)
-        } else {
-            sample_token(row, &[], &sampling, &mut s.rng)
-        };
         s.generated.push(token);
         *s.counts.entry(token).or_insert(0) += 1;
         let eos = self.eos.contains(&token);
-        if let Some(k) = p.logprobs {
-            let lp = TokenLogprob {
-                id: token,
-                logprob: log_softmax_at(row, token as usize),
-                top: top_logprobs(row, k),
-            };
-            if !eos {
-                s.unsent_logprobs.push((s.generated.len() - 1, lp));
-            }
+        if let (Some(lp), false) = (logprob, eos) {
+            s.unsent_logprobs.push((s.generated.len() - 1, lp));
         }
         let length = s.generated.len() >= p.max_tokens;
         let body = if eos {
@@ -455,6 +448,46 @@ impl Engine {
             .cache_columns
             .store(self.columns.len(), Ordering::SeqCst);
     }
+}
+
+/// Samples a sequence's next token from its logits row (OpenAI's penalties applied
+/// to a copy), with its logprobs under the unmodified row when asked.
+fn sample(s: &mut Sequence, row: &[f32]) -> (u32, Option<TokenLogprob>) {
+    let p = &s.params;
+    let sampling = SamplingParams {
+        max_new_tokens: p.max_tokens,
+        temperature: p.temperature,
+        top_p: p.top_p,
+        ..SamplingParams::default()
+    };
+    let token = if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let scores = penalized(row, &s.counts, p.presence_penalty, p.frequency_penalty);
+        sample_token(&scores, &[], &sampling, &mut s.rng)
+    } else {
+        sample_token(row, &[], &sampling, &mut s.rng)
+    };
+    let logprob = p.logprobs.map(|k| TokenLogprob {
+        id: token,
+        logprob: log_softmax_at(row, token as usize),
+        top: top_logprobs(row, k),
+    });
+    (token, logprob)
+}
+
+/// OpenAI's penalties: logit[t] − presence·[count(t) > 0] − frequency·count(t).
+pub fn penalized(
+    row: &[f32],
+    counts: &HashMap<u32, u32>,
+    presence: f32,
+    frequency: f32,
+) -> Vec<f32> {
+    let mut scores = row.to_vec();
+    for (&t, &c) in counts {
+        if let (Some(x), true) = (scores.get_mut(t as usize), c > 0) {
+            *x -= presence + frequency * c as f32;
+        }
+    }
+    scores
 }
 
 /// The `k` most likely tokens of a row with their log-probabilities, most likely
@@ -615,6 +648,18 @@ mod tests {
             .sum();
         assert!((all - 1.0).abs() < 1e-6);
         assert!(top_logprobs(&row, 0).is_empty());
+    }
+
+    #[test]
+    fn penalties_follow_openai() {
+        let counts = HashMap::from([(0u32, 3u32), (2, 1)]);
+        // token 0: 1.0 − 0.5 − 3·0.25; token 2: 3.0 − 0.5 − 0.25; token 1 unseen.
+        assert_eq!(
+            penalized(&[1.0, 2.0, 3.0], &counts, 0.5, 0.25),
+            [-0.25, 2.0, 2.25]
+        );
+        // Negative values encourage repetition.
+        assert_eq!(penalized(&[0.0, 0.0], &counts, -1.0, 0.0), [1.0, 0.0]);
     }
 
     #[test]
