@@ -56,5 +56,6 @@ fn main() {
         c.clone().close().await.unwrap();
     });
     let _ = server.kill();
+    let _ = server.wait();
     println!("wrote {out}");
 }
