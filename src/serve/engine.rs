@@ -6,7 +6,7 @@
 //! own segment id, and the attention mask lets a token see only earlier columns of its
 //! own segment (`CausalMask::visible`); its position is the count of earlier columns of
 //! its segment (`AttentionMask::from_segments`). So a step's new columns are
-//!   [one token of each decoding sequence] + [a chunk of at most one or more prompts]
+//!   [one token of each decoding sequence] + [up to `prefill_chunk` prompt tokens]
 //! appended behind the cache, and the LM head runs only on the last new column of each
 //! sequence that needs a next token. A sequence joins at a step boundary and leaves
 //! when done (eos, stop string, length) or cancelled (its client went away): its
