@@ -86,6 +86,10 @@ pub enum Command {
     /// The labeling app: demonstrations, rankings of K outputs, blind model comparisons.
     #[command(subcommand)]
     Label(crate::label::LabelCommand),
+    /// An OpenAI-compatible server with continuous batching, and a chat page at `/`.
+    Serve(crate::serve::ServeArgs),
+    /// Chat with a model in the terminal.
+    Chat(crate::serve::chat_cli::ChatArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -319,6 +323,14 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             report("ppo", out, &summary);
             crate::note!("last iteration: {}", crate::ppo::last_metrics(out)?);
             Ok(())
+        }
+        Command::Serve(a) => {
+            a.validate().map_err(as_flag)?;
+            crate::serve::run(&a)
+        }
+        Command::Chat(a) => {
+            a.validate().map_err(as_flag)?;
+            crate::serve::chat_cli::run(&a)
         }
         Command::Rm(RmCommand::Eval(a)) => {
             a.validate().map_err(as_flag)?;

@@ -6,7 +6,9 @@
 //! sampling with logprobs), `io` (crash-safe file writes), `losses` (pure loss functions), `train` (optimizer,
 //! schedule, checkpoints, the shared loop), `pretrain`, `sft`, `rm`, `ppo` and `dpo` (the
 //! stages), `pipeline` and `demo` (the stages chained), `settings` (the ranges every
-//! command's settings are checked against), `web` (the HTTP layer the servers share), `label` (the labeling app) and
+//! command's settings are checked against), `web` (the HTTP layer the servers share),
+//! `label` (the labeling app), `serve` (the OpenAI-compatible server, its chat page and
+//! `rlhf chat`) and
 //! `cli` (the `rlhf` binary's commands).
 
 pub mod cli;
@@ -31,6 +33,7 @@ pub mod progress;
 pub mod rloo;
 pub mod rm;
 pub mod rollout;
+pub mod serve;
 pub mod settings;
 pub mod sft;
 pub mod train;

@@ -13,7 +13,7 @@ use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use super::error::Result;
-use super::store::{unix_now, Labeler, Store};
+use super::store::{unix_now, Labeler, NewLabel, Store, Stored};
 
 /// A labeler's place in the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,7 +35,7 @@ const HAS_ROOM: &str = "(SELECT COUNT(*) FROM assignments a
 /// Whether `labeler`'s hold on `item` still has its slot: within the lease, or past
 /// it while no one else has filled the slot. A submission on a hold that lost its
 /// slot is refused, so an item never gets more than `overlap` labels.
-pub(super) fn hold_is_valid(
+fn hold_is_valid(
     conn: &rusqlite::Connection,
     item: i64,
     labeler: i64,
@@ -63,6 +63,20 @@ pub(super) fn hold_is_valid(
 }
 
 impl Store {
+    /// `submit`, refusing a hold older than `lease_s` whose slot another labeler
+    /// has taken since (the item would get more than `overlap` labels).
+    pub fn submit_within(
+        &mut self,
+        labeler: &Labeler,
+        label: &NewLabel,
+        lease_s: f64,
+    ) -> Result<Stored> {
+        let overlap = self.project()?.overlap as i64;
+        self.submit_checked(labeler, label, &|conn, item, who| {
+            hold_is_valid(conn, item, who, lease_s, overlap)
+        })
+    }
+
     /// The item `labeler` should label next, assigning it if new: the one they hold
     /// and have not answered (after an undo or a reload), else the first item of the
     /// queue with a free slot that they never held. `lease_s`: how long a held item

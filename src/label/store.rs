@@ -459,22 +459,22 @@ impl Store {
     }
 
     /// Stores a label from `labeler` for an item assigned to them, whatever the age
-    /// of their hold (`submit_within` checks the lease). A client id seen before from
-    /// the same labeler with the same item and answer is a retry: the stored label is
-    /// returned and nothing is written; with another item or answer it is refused.
+    /// of their hold (`submit_within`, in `assign`, checks the lease). A client id
+    /// seen before from the same labeler with the same item and answer is a retry:
+    /// the stored label is returned and nothing is written; with another item or
+    /// answer it is refused.
     pub fn submit(&mut self, labeler: &Labeler, label: &NewLabel) -> Result<Stored> {
-        self.submit_within(labeler, label, f64::INFINITY)
+        self.submit_checked(labeler, label, &|_, _, _| Ok(true))
     }
 
-    /// `submit`, refusing a hold older than `lease_s` whose slot another labeler
-    /// has taken since (the item would get more than `overlap` labels).
-    pub fn submit_within(
+    /// `submit`, with `hold_ok(conn, item, labeler)` deciding whether the labeler's
+    /// unanswered hold on the item still entitles them to answer it.
+    pub(super) fn submit_checked(
         &mut self,
         labeler: &Labeler,
         label: &NewLabel,
-        lease_s: f64,
+        hold_ok: &dyn Fn(&rusqlite::Connection, i64, i64) -> Result<bool>,
     ) -> Result<Stored> {
-        let overlap = self.project()?.overlap as i64;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -535,8 +535,7 @@ impl Store {
                 )))
             }
             Some(false) => {
-                if !super::assign::hold_is_valid(&tx, label.item_id, labeler.id, lease_s, overlap)?
-                {
+                if !hold_ok(&tx, label.item_id, labeler.id)? {
                     return Err(LabelError::Conflict(format!(
                         "your hold on item {} expired and another labeler took its slot",
                         label.item_id

@@ -72,6 +72,42 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// Keeps only the given positions (increasing indices into the cached sequence),
+    /// copied into fresh buffers: the server drops finished sequences' columns from
+    /// its packed row this way. Keeping nothing empties the cache.
+    pub fn retain(&mut self, columns: &[u32]) -> Result<()> {
+        let len = self
+            .layers
+            .iter()
+            .flatten()
+            .map(|c| c.len)
+            .min()
+            .unwrap_or(0);
+        if let Some(&bad) = columns.iter().find(|&&j| j as usize >= len) {
+            return Err(crate::Error::Invalid(format!(
+                "KV cache has {len} positions, cannot keep position {bad}"
+            )));
+        }
+        for layer in self.layers.iter_mut() {
+            let Some(c) = layer.take() else { continue };
+            if columns.is_empty() {
+                continue;
+            }
+            let (b, h, _, d) = c.k.dims4()?;
+            let keep = columns.len();
+            let index = Tensor::from_slice(columns, keep, c.k.device())?;
+            let cap = keep.max(MIN_CAPACITY).next_power_of_two();
+            let k = Tensor::zeros((b, h, cap, d), c.k.dtype(), c.k.device())?;
+            let v = Tensor::zeros((b, h, cap, d), c.v.dtype(), c.v.device())?;
+            k.slice_set(&c.k.index_select(&index, 2)?.contiguous()?, 2, 0)?;
+            v.slice_set(&c.v.index_select(&index, 2)?.contiguous()?, 2, 0)?;
+            *layer = Some(LayerCache { k, v, len: keep });
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +136,50 @@ mod tests {
             assert_eq!(cv.dims(), want.dims());
         }
         assert_eq!(cache.seq_len(), 141);
+    }
+
+    #[test]
+    fn retain_keeps_the_chosen_columns_in_order() {
+        let mut cache = KvCache::new(2);
+        let k = Tensor::arange(0f32, 2. * 70. * 3., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 70, 3))
+            .unwrap();
+        let v = (&k * 2.0).unwrap();
+        for layer in 0..2 {
+            cache.append(layer, &k, &v).unwrap();
+        }
+        let keep = [1u32, 5, 69];
+        cache.retain(&keep).unwrap();
+        assert_eq!(cache.seq_len(), 3);
+        let index = Tensor::new(&keep, &Device::Cpu).unwrap();
+        let want_k = k.index_select(&index, 2).unwrap();
+        // Appending after a retain continues right behind the kept columns.
+        let one = Tensor::full(-1f32, (1, 2, 1, 3), &Device::Cpu).unwrap();
+        let (ck, cv) = cache.append(1, &one, &(&one * 2.0).unwrap()).unwrap();
+        assert_eq!(ck.dims(), [1, 2, 4, 3]);
+        let got: Vec<f32> = ck
+            .narrow(2, 0, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = want_k.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, want);
+        let got_v: Vec<f32> = cv
+            .narrow(2, 3, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got_v, vec![-2.0; 6]);
+        assert!(
+            cache.retain(&[9]).is_err(),
+            "position 9 is past the 4 cached"
+        );
+        cache.retain(&[]).unwrap();
+        assert_eq!(cache.seq_len(), 0);
     }
 }

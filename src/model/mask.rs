@@ -7,6 +7,7 @@
 //! left-padded prompt gets the same positions as the prompt alone.
 
 use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -38,8 +39,9 @@ impl AttentionMask {
 
     /// Packed rows: `segments[b][j]` is 0 for padding and the example number (1, 2,
     /// ...) otherwise. A token attends only to earlier tokens of its own example, and
-    /// positions restart at 0 with each example, so a packed row computes exactly what
-    /// its examples would compute one by one.
+    /// its position is the number of earlier tokens of its example, so a packed row
+    /// computes exactly what its examples would compute one by one, whether the
+    /// examples lie one after another (training) or interleave (serving).
     pub fn from_segments(segments: &[Vec<u32>], query_len: usize, device: &Device) -> Result<Self> {
         let b = segments.len();
         let s = segments.first().map_or(0, Vec::len);
@@ -50,18 +52,19 @@ impl AttentionMask {
         }
         let offset = s - query_len;
         let mut positions = Vec::with_capacity(b * query_len);
+        let mut seen: HashMap<u32, u32> = HashMap::new();
         for row in segments {
             // The count of earlier tokens of the same example: for a real token that
-            // is its position; for padding any value works (it is masked).
-            let (mut seen, mut current) = (0u32, 0u32);
+            // is its position; for padding any value works (it is masked). Examples
+            // may interleave (the server packs many sequences into one row and
+            // appends one token of each per step), so count per example id.
+            seen.clear();
             for (j, &seg) in row.iter().enumerate() {
-                if seg != 0 && seg != current {
-                    (seen, current) = (0, seg);
-                }
+                let count = seen.entry(seg).or_insert(0);
                 if j >= offset {
-                    positions.push(seen);
+                    positions.push(if seg == 0 { 0 } else { *count });
                 }
-                seen += u32::from(seg != 0);
+                *count += 1;
             }
         }
         let position_ids = Tensor::from_vec(positions, (b, query_len), device)?;
@@ -155,5 +158,24 @@ mod tests {
         assert_eq!(&b[4 * 6..5 * 6], [MASKED, MASKED, MASKED, 0.0, 0.0, MASKED]);
         // The padding query sees nothing.
         assert!(b[5 * 6..].iter().all(|&x| x == MASKED));
+    }
+
+    #[test]
+    fn interleaved_segments_count_positions_per_example() {
+        // Two sequences decoded side by side: 1's prompt, 2's prompt, then one token
+        // of each per step; a finished sequence's columns become 0 (garbage).
+        let segs = vec![vec![1, 1, 2, 2, 2, 1, 2, 0, 1, 2]];
+        let m = AttentionMask::from_segments(&segs, 10, &Device::Cpu).unwrap();
+        let pos = &m.position_ids.to_vec2::<u32>().unwrap()[0];
+        assert_eq!([pos[0], pos[1], pos[5], pos[8]], [0, 1, 2, 3]);
+        assert_eq!([pos[2], pos[3], pos[4], pos[6], pos[9]], [0, 1, 2, 3, 4]);
+        // The last two tokens as queries of a cached step: same positions.
+        let step = AttentionMask::from_segments(&segs, 2, &Device::Cpu).unwrap();
+        assert_eq!(step.position_ids.to_vec2::<u32>().unwrap(), [[3, 4]]);
+        let b = flat_bias(&step);
+        // Query 0 (example 1) sees 1's columns only; query 1 (example 2) 2's only.
+        let sees = |q: usize| -> Vec<usize> { (0..10).filter(|&j| b[q * 10 + j] == 0.0).collect() };
+        assert_eq!(sees(0), [0, 1, 5, 8]);
+        assert_eq!(sees(1), [2, 3, 4, 6, 9]);
     }
 }
