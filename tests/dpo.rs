@@ -46,24 +46,6 @@ fn dpo_args(data: &Path, eval: Option<&Path>, out: &Path) -> DpoArgs {
     }
 }
 
-fn weights(dir: &Path) -> Vec<(String, Vec<u32>)> {
-    let p = load_pretrained(dir, &candle_core::Device::Cpu).unwrap();
-    p.model
-        .params
-        .vars()
-        .iter()
-        .map(|(s, v)| {
-            let bits = v
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            (s.name.clone(), bits.iter().map(|x| x.to_bits()).collect())
-        })
-        .collect()
-}
-
 #[test]
 fn learns_a_toy_preference_and_every_parameter_changes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -94,7 +76,7 @@ fn learns_a_toy_preference_and_every_parameter_changes() {
         );
     }
     // Every parameter moved away from the SFT model.
-    let (before, after) = (weights(&common::fixture("qwen2")), weights(&out));
+    let (before, after) = (common::lm_weight_bits(&common::fixture("qwen2")), common::lm_weight_bits(&out));
     for ((name, a), (_, b)) in before.iter().zip(&after) {
         assert_ne!(a, b, "{name} did not change");
     }
@@ -129,7 +111,7 @@ fn resume_is_bit_identical() {
     b.train.stop_after_steps = None;
     let s = run(&b).unwrap();
     assert_eq!(s.resumed_from, Some(7));
-    assert_eq!(weights(&full), weights(&parts));
+    assert_eq!(common::lm_weight_bits(&full), common::lm_weight_bits(&parts));
 }
 
 #[test]

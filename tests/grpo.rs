@@ -155,24 +155,6 @@ fn rloo_raises_the_reward_with_a_leave_one_out_baseline() {
     }
 }
 
-fn weights(dir: &Path) -> Vec<(String, Vec<u32>)> {
-    let p = rlhf::model::hf::load_pretrained(dir, &candle_core::Device::Cpu).unwrap();
-    p.model
-        .params
-        .vars()
-        .iter()
-        .map(|(s, v)| {
-            let bits = v
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            (s.name.clone(), bits.iter().map(|x| x.to_bits()).collect())
-        })
-        .collect()
-}
-
 #[test]
 fn both_resume_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
@@ -212,14 +194,14 @@ fn both_resume_bit_for_bit() {
         // Stop mid-iteration (3 updates of 4), then resume.
         run(&parts, Some(3));
         run(&parts, None);
-        assert_eq!(weights(&full), weights(&parts), "{method}");
+        assert_eq!(common::lm_weight_bits(&full), common::lm_weight_bits(&parts), "{method}");
         assert_eq!(
-            weights(&full).len(),
-            weights(&common::fixture("qwen2")).len()
+            common::lm_weight_bits(&full).len(),
+            common::lm_weight_bits(&common::fixture("qwen2")).len()
         );
         assert_ne!(
-            weights(&full),
-            weights(&common::fixture("qwen2")),
+            common::lm_weight_bits(&full),
+            common::lm_weight_bits(&common::fixture("qwen2")),
             "{method}: no update"
         );
     }

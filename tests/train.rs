@@ -76,24 +76,6 @@ pub fn pretrain_args(data: &Path, out: &Path) -> PretrainArgs {
     }
 }
 
-fn weights(dir: &Path) -> Vec<(String, Vec<u32>)> {
-    let pre = load_pretrained(dir, &Device::Cpu).unwrap();
-    pre.model
-        .params
-        .vars()
-        .iter()
-        .map(|(s, v)| {
-            let bits = v
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            (s.name.clone(), bits.iter().map(|x| x.to_bits()).collect())
-        })
-        .collect()
-}
-
 /// Two weight lists hold the same parameters in the same order (so that zipping
 /// them compares each with itself, and none is left out).
 fn assert_same_names(a: &[(String, Vec<u32>)], b: &[(String, Vec<u32>)]) {
@@ -128,11 +110,11 @@ fn pretrain_changes_every_parameter_and_lowers_the_loss() {
     a0.train.max_steps = 1;
     a0.train.learning_rate = Some(1e-12);
     pretrain::run(&a0).unwrap();
-    let before = weights(&tmp.path().join("pt0"));
+    let before = common::lm_weight_bits(&tmp.path().join("pt0"));
     let mut args = pretrain_args(&data, &out);
     args.train.max_steps = 30;
     let summary = pretrain::run(&args).unwrap();
-    let after = weights(&out);
+    let after = common::lm_weight_bits(&out);
     assert_same_names(&before, &after);
     for ((name, b), (_, a)) in before.iter().zip(&after) {
         assert_ne!(a, b, "{name} did not change");
@@ -166,8 +148,8 @@ fn resume_after_stop_is_bit_identical_even_past_a_torn_checkpoint() {
     let summary = pretrain::run(&a).unwrap();
     assert_eq!(summary.resumed_from, Some(8));
     assert_eq!(
-        weights(&full),
-        weights(&parts),
+        common::lm_weight_bits(&full),
+        common::lm_weight_bits(&parts),
         "resumed weights differ from the uninterrupted run"
     );
 }
@@ -181,7 +163,7 @@ fn same_seed_same_weights_and_save_total_limit() {
     args.train.save_total_limit = Some(1);
     pretrain::run(&args).unwrap();
     pretrain::run(&pretrain_args(&data, &b)).unwrap();
-    assert_eq!(weights(&a), weights(&b));
+    assert_eq!(common::lm_weight_bits(&a), common::lm_weight_bits(&b));
     let ckpts: Vec<String> = std::fs::read_dir(&a)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -238,8 +220,8 @@ fn sft_changes_every_parameter_and_lowers_the_loss() {
         args.packing = packing;
         args.train.max_steps = 25;
         sft::run(&args).unwrap();
-        let before = weights(&model);
-        let after = weights(&out);
+        let before = common::lm_weight_bits(&model);
+        let after = common::lm_weight_bits(&out);
         assert_same_names(&before, &after);
         for ((name, b), (_, a)) in before.iter().zip(&after) {
             assert_ne!(a, b, "{name} did not change (packing {packing})");

@@ -105,5 +105,20 @@ pub fn toy_rankings(dir: &Path, n: usize, seed: usize) -> PathBuf {
     p
 }
 
+/// Every parameter of the causal LM in `dir`, by name, as f32 bit patterns (for
+/// bit-for-bit comparisons: resume tests, "every parameter changed").
+pub fn lm_weight_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
+    let pre = load_pretrained(dir, &Device::Cpu).unwrap();
+    pre.model
+        .params
+        .vars()
+        .iter()
+        .map(|(s, v)| {
+            let bits = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (s.name.clone(), bits.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect()
+}
+
 pub mod browser;
 pub mod server;
