@@ -45,14 +45,17 @@ Differences that remain (each side as it ships):
     The reward model reads prompt + response + eos in rlhf (its RewardInput rule), the
     decoded prompt + completion text re-tokenised, right-padded, no eos added, in TRL.
     rlhf computes the sampling policy's entropy in its old-log-prob pass; TRL computes
-    entropy in every training forward instead (compute_entropy=True). rlhf's prompts
-    are sampled by its PromptSet order, TRL's by its RepeatSampler.
+    entropy in every training forward instead (compute_entropy=True), and in DPO its
+    entropy and token-accuracy metrics. rlhf's prompts are picked in its PromptSet
+    order, TRL's by its RepeatSampler.
   - Logging every step on both sides (TRL logging_steps=1, rlhf --logging_steps 1).
+  - Setup only: datasets cannot fingerprint Arrow tables in this environment, so the
+    TRL child pickles them as Arrow IPC bytes for hashing (patch_arrow_hashing).
 
 Install TRL 1.x into bench/trl-1 (ignored by git) without touching torch/transformers:
 
     pyenv/bin/python -m pip install --target bench/trl-1 --no-deps trl==1.16.0 accelerate==1.15.0 \\
-        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pandas==3.1.1 psutil==7.2.2 pyarrow==26.0.1 \\
+        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pandas==3.1.1 psutil==7.2.2 pyarrow==24.0.0 \\
         python-dateutil==4.0.0 tzdata==2026.6 xxhash==4.1.0
     pyenv/bin/python bench/dpo_grpo.py --shape tiny --wait_quiet
     pyenv/bin/python bench/dpo_grpo.py --shape gpt2 --dpo_steps 8 --grpo_iterations 2 --wait_quiet
