@@ -76,7 +76,10 @@ fn learns_a_toy_preference_and_every_parameter_changes() {
         );
     }
     // Every parameter moved away from the SFT model.
-    let (before, after) = (common::lm_weight_bits(&common::fixture("qwen2")), common::lm_weight_bits(&out));
+    let (before, after) = (
+        common::lm_weight_bits(&common::fixture("qwen2")),
+        common::lm_weight_bits(&out),
+    );
     for ((name, a), (_, b)) in before.iter().zip(&after) {
         assert_ne!(a, b, "{name} did not change");
     }
@@ -111,7 +114,10 @@ fn resume_is_bit_identical() {
     b.train.stop_after_steps = None;
     let s = run(&b).unwrap();
     assert_eq!(s.resumed_from, Some(7));
-    assert_eq!(common::lm_weight_bits(&full), common::lm_weight_bits(&parts));
+    assert_eq!(
+        common::lm_weight_bits(&full),
+        common::lm_weight_bits(&parts)
+    );
 }
 
 #[test]

@@ -194,7 +194,11 @@ fn both_resume_bit_for_bit() {
         // Stop mid-iteration (3 updates of 4), then resume.
         run(&parts, Some(3));
         run(&parts, None);
-        assert_eq!(common::lm_weight_bits(&full), common::lm_weight_bits(&parts), "{method}");
+        assert_eq!(
+            common::lm_weight_bits(&full),
+            common::lm_weight_bits(&parts),
+            "{method}"
+        );
         assert_eq!(
             common::lm_weight_bits(&full).len(),
             common::lm_weight_bits(&common::fixture("qwen2")).len()

@@ -114,7 +114,12 @@ pub fn lm_weight_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
         .vars()
         .iter()
         .map(|(s, v)| {
-            let bits = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bits = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             (s.name.clone(), bits.iter().map(|x| x.to_bits()).collect())
         })
         .collect()
