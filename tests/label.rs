@@ -593,6 +593,9 @@ fn demonstrations_export_into_sft_and_comparisons_into_pairs() {
     assert!((w.a_win_rate.unwrap() - 2.5 / 4.0).abs() < 1e-12);
     let (lo, hi) = w.interval_95.unwrap();
     assert!(lo < 0.625 && 0.625 < hi);
+    // One labeler per item here: the interval counts the 4 items.
+    let (wlo, whi) = rlhf::label::agreement::wilson_interval(0.625, 4.0, 1.959_963_984_540_054);
+    assert!((lo - wlo).abs() < 1e-12 && (hi - whi).abs() < 1e-12);
 }
 
 #[test]

@@ -33,7 +33,9 @@ pub struct WinRate {
     pub both_bad: usize,
     /// (A wins + ½ ties) / (A wins + B wins + ties); both-bad verdicts left out.
     pub a_win_rate: Option<f64>,
-    /// 95 % Wilson score interval of `a_win_rate` over A wins + B wins + ties.
+    /// 95 % Wilson score interval of `a_win_rate`, counting each compared item once:
+    /// the labels of one item (with `--overlap` > 1) are not independent trials, so
+    /// counting them would make the interval too narrow.
     pub interval_95: Option<(f64, f64)>,
 }
 
@@ -159,6 +161,12 @@ pub fn admin_stats(store: &Store) -> Result<AdminStats> {
         let (a, b, t, bad) = (count("a"), count("b"), count("tie"), count("both_bad"));
         let n = (a + b + t) as f64;
         let rate = (n > 0.0).then(|| (a as f64 + 0.5 * t as f64) / n);
+        let items_judged = labels
+            .iter()
+            .filter(|l| l.kind == "compare" && ["a", "b", "tie"].contains(&verdict(l)))
+            .map(|l| l.item_id)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as f64;
         win_rate = Some(WinRate {
             model_a: project.models[0].clone(),
             model_b: project.models[1].clone(),
@@ -167,7 +175,7 @@ pub fn admin_stats(store: &Store) -> Result<AdminStats> {
             ties: t,
             both_bad: bad,
             a_win_rate: rate,
-            interval_95: rate.map(|p| wilson_interval(p, n, 1.959_963_984_540_054)),
+            interval_95: rate.map(|p| wilson_interval(p, items_judged, 1.959_963_984_540_054)),
         });
     }
     Ok(AdminStats {
