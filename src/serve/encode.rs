@@ -4,23 +4,15 @@
 //! pieces, as transformers' `split_special_tokens=True` does), while the special
 //! tokens the chat template itself writes are encoded as the special tokens they are.
 //!
-//! How: every special-token string (and the marker character itself) inside a message
-//! is swapped for a marker `\u{E000}K\u{E001}` before the template renders; the
-//! rendered text is cut at the markers; the pieces between markers are encoded as
-//! usual and each marked string is encoded with special-token matching off. Content
-//! without special-token strings therefore encodes exactly as `encode(render(...))`
-//! (what `rlhf generate --chat` and transformers do), and a template that edits
-//! content (`| trim`) still works, since a marker is neither whitespace nor markup.
+//! How: the crate's one rule for this, `Tokenizer::encode_chat(..,
+//! split_special_tokens = true)` (`data::chat_encoding`), which the labeling app and
+//! `--split_special_tokens` use too. Content without special-token strings encodes
+//! exactly as `encode(render(...))` (what `rlhf generate --chat` and transformers do).
 //!
 //! Also here: the bytes and display text of a token, for OpenAI's logprobs.
 
-use serde_json::{json, Value};
-
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-
-const OPEN: char = '\u{E000}';
-const CLOSE: char = '\u{E001}';
 
 /// One chat message, as the server passes it to the chat template.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -73,60 +65,12 @@ impl PromptEncoder {
     }
 
     /// A conversation rendered with the chat template (with the assistant's generation
-    /// prompt) and encoded, message content as text only.
+    /// prompt) and encoded, message content as text only (`Tokenizer::encode_chat`
+    /// with `split_special_tokens`).
     pub fn encode_messages(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let mut literals: Vec<&str> = vec![];
-        let escaped: Vec<Value> = messages
-            .iter()
-            .map(|m| json!({"role": m.role, "content": self.mark(&m.content, &mut literals)}))
-            .collect();
-        let text = self
-            .tokenizer
-            .apply_chat_template(&Value::Array(escaped), true)?;
-        let mut ids = vec![];
-        let mut rest = text.as_str();
-        while let Some(at) = rest.find(OPEN) {
-            ids.extend(self.tokenizer.encode(&rest[..at], false)?);
-            let after = &rest[at + OPEN.len_utf8()..];
-            let close = after.find(CLOSE);
-            let literal = close
-                .and_then(|c| after[..c].parse::<usize>().ok())
-                .and_then(|k| literals.get(k));
-            let (Some(close), Some(literal)) = (close, literal) else {
-                return Err(Error::Template(
-                    "the chat template changed the text of a message in a way the server cannot \
-                     follow (a marker for a special-token string was altered)"
-                        .into(),
-                ));
-            };
-            ids.extend(self.encode_as_text(literal)?);
-            rest = &after[close + CLOSE.len_utf8()..];
-        }
-        ids.extend(self.tokenizer.encode(rest, false)?);
-        Ok(ids)
-    }
-
-    /// `content` with every special-token string (and the marker character) replaced
-    /// by a marker naming its entry in `literals`.
-    fn mark<'a>(&self, content: &'a str, literals: &mut Vec<&'a str>) -> String {
-        let mut out = String::with_capacity(content.len());
-        let mut i = 0;
-        while let Some(c) = content[i..].chars().next() {
-            let rest = &content[i..];
-            let len = match self.specials.iter().find(|s| rest.starts_with(s.as_str())) {
-                Some(s) => s.len(),
-                None if c == OPEN => c.len_utf8(),
-                None => {
-                    out.push(c);
-                    i += c.len_utf8();
-                    continue;
-                }
-            };
-            out.push_str(&format!("{OPEN}{}{CLOSE}", literals.len()));
-            literals.push(&content[i..i + len]);
-            i += len;
-        }
-        out
+        let value =
+            serde_json::to_value(messages).map_err(|e| Error::Invalid(format!("messages: {e}")))?;
+        self.tokenizer.encode_chat(&value, true, true)
     }
 
     /// Text encoded with special-token matching off.
@@ -194,6 +138,7 @@ fn byte_decoder() -> &'static std::collections::HashMap<char, u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::path::Path;
 
     fn encoder(fixture: &str) -> PromptEncoder {
