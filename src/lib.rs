@@ -65,6 +65,22 @@ pub fn keep_freed_memory() {
 /// libmimalloc-sys does not name); −1 disables purging, 0 purges at once.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// Hands freed memory back to the kernel from now on, after mimalloc's default 10 ms,
+/// and collects what can go now: what a server does when it goes idle, so that a
+/// burst's KV cache and activations do not stay resident. Memory freed while purging
+/// was off (`keep_freed_memory`) is never handed back later, even by a forced
+/// collection (tests/serve_load.rs fails when purging is switched off during work and
+/// on only when idle), so purging stays on; the price is some page faults in steady
+/// serving. Only effective where mimalloc is the allocator (the `rlhf` binary).
+pub fn purge_freed_memory() {
+    // SAFETY: an option store is a plain write, and `mi_collect` may be called from
+    // any thread at any time.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10);
+        libmimalloc_sys::mi_collect(true);
+    }
+}
+
 /// Returns the memory mimalloc holds but no longer uses to the kernel, then goes back
 /// to keeping it (`keep_freed_memory`): what a measurement of one stage's peak memory
 /// needs first, so that an earlier stage's freed buffers do not count as its own.

@@ -571,7 +571,7 @@ fn run_loop(mut engine: Engine, rx: Receiver<Job>) {
     let mut next: Option<Job> = None;
     loop {
         if engine.running() == 0 && next.is_none() {
-            release_memory();
+            crate::purge_freed_memory();
             match rx.recv() {
                 Ok(job) => next = Some(job),
                 Err(_) => return, // every handle dropped: the server is gone
@@ -615,26 +615,6 @@ fn run_loop(mut engine: Engine, rx: Receiver<Job>) {
                 engine.fail_all(&format!("generation failed: {what}"));
             }
         }
-    }
-}
-
-/// Hands freed memory back to the operating system when the engine goes idle, so that
-/// a burst's KV cache and activations do not stay resident. Only effective where
-/// mimalloc is the allocator (the `rlhf` binary), which `crate::keep_freed_memory`
-/// tells never to purge (right for training). A server purges again, after
-/// mimalloc's default 10 ms: memory freed while purging is off is never handed back
-/// later, even by a forced collection (measured by tests/serve_load.rs, which fails
-/// when purging is switched off during work and on only when idle). The price is
-/// some page faults in steady serving.
-pub fn release_memory() {
-    // `mi_option_purge_delay` (15 in mimalloc v2's option enum): milliseconds before
-    // freed memory goes back to the kernel; −1 never.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: plain calls into mimalloc's API: an option store is a plain write, and
-    // `mi_collect` may be called from any thread at any time.
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10);
-        libmimalloc_sys::mi_collect(true);
     }
 }
 
