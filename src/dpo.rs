@@ -5,9 +5,10 @@
 //!
 //! As the reward model does with K-way rankings, all C(K,2) untied pairs of a prompt
 //! go into its loss and each of its K responses is forwarded once. The reference
-//! log-probs are computed once, before training, from the frozen SFT model, which is
-//! then dropped: no second copy of the model lives through training. On resume they
-//! are computed again from the same folder, so a resumed run is the same run.
+//! log-probs are computed once, before training, from the SFT model's weights (the
+//! policy as loaded, before the training loop restores any checkpoint): no second
+//! copy of the model is loaded or kept. On resume they are computed again from the
+//! same folder, so a resumed run is the same run.
 //!
 //! A response's tokens are those the reward model reads after the prompt (`RewardInput`,
 //! the one rule): for a conversation, the assistant turn as the chat template renders
@@ -26,10 +27,9 @@ use crate::data::rankings::{ranked_from_row, PairTokenizing};
 use crate::data::reward_input::RewardInput;
 use crate::error::{Error, Result};
 use crate::losses::{dpo_loss, DpoLossType};
-use crate::model::frozen::Frozen;
 use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
 use crate::model::params::Params;
-use crate::model::response::{logprobs_of, ResponseBatch};
+use crate::model::response::{logprobs_of, response_logprobs, ResponseBatch};
 use crate::settings::{at_least, finite_f64, float, Range, Settings};
 use crate::sft::split_eval;
 use crate::train::args::{require, StageDefaults, TrainingArgs};
@@ -227,10 +227,13 @@ pub struct DpoTask {
 }
 
 impl DpoTask {
-    /// Fills every preference's reference log-probs from `reference`, then drops it.
+    /// Fills every preference's reference log-probs, then builds the task. `policy`
+    /// must hold the SFT model's weights, as it does when loaded: the training loop
+    /// restores a checkpoint's weights only later, in `train`, so the reference is the
+    /// SFT model on a fresh run and on a resumed one alike, and no second copy of the
+    /// model is loaded.
     pub fn new(
         policy: Pretrained,
-        reference: Frozen<crate::model::CausalLm>,
         mut train_set: Vec<Preference>,
         mut eval_set: Vec<Preference>,
         args: &DpoArgs,
@@ -240,7 +243,8 @@ impl DpoTask {
             for chunk in set.chunks_mut(args.prompts_per_batch) {
                 let refs: Vec<&Preference> = chunk.iter().collect();
                 let batch = ResponseBatch::new(&rows(&refs), pad, &policy.model.device)?;
-                let flat: Vec<f32> = reference.response_logprobs(&batch)?.concat();
+                let (per_row, _) = response_logprobs(&policy.model, &batch, false)?; // detached
+                let flat: Vec<f32> = per_row.concat();
                 let flat = Tensor::from_vec(flat, batch.targets.dim(0)?, &Device::Cpu)?;
                 let mut logps =
                     per_response(&flat, &batch.lengths, args.loss_type)?.to_vec1::<f32>()?;
@@ -374,7 +378,7 @@ pub fn run(args: &DpoArgs) -> Result<TrainSummary> {
     };
     let load = |path: &Path| -> Result<Vec<Preference>> {
         let mut identical = 0;
-        let (prefs, skipped) = parse_rows(path, args.skip_invalid, |v| {
+        let (prefs, skipped) = parse_rows(path, args.skip_invalid, |v, _| {
             preference_from_row(v, &cfg).map(|(p, dropped)| {
                 identical += dropped;
                 p
@@ -398,8 +402,7 @@ pub fn run(args: &DpoArgs) -> Result<TrainSummary> {
     };
     let pairs: usize = train_set.iter().map(|p| p.pairs.len()).sum();
     crate::note!("dpo: {} prompts, {pairs} comparisons", train_set.len());
-    let reference = Frozen::new(load_pretrained(model_dir, &Device::Cpu)?.model);
-    let mut task = DpoTask::new(policy, reference, train_set, eval_set, args)?;
+    let mut task = DpoTask::new(policy, train_set, eval_set, args)?;
     let resolved = serde_json::to_value(args).expect("args serialize");
     train(&mut task, &args.train, &resolved, "dpo")
 }
