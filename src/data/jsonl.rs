@@ -38,19 +38,19 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Line>> {
     Ok(out)
 }
 
-/// Parses every row of a JSONL file with `parse`; a row it rejects is an error naming
+/// Parses every row of a JSONL file with `parse` (given the row and its 1-based line); a row it rejects is an error naming
 /// the file and line, or, with `skip_invalid`, counted and skipped. Returns the parsed
 /// rows and the number skipped; a file with no usable row is an error.
 pub fn parse_rows<T>(
     path: &Path,
     skip_invalid: bool,
-    mut parse: impl FnMut(&Value) -> std::result::Result<T, String>,
+    mut parse: impl FnMut(&Value, usize) -> std::result::Result<T, String>,
 ) -> Result<(Vec<T>, usize)> {
     let lines = read_jsonl(path)?;
     let rows = lines.len();
     let (mut out, mut skipped) = (Vec::with_capacity(rows), 0);
     for line in lines {
-        match parse(&line.value) {
+        match parse(&line.value, line.number) {
             Ok(t) => out.push(t),
             Err(_) if skip_invalid => skipped += 1,
             Err(msg) => return Err(Error::bad_file(path, Some(line.number), msg)),

@@ -19,7 +19,7 @@
 use serde_json::Value;
 use std::path::Path;
 
-use super::jsonl::read_jsonl;
+use super::jsonl::parse_rows;
 use super::prompts::Prompt;
 use super::reward_input::{Response, RewardInput};
 use crate::error::{Error, Result};
@@ -161,36 +161,29 @@ pub fn load_rankings(
     cfg: &PairTokenizing,
     skip_invalid: bool,
 ) -> Result<(Vec<Ranked>, usize)> {
-    let mut out = vec![];
-    let mut skipped = 0;
-    let lines = read_jsonl(path)?;
-    let rows = lines.len();
     let (mut identical_pairs, mut identical_rows) = (0, 0);
     let mut first_identical = None;
-    for line in lines {
-        match ranked_from_row(&line.value, cfg) {
-            Ok(mut r) => {
-                let n = r.drop_identical_pairs();
-                if n > 0 {
-                    identical_pairs += n;
-                    first_identical.get_or_insert(line.number);
-                }
-                if r.pairs.is_empty() {
-                    identical_rows += 1;
-                } else {
-                    out.push(r);
-                }
-            }
-            Err(_) if skip_invalid => skipped += 1,
-            Err(msg) => return Err(Error::bad_file(path, Some(line.number), msg)),
+    let result = parse_rows(path, skip_invalid, |v, line| {
+        let mut r = ranked_from_row(v, cfg)?;
+        let n = r.drop_identical_pairs();
+        if n > 0 {
+            identical_pairs += n;
+            first_identical.get_or_insert(line);
         }
-    }
+        if r.pairs.is_empty() {
+            identical_rows += 1;
+        }
+        Ok(r)
+    });
     if let Some(first) = first_identical {
         crate::note!(
             "{}: {identical_pairs} comparisons between identical responses dropped (chosen == rejected; first at line {first}); {identical_rows} rows left with no comparison dropped",
             path.display()
         );
     }
+    let (parsed, skipped) = result?;
+    let rows = parsed.len() + skipped;
+    let out: Vec<Ranked> = parsed.into_iter().filter(|r| !r.pairs.is_empty()).collect();
     if out.is_empty() {
         return Err(Error::bad_file(
             path,
