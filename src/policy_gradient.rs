@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use crate::data::prompts::Prompt;
 use crate::error::{Error, Result};
-use crate::generate::{generate, FinishReason, SamplingParams};
+use crate::generate::{generate, SamplingParams};
 use crate::losses::{clipped_policy_loss, k3_kl};
 use crate::model::frozen::Frozen;
 use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
@@ -256,10 +256,7 @@ impl<M: GroupMethod> GroupTask<M> {
             .map(|&x| x as f64)
             .sum::<f64>()
             / tokens.max(1.0);
-        let truncated = completions
-            .iter()
-            .filter(|c| c.finish_reason != FinishReason::Eos)
-            .count() as f64;
+        let truncated = (completions.len() - stats.num_eos) as f64;
         self.pending_metrics = BTreeMap::from([
             ("reward".into(), scores.iter().sum::<f64>() / n),
             ("reward_std".into(), mean_std(&scores).1),
