@@ -14,22 +14,18 @@ use axum::http::header::{
 use axum::http::HeaderValue;
 use axum::response::Response;
 use axum::Router;
-use clap::Args;
-use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::net::SocketAddr;
 
 use crate::error::{Error, Result};
 
-/// Where a server listens: `--host` and `--port`.
-#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+/// Where a server listens: each server's `--host` (127.0.0.1 by default: this
+/// machine only; 0.0.0.0 opens it to the network, every request still needing a
+/// token) and `--port` (0: any free port, printed at start). The flags live with each
+/// command, whose default ports differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
-    /// Address to bind. The default answers this machine only; 0.0.0.0 opens the
-    /// server to the network (every request still needs a token).
-    #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// Port to bind (0: any free port, printed at start).
-    #[arg(long)]
     pub port: u16,
 }
 
