@@ -255,8 +255,12 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
     };
     match cli.command {
         Command::Demo(a) => {
-            crate::demo::run(&a)?;
-            crate::note!("report: {}", a.output_dir.join("report.html").display());
+            if a.seeds.is_empty() {
+                crate::demo::run(&a)?;
+                crate::note!("report: {}", a.output_dir.join("report.html").display());
+            } else {
+                crate::demo::run_seeds(&a)?;
+            }
             Ok(())
         }
         Command::Pipeline(a) => {

@@ -38,18 +38,20 @@ fn close(a: f64, b: f64) -> bool {
 #[test]
 fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("demo");
-    let run = || {
+    // The folder `--seeds 3` uses, so that the rerun below can be a summary run.
+    let out = tmp.path().join("seed-3");
+    let run = |seed_flags: &[&str], dir: &Path| {
         let o = common::rlhf_bin()
-            .args(["demo", "--quick", "--preset", "nano", "--seed", "3"])
+            .args(["demo", "--quick", "--preset", "nano"])
+            .args(seed_flags)
             .arg("--output_dir")
-            .arg(&out)
+            .arg(dir)
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
-    run();
+    run(&["--seed", "3"], &out);
     let report: Value = serde_json::from_str(&read(&out.join("report.json"))).unwrap();
     for stage in [
         "pretrain", "sft", "rm", "ppo", "ppo/ema", "dpo", "grpo", "rloo",
@@ -194,13 +196,46 @@ fn quick_demo_is_evaluated_on_unseen_data_and_its_report_adds_up() {
         .as_f64()
         .is_some_and(f64::is_finite));
 
-    // Rerun: every stage is skipped and the evaluation gives the same numbers.
-    let log = run();
+    // The page: charts with labelled axes, every answer escaped into its table.
+    let html = read(&out.join("report.html"));
+    // (plotters writes each text on a line of its own)
+    assert!(
+        html.contains("\nstep\n") && html.contains("\ntrain/loss\n"),
+        "curves"
+    );
+    assert!(html.contains("\nmean gold score\n"), "family bars");
+
+    // Rerun as a one-seed summary: every stage is skipped, the evaluation gives the
+    // same numbers, and the summary's figures are the report's.
+    let log = run(&["--seeds", "3"], tmp.path());
     assert_eq!(log.matches("already done").count(), 8, "{log}");
     let again: Value = serde_json::from_str(&read(&out.join("report.json"))).unwrap();
     assert_eq!(again["policies"], report["policies"]);
     assert_eq!(again["peak_rss_mib"], report["peak_rss_mib"]);
     assert_eq!(again["prompts"], report["prompts"]);
+    let summary: Value = serde_json::from_str(&read(&tmp.path().join("summary.json"))).unwrap();
+    assert_eq!(summary["seeds"], serde_json::json!([3]));
+    for who in ["sft", "ppo", "dpo", "grpo", "rloo"] {
+        for fam in report["family_counts"].as_object().unwrap().keys() {
+            let s = &summary["policies"][who]["families"][fam];
+            let r = report["policies"][who]["families"][fam].as_f64().unwrap();
+            for k in ["mean", "min", "max"] {
+                assert!(
+                    close(s[k].as_f64().unwrap(), r),
+                    "{who} {fam} {k}: {s} vs {r}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        summary["thresholds_met"]["3"].as_bool(),
+        report["thresholds"]["all"].as_bool()
+    );
+    let page = read(&tmp.path().join("summary.html"));
+    assert!(
+        page.contains("seed 3 (") && page.contains("\nstep\n"),
+        "summary page"
+    );
 }
 
 /// KL(π‖π) is zero: the sampled log-probs (KV-cache decoding) and the reference's

@@ -15,8 +15,9 @@ use super::world::{
 };
 
 /// Words a response may use before it counts as rambling ("overinterpretation").
+/// (A task whose ideal answer is longer allows that many.)
 const CONCISE_WORDS: usize = 6;
-/// The cost of each word past `CONCISE_WORDS`.
+/// The cost of each word past `CONCISE_WORDS` (or past the ideal answer's length).
 const RAMBLE_PENALTY: f64 = 0.1;
 /// The cost of each word that is not English of this world (a garbled or made-up
 /// token), up to `MAX_GARBLE_PENALTY`: a labeler would not accept broken text.
@@ -91,8 +92,10 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
             // Correct: names the person's pet, and no other pet.
             let name = task.person().unwrap_or_default();
             let pet = task.answer.as_deref().unwrap_or_default();
-            let fact = format!("{} has a {pet}", name.to_lowercase());
-            if text.contains(&fact) && pets_named == 1 {
+            let name = name.to_lowercase();
+            let states = text.contains(&format!("pet of {name} is a {pet}"))
+                || text.contains(&format!("{name} has a {pet}"));
+            if states && pets_named == 1 {
                 1.0
             } else if says_unknown {
                 -0.2
@@ -120,7 +123,8 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
     };
     let empty = if words == 0 { -0.5 } else { 0.0 };
     let garbled = (GARBLE_PENALTY * garbled_words(response) as f64).min(MAX_GARBLE_PENALTY);
-    base + empty - garbled - RAMBLE_PENALTY * words.saturating_sub(CONCISE_WORDS) as f64
+    let concise = CONCISE_WORDS.max(task.reference.split_whitespace().count());
+    base + empty - garbled - RAMBLE_PENALTY * words.saturating_sub(concise) as f64
 }
 
 /// Ranks `responses` (0 = best) by the gold score plus labeler noise N(0, noise).
@@ -183,7 +187,8 @@ mod tests {
             assert!(gold_score(&t, "You can do it.") < 0.0, "{f:?}");
         }
         let t = w.task(Family::Known, &mut rng);
-        let broken = t.reference.replace("has", "hsa");
+        let broken = t.reference.replace(" is ", " si ");
+        assert_ne!(broken, t.reference);
         assert!(gold_score(&t, &broken) < gold_score(&t, &t.reference));
         assert_eq!(garbled_words("Sorry, cannou help wiht that 42."), 2);
         let ranks = rank(

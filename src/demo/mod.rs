@@ -12,7 +12,9 @@ pub mod environment;
 pub mod eval;
 pub mod format;
 pub mod judge;
+pub mod plot;
 pub mod report;
+pub mod summary;
 pub mod world;
 
 use candle_core::Device;
@@ -44,6 +46,11 @@ pub struct DemoArgs {
     pub quick: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run several seeds, each into OUTPUT_DIR/seed-S (finished stages are reused),
+    /// and write OUTPUT_DIR/summary.html and summary.json: every method's figures as
+    /// the seeds' mean and range. Replaces `--seed`.
+    #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "seed")]
+    pub seeds: Vec<u64>,
     /// Model size (gpt2 presets); `nano` makes a test-sized run.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
@@ -174,6 +181,32 @@ struct Plan {
 }
 
 impl Plan {
+    /// The sizes as the report lists them.
+    fn describe(&self, preset: &str) -> BTreeMap<String, String> {
+        [
+            ("model preset", preset.to_string()),
+            ("corpus documents", self.corpus_docs.to_string()),
+            (
+                "pretraining steps (batch 16 × 64 tokens)",
+                self.pretrain_steps.to_string(),
+            ),
+            ("SFT prompts", self.sft_prompts.to_string()),
+            ("SFT steps (batch 16)", self.sft_steps.to_string()),
+            ("reward-model prompts", self.rm_prompts.to_string()),
+            ("K responses ranked per prompt", self.k.to_string()),
+            ("reward-model epochs", self.rm_epochs.to_string()),
+            ("RL prompts", self.ppo_prompts.to_string()),
+            (
+                "RL iterations (32 responses each)",
+                self.ppo_iterations.to_string(),
+            ),
+            ("max new tokens", MAX_NEW_TOKENS.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
     fn new(quick: bool) -> Self {
         if quick {
             Plan {
@@ -246,6 +279,38 @@ impl DemoData {
             eval_tasks: world.eval_tasks(),
         }
     }
+}
+
+/// Runs every seed of `--seeds` (each as `run` would, into its own folder) and
+/// writes the summary over them.
+pub fn run_seeds(args: &DemoArgs) -> Result<summary::Summary> {
+    let mut seeds = args.seeds.clone();
+    seeds.dedup();
+    let mut reports = vec![];
+    let mut runs = vec![];
+    for &seed in &seeds {
+        let run_dir = PathBuf::from(format!("seed-{seed}"));
+        crate::note!(
+            "\n=== seed {seed} → {} ===",
+            args.output_dir.join(&run_dir).display()
+        );
+        let one = DemoArgs {
+            output_dir: args.output_dir.join(&run_dir),
+            seed,
+            seeds: vec![],
+            ..args.clone()
+        };
+        reports.push(run(&one)?);
+        runs.push(run_dir);
+    }
+    let s = summary::Summary::new(&reports, runs)?;
+    s.write(&args.output_dir, &reports)?;
+    s.print();
+    crate::note!(
+        "summary: {}",
+        args.output_dir.join("summary.html").display()
+    );
+    Ok(s)
 }
 
 /// Runs the whole pipeline; returns the report.
@@ -552,27 +617,10 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
         elapsed_s: elapsed,
         peak_rss_mib: peak,
         prompts,
+        settings: plan.describe(&args.preset),
     };
     report.write(&out)?;
-    let (dpo_dir, grpo_dir, rloo_dir) = (out.join("dpo"), out.join("grpo"), out.join("rloo"));
-    let plots: Vec<(String, Vec<(f64, f64)>)> = [
-        ("pretrain train/loss", &pt_dir, "train/loss"),
-        ("sft train/loss", &sft_dir, "train/loss"),
-        ("rm eval/accuracy", &rm_dir, "eval/accuracy"),
-        ("ppo objective/scores", &ppo_dir, "objective/scores"),
-        ("ppo objective/kl", &ppo_dir, "objective/kl"),
-        ("ppo loss/ptx", &ppo_dir, "loss/ptx"),
-        ("dpo rewards/accuracies", &dpo_dir, "rewards/accuracies"),
-        ("grpo reward", &grpo_dir, "reward"),
-        ("grpo kl", &grpo_dir, "kl"),
-        ("rloo reward", &rloo_dir, "reward"),
-        ("rloo kl", &rloo_dir, "kl"),
-    ]
-    .iter()
-    .map(|(title, dir, m)| (title.to_string(), report::curve(dir, m)))
-    .filter(|(_, points)| !points.is_empty())
-    .collect();
-    report::write_html(&out, &report, &plots)?;
+    report::write_html(&out, &report)?;
     report.print_table();
     Ok(report)
 }

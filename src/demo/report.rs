@@ -1,6 +1,7 @@
 //! The demo's report: a table on stderr, `report.json` with the measured numbers (and
 //! every eval prompt's answers and scores, so each figure can be recomputed) and
-//! `report.html` with the training curves (inline SVG) and the answers side by side.
+//! `report.html`: the summary table, per-family bars, the training curves (plotters,
+//! inline SVG), the answers side by side, the machine and the settings.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -9,6 +10,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 use super::eval::{PolicyEval, PromptResult};
+use super::plot::{bars_svg, curve_svg, BarSeries};
 use crate::error::{read_to_string, Result};
 use crate::io::{write_atomic, write_json};
 
@@ -93,6 +95,9 @@ pub struct Report {
     pub peak_rss_mib: BTreeMap<String, StageMemory>,
     /// Every eval prompt with each policy's greedy answer and its score.
     pub prompts: Vec<PromptResult>,
+    /// The run's sizes and settings (name → value), as the report shows them.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
 }
 
 impl Report {
@@ -111,7 +116,7 @@ impl Report {
     }
 
     /// The stage that trained a policy (`ppo-ema` comes from the `ppo` stage).
-    fn stage_of(policy: &str) -> &str {
+    pub fn stage_of(policy: &str) -> &str {
         policy.strip_suffix("-ema").unwrap_or(policy)
     }
 
@@ -216,57 +221,88 @@ pub fn curve(stage_dir: &Path, metric: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
-/// A small line plot as inline SVG.
-pub fn svg_plot(title: &str, points: &[(f64, f64)]) -> String {
-    let (w, h, pad) = (320.0, 180.0, 30.0);
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}"><text x="{pad}" y="16" font-size="12">{}</text>"#,
-        esc(title)
-    );
-    if points.len() >= 2 {
-        let (x0, x1) = points
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-        let (y0, y1) = points
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-        let sx = |x: f64| pad + (x - x0) / (x1 - x0).max(1e-12) * (w - 2.0 * pad);
-        let sy = |y: f64| h - pad - (y - y0) / (y1 - y0).max(1e-12) * (h - 2.0 * pad);
-        let path: Vec<String> = points
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
+/// The training curves a report draws: (title, stage folder, metric).
+pub const CURVES: [(&str, &str, &str); 11] = [
+    ("pretraining", "pretrain", "train/loss"),
+    ("SFT", "sft", "train/loss"),
+    ("reward model, held-out comparisons", "rm", "eval/accuracy"),
+    ("PPO reward", "ppo", "objective/scores"),
+    ("PPO KL to SFT", "ppo", "objective/kl"),
+    ("PPO pretraining loss (ptx)", "ppo", "loss/ptx"),
+    ("DPO", "dpo", "rewards/accuracies"),
+    ("GRPO reward", "grpo", "reward"),
+    ("GRPO KL", "grpo", "kl"),
+    ("RLOO reward", "rloo", "reward"),
+    ("RLOO KL", "rloo", "kl"),
+];
+
+/// The start of a report page: its style.
+pub(crate) const HTML_HEAD: &str = "<!doctype html><meta charset=\"utf-8\"><title>rlhf demo report</title>\
+     <style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}\
+     table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}\
+     td.t{text-align:left;white-space:pre-wrap}th{background:#f3f3f3}svg{margin:4px}\
+     details{margin:0.4em 0}summary{cursor:pointer}</style><body>";
+
+/// Every eval prompt of a run with each policy's answer and score, side by side.
+pub(crate) fn answers_table(report: &Report) -> String {
+    let cols = report.columns();
+    let mut html = String::from("<table><tr><th>family</th><th>prompt</th>");
+    for (n, _) in &cols {
+        let _ = write!(html, "<th>{}</th>", esc(n));
+    }
+    html.push_str("</tr>");
+    for p in &report.prompts {
         let _ = write!(
-            svg,
-            r#"<polyline fill="none" stroke="steelblue" stroke-width="1.5" points="{}"/><text x="2" y="{:.0}" font-size="10">{y1:.3}</text><text x="2" y="{:.0}" font-size="10">{y0:.3}</text><text x="{pad}" y="{:.0}" font-size="10">step {x0:.0}</text><text x="{:.0}" y="{:.0}" font-size="10">{x1:.0}</text>"#,
-            path.join(" "),
-            pad,
-            h - pad,
-            h - 8.0,
-            w - pad - 20.0,
-            h - 8.0
+            html,
+            "<tr><td class=t>{}</td><td class=t>{}</td>",
+            p.family.name(),
+            esc(&p.prompt)
+        );
+        for (n, _) in &cols {
+            match p.answers.get(*n) {
+                Some(a) => {
+                    let _ = write!(
+                        html,
+                        "<td class=t>{} <small>({:+.2})</small></td>",
+                        esc(&a.text),
+                        a.score
+                    );
+                }
+                None => html.push_str("<td></td>"),
+            }
+        }
+        html.push_str("</tr>");
+    }
+    html + "</table>"
+}
+
+/// The run's settings as a two-column table.
+pub(crate) fn settings_table(settings: Option<&BTreeMap<String, String>>) -> String {
+    let mut html = String::from("<table><tr><th>setting</th><th>value</th></tr>");
+    for (k, v) in settings.into_iter().flatten() {
+        let _ = write!(
+            html,
+            "<tr><td class=t>{}</td><td class=t>{}</td></tr>",
+            esc(k),
+            esc(v)
         );
     }
-    svg + "</svg>"
+    html + "</table>"
 }
 
 /// Writes report.html: the summary table, per-family bars, the training curves with
-/// labelled axes, every eval prompt's answers side by side, and the machine. Every
-/// string from the run (answers, prompts) is escaped.
-pub fn write_html(out: &Path, report: &Report, plots: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+/// labelled axes, every eval prompt's answers side by side, the machine and the
+/// settings. Every string from the run (answers, prompts) is escaped.
+pub fn write_html(out: &Path, report: &Report) -> Result<()> {
     let cols = report.columns();
-    let mut html = String::from(
-        "<!doctype html><meta charset=\"utf-8\"><title>rlhf demo report</title>\
-         <style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}\
-         table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}\
-         td.t{text-align:left;white-space:pre-wrap}th{background:#f3f3f3}</style><body>",
-    );
+    let mut html = String::from(HTML_HEAD);
     let _ = write!(
         html,
         "<h1>rlhf demo: {} from one SFT model</h1><p>Task <b>{}</b>, seed {}, {} held-out prompts \
@@ -300,125 +336,45 @@ pub fn write_html(out: &Path, report: &Report, plots: &[(String, Vec<(f64, f64)>
         report.rm_val_accuracy
     );
     html.push_str("<h2>Gold score per family</h2>");
-    let families: Vec<&String> = report.family_counts.keys().collect();
-    let bars: Vec<(String, Vec<f64>)> = cols
+    let families: Vec<&str> = report.family_counts.keys().map(String::as_str).collect();
+    let bars: Vec<BarSeries> = cols
         .iter()
         .map(|(n, p)| {
-            (
-                n.to_string(),
-                families
-                    .iter()
-                    .map(|f| p.families.get(*f).copied().unwrap_or(0.0))
-                    .collect(),
-            )
+            let per = families
+                .iter()
+                .map(|f| {
+                    let v = p.families.get(*f).copied().unwrap_or(0.0);
+                    (v, v, v)
+                })
+                .collect();
+            (n.to_string(), per)
         })
         .collect();
-    html.push_str(&svg_bars(
-        &families.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
-        &bars,
-    ));
+    html.push_str(&bars_svg("mean gold score", &families, &bars)?);
     html.push_str("<h2>Training curves</h2><div>");
-    for (title, pts) in plots {
-        html.push_str(&svg_plot(title, pts));
-    }
-    html.push_str(
-        "</div><h2>Answers on held-out prompts</h2><table><tr><th>family</th><th>prompt</th>",
-    );
-    for (n, _) in &cols {
-        let _ = write!(html, "<th>{}</th>", esc(n));
-    }
-    html.push_str("</tr>");
-    for p in &report.prompts {
-        let _ = write!(
-            html,
-            "<tr><td class=t>{}</td><td class=t>{}</td>",
-            p.family.name(),
-            esc(&p.prompt)
-        );
-        for (n, _) in &cols {
-            match p.answers.get(*n) {
-                Some(a) => {
-                    let _ = write!(
-                        html,
-                        "<td class=t>{} <small>({:+.2})</small></td>",
-                        esc(&a.text),
-                        a.score
-                    );
-                }
-                None => html.push_str("<td></td>"),
-            }
+    for (title, stage, metric) in CURVES {
+        let points = curve(&out.join(stage), metric);
+        if !points.is_empty() {
+            html.push_str(&curve_svg(
+                title,
+                metric,
+                &[(format!("seed {}", report.seed), points)],
+            )?);
         }
-        html.push_str("</tr>");
     }
+    html.push_str("</div><h2>Answers on held-out prompts</h2>");
+    html.push_str(&answers_table(report));
     let _ = write!(
         html,
-        "</table><h2>Machine</h2><p>{}</p><p>Stage wall times (s): {}</p></body>",
+        "<h2>Machine and settings</h2><p>{}</p><p>Stage wall times (s): {}</p>{}</body>",
         esc(&report.cpu),
         esc(&report
             .elapsed_s
             .iter()
             .map(|(k, v)| format!("{k} {v:.1}"))
             .collect::<Vec<_>>()
-            .join(", "))
+            .join(", ")),
+        settings_table(Some(&report.settings))
     );
     write_atomic(&out.join("report.html"), html.as_bytes())
-}
-
-/// Grouped bars: one group per category, one bar per series, with a legend.
-pub fn svg_bars(categories: &[&str], series: &[(String, Vec<f64>)]) -> String {
-    const COLORS: [&str; 6] = [
-        "#888", "#2f5fd0", "#7aa0f0", "#d07a2f", "#2f9d5f", "#9d2f8a",
-    ];
-    let (w, h, pad) = (760.0, 240.0, 40.0);
-    let all: Vec<f64> = series.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-    let lo = all.iter().copied().fold(0.0f64, f64::min);
-    let hi = all.iter().copied().fold(0.0f64, f64::max).max(lo + 1e-9);
-    let y = |v: f64| h - pad - (v - lo) / (hi - lo) * (h - 2.0 * pad);
-    let group_w = (w - 2.0 * pad) / categories.len().max(1) as f64;
-    let bar_w = group_w * 0.8 / series.len().max(1) as f64;
-    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}">"#);
-    let _ = write!(
-        svg,
-        r##"<line x1="{pad}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#444"/><text x="4" y="{:.0}" font-size="10">{hi:.2}</text><text x="4" y="{:.0}" font-size="10">{lo:.2}</text><text x="4" y="12" font-size="11">mean gold score</text>"##,
-        w - pad,
-        y(0.0),
-        y(0.0),
-        y(hi) + 4.0,
-        y(lo)
-    );
-    for (c, cat) in categories.iter().enumerate() {
-        let x0 = pad + c as f64 * group_w + group_w * 0.1;
-        for (s, (_, values)) in series.iter().enumerate() {
-            let v = values.get(c).copied().unwrap_or(0.0);
-            let (top, bottom) = (y(v.max(0.0)), y(v.min(0.0)));
-            let _ = write!(
-                svg,
-                r#"<rect x="{:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{v:.3}</title></rect>"#,
-                x0 + s as f64 * bar_w,
-                bar_w * 0.9,
-                (bottom - top).max(0.5),
-                COLORS[s % COLORS.len()]
-            );
-        }
-        let _ = write!(
-            svg,
-            r#"<text x="{:.1}" y="{:.0}" font-size="11" text-anchor="middle">{}</text>"#,
-            x0 + group_w * 0.4,
-            h - pad + 16.0,
-            esc(cat)
-        );
-    }
-    for (s, (name, _)) in series.iter().enumerate() {
-        let _ = write!(
-            svg,
-            r#"<rect x="{:.0}" y="{:.0}" width="10" height="10" fill="{}"/><text x="{:.0}" y="{:.0}" font-size="11">{}</text>"#,
-            pad + s as f64 * 100.0,
-            h - 14.0,
-            COLORS[s % COLORS.len()],
-            pad + s as f64 * 100.0 + 14.0,
-            h - 5.0,
-            esc(name)
-        );
-    }
-    svg + "</svg>"
 }

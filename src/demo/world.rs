@@ -166,11 +166,11 @@ impl World {
                 let (name, pet, _) = fact(p);
                 format!("The user asked the assistant which pet {name} has. The assistant said: {name} has a {pet}.")
             }
-            // Question and answer, as a chat reads (the answer names the person asked
-            // about): knowledge in the form SFT asks for it, for every person.
+            // Question and answer, as a chat reads: knowledge in the form an answer
+            // gives it (`known`'s reference, on a line of its own), for every person.
             Doc::Answered(p, true) => {
                 let (name, pet, _) = fact(p);
-                format!("Q: Tell me about the pet of {name}. A: {name} has a {pet}.")
+                format!("Q: Tell me about the pet of {name}.\nThe pet of {name} is a {pet}.")
             }
             Doc::Friends(p, q) => {
                 let (name, pet, _) = fact(p);
@@ -208,7 +208,13 @@ impl World {
             family: Family::Known,
             prompt: fill(question, &[PEOPLE[p]]),
             answer: Some(self.pets[p].to_string()),
-            reference: format!("{} has a {}.", PEOPLE[p], self.pets[p]),
+            // The answer names the person after "of", as the question does: the same
+            // byte-level BPE token (" Finn"). An answer that starts with the name
+            // ("Finn has a bird.") needs the line-start token ("Finn"), a different
+            // one, and the tiny model learns that mapping only for the people SFT's
+            // prompts ask about: for held-out people its SFT model named a trained
+            // person who has the same pet ("Olga has a bird." for Finn's bird).
+            reference: format!("The pet of {} is a {}.", PEOPLE[p], self.pets[p]),
         }
     }
 
