@@ -106,10 +106,8 @@ pub struct FormatWorld {
 enum Doc {
     /// Two items of a category.
     Pair(usize, usize, usize),
-    /// A word and its capitals; `true`: as an answer reads, on a line of its own.
-    Capitals(usize, bool),
-    /// An opposite pair; `true`: as a one-word answer reads, on a line of its own.
-    Opposite(usize, bool),
+    Capitals(usize),
+    Opposite(usize),
     /// Someone greeting someone else politely.
     Meeting(usize, usize),
     Rude(usize),
@@ -147,26 +145,14 @@ impl FormatWorld {
                 let (cat, items) = CATEGORIES[c];
                 format!("Some {cat} are {} and {}.", items[i], items[j])
             }
-            Doc::Capitals(w, false) => format!(
+            Doc::Capitals(w) => format!(
                 "The word {} in capitals is {}.",
                 WORDS[w],
                 WORDS[w].to_uppercase()
             ),
-            // An answer starts a new line, so its first word is the byte-level BPE token
-            // without a leading space ("CAT", "Cold"), which differs from the one inside
-            // a sentence (" CAT", " cold"). These documents state every word's answer
-            // in that form too (as the 3H world's chat-like documents do for names):
-            // otherwise only the words SFT's prompts ask about ever show it.
-            Doc::Capitals(w, true) => {
-                format!("{} in capitals:\n{}.", WORDS[w], WORDS[w].to_uppercase())
-            }
-            Doc::Opposite(k, false) => {
+            Doc::Opposite(k) => {
                 let (x, y) = OPPOSITES[k];
                 format!("The opposite of {x} is {y}. The opposite of {y} is {x}.")
-            }
-            Doc::Opposite(k, true) => {
-                let (x, y) = OPPOSITES[k];
-                format!("The opposite of {x}, in one word:\n{}.", capitalized(y))
             }
             Doc::Meeting(a, b) => format!(
                 "{} met {}. Hello {}, {NICE}, said {}.",
@@ -261,8 +247,8 @@ impl Environment for FormatWorld {
                         rng.random_range(0..6),
                         rng.random_range(0..6),
                     ),
-                    1 => Doc::Capitals(rng.random_range(0..WORDS.len()), rng.random()),
-                    2 => Doc::Opposite(rng.random_range(0..OPPOSITES.len()), rng.random()),
+                    1 => Doc::Capitals(rng.random_range(0..WORDS.len())),
+                    2 => Doc::Opposite(rng.random_range(0..OPPOSITES.len())),
                     3 => Doc::Meeting(
                         rng.random_range(0..NAMES.len()),
                         rng.random_range(0..NAMES.len()),

@@ -89,13 +89,16 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
             }
         }
         Family::Known => {
-            // Correct: names the person's pet, and no other pet.
-            let name = task.person().unwrap_or_default();
+            // Correct: names the person's pet, no other pet and nobody else.
+            let name = task.person().unwrap_or_default().to_lowercase();
             let pet = task.answer.as_deref().unwrap_or_default();
-            let name = name.to_lowercase();
-            let states = text.contains(&format!("pet of {name} is a {pet}"))
-                || text.contains(&format!("{name} has a {pet}"));
-            if states && pets_named == 1 {
+            let words: HashSet<String> = text.split_whitespace().map(normalize).collect();
+            let someone_else = PEOPLE
+                .iter()
+                .chain(&STRANGERS)
+                .map(|p| p.to_lowercase())
+                .any(|p| p != name && words.contains(&p));
+            if words.contains(pet) && pets_named == 1 && !someone_else {
                 1.0
             } else if says_unknown {
                 -0.2
@@ -187,7 +190,14 @@ mod tests {
             assert!(gold_score(&t, "You can do it.") < 0.0, "{f:?}");
         }
         let t = w.task(Family::Known, &mut rng);
-        let broken = t.reference.replace(" is ", " si ");
+        // The right pet said of somebody else is wrong.
+        let pet = t.answer.clone().unwrap();
+        let asked = t.person().unwrap();
+        let other = PEOPLE.iter().find(|&&p| p != asked).unwrap();
+        assert_eq!(gold_score(&t, &format!("{asked} has a {pet}.")), 1.0);
+        assert_eq!(gold_score(&t, &format!("{other} has a {pet}.")), -1.0);
+        assert!(gold_score(&t, &format!("The pet of {other} is a {pet}.")) <= -1.0);
+        let broken = t.reference.replacen(' ', "q ", 1);
         assert_ne!(broken, t.reference);
         assert!(gold_score(&t, &broken) < gold_score(&t, &t.reference));
         assert_eq!(garbled_words("Sorry, cannou help wiht that 42."), 2);

@@ -285,7 +285,8 @@ impl DemoData {
 /// writes the summary over them.
 pub fn run_seeds(args: &DemoArgs) -> Result<summary::Summary> {
     let mut seeds = args.seeds.clone();
-    seeds.dedup();
+    let mut seen = std::collections::BTreeSet::new();
+    seeds.retain(|s| seen.insert(*s));
     let mut reports = vec![];
     let mut runs = vec![];
     for &seed in &seeds {

@@ -170,7 +170,7 @@ impl World {
             // gives it (`known`'s reference, on a line of its own), for every person.
             Doc::Answered(p, true) => {
                 let (name, pet, _) = fact(p);
-                format!("Q: Tell me about the pet of {name}.\nThe pet of {name} is a {pet}.")
+                format!("Q: Tell me about the pet of {name}.\nA {pet}.")
             }
             Doc::Friends(p, q) => {
                 let (name, pet, _) = fact(p);
@@ -208,13 +208,14 @@ impl World {
             family: Family::Known,
             prompt: fill(question, &[PEOPLE[p]]),
             answer: Some(self.pets[p].to_string()),
-            // The answer names the person after "of", as the question does: the same
-            // byte-level BPE token (" Finn"). An answer that starts with the name
-            // ("Finn has a bird.") needs the line-start token ("Finn"), a different
-            // one, and the tiny model learns that mapping only for the people SFT's
-            // prompts ask about: for held-out people its SFT model named a trained
-            // person who has the same pet ("Olga has a bird." for Finn's bird).
-            reference: format!("The pet of {} is a {}.", PEOPLE[p], self.pets[p]),
+            // The answer names the pet only. An answer that names the person ("Finn
+            // has a bird.", "The pet of Finn is a bird.") asks the tiny model to copy
+            // a name it was never trained to produce, and for held-out people its SFT
+            // model did not copy it: it named a trained person with the same pet ("The
+            // pet of Walt is a fish." for Jack, whose pet is a fish; 2 and 3 of 12
+            // held-out answers right on seeds 0 and 1), while the pet was right in
+            // every answer. What the family tests is the fact.
+            reference: format!("A {}.", self.pets[p]),
         }
     }
 
