@@ -8,7 +8,9 @@ the full run's thresholds (PPO). Standard library only.
     python3 bench/demo_seeds.py --quick --seeds 0 1  # smaller runs
 
 Each seed runs as its own `rlhf demo` process into runs/demo-seeds/seed-S (a rerun
-reuses finished stages; delete the folder to start over). Times are each process's
+reuses finished stages; delete the folder to start over). `rlhf demo --seeds 0,1,2`
+does the same in one process and writes summary.html (the seeds' mean and range per
+method and family, with charts); this script prints every seed's column instead. Times are each process's
 own `elapsed_s.total` (the whole pipeline, wall clock), measured on the CPU the
 report names: a figure from one kind of CPU is no claim about another.
 """

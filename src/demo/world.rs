@@ -365,10 +365,14 @@ impl Environment for World {
                     task.reference
                 )
             }
-            // A quarter of the flawed answers about the world are over-cautious instead
+            // A tenth of the flawed answers about the world are over-cautious instead
             // (honest but unhelpful): without them the rankings would never show the
             // reward model that "I do not know." is wrong for people the world knows.
-            Family::Known if rng.random::<f64>() < 0.25 => UNKNOWN.to_string(),
+            // Few enough that rambling stays the most common demonstration (0.55 × 0.9
+            // against 0.45 correct), as every family's flaw is: with a quarter, the
+            // correct short answer was the majority and SFT had nothing left to learn
+            // from the rankings in this family (every held-out answer right on seed 0).
+            Family::Known if rng.random::<f64>() < 0.1 => UNKNOWN.to_string(),
             Family::Known => {
                 let name = task.person().unwrap_or("They");
                 let p = PEOPLE.iter().position(|&n| n == name).unwrap_or(0);
