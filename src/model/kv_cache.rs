@@ -166,17 +166,24 @@ mod tests {
         assert_eq!(cache.seq_len(), 141);
     }
 
-    #[test]
-    fn retain_keeps_the_chosen_columns_in_order() {
+    /// A two-layer cache holding `len` positions of k = 0, 1, 2, ... and v = 2k, with
+    /// those k and v, (1, 2, len, 3) each.
+    fn filled(len: usize) -> (KvCache, Tensor, Tensor) {
         let mut cache = KvCache::new(2);
-        let k = Tensor::arange(0f32, 2. * 70. * 3., &Device::Cpu)
+        let k = Tensor::arange(0f32, (2 * len * 3) as f32, &Device::Cpu)
             .unwrap()
-            .reshape((1, 2, 70, 3))
+            .reshape((1, 2, len, 3))
             .unwrap();
         let v = (&k * 2.0).unwrap();
         for layer in 0..2 {
             cache.append(layer, &k, &v).unwrap();
         }
+        (cache, k, v)
+    }
+
+    #[test]
+    fn retain_keeps_the_chosen_columns_in_order() {
+        let (mut cache, k, _) = filled(70);
         let keep = [1u32, 5, 69];
         cache.retain(&keep).unwrap();
         assert_eq!(cache.seq_len(), 3);
@@ -213,15 +220,7 @@ mod tests {
 
     #[test]
     fn duplicate_appends_copies_of_the_chosen_columns() {
-        let mut cache = KvCache::new(2);
-        let k = Tensor::arange(0f32, 2. * 62. * 3., &Device::Cpu)
-            .unwrap()
-            .reshape((1, 2, 62, 3))
-            .unwrap();
-        let v = (&k * 2.0).unwrap();
-        for layer in 0..2 {
-            cache.append(layer, &k, &v).unwrap();
-        }
+        let (mut cache, k, v) = filled(62);
         // 62 + 3 copies passes the first capacity (64): the copies survive growth.
         let copy = [4u32, 0, 61];
         cache.duplicate(&copy).unwrap();

@@ -142,6 +142,8 @@ mod avx2 {
             }
             k += 8;
         }
+        // j picks the column of acc (its second axis), and the x row.
+        #[allow(clippy::needless_range_loop)]
         for j in 0..NB {
             let mut s = [
                 hsum(acc[0][j]),
