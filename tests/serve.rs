@@ -1,7 +1,7 @@
 //! `rlhf serve` on loopback: OpenAI's shapes, field checks naming the field, errors
-//! (401, 404, 413, 429), server-sent events, stop strings across tokens, n > 1, the
-//! same tokens as `rlhf generate` for a seed, message content that spells special
-//! tokens, and `rlhf chat` on piped stdin.
+//! (401, 404, 413, 429, 503 when shutting down or stopped), server-sent events, stop
+//! strings across tokens, n > 1, the same tokens as `rlhf generate` for a seed,
+//! message content that spells special tokens, and `rlhf chat` on piped stdin.
 
 mod common;
 

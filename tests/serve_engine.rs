@@ -1,7 +1,7 @@
 //! The continuous-batching engine without HTTP: sequences packed into one KV row
 //! compute what they compute alone, join and leave at step boundaries, a long prompt
-//! is prefilled in chunks while the others keep decoding, and a cancelled sequence
-//! frees its columns.
+//! is prefilled in chunks while the others keep decoding, a cancelled sequence
+//! frees its columns, and a request's n choices share one prefill.
 
 mod common;
 
