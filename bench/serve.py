@@ -16,7 +16,9 @@ one worker thread (model.generate, KV cache, first token timed by a streamer), w
 torch on 2 threads; it has no HTTP.
 
     python3 bench/serve.py              # builds target/release/rlhf first
+    python3 bench/serve.py --models tiny --no_peer   # one shape, no transformers rows
 """
+import argparse
 import http.client
 import json
 import os
@@ -167,12 +169,21 @@ def transformers_peer(folder):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(s[0] for s in SHAPES),
+                        help="comma-separated model labels to run (default: all)")
+    parser.add_argument("--no_peer", action="store_true", help="skip the transformers peer")
+    args = parser.parse_args()
+    wanted = args.models.split(",")
+    unknown = [m for m in wanted if m not in {s[0] for s in SHAPES}]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}; expected one of {[s[0] for s in SHAPES]}")
     subprocess.run(["cargo", "build", "--release", "--bin", "rlhf"], cwd=ROOT, check=True)
     print(describe())
     print(f"load: {os.getloadavg()[0]:.2f} (1-minute average at the start)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, preset, vocab in SHAPES:
+        for label, preset, vocab in [s for s in SHAPES if s[0] in wanted]:
             d = os.path.join(tmp, label)
             subprocess.run([RLHF, "init", "--arch", "gpt2", "--preset", preset, "--tokenizer", TOKENIZER,
                             "--vocab_size", str(vocab), "--output_dir", d], check=True, capture_output=True)
@@ -185,9 +196,9 @@ def main():
                         print(rows[-1], flush=True)
                 finally:
                     server.stop()
-            peer = transformers_peer(d)
+            peer = None if args.no_peer else transformers_peer(d)
             if peer is None:
-                print("transformers peer skipped: torch or transformers not installed")
+                print("transformers peer skipped: " + ("--no_peer" if args.no_peer else "torch or transformers not installed"))
                 continue
             serve_one, stop = peer
             for clients in CLIENTS:

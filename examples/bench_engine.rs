@@ -3,7 +3,11 @@
 //!
 //!     cargo run --release --example bench_engine -- MODEL_DIR [n] [prompt] [new]
 //!
-//! Prints JSON: seconds for the whole run, steps, and tokens/s.
+//! Prints JSON: seconds for the whole run, steps, tokens/s, and the mean time of a
+//! step that feeds prompt tokens (64 a step) and of a decode-only step, in wall and
+//! in CPU time (all threads: with RAYON_NUM_THREADS=1 the CPU time is the work).
+
+mod common;
 
 use rlhf::serve::engine::{EngineConfig, GenParams, Job};
 
@@ -43,17 +47,31 @@ fn main() {
             rxs.push(rx);
         }
         let t = std::time::Instant::now();
-        let mut steps = 0;
-        while e.step().unwrap() {
-            steps += 1;
+        let mut steps = vec![];
+        loop {
+            let (s, c) = (std::time::Instant::now(), common::cpu_seconds());
+            if !e.step().unwrap() {
+                break;
+            }
+            steps.push((s.elapsed().as_secs_f64(), common::cpu_seconds() - c));
         }
         (t.elapsed().as_secs_f64(), steps)
     };
     run();
     let (secs, steps) = run();
+    // Steps that fed prompt tokens come first (every prompt is queued at the start).
+    let prefill_steps = (n * prompt).div_ceil(64);
+    let (prefill, decode) = steps.split_at(prefill_steps.min(steps.len()));
+    let ms = |xs: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        1e3 * xs.iter().map(f).sum::<f64>() / xs.len().max(1) as f64
+    };
     println!(
         "{}",
-        serde_json::json!({"sequences": n, "seconds": secs, "steps": steps,
-                           "tokens_per_s": (n * new) as f64 / secs})
+        serde_json::json!({"sequences": n, "seconds": secs, "steps": steps.len(),
+                           "tokens_per_s": (n * new) as f64 / secs,
+                           "prefill_step_ms": ms(prefill, |s| s.0),
+                           "decode_step_ms": ms(decode, |s| s.0),
+                           "prefill_step_cpu_ms": ms(prefill, |s| s.1),
+                           "decode_step_cpu_ms": ms(decode, |s| s.1)})
     );
 }

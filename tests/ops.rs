@@ -332,3 +332,90 @@ fn whole_model_gradients_equal_the_composite_model() {
         }
     }
 }
+
+/// The skinny kernel's arithmetic for one output, in scalar code: with AVX2+FMA, a W
+/// row in a whole block of four runs eight lanes of fused multiply-adds over k in
+/// order, reduces them as `hsum` does ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), then
+/// adds the tail one product at a time; the last out % 4 rows use `ops::dot`'s
+/// arithmetic (separate multiply and add). This is what `rlhf generate` computed
+/// before the kernel blocked several x rows together; the bits must not move.
+fn skinny_output_model(w: &[f32], x: &[f32], in_block: bool) -> f32 {
+    let full = w.len() / 8 * 8;
+    let mut lane = [0f32; 8];
+    for k in (0..full).step_by(8) {
+        for j in 0..8 {
+            lane[j] = if in_block {
+                w[k + j].mul_add(x[k + j], lane[j])
+            } else {
+                lane[j] + w[k + j] * x[k + j]
+            };
+        }
+    }
+    if in_block {
+        let s = [
+            lane[0] + lane[4],
+            lane[1] + lane[5],
+            lane[2] + lane[6],
+            lane[3] + lane[7],
+        ];
+        let mut r = (s[0] + s[2]) + (s[1] + s[3]);
+        for k in full..w.len() {
+            r += w[k] * x[k];
+        }
+        r
+    } else {
+        let mut tail = 0f32;
+        for k in full..w.len() {
+            tail += w[k] * x[k];
+        }
+        ((lane[0] + lane[4]) + (lane[1] + lane[5]))
+            + ((lane[2] + lane[6]) + (lane[3] + lane[7]))
+            + tail
+    }
+}
+
+#[test]
+fn skinny_matmul_bits_do_not_depend_on_the_row_count() {
+    use rlhf::ops::matmul::skinny_matmul;
+    if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+        println!(
+            "skipped: the bit-exact model is of the AVX2+FMA kernel, and this CPU has no AVX2+FMA"
+        );
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut shapes = vec![
+        (16, 256, 1030),
+        (17, 100, 67),
+        (1, 256, 8192),
+        (6, 1024, 256),
+    ];
+    for _ in 0..40 {
+        shapes.push((
+            rng.random_range(1..=18),
+            rng.random_range(1..=300),
+            rng.random_range(1..=140),
+        ));
+    }
+    for (i, &(n, inner, out)) in shapes.iter().enumerate() {
+        let x = randn(&[n, inner], 100 + i as u64);
+        let w = randn(&[out, inner], 200 + i as u64);
+        let y: Vec<Vec<f32>> = skinny_matmul(x.as_tensor(), w.as_tensor())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let xs: Vec<Vec<f32>> = x.as_tensor().to_vec2().unwrap();
+        let ws: Vec<Vec<f32>> = w.as_tensor().to_vec2().unwrap();
+        for b in 0..n {
+            for o in 0..out {
+                let want = skinny_output_model(&ws[o], &xs[b], o < out / 4 * 4);
+                assert_eq!(
+                    y[b][o].to_bits(),
+                    want.to_bits(),
+                    "({n}, {inner}, {out}) at [{b}, {o}]: {} against {want}",
+                    y[b][o]
+                );
+            }
+        }
+    }
+}

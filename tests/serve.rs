@@ -1,7 +1,7 @@
 //! `rlhf serve` on loopback: OpenAI's shapes, field checks naming the field, errors
-//! (401, 404, 413, 429), server-sent events, stop strings across tokens, n > 1, the
-//! same tokens as `rlhf generate` for a seed, message content that spells special
-//! tokens, and `rlhf chat` on piped stdin.
+//! (401, 404, 413, 429, 503 when shutting down or stopped), server-sent events, stop
+//! strings across tokens, n > 1, the same tokens as `rlhf generate` for a seed,
+//! message content that spells special tokens, and `rlhf chat` on piped stdin.
 
 mod common;
 
@@ -734,4 +734,84 @@ fn bad_command_lines_exit_2_with_a_message() {
     assert_eq!(code, Some(2));
     assert!(err.contains("has no chat template"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_shutting_down_or_stopped_engine_answers_503_in_openai_shape() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let model = nano_model(dir.path());
+    let args = rlhf::serve::ServeArgs {
+        model,
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_key: None,
+        served_model_name: None,
+        max_batch: 4,
+        max_queue: 4,
+        prefill_chunk: 64,
+        max_body_bytes: 1 << 20,
+    };
+    let (server, engine) = rlhf::serve::build(&args).unwrap();
+    let rt = rlhf::web::server::runtime().unwrap();
+    let listen = rlhf::web::Listen {
+        host: "127.0.0.1".into(),
+        port: 0,
+    };
+    let bound = rt.block_on(server.bind(&listen)).unwrap();
+    let url = format!("http://{}", bound.addr);
+    rt.spawn(bound.serve(std::future::pending()));
+    let ask = json!({"prompt": "the cat", "max_tokens": 4, "seed": 1});
+    assert_eq!(post(&url, "/v1/completions", ask.clone()).0, 200);
+
+    // A stream opened before the shutdown runs to its end.
+    let mut open = agent()
+        .post(&format!("{url}/v1/completions"))
+        .send_json(json!({"prompt": "the cat", "max_tokens": 40, "seed": 2,
+                          "stream": true}))
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    let mut reader = open.body_mut().as_reader();
+    let mut first = [0u8; 6];
+    reader.read_exact(&mut first).unwrap(); // the engine has taken it
+    engine.shutdown();
+
+    let expect_503 = |status: u16, v: &Value, message: &str| {
+        assert_eq!(status, 503, "{v}");
+        let e = v["error"].as_object().expect("OpenAI's error object");
+        let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["code", "message", "param", "type"], "{v}");
+        assert_eq!(e["type"], "server_error");
+        assert!(e["message"].as_str().unwrap().contains(message), "{v}");
+    };
+    let (status, v) = post(&url, "/v1/completions", ask.clone());
+    expect_503(status, &v, "shutting down");
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        json!({"messages": user("hi"), "max_tokens": 3, "stream": true}),
+    );
+    expect_503(status, &v, "shutting down");
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    let body = String::from_utf8_lossy(&first).to_string() + &rest;
+    let events = sse_events(&body);
+    let finish = &events.last().unwrap()["choices"][0]["finish_reason"];
+    assert!(finish == "length" || finish == "stop", "{body}");
+
+    // With nothing left to run, the engine stops: /health and new requests say so.
+    let mut health = (0, Value::Null);
+    for _ in 0..200 {
+        let mut r = agent().get(&format!("{url}/health")).call().unwrap();
+        health = (r.status().as_u16(), r.body_mut().read_json().unwrap());
+        if health.1["status"] == "engine stopped" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(health.0, 503, "{}", health.1);
+    assert_eq!(health.1["status"], "engine stopped");
+    let (status, v) = post(&url, "/v1/completions", ask);
+    expect_503(status, &v, "engine has stopped");
 }

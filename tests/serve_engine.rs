@@ -1,7 +1,7 @@
 //! The continuous-batching engine without HTTP: sequences packed into one KV row
 //! compute what they compute alone, join and leave at step boundaries, a long prompt
-//! is prefilled in chunks while the others keep decoding, and a cancelled sequence
-//! frees its columns.
+//! is prefilled in chunks while the others keep decoding, a cancelled sequence
+//! frees its columns, and a request's n choices share one prefill.
 
 mod common;
 
@@ -201,4 +201,58 @@ fn n_choices_use_consecutive_seeds() {
     assert_eq!(choice(1), result(&drain(&mut rx41)));
     assert_ne!(choice(0).1, choice(1).1);
     assert_ne!(choice(1).1, choice(2).1);
+}
+
+#[test]
+fn n_choices_share_one_prefill_and_equal_separate_requests() {
+    // A prompt longer than the chunk: three prefill steps, run once for all choices.
+    let prompt: Vec<u32> = (20..40).collect();
+    let mut e = engine(8, 8);
+    let stats = e.stats();
+    let (tx, mut rx) = unbounded_channel();
+    e.add(Job {
+        prompt: prompt.clone(),
+        params: params(6, 70),
+        n: 3,
+        events: tx,
+    });
+    assert_eq!(e.running(), 3, "waiting choices count as running");
+    run_to_end(&mut e);
+    assert_eq!(stats.prefilled_tokens.load(Ordering::SeqCst), prompt.len());
+    assert_eq!(stats.cache_columns.load(Ordering::SeqCst), 0);
+    let all = drain(&mut rx);
+    for c in 0..3 {
+        let ds: Vec<Delta> = all.iter().filter(|d| d.choice == c).cloned().collect();
+        // Choice c of seed 70 is what seed 70 + c gives alone, bit for bit.
+        let mut alone = engine(8, 8);
+        let (j, mut rx1) = job(prompt.clone(), params(6, 70 + c as u64));
+        alone.add(j);
+        run_to_end(&mut alone);
+        assert_eq!(alone.stats().prefilled_tokens.load(Ordering::SeqCst), 20);
+        assert_eq!(result(&ds), result(&drain(&mut rx1)), "choice {c}");
+    }
+}
+
+#[test]
+fn a_choice_that_ends_on_its_first_token_leaves_the_others_running() {
+    // max_tokens 1 ends every choice at the prefill step; then 2 ends them one step on.
+    for max_tokens in [1, 2] {
+        let mut e = engine(8, 64);
+        let (tx, mut rx) = unbounded_channel();
+        e.add(Job {
+            prompt: vec![9, 10, 11],
+            params: params(max_tokens, 5),
+            n: 4,
+            events: tx,
+        });
+        run_to_end(&mut e);
+        let all = drain(&mut rx);
+        for c in 0..4 {
+            let ds: Vec<Delta> = all.iter().filter(|d| d.choice == c).cloned().collect();
+            assert!(ds.last().and_then(|d| d.finish).is_some(), "choice {c}");
+            assert!(ds.last().unwrap().tokens <= max_tokens);
+        }
+        assert_eq!(e.running(), 0);
+        assert_eq!(e.stats().cache_columns.load(Ordering::SeqCst), 0);
+    }
 }

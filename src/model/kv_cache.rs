@@ -108,6 +108,34 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// Appends copies of the given positions (indices into the cached sequence) at
+    /// the end: the server gives each of a request's n choices its own copy of the
+    /// prompt's columns, computed once.
+    pub fn duplicate(&mut self, columns: &[u32]) -> Result<()> {
+        let len = self.seq_len();
+        if let Some(&bad) = columns.iter().find(|&&j| j as usize >= len) {
+            return Err(crate::Error::Invalid(format!(
+                "KV cache has {len} positions, cannot copy position {bad}"
+            )));
+        }
+        if columns.is_empty() {
+            return Ok(());
+        }
+        for layer in 0..self.layers.len() {
+            let Some(c) = &self.layers[layer] else {
+                continue;
+            };
+            let index = Tensor::from_slice(columns, columns.len(), c.k.device())?;
+            // Indices are below len ≤ capacity: select from the whole buffer.
+            let k = c.k.index_select(&index, 2)?; // (B, nkv, P, hd)
+            let v = c.v.index_select(&index, 2)?; // (B, nkv, P, hd)
+            self.append(layer, &k, &v)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,17 +166,24 @@ mod tests {
         assert_eq!(cache.seq_len(), 141);
     }
 
-    #[test]
-    fn retain_keeps_the_chosen_columns_in_order() {
+    /// A two-layer cache holding `len` positions of k = 0, 1, 2, ... and v = 2k, with
+    /// those k and v, (1, 2, len, 3) each.
+    fn filled(len: usize) -> (KvCache, Tensor, Tensor) {
         let mut cache = KvCache::new(2);
-        let k = Tensor::arange(0f32, 2. * 70. * 3., &Device::Cpu)
+        let k = Tensor::arange(0f32, (2 * len * 3) as f32, &Device::Cpu)
             .unwrap()
-            .reshape((1, 2, 70, 3))
+            .reshape((1, 2, len, 3))
             .unwrap();
         let v = (&k * 2.0).unwrap();
         for layer in 0..2 {
             cache.append(layer, &k, &v).unwrap();
         }
+        (cache, k, v)
+    }
+
+    #[test]
+    fn retain_keeps_the_chosen_columns_in_order() {
+        let (mut cache, k, _) = filled(70);
         let keep = [1u32, 5, 69];
         cache.retain(&keep).unwrap();
         assert_eq!(cache.seq_len(), 3);
@@ -181,5 +216,30 @@ mod tests {
         );
         cache.retain(&[]).unwrap();
         assert_eq!(cache.seq_len(), 0);
+    }
+
+    #[test]
+    fn duplicate_appends_copies_of_the_chosen_columns() {
+        let (mut cache, k, v) = filled(62);
+        // 62 + 3 copies passes the first capacity (64): the copies survive growth.
+        let copy = [4u32, 0, 61];
+        cache.duplicate(&copy).unwrap();
+        assert_eq!(cache.seq_len(), 65);
+        let index = Tensor::new(&copy, &Device::Cpu).unwrap();
+        let one = Tensor::zeros((1, 2, 1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for layer in 0..2 {
+            let (ck, cv) = cache.append(layer, &one, &one).unwrap();
+            let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            assert_eq!(flat(ck.narrow(2, 0, 62).unwrap()), flat(k.clone()));
+            assert_eq!(
+                flat(ck.narrow(2, 62, 3).unwrap()),
+                flat(k.index_select(&index, 2).unwrap())
+            );
+            assert_eq!(
+                flat(cv.narrow(2, 62, 3).unwrap()),
+                flat(v.index_select(&index, 2).unwrap())
+            );
+        }
+        assert!(cache.duplicate(&[66]).is_err(), "past the 66 cached");
     }
 }

@@ -14,6 +14,14 @@
 //! they are more than half of it (`KvCache::retain`). A long prompt is fed in chunks,
 //! so it delays the running sequences by one chunk's work per step, never more.
 //!
+//! A request's n choices share one prefill: choice 0 feeds the prompt, the others
+//! wait inside it (`Sequence::clones`); when the prompt's last token has run, each
+//! clone gets a copy of the prompt's KV columns under its own segment
+//! (`KvCache::duplicate`) and samples its first token from the same logits row. The
+//! copies are the very columns a separate prefill would have computed (the same
+//! forward, on the same rows), so choice i is what a request with n = 1 and seed
+//! `seed + i` gives alone.
+//!
 //! Sampling is per sequence, from its own ChaCha8 stream (seeded by the request, or
 //! randomly), with `generate::sample_token`; logprobs are those of the unmodified
 //! distribution (`generate::log_softmax_at`). A prompt that fits one chunk is fed in
@@ -139,6 +147,12 @@ pub struct EngineStats {
     pub cache_columns: AtomicUsize,
     /// Sequences dropped because their client went away, since the start.
     pub cancelled: AtomicUsize,
+    /// Prompt tokens run through the model since the start (a request's n choices
+    /// count once: they share the prefill).
+    pub prefilled_tokens: AtomicUsize,
+    /// Set by `EngineHandle::shutdown`: no new jobs; the engine finishes the ones it
+    /// has, then stops.
+    pub stopping: AtomicBool,
     /// False once the engine thread has stopped.
     pub alive: AtomicBool,
 }
@@ -166,6 +180,8 @@ struct Sequence {
     rng: ChaCha8Rng,
     params: Arc<GenParams>,
     events: UnboundedSender<Event>,
+    /// The request's other choices, waiting for this one's prefill to copy it.
+    clones: Vec<Sequence>,
 }
 
 impl Sequence {
@@ -216,9 +232,9 @@ impl Engine {
         self.model.config.context_length()
     }
 
-    /// Sequences prefilling or decoding.
+    /// Sequences prefilling or decoding (clones waiting on a prefill included).
     pub fn running(&self) -> usize {
-        self.seqs.len()
+        self.seqs.iter().map(|s| 1 + s.clones.len()).sum()
     }
 
     /// Starts a job's `n` sequences; they join at the next step.
@@ -226,12 +242,12 @@ impl Engine {
         let prompt = Arc::new(job.prompt);
         let params = Arc::new(job.params);
         let base_seed = params.seed.unwrap_or_else(|| rand::rng().random());
-        for choice in 0..job.n {
+        let mut choices = (0..job.n).map(|choice| {
             let segment = self.next_segment;
             // Ids are never reused while a column may still carry them (u32 wraps
             // only after four billion sequences; 0 is skipped).
             self.next_segment = self.next_segment.checked_add(1).unwrap_or(1);
-            self.seqs.push(Sequence {
+            Sequence {
                 segment,
                 choice,
                 prompt: prompt.clone(),
@@ -246,7 +262,12 @@ impl Engine {
                 rng: ChaCha8Rng::seed_from_u64(base_seed.wrapping_add(choice as u64)),
                 params: params.clone(),
                 events: job.events.clone(),
-            });
+                clones: vec![],
+            }
+        });
+        if let Some(mut first) = choices.next() {
+            first.clones = choices.collect();
+            self.seqs.push(first);
         }
         self.publish();
     }
@@ -275,6 +296,9 @@ impl Engine {
                 continue;
             }
             let take = budget.min(s.prompt.len() - s.prefilled);
+            self.stats
+                .prefilled_tokens
+                .fetch_add(take, Ordering::Relaxed);
             ids.extend_from_slice(&s.prompt[s.prefilled..s.prefilled + take]);
             new_columns.extend(std::iter::repeat_n(s.segment, take));
             s.prefilled += take;
@@ -325,6 +349,33 @@ impl Engine {
                 finished.push(i);
             }
         }
+        // Choices waiting on a prompt that has just been prefilled: copy its columns
+        // and sample their first tokens from the same row.
+        for (&(i, _), row) in heads.iter().zip(&logits) {
+            if self.seqs[i].clones.is_empty() {
+                continue;
+            }
+            let clones = std::mem::take(&mut self.seqs[i].clones);
+            let leader = self.seqs[i].segment;
+            let prompt: Vec<u32> = (0..self.columns.len() as u32)
+                .filter(|&j| self.columns[j as usize] == leader)
+                .collect(); // the leader's columns: its prompt, nothing sampled yet
+            let mut clones: Vec<Sequence> = clones;
+            let sampled: Vec<(u32, Option<TokenLogprob>)> =
+                clones.par_iter_mut().map(|c| sample(c, row)).collect();
+            for (mut c, (token, logprob)) in clones.into_iter().zip(sampled) {
+                self.cache.duplicate(&prompt)?;
+                self.columns
+                    .extend(std::iter::repeat_n(c.segment, prompt.len()));
+                c.prefilled = c.prompt.len();
+                self.seqs.push(c);
+                let j = self.seqs.len() - 1;
+                if self.advance(j, token, logprob)? {
+                    finished.push(j);
+                }
+            }
+        }
+        finished.sort_unstable();
         for &i in finished.iter().rev() {
             let s = self.seqs.remove(i);
             self.free(s.segment);
@@ -400,7 +451,9 @@ impl Engine {
             if self.seqs[i].events.is_closed() {
                 let s = self.seqs.remove(i);
                 self.free(s.segment);
-                self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+                self.stats
+                    .cancelled
+                    .fetch_add(1 + s.clones.len(), Ordering::SeqCst);
             } else {
                 i += 1;
             }
@@ -516,6 +569,9 @@ pub enum SubmitError {
     QueueFull,
     /// The engine has stopped (503).
     Stopped,
+    /// The server is shutting down: it finishes what it has and takes nothing new
+    /// (503).
+    ShuttingDown,
 }
 
 /// The HTTP side's handle: submits jobs to the engine thread through a bounded queue.
@@ -532,6 +588,9 @@ impl EngineHandle {
         if !self.stats.alive.load(Ordering::SeqCst) {
             return Err(SubmitError::Stopped);
         }
+        if self.stats.stopping.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
         self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         self.tx.try_send(job).map_err(|e| {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -540,6 +599,12 @@ impl EngineHandle {
                 TrySendError::Disconnected(_) => SubmitError::Stopped,
             }
         })
+    }
+
+    /// Takes no new jobs from now on (`submit` answers `ShuttingDown`); the engine
+    /// finishes the running and queued ones, then its thread ends (`alive` false).
+    pub fn shutdown(&self) {
+        self.stats.stopping.store(true, Ordering::SeqCst);
     }
 }
 
@@ -563,18 +628,29 @@ pub fn spawn(engine: Engine, max_queue: usize) -> Result<EngineHandle> {
     Ok(handle)
 }
 
+/// How often an idle engine looks whether it should stop.
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Admits jobs at step boundaries while the batch has room, and steps. A failed or
-/// panicking step ends the running jobs with an error; the engine goes on.
+/// panicking step ends the running jobs with an error; the engine goes on. After
+/// `EngineHandle::shutdown` it returns once nothing runs and nothing waits.
 fn run_loop(mut engine: Engine, rx: Receiver<Job>) {
-    use std::sync::mpsc::TryRecvError;
+    use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
     let stats = engine.stats();
     let mut next: Option<Job> = None;
     loop {
         if engine.running() == 0 && next.is_none() {
             crate::purge_freed_memory();
-            match rx.recv() {
-                Ok(job) => next = Some(job),
-                Err(_) => return, // every handle dropped: the server is gone
+            loop {
+                match rx.recv_timeout(IDLE_POLL) {
+                    Ok(job) => {
+                        next = Some(job);
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) if !stats.stopping.load(Ordering::SeqCst) => {}
+                    // Shut down with nothing left, or every handle dropped.
+                    Err(_) => return,
+                }
             }
             stats.waiting.fetch_sub(1, Ordering::SeqCst);
         }
@@ -668,6 +744,9 @@ mod tests {
         assert_eq!(handle.submit(job()), Ok(()));
         assert_eq!(handle.submit(job()), Err(SubmitError::QueueFull)); // 429
         assert_eq!(stats.waiting.load(Ordering::SeqCst), 1);
+        handle.shutdown();
+        assert_eq!(handle.submit(job()), Err(SubmitError::ShuttingDown)); // 503
+        stats.stopping.store(false, Ordering::SeqCst);
         drop(rx); // the engine thread is gone
         assert_eq!(handle.submit(job()), Err(SubmitError::Stopped)); // 503
         stats.alive.store(false, Ordering::SeqCst);

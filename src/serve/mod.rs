@@ -83,8 +83,9 @@ pub fn engine_for(pre: &Pretrained, config: EngineConfig) -> Engine {
     )
 }
 
-/// `rlhf serve`, with settings already validated.
-pub fn run(a: &ServeArgs) -> Result<()> {
+/// The server for `a` (not yet bound) and its engine's handle: what `run` serves,
+/// and what tests serve in-process.
+pub fn build(a: &ServeArgs) -> Result<(Server, engine::EngineHandle)> {
     let pre = load(&a.model)?;
     let encoder = encode::PromptEncoder::new(pre.tokenizer.clone())?;
     if pre.tokenizer.chat_template().is_none() {
@@ -109,7 +110,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     let mut templates = vec![];
     templates.extend_from_slice(routes::CHAT_TEMPLATES);
     let state = routes::AppState {
-        engine,
+        engine: engine.clone(),
         encoder,
         model_name,
         api_key_hash: a.api_key.as_deref().map(crate::web::token_hash),
@@ -118,15 +119,27 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
+    let server = Server::new(
+        routes::router(Arc::new(state)),
+        a.max_body_bytes,
+        "OpenAI API",
+    );
+    Ok((server, engine))
+}
+
+/// `rlhf serve`, with settings already validated. Ctrl-C or SIGTERM stops taking
+/// connections and generations (503 on a kept-alive connection); the open streams
+/// finish.
+pub fn run(a: &ServeArgs) -> Result<()> {
+    let (server, engine) = build(a)?;
     let listen = Listen {
         host: a.host.clone(),
         port: a.port,
     };
-    Server::new(
-        routes::router(Arc::new(state)),
-        a.max_body_bytes,
-        "OpenAI API",
-    )
-    .run(&listen)?;
+    let shutdown = async move {
+        crate::web::server::shutdown_signal().await;
+        engine.shutdown();
+    };
+    crate::web::server::runtime()?.block_on(server.run_async(&listen, shutdown))?;
     Ok(())
 }

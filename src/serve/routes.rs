@@ -88,14 +88,22 @@ async fn require_key(State(state): State<Shared>, request: Request, next: Next) 
 async fn health(State(state): State<Shared>) -> Response {
     let s = &state.engine.stats;
     let alive = s.alive.load(Ordering::SeqCst);
+    let status = if !alive {
+        "engine stopped"
+    } else if s.stopping.load(Ordering::SeqCst) {
+        "shutting down"
+    } else {
+        "ok"
+    };
     let body = json!({
-        "status": if alive { "ok" } else { "engine stopped" },
+        "status": status,
         "running": s.running.load(Ordering::SeqCst),
         "waiting": s.waiting.load(Ordering::SeqCst),
         "cache_columns": s.cache_columns.load(Ordering::SeqCst),
         "cancelled": s.cancelled.load(Ordering::SeqCst),
+        "prefilled_tokens": s.prefilled_tokens.load(Ordering::SeqCst),
     });
-    let status = if alive {
+    let status = if status == "ok" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -176,6 +184,7 @@ async fn generate(state: Shared, c: Checked, kind: Kind) -> Result<Response, Api
     state.engine.submit(job).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::queue_full(state.engine.queue_capacity),
         SubmitError::Stopped => ApiError::unavailable("the generation engine has stopped"),
+        SubmitError::ShuttingDown => ApiError::unavailable("the server is shutting down"),
     })?;
     let head = Head {
         id: format!(
