@@ -200,14 +200,14 @@ pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<CausalLm> {
     ensure_model_dir(dir)?;
     if lora::is_adapter_dir(dir) {
         let adapter = lora::AdapterFile::read(dir)?;
-        if adapter.task_type.as_deref() == Some("SEQ_CLS") {
+        if adapter.is_seq_cls() {
             return Err(Error::WrongModelKind {
                 path: dir.to_path_buf(),
                 expected: "a causal LM or its adapter (task_type CAUSAL_LM)".into(),
                 found: "this is a reward model's adapter (task_type SEQ_CLS)".into(),
             });
         }
-        let model = load_causal_lm(&adapter.base_dir, device)?;
+        let model = load_causal_lm(&adapter.base(None)?, device)?;
         adapter.merge_into(&model.params, &model.config)?;
         return Ok(model);
     }
@@ -281,7 +281,7 @@ pub fn tokenizer_dir(dir: &Path) -> Result<PathBuf> {
         if !lora::is_adapter_dir(&dir) || dir.join("tokenizer.json").is_file() {
             return Ok(dir);
         }
-        dir = lora::AdapterFile::read(&dir)?.base_dir;
+        dir = lora::AdapterFile::read(&dir)?.base(None)?;
     }
     Ok(dir)
 }

@@ -488,12 +488,6 @@ impl AdapterFile {
         } else {
             dir.join(base)
         };
-        if !base_dir.is_dir() {
-            return Err(bad(format!(
-                "base_model_name_or_path {base:?}: no such model folder ({}; a relative path is read from the adapter's folder)",
-                base_dir.display()
-            )));
-        }
         let weights = dir.join(ADAPTER_WEIGHTS_FILE);
         let tensors = load_safetensors(&weights, &Device::Cpu)?;
         Ok(AdapterFile {
@@ -504,6 +498,37 @@ impl AdapterFile {
             use_rslora: cfg.get("use_rslora").and_then(Value::as_bool) == Some(true),
             tensors,
         })
+    }
+
+    /// The base model folder, which must exist; `base_override` (`rlhf merge
+    /// --model`) replaces the one adapter_config.json names.
+    pub fn base(&self, base_override: Option<&Path>) -> Result<PathBuf> {
+        if let Some(b) = base_override {
+            return Ok(b.to_path_buf());
+        }
+        if !self.base_dir.is_dir() {
+            return Err(Error::bad_file(
+                &self.dir.join(ADAPTER_CONFIG_FILE),
+                None,
+                format!(
+                    "base_model_name_or_path: no model folder at {} (a relative path is read from the adapter's folder; `rlhf merge --model BASE` names another)",
+                    self.base_dir.display()
+                ),
+            ));
+        }
+        if std::fs::canonicalize(&self.base_dir).ok() == std::fs::canonicalize(&self.dir).ok() {
+            return Err(Error::bad_file(
+                &self.dir.join(ADAPTER_CONFIG_FILE),
+                None,
+                "base_model_name_or_path names the adapter's own folder",
+            ));
+        }
+        Ok(self.base_dir.clone())
+    }
+
+    /// Whether this adapter was saved for a sequence classifier (PEFT's SEQ_CLS).
+    pub fn is_seq_cls(&self) -> bool {
+        self.task_type.as_deref() == Some("SEQ_CLS")
     }
 
     fn weights_path(&self) -> PathBuf {

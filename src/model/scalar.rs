@@ -198,28 +198,8 @@ pub fn load_scalar(dir: &Path, device: &Device, seed: u64) -> Result<PretrainedS
     super::hf::ensure_model_dir(dir)?;
     if lora::is_adapter_dir(dir) {
         let adapter = lora::AdapterFile::read(dir)?;
-        let mut p = load_scalar(&adapter.base_dir, device, seed)?;
-        adapter.merge_into(&p.model.params, &p.model.config)?;
-        if let Some(score) = adapter.saved_module(SCORE_WEIGHT) {
-            let var = p.model.params.var(SCORE_WEIGHT).expect("a scalar model has a head");
-            if score.dims() != var.dims() {
-                return Err(Error::TensorShape {
-                    path: dir.join(lora::ADAPTER_WEIGHTS_FILE),
-                    name: format!("{}{SCORE_WEIGHT}", lora::KEY_PREFIX),
-                    expected: var.dims().to_vec(),
-                    got: score.dims().to_vec(),
-                });
-            }
-            var.set(&score.to_dtype(candle_core::DType::F32)?.to_device(device)?)?;
-            p.fresh_head = false;
-        }
-        let stats = dir.join(REWARD_STATS_FILE);
-        if stats.is_file() {
-            let v: serde_json::Value = crate::error::read_json(&stats)?;
-            p.normalization = Some(serde_json::from_value(v["reward_normalization"].clone()).map_err(|e| {
-                Error::bad_file(&stats, None, format!("reward_normalization: {e}"))
-            })?);
-        }
+        let mut p = load_scalar(&adapter.base(None)?, device, seed)?;
+        apply_adapter(&mut p, &adapter)?;
         let tok_dir = super::hf::tokenizer_dir(dir)?;
         (p.tokenizer, p.eos_token_ids) = super::hf::read_tokenizer_for(&tok_dir, &p.model.config)?;
         return Ok(p);
@@ -253,6 +233,34 @@ pub fn load_scalar(dir: &Path, device: &Device, seed: u64) -> Result<PretrainedS
         normalization,
         fresh_head,
     })
+}
+
+/// Merges an adapter into a loaded scalar model: the LoRA updates into the backbone,
+/// the score head it saved (SEQ_CLS `modules_to_save`) and its reward statistics.
+pub fn apply_adapter(p: &mut PretrainedScalar, adapter: &lora::AdapterFile) -> Result<()> {
+    adapter.merge_into(&p.model.params, &p.model.config)?;
+    if let Some(score) = adapter.saved_module(SCORE_WEIGHT) {
+        let var = p.model.params.var(SCORE_WEIGHT).expect("a scalar model has a head");
+        if score.dims() != var.dims() {
+            return Err(Error::TensorShape {
+                path: adapter.dir.join(lora::ADAPTER_WEIGHTS_FILE),
+                name: format!("{}{SCORE_WEIGHT}", lora::KEY_PREFIX),
+                expected: var.dims().to_vec(),
+                got: score.dims().to_vec(),
+            });
+        }
+        var.set(&score.to_dtype(candle_core::DType::F32)?.to_device(&p.model.device)?)?;
+        p.fresh_head = false;
+    }
+    let stats = adapter.dir.join(REWARD_STATS_FILE);
+    if stats.is_file() {
+        let v: serde_json::Value = crate::error::read_json(&stats)?;
+        p.normalization = Some(
+            serde_json::from_value(v["reward_normalization"].clone())
+                .map_err(|e| Error::bad_file(&stats, None, format!("reward_normalization: {e}")))?,
+        );
+    }
+    Ok(())
 }
 
 fn classification_class(arch: Arch) -> &'static str {
