@@ -39,15 +39,20 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let inner = dims[dims.len() - 1];
         let x2 = x.reshape((rows, inner))?; // (N, in)
+        let product = |x2: &Tensor| -> Result<Tensor> {
+            Ok(if rows <= SKINNY_ROWS && crate::ops::fused_for(x) {
+                // Few rows (a decoding step): stream the weight once (see ops::matmul).
+                ops::matmul::skinny_matmul(x2, &self.weight)? // (N, out)
+            } else {
+                x2.matmul(&self.weight.t()?)? // (N, out)
+            })
+        };
         let y = if !self.weight.track_op() && x2.track_op() && crate::ops::fused_for(x) {
-            // A frozen weight (LoRA's base) in a pass that will be differentiated:
-            // x gets its gradient, W none.
-            ops::matmul::frozen_matmul(&x2, &self.weight)? // (N, out)
-        } else if rows <= SKINNY_ROWS && crate::ops::fused_for(x) {
-            // Few rows (a decoding step): stream the weight once (see ops::matmul).
-            ops::matmul::skinny_matmul(&x2, &self.weight)? // (N, out)
+            // A frozen weight (LoRA's base) in a pass that will be differentiated: the
+            // same product, with a backward that gives x its gradient and W none.
+            ops::matmul::with_frozen_weight_grad(&x2, &product(&x2.detach())?, &self.weight)?
         } else {
-            x2.matmul(&self.weight.t()?)? // (N, out)
+            product(&x2)?
         };
         let y = match &self.lora {
             Some(lora) => (y + lora.forward(&x2)?)?, // (N, out)

@@ -247,6 +247,13 @@ impl Params {
         }
     }
 
+    /// The same set with one variable replaced (same name and spec).
+    pub fn with_var(&self, name: &str, var: Var) -> Params {
+        let mut out = self.clone();
+        out.vars.insert(name.to_string(), var);
+        out
+    }
+
     /// Every parameter's data, flattened, in `vars()` order.
     pub fn flat(&self) -> Result<Vec<Vec<f32>>> {
         self.vars()

@@ -31,7 +31,7 @@ const CHUNK_LOGITS: usize = 1 << 22;
 /// dst (m × n, row-major) = [dst +] a (m × k) · b (k × n), each operand given by its
 /// row and column strides.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
+fn gemm(
     m: usize,
     n: usize,
     k: usize,

@@ -6,7 +6,7 @@
 //! The gemm crate's general kernels pack the weight for every call, which for n ≤ 16
 //! rows costs more than the product itself (measured: 2–3× slower on GPT-2 shapes).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{dot, f32_slice, PARALLEL_MIN_WORK};
@@ -179,47 +179,48 @@ pub fn skinny_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, SkinnyMatmul)
 }
 
-/// y = x·Wᵀ through a weight that is a constant (LoRA's frozen base): its backward
-/// gives x its gradient and computes none for W. candle's own matmul would compute
-/// dW = dyᵀ·x for every frozen layer (as much work as the forward) and keep it in
-/// the gradient store until the step ends.
-struct FrozenMatmul {
-    weight: Tensor, // (out, in), contiguous
+/// y = x·Wᵀ computed elsewhere (`y`, from x detached) through a weight that is a
+/// constant (LoRA's frozen base), given x's gradient path: the backward gives x
+/// dy·W and computes nothing for W. candle's own matmul would compute dW = dyᵀ·x for
+/// every frozen layer (as much work as the forward) and hold it until the step ends.
+/// The forward is a copy of `y`, so the values are those of the plain product, bit
+/// for bit.
+struct FrozenWeightGrad {
+    weight: Tensor, // (out, in)
 }
 
-impl CustomOp1 for FrozenMatmul {
+impl CustomOp2 for FrozenWeightGrad {
     fn name(&self) -> &'static str {
-        "rlhf-frozen-matmul"
+        "rlhf-frozen-weight-grad"
     }
 
-    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, inner) = lx.shape().dims2()?;
-        let (out, w_inner) = self.weight.dims2()?;
-        if inner != w_inner {
-            candle_core::bail!("frozen matmul: x ({n}, {inner}) and W ({out}, {w_inner})");
-        }
-        let x = f32_slice(sx, lx, "frozen matmul x")?;
-        let mut y = vec![0f32; n * out];
-        super::with_f32_all(&[&self.weight], |w| {
-            // (n, in) · (in, out): W read through its transpose's strides.
-            super::lm_head::gemm(n, out, inner, &mut y, false, x, (inner, 1), w[0], (1, inner));
-            Ok(())
-        })?;
-        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    fn cpu_fwd(
+        &self,
+        _sx: &CpuStorage,
+        _lx: &Layout,
+        sy: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(sy, ly, "frozen weight y")?;
+        Ok((CpuStorage::F32(y.to_vec()), ly.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(dy.matmul(&self.weight)?)) // (n, out)·(out, in) = (n, in)
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        dres: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(dres.matmul(&self.weight)?), None)) // (n, out)·(out, in) = (n, in)
     }
 }
 
-/// x (n, in) · Wᵀ with W (out, in) a constant → (n, out): no gradient for W is ever
-/// computed. CPU f32.
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.track_op() {
-        candle_core::bail!("frozen matmul: the weight is tracked for gradients (not frozen)");
+/// `y` (n, out) = x (n, in)·Wᵀ, computed from x detached, joined to x's graph with
+/// the gradient dy·W for x and none for the constant W. CPU f32.
+pub fn with_frozen_weight_grad(x: &Tensor, y: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.track_op() || y.track_op() {
+        candle_core::bail!("frozen weight grad: W and y must be constants");
     }
-    x.contiguous()?.apply_op1(FrozenMatmul {
-        weight: w.contiguous()?,
-    })
+    x.apply_op2(&y.contiguous()?, FrozenWeightGrad { weight: w.clone() })
 }
