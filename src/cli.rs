@@ -544,7 +544,10 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     use crate::model::scalar::{apply_adapter, load_scalar, save_scalar};
     check_not_input(
         &a.output_dir,
-        &[("--model", a.model.as_deref()), ("--adapter", Some(&a.adapter))],
+        &[
+            ("--model", a.model.as_deref()),
+            ("--adapter", Some(&a.adapter)),
+        ],
     )?;
     check_model_dir(&a.output_dir, a.overwrite_output_dir)?;
     crate::model::hf::ensure_model_dir(&a.adapter)?;

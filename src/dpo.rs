@@ -8,7 +8,8 @@
 //! log-probs are computed once, before training, from the SFT model's weights (the
 //! policy as loaded, before the training loop restores any checkpoint): no second
 //! copy of the model is loaded or kept. On resume they are computed again from the
-//! same folder, so a resumed run is the same run.
+//! same folder, so a resumed run is the same run. With `--use_peft` the policy trains
+//! an adapter and the reference is its base with the adapter switched off.
 //!
 //! A response's tokens are those the reward model reads after the prompt (`RewardInput`,
 //! the one rule): for a conversation, the assistant turn as the chat template renders

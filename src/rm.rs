@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use crate::data::rankings::{load_rankings, PairTokenizing, Ranked};
 use crate::error::{Error, Result};
 use crate::losses::ranking_loss;
-use crate::model::params::Params;
 use crate::model::lora::{Adapter, LoraArgs};
+use crate::model::params::Params;
 use crate::model::scalar::{
     attach_adapter, load_scalar, save_scalar, save_scalar_adapter, PretrainedScalar,
     RewardNormalization,

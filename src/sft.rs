@@ -154,5 +154,13 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
     };
     let (train_rows, eval_rows) = (to_rows(train_ex), to_rows(eval_ex));
     let resolved = serde_json::to_value(args).expect("args serialize");
-    train_lm(pre, adapter, train_rows, eval_rows, &args.train, &resolved, "sft")
+    train_lm(
+        pre,
+        adapter,
+        train_rows,
+        eval_rows,
+        &args.train,
+        &resolved,
+        "sft",
+    )
 }

@@ -84,7 +84,10 @@ fn adapters_made_by_peft_give_peft_logits_merged_and_attached() {
         assert!(d < 1e-4, "{name} attached: max abs diff {d}");
         // And the base alone is different: the adapter does something.
         let plain = load_causal_lm(&common::fixture(base), &Device::Cpu).unwrap();
-        assert!(worst_diff(&plain, &r) > 1e-2, "{name}: the adapter changes nothing");
+        assert!(
+            worst_diff(&plain, &r) > 1e-2,
+            "{name}: the adapter changes nothing"
+        );
     }
 }
 
@@ -96,7 +99,12 @@ fn a_peft_reward_model_adapter_gives_peft_scores() {
     for case in r["outputs"].as_array().unwrap() {
         let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         let want = case["logits"][0][0].as_f64().unwrap() as f32;
-        let got = rm.model.score_last(&[ids], 0).unwrap().to_vec1::<f32>().unwrap()[0];
+        let got = rm
+            .model
+            .score_last(&[ids], 0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
         assert!((got - want).abs() < 1e-4, "score {got} vs peft's {want}");
     }
 }
@@ -131,8 +139,16 @@ fn only_the_adapter_gets_gradients() {
         }
         let grads = loss(&model).backward().unwrap();
         for (spec, var) in adapter.params.vars() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{family}: no gradient for {}", spec.name));
-            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{family}: no gradient for {}", spec.name));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(norm > 0.0, "{family}: zero gradient for {}", spec.name);
         }
         for (spec, var) in model.params.vars() {
@@ -161,7 +177,11 @@ fn a_fresh_adapter_leaves_the_model_unchanged_and_off_is_the_base() {
     .unwrap();
     let ids = [5u32, 9, 17, 33];
     let want = logits(&base, &ids);
-    assert_eq!(logits(&model, &ids), want, "B = 0 must leave the logits as they are");
+    assert_eq!(
+        logits(&model, &ids),
+        want,
+        "B = 0 must leave the logits as they are"
+    );
     for (spec, var) in adapter.params.vars() {
         if spec.name.ends_with("lora_B.weight") {
             var.set(&(var.as_tensor().ones_like().unwrap() * 0.05).unwrap())
@@ -183,11 +203,8 @@ fn sft_data(dir: &Path) -> PathBuf {
 }
 
 fn sft_args(model: &Path, data: &Path, out: &Path) -> rlhf::sft::SftArgs {
-    let mut a: rlhf::sft::SftArgs = rlhf::train::args::parse_args(&[
-        "--output_dir".into(),
-        out.display().to_string(),
-    ])
-    .unwrap();
+    let mut a: rlhf::sft::SftArgs =
+        rlhf::train::args::parse_args(&["--output_dir".into(), out.display().to_string()]).unwrap();
     a.model_name_or_path = Some(model.to_path_buf());
     a.dataset = Some(data.to_path_buf());
     a.max_length = 64;
@@ -232,7 +249,10 @@ fn sft_with_lora_trains_only_the_adapter_and_resumes_bit_identically() {
     let full = tmp.path().join("full");
     rlhf::sft::run(&sft_args(&model, &data, &full)).unwrap();
     assert!(full.join("adapter_config.json").is_file());
-    assert!(!full.join("model.safetensors").exists(), "a LoRA run writes no full model");
+    assert!(
+        !full.join("model.safetensors").exists(),
+        "a LoRA run writes no full model"
+    );
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(full.join("adapter_config.json")).unwrap())
             .unwrap();
@@ -241,7 +261,9 @@ fn sft_with_lora_trains_only_the_adapter_and_resumes_bit_identically() {
     assert_eq!(cfg["fan_in_fan_out"], true);
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 8);
     let bits = adapter_bits(&full);
-    assert!(bits[0].0.starts_with("base_model.model.transformer.h.0.attn.c_attn.lora_"));
+    assert!(bits[0]
+        .0
+        .starts_with("base_model.model.transformer.h.0.attn.c_attn.lora_"));
     for (k, b) in &bits {
         if k.ends_with("lora_B.weight") {
             assert!(b.iter().any(|&x| x != 0), "{k} never left 0");
@@ -252,7 +274,10 @@ fn sft_with_lora_trains_only_the_adapter_and_resumes_bit_identically() {
     // The adapter folder is a model folder for every command.
     let merged = load_pretrained(&full, &Device::Cpu).unwrap();
     let base = load_pretrained(&model, &Device::Cpu).unwrap();
-    assert_ne!(logits(&merged.model, &[5, 9, 17]), logits(&base.model, &[5, 9, 17]));
+    assert_ne!(
+        logits(&merged.model, &[5, 9, 17]),
+        logits(&base.model, &[5, 9, 17])
+    );
 
     // Stopped at 6 (checkpoint at 4, and 6), resumed: the same adapter, dropout included.
     let parts = tmp.path().join("parts");
@@ -276,11 +301,9 @@ fn dpo_with_lora_starts_at_the_reference_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::toy_rankings(tmp.path(), 40, 3);
     let args = |out: &Path| {
-        let mut a: rlhf::dpo::DpoArgs = rlhf::train::args::parse_args(&[
-            "--output_dir".into(),
-            out.display().to_string(),
-        ])
-        .unwrap();
+        let mut a: rlhf::dpo::DpoArgs =
+            rlhf::train::args::parse_args(&["--output_dir".into(), out.display().to_string()])
+                .unwrap();
         a.model_name_or_path = Some(common::fixture("qwen2"));
         a.dataset = Some(data.clone());
         a.max_length = 64;
@@ -296,7 +319,10 @@ fn dpo_with_lora_starts_at_the_reference_and_resumes_bit_identically() {
     rlhf::dpo::run(&args(&full)).unwrap();
     // The policy starts as the reference (B = 0): the first loss is ln 2.
     let first = train_losses(&full)[0];
-    assert!((first - std::f64::consts::LN_2).abs() < 1e-4, "first loss {first}");
+    assert!(
+        (first - std::f64::consts::LN_2).abs() < 1e-4,
+        "first loss {first}"
+    );
     assert!(train_losses(&full).last().unwrap() < &first);
     let parts = tmp.path().join("parts");
     let mut b = args(&parts);
@@ -313,11 +339,9 @@ fn rm_train_with_lora_saves_the_head_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::toy_rankings(tmp.path(), 40, 4);
     let args = |out: &Path| {
-        let mut a: rlhf::rm::RmTrainArgs = rlhf::train::args::parse_args(&[
-            "--output_dir".into(),
-            out.display().to_string(),
-        ])
-        .unwrap();
+        let mut a: rlhf::rm::RmTrainArgs =
+            rlhf::train::args::parse_args(&["--output_dir".into(), out.display().to_string()])
+                .unwrap();
         a.model_name_or_path = Some(common::fixture("qwen2"));
         a.dataset = Some(data.clone());
         a.max_length = 64;
@@ -335,7 +359,9 @@ fn rm_train_with_lora_saves_the_head_and_resumes_bit_identically() {
             .unwrap();
     assert_eq!(cfg["task_type"], "SEQ_CLS");
     let bits = adapter_bits(&full);
-    assert!(bits.iter().any(|(k, _)| k == "base_model.model.score.weight"));
+    assert!(bits
+        .iter()
+        .any(|(k, _)| k == "base_model.model.score.weight"));
     assert!(full.join("reward_normalization.json").is_file());
     // Read back as a reward model: trained head, statistics.
     let rm = load_scalar(&full, &Device::Cpu, 0).unwrap();
@@ -369,11 +395,9 @@ fn ppo_with_lora_uses_the_base_as_reference_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prompts(tmp.path());
     let args = |out: &Path| {
-        let mut a: rlhf::ppo::PpoArgs = rlhf::train::args::parse_args(&[
-            "--output_dir".into(),
-            out.display().to_string(),
-        ])
-        .unwrap();
+        let mut a: rlhf::ppo::PpoArgs =
+            rlhf::train::args::parse_args(&["--output_dir".into(), out.display().to_string()])
+                .unwrap();
         a.model_name_or_path = Some(common::fixture("qwen2"));
         a.dataset = Some(data.clone());
         a.rollout_batch_size = 8;
@@ -403,16 +427,44 @@ fn ppo_with_lora_uses_the_base_as_reference_and_resumes_bit_identically() {
     assert!(metrics.last().unwrap()["objective/kl"].as_f64().unwrap() != 0.0);
     // Only adapters are trained; the base weights are those of the SFT folder.
     let (actor, critic) = task.adapters.as_ref().unwrap();
-    assert!(actor.params.vars().iter().all(|(s, _)| s.name.contains(".lora_")));
-    assert!(critic.params.vars().iter().any(|(s, _)| s.name.ends_with("score.weight")));
+    assert!(actor
+        .params
+        .vars()
+        .iter()
+        .all(|(s, _)| s.name.contains(".lora_")));
+    assert!(critic
+        .params
+        .vars()
+        .iter()
+        .any(|(s, _)| s.name.ends_with("score.weight")));
     let sft = load_pretrained(&common::fixture("qwen2"), &Device::Cpu).unwrap();
-    for ((s, a), (_, b)) in task.actor.model.params.vars().iter().zip(sft.model.params.vars()) {
-        let (a, b) = (a.as_tensor().to_dtype(candle_core::DType::F32).unwrap(), b.as_tensor());
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    for ((s, a), (_, b)) in task
+        .actor
+        .model
+        .params
+        .vars()
+        .iter()
+        .zip(sft.model.params.vars())
+    {
+        let (a, b) = (
+            a.as_tensor().to_dtype(candle_core::DType::F32).unwrap(),
+            b.as_tensor(),
+        );
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "base weight {} moved", s.name);
     }
     for sub in ["critic", "ema"] {
-        assert!(full.join(sub).join("adapter_config.json").is_file(), "{sub}");
+        assert!(
+            full.join(sub).join("adapter_config.json").is_file(),
+            "{sub}"
+        );
     }
     let all = |dir: &Path| {
         ["", "critic", "ema"]
@@ -435,11 +487,9 @@ fn grpo_with_lora_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prompts(tmp.path());
     let args = |out: &Path| {
-        let mut g: rlhf::grpo::GrpoArgs = rlhf::train::args::parse_args(&[
-            "--output_dir".into(),
-            out.display().to_string(),
-        ])
-        .unwrap();
+        let mut g: rlhf::grpo::GrpoArgs =
+            rlhf::train::args::parse_args(&["--output_dir".into(), out.display().to_string()])
+                .unwrap();
         let a = &mut g.group;
         a.model_name_or_path = Some(common::fixture("qwen2"));
         a.dataset = Some(data.clone());
@@ -504,8 +554,16 @@ fn merge_writes_the_adapted_model_as_a_plain_folder() {
     let b = load_scalar(&common::fixture("peft-gpt2-rm"), &Device::Cpu, 0).unwrap();
     let ids = vec![5u32, 9, 17, 33];
     assert_eq!(
-        a.model.score_last(&[ids.clone()], 0).unwrap().to_vec1::<f32>().unwrap(),
-        b.model.score_last(&[ids], 0).unwrap().to_vec1::<f32>().unwrap()
+        a.model
+            .score_last(&[ids.clone()], 0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        b.model
+            .score_last(&[ids], 0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     );
 }
 
@@ -514,7 +572,16 @@ fn adapter_folders_are_model_folders_and_bad_ones_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     // generate reads the adapter folder (tokenizer from the base, named relatively).
     let s = common::rlhf_bin()
-        .args(["generate", "--prompt", "The cat", "--temperature", "0", "--max_new_tokens", "4", "--model"])
+        .args([
+            "generate",
+            "--prompt",
+            "The cat",
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "4",
+            "--model",
+        ])
         .arg(common::fixture("peft-llama"))
         .output()
         .unwrap();
@@ -526,7 +593,8 @@ fn adapter_folders_are_model_folders_and_bad_ones_are_clear_errors() {
         std::fs::copy(common::fixture("peft-gpt2").join(f), bad.join(f)).unwrap();
     }
     let cfg_path = bad.join("adapter_config.json");
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["base_model_name_or_path"] = json!("../nowhere");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let s = common::rlhf_bin()
@@ -536,7 +604,10 @@ fn adapter_folders_are_model_folders_and_bad_ones_are_clear_errors() {
         .unwrap();
     let err = String::from_utf8_lossy(&s.stderr);
     assert_eq!(s.status.code(), Some(2), "{err}");
-    assert!(err.contains("base_model_name_or_path") && err.contains("nowhere"), "{err}");
+    assert!(
+        err.contains("base_model_name_or_path") && err.contains("nowhere"),
+        "{err}"
+    );
     // --use_peft on an adapter folder asks for a merge first.
     let data = sft_data(tmp.path());
     let a = sft_args(&common::fixture("peft-gpt2"), &data, &tmp.path().join("o"));
@@ -556,13 +627,19 @@ fn python_with_peft() -> Result<PathBuf, String> {
     let candidates = [root.join("pyenv/bin/python"), PathBuf::from("python3")];
     let mut why = String::new();
     for py in candidates {
-        match Command::new(&py).args(["-c", "import torch, transformers, peft"]).output() {
+        match Command::new(&py)
+            .args(["-c", "import torch, transformers, peft"])
+            .output()
+        {
             Ok(o) if o.status.success() => return Ok(py),
             Ok(o) => {
                 why = format!(
                     "{} cannot import torch, transformers, peft: {}",
                     py.display(),
-                    String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
                 )
             }
             Err(e) => why = format!("no {}: {e}", py.display()),
@@ -594,6 +671,10 @@ fn peft_loads_what_rlhf_writes() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("peft check passed"));
 }

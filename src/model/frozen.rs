@@ -57,7 +57,10 @@ impl Frozen<PretrainedScalar> {
     pub fn share_backbone(&self) -> Result<PretrainedScalar> {
         let mut p = self.inner.clone();
         let head = candle_core::Var::from_tensor(&p.model.head.weight.copy()?)?;
-        p.model.params = p.model.params.with_var(super::scalar::SCORE_WEIGHT, head.clone());
+        p.model.params = p
+            .model
+            .params
+            .with_var(super::scalar::SCORE_WEIGHT, head.clone());
         p.model.head.weight = head.as_tensor().clone();
         Ok(p)
     }

@@ -78,7 +78,9 @@ fn default_dropout() -> f64 {
 }
 
 /// `lora_target_modules` in a config file: `"all-linear"`, `"q_proj,v_proj"` or a list.
-fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<String>>, D::Error> {
+fn string_or_list<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<String>>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
@@ -216,7 +218,11 @@ pub fn select_modules(
             short.dedup();
             return Err(crate::settings::invalid(
                 "lora_target_modules",
-                format!("{t:?} matches no dense layer of this {} model (its layers: {}, or all-linear)", config.arch.model_type(), short.join(", ")),
+                format!(
+                    "{t:?} matches no dense layer of this {} model (its layers: {}, or all-linear)",
+                    config.arch.model_type(),
+                    short.join(", ")
+                ),
             ));
         }
     }
@@ -279,7 +285,9 @@ impl Adapter {
         let mut specs = vec![];
         for m in &modules {
             let bound = 1.0 / (m.in_features as f64).sqrt();
-            specs.push(ParamSpec::new(key_a(&m.name), &[r, m.in_features], Init::Uniform(bound)).decayed());
+            specs.push(
+                ParamSpec::new(key_a(&m.name), &[r, m.in_features], Init::Uniform(bound)).decayed(),
+            );
             specs.push(ParamSpec::new(key_b(&m.name), &[m.out_features, r], Init::Zeros).decayed());
         }
         let lora = Params::init(specs, seed, device)?;
@@ -461,19 +469,32 @@ impl AdapterFile {
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let cfg: Value = read_json(&config_path)?;
         let bad = |msg: String| Error::bad_file(&config_path, None, msg);
-        let peft_type = cfg.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+        let peft_type = cfg
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .unwrap_or("LORA");
         if peft_type != "LORA" {
-            return Err(bad(format!("peft_type {peft_type:?}: only LORA adapters are supported")));
+            return Err(bad(format!(
+                "peft_type {peft_type:?}: only LORA adapters are supported"
+            )));
         }
         if cfg.get("use_dora").and_then(Value::as_bool) == Some(true) {
             return Err(bad("use_dora: DoRA adapters are not supported".into()));
         }
         let bias = cfg.get("bias").and_then(Value::as_str).unwrap_or("none");
         if bias != "none" || cfg.get("lora_bias").and_then(Value::as_bool) == Some(true) {
-            return Err(bad(format!("bias {bias:?}: only adapters without trained biases (\"none\") are supported")));
+            return Err(bad(format!(
+                "bias {bias:?}: only adapters without trained biases (\"none\") are supported"
+            )));
         }
-        if cfg.get("alpha_pattern").and_then(Value::as_object).is_some_and(|o| !o.is_empty()) {
-            return Err(bad("alpha_pattern: per-module lora_alpha is not supported".into()));
+        if cfg
+            .get("alpha_pattern")
+            .and_then(Value::as_object)
+            .is_some_and(|o| !o.is_empty())
+        {
+            return Err(bad(
+                "alpha_pattern: per-module lora_alpha is not supported".into()
+            ));
         }
         let alpha = cfg
             .get("lora_alpha")
@@ -482,7 +503,12 @@ impl AdapterFile {
         let base = cfg
             .get("base_model_name_or_path")
             .and_then(Value::as_str)
-            .ok_or_else(|| bad("field \"base_model_name_or_path\" is missing: it names the base model folder".into()))?;
+            .ok_or_else(|| {
+                bad(
+                    "field \"base_model_name_or_path\" is missing: it names the base model folder"
+                        .into(),
+                )
+            })?;
         let base_dir = if Path::new(base).is_absolute() {
             PathBuf::from(base)
         } else {
@@ -493,7 +519,10 @@ impl AdapterFile {
         Ok(AdapterFile {
             dir: dir.to_path_buf(),
             base_dir,
-            task_type: cfg.get("task_type").and_then(Value::as_str).map(str::to_string),
+            task_type: cfg
+                .get("task_type")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             alpha,
             use_rslora: cfg.get("use_rslora").and_then(Value::as_bool) == Some(true),
             tensors,
@@ -551,12 +580,19 @@ impl AdapterFile {
                 continue;
             };
             let module = modules.get(name).ok_or_else(|| {
-                Error::bad_file(&path, None, format!("tensor {key:?}: the base model has no dense layer {name:?}"))
+                Error::bad_file(
+                    &path,
+                    None,
+                    format!("tensor {key:?}: the base model has no dense layer {name:?}"),
+                )
             })?;
-            let b = self.tensors.get(&key_b(name)).ok_or_else(|| Error::MissingTensor {
-                path: path.clone(),
-                name: key_b(name),
-            })?;
+            let b = self
+                .tensors
+                .get(&key_b(name))
+                .ok_or_else(|| Error::MissingTensor {
+                    path: path.clone(),
+                    name: key_b(name),
+                })?;
             let r = a.dim(0)?;
             let check = |t: &Tensor, key: String, expected: Vec<usize>| {
                 if t.dims() != expected.as_slice() {
@@ -577,9 +613,17 @@ impl AdapterFile {
                 b.to_dtype(candle_core::DType::F32)?,
             ));
         }
-        let lora_b = self.tensors.keys().filter(|k| k.ends_with(".lora_B.weight")).count();
+        let lora_b = self
+            .tensors
+            .keys()
+            .filter(|k| k.ends_with(".lora_B.weight"))
+            .count();
         if lora_b != out.len() {
-            return Err(Error::bad_file(&path, None, format!("{} lora_A tensors but {lora_b} lora_B tensors", out.len())));
+            return Err(Error::bad_file(
+                &path,
+                None,
+                format!("{} lora_A tensors but {lora_b} lora_B tensors", out.len()),
+            ));
         }
         out.sort_by(|x, y| x.0.name.cmp(&y.0.name));
         Ok(out)

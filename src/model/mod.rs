@@ -66,7 +66,10 @@ impl Backbone {
 
     /// A copy whose dense layers are `f(module name, layer)` (how LoRA attaches its
     /// branches); every other tensor is shared, not copied.
-    pub fn map_linears(&self, f: &dyn Fn(&str, &layers::Linear) -> Result<layers::Linear>) -> Result<Self> {
+    pub fn map_linears(
+        &self,
+        f: &dyn Fn(&str, &layers::Linear) -> Result<layers::Linear>,
+    ) -> Result<Self> {
         Ok(match self {
             Backbone::Gpt2(m) => Backbone::Gpt2(m.map_linears(f)?),
             Backbone::Llama(m) => Backbone::Llama(m.map_linears(f)?),

@@ -240,7 +240,11 @@ pub fn load_scalar(dir: &Path, device: &Device, seed: u64) -> Result<PretrainedS
 pub fn apply_adapter(p: &mut PretrainedScalar, adapter: &lora::AdapterFile) -> Result<()> {
     adapter.merge_into(&p.model.params, &p.model.config)?;
     if let Some(score) = adapter.saved_module(SCORE_WEIGHT) {
-        let var = p.model.params.var(SCORE_WEIGHT).expect("a scalar model has a head");
+        let var = p
+            .model
+            .params
+            .var(SCORE_WEIGHT)
+            .expect("a scalar model has a head");
         if score.dims() != var.dims() {
             return Err(Error::TensorShape {
                 path: adapter.dir.join(lora::ADAPTER_WEIGHTS_FILE),
@@ -249,7 +253,11 @@ pub fn apply_adapter(p: &mut PretrainedScalar, adapter: &lora::AdapterFile) -> R
                 got: score.dims().to_vec(),
             });
         }
-        var.set(&score.to_dtype(candle_core::DType::F32)?.to_device(&p.model.device)?)?;
+        var.set(
+            &score
+                .to_dtype(candle_core::DType::F32)?
+                .to_device(&p.model.device)?,
+        )?;
         p.fresh_head = false;
     }
     let stats = adapter.dir.join(REWARD_STATS_FILE);
@@ -321,7 +329,11 @@ pub fn attach_adapter(
     seed: u64,
 ) -> Result<lora::Adapter> {
     let picked = lora::select_modules(&model.config, args.lora_target_modules.as_deref())?;
-    let score = model.params.var(SCORE_WEIGHT).expect("a scalar model has a head").clone();
+    let score = model
+        .params
+        .var(SCORE_WEIGHT)
+        .expect("a scalar model has a head")
+        .clone();
     let spec = scalar_specs(&model.config)
         .into_iter()
         .find(|s| s.name == SCORE_WEIGHT)
@@ -346,10 +358,17 @@ pub fn attach_adapter(
 
 /// Writes a scalar model's adapter folder: the adapter (score head included), the
 /// reward statistics, the tokenizer and generation_config.json.
-pub fn save_scalar_adapter(p: &PretrainedScalar, adapter: &lora::Adapter, dir: &Path) -> Result<()> {
+pub fn save_scalar_adapter(
+    p: &PretrainedScalar,
+    adapter: &lora::Adapter,
+    dir: &Path,
+) -> Result<()> {
     adapter.save(dir)?;
     if let Some(n) = p.normalization {
-        write_json(&dir.join(REWARD_STATS_FILE), &json!({ "reward_normalization": n }))?;
+        write_json(
+            &dir.join(REWARD_STATS_FILE),
+            &json!({ "reward_normalization": n }),
+        )?;
     }
     p.tokenizer.save(dir)?;
     super::hf::write_generation_config(

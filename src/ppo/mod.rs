@@ -18,6 +18,11 @@
 //! Steps 1–3 run in the loop's `prepare_batch`, before the iteration's first update:
 //! `time/rollout` and `time/scoring` time steps 1 and 2, `time/update` the
 //! iteration's optimizer steps whole (forward, backward, clipping, AdamW, EMA).
+//!
+//! With `--use_peft` (`model::lora`) the actor and the critic each train an adapter;
+//! the reference is the actor's base with its adapter switched off and a critic that
+//! starts from the reward model shares that model's frozen weights: two copies of
+//! weights in memory instead of four, and AdamW state for the adapters only.
 
 pub mod advantage;
 pub mod kl;
@@ -44,11 +49,11 @@ use crate::model::hf::{
     load_pretrained, load_weights_into, read_weights, save_adapter_pretrained, save_pretrained,
     Pretrained,
 };
-use crate::model::response::{logprobs_of, response_logprobs, values_of, ResponseBatch};
 use crate::model::lora::{
     attach_to_causal_lm, reference_of, Adapter, LoraArgs, ADAPTER_WEIGHTS_FILE,
 };
 use crate::model::params::load_safetensors;
+use crate::model::response::{logprobs_of, response_logprobs, values_of, ResponseBatch};
 use crate::model::scalar::{
     attach_adapter, load_scalar, save_scalar, save_scalar_adapter, PretrainedScalar,
 };
@@ -619,7 +624,8 @@ impl TrainTask for PpoTask {
                 if self.ema.is_some() {
                     let (tensors, source) = read_weights(&ema_dir, &Device::Cpu)?;
                     let specs = self.actor.model.params.specs.clone();
-                    self.ema = Some(Params::from_hf(specs, tensors, &source, &Device::Cpu)?.flat()?);
+                    self.ema =
+                        Some(Params::from_hf(specs, tensors, &source, &Device::Cpu)?.flat()?);
                 }
             }
         }
@@ -749,8 +755,12 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
     let adapters = match actor_adapter {
         Some(actor_adapter) => {
             args.lora.check_base(critic_dir, "--value_model")?;
-            let critic_adapter =
-                attach_adapter(&mut critic.model, &args.lora, critic_dir, args.train.seed + 1)?;
+            let critic_adapter = attach_adapter(
+                &mut critic.model,
+                &args.lora,
+                critic_dir,
+                args.train.seed + 1,
+            )?;
             Some((actor_adapter, critic_adapter))
         }
         None => None,
