@@ -28,8 +28,8 @@ use crate::data::rankings::{ranked_from_row, PairTokenizing};
 use crate::data::reward_input::RewardInput;
 use crate::error::{Error, Result};
 use crate::losses::{dpo_loss, DpoLossType};
-use crate::model::hf::{load_pretrained, save_adapter_pretrained, save_pretrained, Pretrained};
-use crate::model::lora::{attach_to_causal_lm, reference_of, Adapter, LoraArgs};
+use crate::model::hf::{load_pretrained, Pretrained};
+use crate::model::lora::{reference_of, Adapter, LoraArgs};
 use crate::model::params::Params;
 use crate::model::response::{logprobs_of, response_logprobs, ResponseBatch};
 use crate::settings::{at_least, finite_f64, float, Range, Settings};
@@ -365,17 +365,11 @@ impl TrainTask for DpoTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        match &self.adapter {
-            Some(a) => save_adapter_pretrained(&self.policy, a, dir),
-            None => save_pretrained(&self.policy, dir),
-        }
+        crate::model::hf::save_trained(&self.policy, self.adapter.as_ref(), dir)
     }
 
     fn load_model(&mut self, dir: &Path) -> Result<()> {
-        match &self.adapter {
-            Some(a) => a.load_weights(dir),
-            None => crate::model::hf::load_weights_into(&self.policy.model.params, dir),
-        }
+        crate::model::hf::load_trained(&self.policy, self.adapter.as_ref(), dir)
     }
 
     fn take_metrics(&mut self) -> BTreeMap<String, f64> {
@@ -395,13 +389,10 @@ pub fn run(args: &DpoArgs) -> Result<TrainSummary> {
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
     check_stage(&args.train, &[("--model", Some(model_dir))])?;
-    args.lora.check_base(model_dir, "--model")?;
     let mut policy = load_pretrained(model_dir, &Device::Cpu)?;
     let adapter = args
         .lora
-        .use_peft
-        .then(|| attach_to_causal_lm(&mut policy.model, &args.lora, model_dir, args.train.seed))
-        .transpose()?;
+        .attach(&mut policy.model, model_dir, args.train.seed)?;
     let eos = policy
         .eos()
         .map_err(|e| Error::Invalid(format!("{}: {e}", model_dir.display())))?;

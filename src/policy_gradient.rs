@@ -32,8 +32,8 @@ use crate::error::{Error, Result};
 use crate::generate::{generate, SamplingParams};
 use crate::losses::{clipped_policy_loss, k3_kl};
 use crate::model::frozen::Frozen;
-use crate::model::hf::{load_pretrained, save_adapter_pretrained, save_pretrained, Pretrained};
-use crate::model::lora::{attach_to_causal_lm, reference_of, Adapter, LoraArgs};
+use crate::model::hf::{load_pretrained, Pretrained};
+use crate::model::lora::{reference_of, Adapter, LoraArgs};
 use crate::model::response::{logprobs_of, response_logprobs, ResponseBatch};
 use crate::model::{CausalLm, Params};
 use crate::rollout::stats::{mean_std, SampleStats};
@@ -393,17 +393,11 @@ impl<M: GroupMethod> TrainTask for GroupTask<M> {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        match &self.adapter {
-            Some(a) => save_adapter_pretrained(&self.policy, a, dir),
-            None => save_pretrained(&self.policy, dir),
-        }
+        crate::model::hf::save_trained(&self.policy, self.adapter.as_ref(), dir)
     }
 
     fn load_model(&mut self, dir: &Path) -> Result<()> {
-        match &self.adapter {
-            Some(a) => a.load_weights(dir),
-            None => crate::model::hf::load_weights_into(&self.policy.model.params, dir),
-        }
+        crate::model::hf::load_trained(&self.policy, self.adapter.as_ref(), dir)
     }
 
     fn state(&self) -> Value {
@@ -474,13 +468,8 @@ pub fn run<M: GroupMethod>(
         ],
     )?;
     let dev = Device::Cpu;
-    args.lora.check_base(sft, "--model")?;
     let mut policy = load_pretrained(sft, &dev)?;
-    let adapter = args
-        .lora
-        .use_peft
-        .then(|| attach_to_causal_lm(&mut policy.model, &args.lora, sft, args.train.seed))
-        .transpose()?;
+    let adapter = args.lora.attach(&mut policy.model, sft, args.train.seed)?;
     let reference = Frozen::new(match &adapter {
         Some(_) => reference_of(&policy.model)?,
         None => load_pretrained(sft, &dev)?.model,

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use crate::data::sft::{load_sft, LoadReport, Overflow, SftExample, SftTokenizing};
 use crate::error::{Error, Result};
 use crate::model::hf::load_pretrained;
-use crate::model::lora::{attach_to_causal_lm, LoraArgs};
+use crate::model::lora::LoraArgs;
 use crate::settings::{at_least, finite_f64, float, Range, Settings};
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{pack, train_lm, Row};
@@ -116,13 +116,10 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
     check_stage(&args.train, &[("--model", Some(model_dir))])?;
-    args.lora.check_base(model_dir, "--model")?;
     let mut pre = load_pretrained(model_dir, &Device::Cpu)?;
     let adapter = args
         .lora
-        .use_peft
-        .then(|| attach_to_causal_lm(&mut pre.model, &args.lora, model_dir, args.train.seed))
-        .transpose()?;
+        .attach(&mut pre.model, model_dir, args.train.seed)?;
     let max_length = args.max_length.min(pre.model.config.context_length());
     let eos = pre
         .eos()

@@ -555,7 +555,7 @@ fn merge_writes_the_adapted_model_as_a_plain_folder() {
     let ids = vec![5u32, 9, 17, 33];
     assert_eq!(
         a.model
-            .score_last(&[ids.clone()], 0)
+            .score_last(std::slice::from_ref(&ids), 0)
             .unwrap()
             .to_vec1::<f32>()
             .unwrap(),

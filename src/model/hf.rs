@@ -291,13 +291,24 @@ pub fn tokenizer_dir(dir: &Path) -> Result<PathBuf> {
 /// generation_config.json, so the folder serves every command as a model folder.
 pub fn save_adapter_pretrained(p: &Pretrained, adapter: &lora::Adapter, dir: &Path) -> Result<()> {
     adapter.save(dir)?;
-    p.tokenizer.save(dir)?;
-    write_generation_config(
-        dir,
-        &p.model.config,
-        &p.eos_token_ids,
-        p.tokenizer.pad_token_id(),
-    )
+    save_tokenizer_files(p, dir)
+}
+
+/// A trained policy's folder: its adapter folder with `--use_peft`, else the whole model.
+pub fn save_trained(p: &Pretrained, adapter: Option<&lora::Adapter>, dir: &Path) -> Result<()> {
+    match adapter {
+        Some(a) => save_adapter_pretrained(p, a, dir),
+        None => save_pretrained(p, dir),
+    }
+}
+
+/// Restores the weights `save_trained` wrote into the trained tensors, in place (how a
+/// checkpoint is restored).
+pub fn load_trained(p: &Pretrained, adapter: Option<&lora::Adapter>, dir: &Path) -> Result<()> {
+    match adapter {
+        Some(a) => a.load_weights(dir),
+        None => load_weights_into(&p.model.params, dir),
+    }
 }
 
 /// The folder's tokenizer, checked against the model's embedding, and the eos ids to
@@ -323,6 +334,11 @@ pub fn read_tokenizer_for(dir: &Path, config: &ModelConfig) -> Result<(Tokenizer
 /// generation_config.json (with the eos ids).
 pub fn save_pretrained(p: &Pretrained, dir: &Path) -> Result<()> {
     save_causal_lm(&p.model, dir)?;
+    save_tokenizer_files(p, dir)
+}
+
+/// The tokenizer files and generation_config.json of a model folder.
+fn save_tokenizer_files(p: &Pretrained, dir: &Path) -> Result<()> {
     p.tokenizer.save(dir)?;
     write_generation_config(
         dir,

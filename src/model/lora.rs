@@ -122,6 +122,20 @@ impl LoraArgs {
         Ok(())
     }
 
+    /// With `--use_peft`: a fresh adapter attached to `model`, loaded from `base_dir`
+    /// (see `attach_to_causal_lm`); without: `None`, the model as it is.
+    pub fn attach(
+        &self,
+        model: &mut CausalLm,
+        base_dir: &Path,
+        seed: u64,
+    ) -> Result<Option<Adapter>> {
+        self.check_base(base_dir, "--model")?;
+        self.use_peft
+            .then(|| attach_to_causal_lm(model, self, base_dir, seed))
+            .transpose()
+    }
+
     /// With `--use_peft`, an error when the model folder is itself an adapter: its
     /// new adapter would name a base that lacks the first one's update.
     pub fn check_base(&self, model_dir: &Path, flag: &str) -> Result<()> {

@@ -49,9 +49,7 @@ use crate::model::hf::{
     load_pretrained, load_weights_into, read_weights, save_adapter_pretrained, save_pretrained,
     Pretrained,
 };
-use crate::model::lora::{
-    attach_to_causal_lm, reference_of, Adapter, LoraArgs, ADAPTER_WEIGHTS_FILE,
-};
+use crate::model::lora::{reference_of, Adapter, LoraArgs, ADAPTER_WEIGHTS_FILE};
 use crate::model::params::load_safetensors;
 use crate::model::response::{logprobs_of, response_logprobs, values_of, ResponseBatch};
 use crate::model::scalar::{
@@ -716,13 +714,8 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         ],
     )?;
     let dev = Device::Cpu;
-    args.lora.check_base(sft, "--model")?;
     let mut actor = load_pretrained(sft, &dev)?;
-    let actor_adapter = args
-        .lora
-        .use_peft
-        .then(|| attach_to_causal_lm(&mut actor.model, &args.lora, sft, args.train.seed))
-        .transpose()?;
+    let actor_adapter = args.lora.attach(&mut actor.model, sft, args.train.seed)?;
     // With LoRA the reference is the actor's base with its adapter off: the same
     // weights. Without, a second copy of the SFT model.
     let reference = Frozen::new(match &actor_adapter {

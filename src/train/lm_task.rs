@@ -15,7 +15,7 @@ use super::order::EpochOrder;
 use super::trainer::{train, LossParts, TrainSummary, TrainTask};
 use crate::data::sft::SftExample;
 use crate::error::Result;
-use crate::model::hf::{save_adapter_pretrained, save_pretrained, Pretrained};
+use crate::model::hf::Pretrained;
 use crate::model::lora::Adapter;
 use crate::model::{AttentionMask, Params};
 
@@ -279,17 +279,11 @@ impl TrainTask for LmTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        match &self.adapter {
-            Some(a) => save_adapter_pretrained(&self.pre, a, dir),
-            None => save_pretrained(&self.pre, dir),
-        }
+        crate::model::hf::save_trained(&self.pre, self.adapter.as_ref(), dir)
     }
 
     fn load_model(&mut self, dir: &Path) -> Result<()> {
-        match &self.adapter {
-            Some(a) => a.load_weights(dir),
-            None => crate::model::hf::load_weights_into(&self.pre.model.params, dir),
-        }
+        crate::model::hf::load_trained(&self.pre, self.adapter.as_ref(), dir)
     }
 }
 
