@@ -29,6 +29,11 @@ Install them into bench/trl-0.19 (ignored by git), beside the main environment:
 
 Without TRL there (or at --trl_path) the script prints its header and exits with code 2
 before any work; --rlhf_only times rlhf's side alone.
+
+--use_peft adds LoRA rows (issue 14): `rlhf ppo --use_peft` and TRL's PPOTrainer with a
+peft LoraConfig (ref_model=None: the policy with its adapter disabled is the reference),
+both r 16, alpha 32, dropout 0.05, all-linear, beside the full fine-tuning rows (TRL +
+PEFT needs `peft` importable next to TRL; `pyenv/bin/pip install peft`).
 """
 import argparse
 import json
@@ -51,7 +56,10 @@ WORDS = "the cat sat on mat alice has three apples and bob two together they fiv
 TRL_CHECK = "import trl, transformers; from trl import PPOTrainer; print(trl.__version__, transformers.__version__)"
 
 
-def trl_side(policy, rm, prompts_file, iterations, out, result):
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"}
+
+
+def trl_side(policy, rm, prompts_file, iterations, out, result, use_peft="0"):
     """The TRL child process: writes {"train_seconds"} (its whole trainer.train())."""
     import torch
     from datasets import Dataset
@@ -67,8 +75,13 @@ def trl_side(policy, rm, prompts_file, iterations, out, result):
                     report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
                     missing_eos_penalty=None, stop_token=None, num_sample_generations=0, local_rollout_forward_batch_size=PROMPTS,
                     dataloader_num_workers=0)
+    peft = {}
+    if use_peft == "1":
+        from peft import LoraConfig
+        peft = {"peft_config": LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                          target_modules=LORA["targets"], task_type="CAUSAL_LM")}
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(policy),
-                         ref_model=AutoModelForCausalLM.from_pretrained(policy),
+                         ref_model=None if peft else AutoModelForCausalLM.from_pretrained(policy), **peft,
                          reward_model=AutoModelForSequenceClassification.from_pretrained(rm),
                          value_model=AutoModelForSequenceClassification.from_pretrained(rm),
                          train_dataset=ds, eval_dataset=ds)
@@ -102,7 +115,7 @@ def trl_versions(trl_path):
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--trl":
-        trl_side(*sys.argv[2:5], int(sys.argv[5]), *sys.argv[6:8])
+        trl_side(*sys.argv[2:5], int(sys.argv[5]), *sys.argv[6:9])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="tiny", choices=SHAPES)
@@ -110,6 +123,7 @@ def main():
     ap.add_argument("--trl_path", default=TRL_PATH,
                     help=f"site folder holding trl<=0.19 and transformers 4.x (default: {TRL_PATH}, under the project)")
     ap.add_argument("--rlhf_only", action="store_true", help="time rlhf's side alone, without TRL")
+    ap.add_argument("--use_peft", action="store_true", help="add LoRA rows: rlhf --use_peft and TRL with a LoraConfig")
     a = ap.parse_args()
     trl_path = a.trl_path if os.path.isabs(a.trl_path) else os.path.join(ROOT, a.trl_path)
     shown = a.trl_path  # as given: project-relative by default
@@ -146,39 +160,55 @@ def main():
                 words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(PROMPT_TOKENS)]
                 f.write(json.dumps({"prompt": " ".join(words)}) + "\n")
 
-        out = os.path.join(tmp, "out")
         env = dict(os.environ, RAYON_NUM_THREADS="2")
-        cmd = [RLHF, "ppo", "--model", policy, "--reward_model", rm, "--data", prompts, "--output_dir", out,
-               "--rollout_batch_size", str(PROMPTS), "--mini_batch_size", str(MINI), "--ppo_epochs", "1",
-               "--max_new_tokens", str(NEW), "--num_iterations", str(a.iterations), "--logging_steps", "1",
-               "--save_steps", "0"]
-        wall, rss, code, log = run_measured(cmd, env, os.path.join(tmp, "rlhf.log"))
-        if code != 0:
-            print(log[-3000:])
-            raise SystemExit("rlhf ppo failed")
-        m = re.search(r"^ppo: \d+ steps(?: \(resumed at \d+\))? in ([0-9.]+) s,", log, re.M)
-        if m is None:
-            print(log[-3000:])
-            raise SystemExit("rlhf ppo did not report its training time")
-        ours = {"train_seconds": float(m.group(1)), "process_seconds": wall, "peak_rss_mb": rss}
-        iters = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if "objective/scores" in l]
-        split = {k: sum(it[k] for it in iters) / len(iters) for k in ["time/rollout", "time/scoring", "time/update"]}
 
-        theirs = None
-        if not a.rlhf_only:
-            result = os.path.join(tmp, "trl.json")
+        def rlhf_run(name, extra):
+            out = os.path.join(tmp, name)
+            cmd = [RLHF, "ppo", "--model", policy, "--reward_model", rm, "--data", prompts, "--output_dir", out,
+                   "--rollout_batch_size", str(PROMPTS), "--mini_batch_size", str(MINI), "--ppo_epochs", "1",
+                   "--max_new_tokens", str(NEW), "--num_iterations", str(a.iterations), "--logging_steps", "1",
+                   "--save_steps", "0"] + extra
+            wall, rss, code, log = run_measured(cmd, env, os.path.join(tmp, f"{name}.log"))
+            if code != 0:
+                print(log[-3000:])
+                raise SystemExit("rlhf ppo failed")
+            m = re.search(r"^ppo: \d+ steps(?: \(resumed at \d+\))? in ([0-9.]+) s,", log, re.M)
+            if m is None:
+                print(log[-3000:])
+                raise SystemExit("rlhf ppo did not report its training time")
+            r = {"train_seconds": float(m.group(1)), "process_seconds": wall, "peak_rss_mb": rss}
+            iters = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if "objective/scores" in l]
+            r["split"] = {k: sum(it[k] for it in iters) / len(iters)
+                          for k in ["time/rollout", "time/scoring", "time/update"]}
+            return r
+
+        def trl_run(use_peft):
+            result = os.path.join(tmp, f"trl-{use_peft}.json")
             tenv = dict(os.environ, PYTHONPATH=trl_path, TOKENIZERS_PARALLELISM="false")
             wall, rss, code, log = run_measured(
                 [sys.executable, os.path.abspath(__file__), "--trl", policy, rm, prompts, str(a.iterations),
-                 os.path.join(tmp, "trl"), result], tenv, os.path.join(tmp, "trl.log"))
+                 os.path.join(tmp, f"trl-{use_peft}"), result, "1" if use_peft else "0"], tenv,
+                os.path.join(tmp, f"trl-{use_peft}.log"))
             if code != 0:
                 print(log[-3000:])
                 raise SystemExit("TRL side failed")
-            theirs = dict(json.load(open(result)), process_seconds=wall, peak_rss_mb=rss)
+            return dict(json.load(open(result)), process_seconds=wall, peak_rss_mb=rss)
+
+        lora_flags = ["--use_peft", "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]),
+                      "--lora_dropout", str(LORA["dropout"]), "--lora_target_modules", LORA["targets"]]
+        rows = [("rlhf", rlhf_run("out", []))]
+        if a.use_peft:
+            rows.append(("rlhf LoRA", rlhf_run("out-lora", lora_flags)))
+        if not a.rlhf_only:
+            rows.append(("TRL PPOTrainer", trl_run(False)))
+            if a.use_peft:
+                rows.append(("TRL + PEFT", trl_run(True)))
+        ours = rows[0][1]
+        split = ours["split"]
+        theirs = dict(rows).get("TRL PPOTrainer")
 
     n = a.iterations
     print(f"\n{'':<16}{'training call s':>16}{'s/iteration':>13}{'whole process s':>17}{'peak RSS':>12}")
-    rows = [("rlhf", ours)] + ([("TRL PPOTrainer", theirs)] if theirs else [])
     for name, r in rows:
         print(f"{name:<16}{r['train_seconds']:>16.2f}{r['train_seconds'] / n:>13.2f}{r['process_seconds']:>17.2f}"
               f"{r['peak_rss_mb']:>9.0f} MB")
@@ -186,6 +216,9 @@ def main():
         print(f"speed ratio (TRL / rlhf): training call {theirs['train_seconds'] / ours['train_seconds']:.2f}x, "
               f"whole process {theirs['process_seconds'] / ours['process_seconds']:.2f}x; "
               f"memory ratio (rlhf / TRL) {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}")
+    if theirs:
+        for name, r in rows:
+            print(f"peak RSS {name} / TRL PPOTrainer (full): {r['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}")
     print(f"rlhf's own split per iteration (its metrics; not compared): rollout {split['time/rollout']:.2f}, "
           f"scoring {split['time/scoring']:.2f}, update {split['time/update']:.2f} s "
           f"(sum {sum(split.values()):.2f} of {ours['train_seconds'] / n:.2f} s/iteration)")

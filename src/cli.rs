@@ -90,6 +90,27 @@ pub enum Command {
     Serve(crate::serve::ServeArgs),
     /// Chat with a model in the terminal.
     Chat(crate::serve::chat_cli::ChatArgs),
+    /// Merge a LoRA adapter into its base model: a plain HF folder (PEFT's
+    /// merge_and_unload), which transformers and every command load as a model.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct MergeArgs {
+    /// The base model folder (default: the adapter's base_model_name_or_path).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The adapter folder (adapter_config.json, adapter_model.safetensors), PEFT's or
+    /// written by `--use_peft`.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Where the merged model goes.
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// Replace a model already in output_dir.
+    #[arg(long)]
+    pub overwrite_output_dir: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -336,6 +357,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             a.validate().map_err(as_flag)?;
             crate::serve::chat_cli::run(&a)
         }
+        Command::Merge(a) => run_merge(a),
         Command::Rm(RmCommand::Eval(a)) => {
             a.validate().map_err(as_flag)?;
             let e = crate::rm::eval_rm(
@@ -516,6 +538,56 @@ fn run_template(a: TemplateArgs) -> Result<()> {
     let mut out = Output::open(None)?;
     out.text(text)?;
     out.finish()
+}
+
+/// `rlhf merge`: the base with the adapter's (α/r)·B·A added to each weight, written as
+/// a plain HF folder (a causal LM, or for a SEQ_CLS adapter a reward model with its
+/// score head and reward statistics).
+fn run_merge(a: MergeArgs) -> Result<()> {
+    use crate::model::lora::AdapterFile;
+    use crate::model::scalar::{apply_adapter, load_scalar, save_scalar};
+    check_not_input(
+        &a.output_dir,
+        &[
+            ("--model", a.model.as_deref()),
+            ("--adapter", Some(&a.adapter)),
+        ],
+    )?;
+    check_model_dir(&a.output_dir, a.overwrite_output_dir)?;
+    crate::model::hf::ensure_model_dir(&a.adapter)?;
+    let adapter = AdapterFile::read(&a.adapter)
+        .with_context(|| format!("reading the adapter {}", a.adapter.display()))?;
+    let base = adapter.base(a.model.as_deref())?;
+    let tok_dir = if a.adapter.join("tokenizer.json").is_file() {
+        a.adapter.clone()
+    } else {
+        crate::model::hf::tokenizer_dir(&base)?
+    };
+    let dev = Device::Cpu;
+    if adapter.is_seq_cls() {
+        let mut p = load_scalar(&base, &dev, 0)
+            .with_context(|| format!("loading the base model {}", base.display()))?;
+        apply_adapter(&mut p, &adapter)?;
+        (p.tokenizer, p.eos_token_ids) =
+            crate::model::hf::read_tokenizer_for(&tok_dir, &p.model.config)?;
+        claim_for_model(&a.output_dir, a.overwrite_output_dir)?;
+        save_scalar(&p, &a.output_dir)?;
+    } else {
+        let mut p = load_pretrained(&base, &dev)
+            .with_context(|| format!("loading the base model {}", base.display()))?;
+        adapter.merge_into(&p.model.params, &p.model.config)?;
+        (p.tokenizer, p.eos_token_ids) =
+            crate::model::hf::read_tokenizer_for(&tok_dir, &p.model.config)?;
+        claim_for_model(&a.output_dir, a.overwrite_output_dir)?;
+        save_pretrained(&p, &a.output_dir)?;
+    }
+    crate::note!(
+        "merged {} into {}: wrote {}",
+        a.adapter.display(),
+        base.display(),
+        a.output_dir.display()
+    );
+    Ok(())
 }
 
 fn run_init(a: InitArgs) -> Result<()> {

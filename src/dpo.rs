@@ -8,7 +8,8 @@
 //! log-probs are computed once, before training, from the SFT model's weights (the
 //! policy as loaded, before the training loop restores any checkpoint): no second
 //! copy of the model is loaded or kept. On resume they are computed again from the
-//! same folder, so a resumed run is the same run.
+//! same folder, so a resumed run is the same run. With `--use_peft` the policy trains
+//! an adapter and the reference is its base with the adapter switched off.
 //!
 //! A response's tokens are those the reward model reads after the prompt (`RewardInput`,
 //! the one rule): for a conversation, the assistant turn as the chat template renders
@@ -27,7 +28,8 @@ use crate::data::rankings::{ranked_from_row, PairTokenizing};
 use crate::data::reward_input::RewardInput;
 use crate::error::{Error, Result};
 use crate::losses::{dpo_loss, DpoLossType};
-use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
+use crate::model::hf::{load_pretrained, Pretrained};
+use crate::model::lora::{reference_of, Adapter, LoraArgs};
 use crate::model::params::Params;
 use crate::model::response::{logprobs_of, response_logprobs, ResponseBatch};
 use crate::settings::{at_least, finite_f64, float, Range, Settings};
@@ -80,12 +82,16 @@ pub struct DpoArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     #[serde(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub train: TrainingArgs,
 }
 
 impl Settings for DpoArgs {
     fn validate(&self) -> Result<()> {
         self.train.validate()?;
+        self.lora.validate()?;
         float("eval_split", self.eval_split, Range::HalfOpen(0.0, 1.0))?;
         float("beta", self.beta, Range::Above(0.0))?;
         at_least("prompts_per_batch", self.prompts_per_batch, 1)?;
@@ -217,6 +223,9 @@ impl PairStats {
 
 pub struct DpoTask {
     pub policy: Pretrained,
+    /// With `--use_peft`: the adapter on `policy.model`, the only trained tensors; the
+    /// reference is the same base with the adapter switched off.
+    pub adapter: Option<Adapter>,
     pub train_set: Vec<Preference>,
     pub eval_set: Vec<Preference>,
     pub beta: f64,
@@ -232,18 +241,27 @@ impl DpoTask {
     /// restores a checkpoint's weights only later, in `train`, so the reference is the
     /// SFT model on a fresh run and on a resumed one alike, and no second copy of the
     /// model is loaded.
+    ///
+    /// With an adapter (attached to `policy.model`), the reference is the base with
+    /// the adapter switched off (`lora::reference_of`): the same weights, no copy.
     pub fn new(
         policy: Pretrained,
+        adapter: Option<Adapter>,
         mut train_set: Vec<Preference>,
         mut eval_set: Vec<Preference>,
         args: &DpoArgs,
     ) -> Result<Self> {
         let pad = policy.tokenizer.pad_token_id();
+        let reference = match adapter {
+            Some(_) => Some(reference_of(&policy.model)?),
+            None => None,
+        };
+        let reference = reference.as_ref().unwrap_or(&policy.model);
         for set in [&mut train_set, &mut eval_set] {
             for chunk in set.chunks_mut(args.prompts_per_batch) {
                 let refs: Vec<&Preference> = chunk.iter().collect();
-                let batch = ResponseBatch::new(&rows(&refs), pad, &policy.model.device)?;
-                let (per_row, _) = response_logprobs(&policy.model, &batch, false)?; // detached
+                let batch = ResponseBatch::new(&rows(&refs), pad, &reference.device)?;
+                let (per_row, _) = response_logprobs(reference, &batch, false)?; // detached
                 let flat: Vec<f32> = per_row.concat();
                 let flat = Tensor::from_vec(flat, batch.targets.dim(0)?, &Device::Cpu)?;
                 let mut logps =
@@ -256,6 +274,7 @@ impl DpoTask {
         let order = EpochOrder::new(train_set.len(), args.train.seed);
         Ok(DpoTask {
             policy,
+            adapter,
             train_set,
             eval_set,
             beta: args.beta,
@@ -320,7 +339,10 @@ impl TrainTask for DpoTask {
     }
 
     fn params(&self) -> &Params {
-        &self.policy.model.params
+        match &self.adapter {
+            Some(a) => &a.params,
+            None => &self.policy.model.params,
+        }
     }
 
     fn evaluate(&mut self) -> Result<BTreeMap<String, f64>> {
@@ -343,7 +365,11 @@ impl TrainTask for DpoTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        save_pretrained(&self.policy, dir)
+        crate::model::hf::save_trained(&self.policy, self.adapter.as_ref(), dir)
+    }
+
+    fn load_model(&mut self, dir: &Path) -> Result<()> {
+        crate::model::hf::load_trained(&self.policy, self.adapter.as_ref(), dir)
     }
 
     fn take_metrics(&mut self) -> BTreeMap<String, f64> {
@@ -363,7 +389,10 @@ pub fn run(args: &DpoArgs) -> Result<TrainSummary> {
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
     check_stage(&args.train, &[("--model", Some(model_dir))])?;
-    let policy = load_pretrained(model_dir, &Device::Cpu)?;
+    let mut policy = load_pretrained(model_dir, &Device::Cpu)?;
+    let adapter = args
+        .lora
+        .attach(&mut policy.model, model_dir, args.train.seed)?;
     let eos = policy
         .eos()
         .map_err(|e| Error::Invalid(format!("{}: {e}", model_dir.display())))?;
@@ -402,7 +431,7 @@ pub fn run(args: &DpoArgs) -> Result<TrainSummary> {
     };
     let pairs: usize = train_set.iter().map(|p| p.pairs.len()).sum();
     crate::note!("dpo: {} prompts, {pairs} comparisons", train_set.len());
-    let mut task = DpoTask::new(policy, train_set, eval_set, args)?;
+    let mut task = DpoTask::new(policy, adapter, train_set, eval_set, args)?;
     let resolved = serde_json::to_value(args).expect("args serialize");
     train(&mut task, &args.train, &resolved, "dpo")
 }

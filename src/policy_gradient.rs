@@ -32,7 +32,8 @@ use crate::error::{Error, Result};
 use crate::generate::{generate, SamplingParams};
 use crate::losses::{clipped_policy_loss, k3_kl};
 use crate::model::frozen::Frozen;
-use crate::model::hf::{load_pretrained, save_pretrained, Pretrained};
+use crate::model::hf::{load_pretrained, Pretrained};
+use crate::model::lora::{reference_of, Adapter, LoraArgs};
 use crate::model::response::{logprobs_of, response_logprobs, ResponseBatch};
 use crate::model::{CausalLm, Params};
 use crate::rollout::stats::{mean_std, SampleStats};
@@ -93,6 +94,11 @@ pub struct GroupArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// LoRA: the policy trains an adapter; the reference is its base with the adapter
+    /// switched off (no second copy of the model).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub train: TrainingArgs,
@@ -101,6 +107,7 @@ pub struct GroupArgs {
 impl Settings for GroupArgs {
     fn validate(&self) -> Result<()> {
         self.train.validate()?;
+        self.lora.validate()?;
         let accumulation = self.train.gradient_accumulation_steps;
         if accumulation != 1 {
             return Err(invalid(
@@ -177,6 +184,8 @@ struct GroupState {
 pub struct GroupTask<M: GroupMethod> {
     pub method: M,
     pub policy: Pretrained,
+    /// With `--use_peft`: the policy's adapter, the only trained tensors.
+    pub adapter: Option<Adapter>,
     reference: Frozen<CausalLm>,
     scorer: Scorer,
     prompts: PromptSet,
@@ -373,7 +382,10 @@ impl<M: GroupMethod> TrainTask for GroupTask<M> {
     }
 
     fn params(&self) -> &Params {
-        &self.policy.model.params
+        match &self.adapter {
+            Some(a) => &a.params,
+            None => &self.policy.model.params,
+        }
     }
 
     fn evaluate(&mut self) -> Result<BTreeMap<String, f64>> {
@@ -381,7 +393,11 @@ impl<M: GroupMethod> TrainTask for GroupTask<M> {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        save_pretrained(&self.policy, dir)
+        crate::model::hf::save_trained(&self.policy, self.adapter.as_ref(), dir)
+    }
+
+    fn load_model(&mut self, dir: &Path) -> Result<()> {
+        crate::model::hf::load_trained(&self.policy, self.adapter.as_ref(), dir)
     }
 
     fn state(&self) -> Value {
@@ -452,7 +468,12 @@ pub fn run<M: GroupMethod>(
         ],
     )?;
     let dev = Device::Cpu;
-    let policy = load_pretrained(sft, &dev)?;
+    let mut policy = load_pretrained(sft, &dev)?;
+    let adapter = args.lora.attach(&mut policy.model, sft, args.train.seed)?;
+    let reference = Frozen::new(match &adapter {
+        Some(_) => reference_of(&policy.model)?,
+        None => load_pretrained(sft, &dev)?.model,
+    });
     let scorer = match scorer_override {
         Some(s) => s,
         None => Scorer::from_args(
@@ -476,8 +497,9 @@ pub fn run<M: GroupMethod>(
     });
     let mut task = GroupTask {
         method,
-        reference: Frozen::new(load_pretrained(sft, &dev)?.model),
+        reference,
         policy,
+        adapter,
         scorer,
         prompts,
         args: args.clone(),

@@ -170,6 +170,7 @@ pub fn run(args: &PretrainArgs) -> Result<TrainSummary> {
     let resolved = serde_json::to_value(args).expect("args serialize");
     train_lm(
         pre,
+        None,
         train_rows,
         eval_rows,
         &args.train,

@@ -16,8 +16,12 @@ use std::path::{Path, PathBuf};
 use crate::data::rankings::{load_rankings, PairTokenizing, Ranked};
 use crate::error::{Error, Result};
 use crate::losses::ranking_loss;
+use crate::model::lora::{Adapter, LoraArgs};
 use crate::model::params::Params;
-use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar, RewardNormalization};
+use crate::model::scalar::{
+    attach_adapter, load_scalar, save_scalar, save_scalar_adapter, PretrainedScalar,
+    RewardNormalization,
+};
 use crate::settings::{at_least, finite_f64, float, Range, Settings};
 use crate::sft::split_eval;
 use crate::train::args::{require, StageDefaults, TrainingArgs};
@@ -64,12 +68,16 @@ pub struct RmTrainArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     #[serde(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub train: TrainingArgs,
 }
 
 impl Settings for RmTrainArgs {
     fn validate(&self) -> Result<()> {
         self.train.validate()?;
+        self.lora.validate()?;
         float("eval_split", self.eval_split, Range::HalfOpen(0.0, 1.0))?;
         at_least("prompts_per_batch", self.prompts_per_batch, 1)?;
         at_least("max_length", self.max_length, 1)
@@ -93,6 +101,9 @@ fn sequences<'a>(prompts: impl Iterator<Item = &'a Ranked>) -> Vec<Vec<u32>> {
 
 pub struct RmTask {
     pub rm: PretrainedScalar,
+    /// With `--use_peft`: the adapter (LoRA and the score head), the only trained
+    /// tensors.
+    pub adapter: Option<Adapter>,
     pub train_set: Vec<Ranked>,
     pub eval_set: Vec<Ranked>,
     pub prompts_per_batch: usize,
@@ -110,6 +121,7 @@ impl RmTask {
         let order = EpochOrder::new(train_set.len(), seed);
         RmTask {
             rm,
+            adapter: None,
             train_set,
             eval_set,
             prompts_per_batch,
@@ -209,12 +221,22 @@ impl TrainTask for RmTask {
     fn batch_loss(&mut self, epoch: usize, index: usize) -> Result<LossParts> {
         let idx = self.order.batch(epoch, index, self.prompts_per_batch);
         let prompts: Vec<&Ranked> = idx.iter().map(|&i| &self.train_set[i]).collect();
-        let (sum, _, tokens) = self.batch_loss_sum(&prompts)?;
+        if let Some(a) = &self.adapter {
+            a.set_dropout(Some((self.order.seed(), epoch, index)));
+        }
+        let loss = self.batch_loss_sum(&prompts);
+        if let Some(a) = &self.adapter {
+            a.set_dropout(None);
+        }
+        let (sum, _, tokens) = loss?;
         Ok(LossParts { sum, tokens })
     }
 
     fn params(&self) -> &Params {
-        &self.rm.model.params
+        match &self.adapter {
+            Some(a) => &a.params,
+            None => &self.rm.model.params,
+        }
     }
 
     fn evaluate(&mut self) -> Result<BTreeMap<String, f64>> {
@@ -229,7 +251,24 @@ impl TrainTask for RmTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        save_scalar(&self.rm, dir)
+        self.save(dir)
+    }
+
+    fn load_model(&mut self, dir: &Path) -> Result<()> {
+        match &self.adapter {
+            Some(a) => a.load_weights(dir),
+            None => crate::model::hf::load_weights_into(&self.rm.model.params, dir),
+        }
+    }
+}
+
+impl RmTask {
+    /// The reward model's folder, or with `--use_peft` its adapter folder.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        match &self.adapter {
+            Some(a) => save_scalar_adapter(&self.rm, a, dir),
+            None => save_scalar(&self.rm, dir),
+        }
     }
 }
 
@@ -258,7 +297,13 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
     check_stage(&args.train, &[("--model", Some(model_dir))])?;
-    let rm = load_scalar(model_dir, &Device::Cpu, args.train.seed)?;
+    args.lora.check_base(model_dir, "--model")?;
+    let mut rm = load_scalar(model_dir, &Device::Cpu, args.train.seed)?;
+    let adapter = args
+        .lora
+        .use_peft
+        .then(|| attach_adapter(&mut rm.model, &args.lora, model_dir, args.train.seed))
+        .transpose()?;
     let cfg = tokenizing(&rm, args.max_length, false)?;
     let (all, skipped) = load_rankings(dataset, &cfg, args.skip_invalid)?;
     if skipped > 0 {
@@ -280,6 +325,7 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
         args.prompts_per_batch,
         args.train.seed,
     );
+    task.adapter = adapter;
     let resolved = serde_json::to_value(args).expect("args serialize");
     let summary = train(&mut task, &args.train, &resolved, "rm")?;
     let norm = task.reward_statistics()?;
@@ -287,7 +333,7 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
     let out = args.train.output_dir()?;
     // Saved either way, so that `rm eval` / `rm score` can inspect a degenerate model;
     // PPO refuses it (`check_normalization`).
-    save_scalar(&task.rm, out)?;
+    task.save(out)?;
     check_normalization(&norm).map_err(|msg| {
         Error::Invalid(format!(
             "{}: {msg}. The reward model gives (nearly) the same reward to every training response: the comparisons are likely degenerate (identical or near-identical chosen and rejected responses, or too few distinct ones), or the learning rate is too high. The model was saved for inspection (rlhf rm score); rlhf ppo refuses it",

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use crate::data::sft::{load_sft, LoadReport, Overflow, SftExample, SftTokenizing};
 use crate::error::{Error, Result};
 use crate::model::hf::load_pretrained;
+use crate::model::lora::LoraArgs;
 use crate::settings::{at_least, finite_f64, float, Range, Settings};
 use crate::train::args::{require, StageDefaults, TrainingArgs};
 use crate::train::lm_task::{pack, train_lm, Row};
@@ -64,12 +65,16 @@ pub struct SftArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     #[serde(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub train: TrainingArgs,
 }
 
 impl Settings for SftArgs {
     fn validate(&self) -> Result<()> {
         self.train.validate()?;
+        self.lora.validate()?;
         float("eval_split", self.eval_split, Range::HalfOpen(0.0, 1.0))?;
         at_least("max_length", self.max_length, 1)
     }
@@ -111,7 +116,10 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
     check_stage(&args.train, &[("--model", Some(model_dir))])?;
-    let pre = load_pretrained(model_dir, &Device::Cpu)?;
+    let mut pre = load_pretrained(model_dir, &Device::Cpu)?;
+    let adapter = args
+        .lora
+        .attach(&mut pre.model, model_dir, args.train.seed)?;
     let max_length = args.max_length.min(pre.model.config.context_length());
     let eos = pre
         .eos()
@@ -143,5 +151,13 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
     };
     let (train_rows, eval_rows) = (to_rows(train_ex), to_rows(eval_ex));
     let resolved = serde_json::to_value(args).expect("args serialize");
-    train_lm(pre, train_rows, eval_rows, &args.train, &resolved, "sft")
+    train_lm(
+        pre,
+        adapter,
+        train_rows,
+        eval_rows,
+        &args.train,
+        &resolved,
+        "sft",
+    )
 }

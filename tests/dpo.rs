@@ -42,6 +42,7 @@ fn dpo_args(data: &Path, eval: Option<&Path>, out: &Path) -> DpoArgs {
         max_length: 64,
         skip_invalid: false,
         config: None,
+        lora: Default::default(),
         train: train_args(out),
     }
 }

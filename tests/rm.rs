@@ -40,6 +40,7 @@ fn rm_args(data: &Path, eval: Option<&Path>, out: &Path) -> RmTrainArgs {
         max_length: 64,
         skip_invalid: false,
         config: None,
+        lora: Default::default(),
         train: train_args(out),
     }
 }

@@ -205,6 +205,7 @@ pub fn sft_args(model: &Path, data: &Path, out: &Path) -> SftArgs {
         skip_invalid: false,
         split_special_tokens: false,
         config: None,
+        lora: Default::default(),
         train: train_args(out),
     }
 }

@@ -7,6 +7,9 @@ Never needed by the tests or CI: the fixtures it writes are committed.
     python3 -m venv pyenv && pyenv/bin/pip install torch transformers
     pyenv/bin/python tools/make_fixtures.py            # (re)write tests/fixtures/
     pyenv/bin/python tools/make_fixtures.py --check    # rlhf init/generate -> transformers
+    pyenv/bin/pip install peft
+    pyenv/bin/python tools/make_fixtures.py --peft     # (re)write only the PEFT adapters
+    pyenv/bin/python tools/make_fixtures.py --check-peft   # rlhf's LoRA adapters -> peft
 
 What it writes:
   tokenizer.json           a byte-level BPE (GPT-2 style) trained on a small corpus
@@ -16,6 +19,11 @@ What it writes:
   */reference.json         logits for fixed token ids, greedy continuations with the
                            raw-logit logprob of every generated token
   templates.json           chat templates and the text transformers renders for them
+  peft-gpt2/, peft-llama/, peft-gpt2-rm/
+                           LoRA adapters saved by peft on the gpt2/llama fixtures (all-linear
+                           on GPT-2's Conv1D layers; q_proj,v_proj,down_proj on llama; a
+                           SEQ_CLS adapter with its score head), random A and B, base named
+                           by a relative path; reference.json holds PeftModel's logits
 """
 
 import argparse
@@ -299,14 +307,162 @@ def check_reward_model(rlhf, tmp):
     assert worst <= 1e-4, worst
 
 
+PEFT_FIXTURES = {
+    # name: (base fixture, task type, target modules)
+    "peft-gpt2": ("gpt2", "CAUSAL_LM", "all-linear"),
+    "peft-llama": ("llama", "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"]),
+    "peft-gpt2-rm": ("gpt2", "SEQ_CLS", ["c_attn", "c_fc"]),
+}
+
+
+def peft_reference(model, tok, seq_cls):
+    """PeftModel's logits (causal) or scores (sequence classification) on PROMPTS."""
+    out = []
+    with torch.no_grad():
+        for text in PROMPTS:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            rows = [[round(float(x), 7) for x in row] for row in (logits if not seq_cls else [logits])]
+            out.append({"input_ids": ids, "logits": rows})
+    return out
+
+
+def make_peft():
+    """Adapters made by peft itself, for the Rust tests of the reading direction."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    for i, (name, (base, task, targets)) in enumerate(PEFT_FIXTURES.items()):
+        torch.manual_seed(2000 + i)
+        base_dir = os.path.join(OUT, base)
+        seq_cls = task == "SEQ_CLS"
+        load = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+        kw = {"num_labels": 1} if seq_cls else {}
+        model = load.from_pretrained(base_dir, **kw)
+        if seq_cls:
+            model.config.pad_token_id = hf_tokenizer(os.path.join(OUT, "tokenizer.json"), None).pad_token_id
+        # init_lora_weights=False: random B too, so the adapter changes the logits.
+        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type=task,
+                         init_lora_weights=False)
+        pm = get_peft_model(model, cfg).eval()
+        d = os.path.join(OUT, name)
+        os.makedirs(d, exist_ok=True)
+        for f in os.listdir(d):
+            os.remove(os.path.join(d, f))
+        pm.save_pretrained(d)
+        os.remove(os.path.join(d, "README.md"))
+        # The base by a relative path (read from the adapter's folder), not this machine's.
+        cpath = os.path.join(d, "adapter_config.json")
+        with open(cpath) as f:
+            c = json.load(f)
+        c["base_model_name_or_path"] = os.path.join("..", base)
+        with open(cpath, "w") as f:
+            json.dump(c, f, indent=2, sort_keys=True)
+        # What peft gives on reading the folder back (from the base folder).
+        back = PeftModel.from_pretrained(load.from_pretrained(base_dir, **kw), d).eval()
+        if seq_cls:
+            back.config.pad_token_id = model.config.pad_token_id
+        tok = hf_tokenizer(os.path.join(OUT, "tokenizer.json"), None)
+        ref = peft_reference(back, tok, seq_cls)
+        assert ref == peft_reference(pm, tok, seq_cls), "peft reads its own adapter back differently"
+        with open(os.path.join(d, "reference.json"), "w") as f:
+            json.dump({"peft": __import__("peft").__version__, "task_type": task, "outputs": ref}, f)
+
+
+def check_peft(rlhf):
+    """rlhf sft/rm train --use_peft → peft.PeftModel.from_pretrained loads the adapter
+    and gives rlhf's log-probs and rewards; rlhf merge → transformers loads the merged
+    folder and gives PeftModel's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    with tempfile.TemporaryDirectory() as tmp:
+        sft = os.path.join(tmp, "sft.jsonl")
+        with open(sft, "w") as f:
+            for x in range(1, 9):
+                for y in range(1, 6):
+                    f.write(json.dumps({"prompt": f"{x} + {y}?", "completion": str(x + y)}) + "\n")
+        prompts = os.path.join(tmp, "prompts.jsonl")
+        with open(prompts, "w") as f:
+            for p in PROMPTS:
+                f.write(json.dumps({"prompt": p}) + "\n")
+        overall = 0.0
+        for arch, targets in [("gpt2", "all-linear"), ("llama", "all-linear"), ("qwen2", "q_proj,v_proj")]:
+            base = os.path.join(OUT, arch)
+            ad = os.path.join(tmp, f"lora-{arch}")
+            subprocess.run([rlhf, "sft", "--model", base, "--data", sft, "--output_dir", ad, "--use_peft",
+                            "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", targets,
+                            "--max_steps", "6", "--learning_rate", "3e-2", "--seed", "1"], check=True)
+            out = subprocess.run([rlhf, "generate", "--model", ad, "--prompts", prompts, "--temperature", "0",
+                                  "--max_new_tokens", "12"], check=True, capture_output=True, text=True).stdout
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), ad).eval()
+            merged = os.path.join(tmp, f"merged-{arch}")
+            subprocess.run([rlhf, "merge", "--model", base, "--adapter", ad, "--output_dir", merged], check=True)
+            plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+            worst = worst_merge = 0.0
+            for line in out.splitlines():
+                row = json.loads(line)
+                seq = row["prompt_token_ids"] + row["token_ids"]
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([seq])).logits[0].double()
+                    logits_merged = plain(torch.tensor([seq])).logits[0].double()
+                n = len(row["prompt_token_ids"])
+                lps = [float(torch.log_softmax(logits[n - 1 + i], -1)[t]) for i, t in enumerate(row["token_ids"])]
+                worst = max(worst, max(abs(a - b) for a, b in zip(lps, row["logprobs"])))
+                worst_merge = max(worst_merge, float((logits - logits_merged).abs().max()))
+            overall = max(overall, worst, worst_merge)
+            print(f"{arch} ({targets}): peft {__import__('peft').__version__} loads rlhf's adapter; logprob max abs "
+                  f"diff {worst:.2e}; rlhf merge vs PeftModel logits max abs diff {worst_merge:.2e}")
+        # A reward model's adapter: SEQ_CLS, the score head in modules_to_save.
+        data = os.path.join(tmp, "rankings.jsonl")
+        with open(data, "w") as f:
+            for i in range(16):
+                f.write(json.dumps({"prompt": f"Question {i}?", "responses": ["The cat sat.", "No.", "Alice."],
+                                    "ranking": [i % 3, (i + 1) % 3, (i + 2) % 3]}) + "\n")
+        rm = os.path.join(tmp, "rm-lora")
+        base = os.path.join(OUT, "gpt2")
+        subprocess.run([rlhf, "rm", "train", "--model", base, "--data", data, "--output_dir", rm, "--use_peft",
+                        "--lora_target_modules", "all-linear", "--max_steps", "3", "--learning_rate", "1e-2",
+                        "--max_length", "64"], check=True)
+        rows = [{"prompt": "Question 1?", "response": "The cat sat."}, {"prompt": "Question 7?", "response": "No."}]
+        score_in = os.path.join(tmp, "score.jsonl")
+        with open(score_in, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+        out = subprocess.run([rlhf, "rm", "score", "--model", rm, "--data", score_in], check=True,
+                             capture_output=True, text=True).stdout
+        ours = [json.loads(l)["reward"] for l in out.splitlines()]
+        tok = hf_tokenizer(os.path.join(OUT, "tokenizer.json"), None)
+        seq_model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+        seq_model.config.pad_token_id = tok.pad_token_id
+        model = PeftModel.from_pretrained(seq_model, rm).eval()
+        worst = 0.0
+        for r, mine in zip(rows, ours):
+            ids = tok(r["prompt"])["input_ids"] + tok(r["response"], add_special_tokens=False)["input_ids"] \
+                + [tok.eos_token_id]
+            with torch.no_grad():
+                theirs = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+            worst = max(worst, abs(theirs - mine))
+        print(f"reward model adapter (SEQ_CLS): PeftModel's score vs rlhf rm score max abs diff {worst:.2e}")
+        overall = max(overall, worst)
+        assert overall <= 1e-4, overall
+        print("peft check passed")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="run rlhf init/generate and load the result in transformers")
+    ap.add_argument("--peft", action="store_true", help="write only the PEFT adapter fixtures (needs peft)")
+    ap.add_argument("--check-peft", action="store_true",
+                    help="train LoRA adapters with rlhf and load them with peft (needs peft)")
     ap.add_argument("--rlhf", default=os.path.join(ROOT, "target", "release", "rlhf"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.check:
         check(args.rlhf)
+        return
+    if args.check_peft:
+        check_peft(args.rlhf)
+        return
+    if args.peft:
+        make_peft()
         return
     os.makedirs(OUT, exist_ok=True)
     tok = train_tokenizer()
@@ -314,6 +470,7 @@ def main():
     tok.save(tok_path)
     make_models(tok_path)
     make_templates(tok_path)
+    make_peft()
     total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(OUT) for f in fs)
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
     assert total < 3e6, "fixtures must stay under 3 MB"

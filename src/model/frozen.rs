@@ -50,6 +50,21 @@ impl Frozen<PretrainedScalar> {
         self.inner.normalization
     }
 
+    /// A scalar model for a LoRA critic that starts from this reward model: the same
+    /// backbone weights (shared storage, not copied; the critic's adapter freezes
+    /// them in turn) and a copy of the score head, so that training the critic's head
+    /// leaves the reward model as it is.
+    pub fn share_backbone(&self) -> Result<PretrainedScalar> {
+        let mut p = self.inner.clone();
+        let head = candle_core::Var::from_tensor(&p.model.head.weight.copy()?)?;
+        p.model.params = p
+            .model
+            .params
+            .with_var(super::scalar::SCORE_WEIGHT, head.clone());
+        p.model.head.weight = head.as_tensor().clone();
+        Ok(p)
+    }
+
     /// The longest input the reward model reads.
     pub fn context_length(&self) -> usize {
         self.inner.model.config.context_length()

@@ -111,6 +111,20 @@ impl Gpt2 {
         }
     }
 
+    /// A copy whose dense layers are `f(module name, layer)`, the names as PEFT
+    /// writes them (`transformer.h.0.attn.c_attn`); every other tensor is shared.
+    pub fn map_linears(&self, f: &dyn Fn(&str, &Linear) -> Result<Linear>) -> Result<Self> {
+        let mut out = self.clone();
+        for (i, block) in out.blocks.iter_mut().enumerate() {
+            let n = |s: &str| format!("transformer.h.{i}.{s}");
+            block.c_attn = f(&n("attn.c_attn"), &block.c_attn)?;
+            block.c_proj = f(&n("attn.c_proj"), &block.c_proj)?;
+            block.c_fc = f(&n("mlp.c_fc"), &block.c_fc)?;
+            block.mlp_proj = f(&n("mlp.c_proj"), &block.mlp_proj)?;
+        }
+        Ok(out)
+    }
+
     /// The token embedding, which is also the LM head's weight (tied).
     pub fn token_embedding(&self) -> &Tensor {
         &self.wte

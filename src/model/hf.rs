@@ -12,10 +12,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::config::{token_id_list, ModelConfig};
-use super::{Backbone, CausalLm, Params};
+use super::params::load_safetensors;
+pub use super::params::save_safetensors;
+use super::{lora, Backbone, CausalLm, Params};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{read_json, Error, Result};
-use crate::io::tmp_path;
 // Re-exported for src/demo, which still imports them from here; new code takes them
 // from `crate::io`.
 use crate::io::write_json;
@@ -116,12 +117,6 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<(HashMap<String, Tens
     Ok((tensors, index))
 }
 
-fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
-    candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| Error::bad_file(path, None, format!("not a valid safetensors file: {e}")))
-}
-
 /// eos ids for generation: generation_config.json's (an int or a list) when present,
 /// else config.json's.
 /// Every id must be a token of the model's vocabulary (an eos the model cannot
@@ -198,8 +193,24 @@ pub fn ensure_model_dir(dir: &Path) -> Result<()> {
 ///
 /// A reward model's folder (a score head) is refused: generating from it or training
 /// it as a policy would silently drop its head (and use an untrained LM head).
+///
+/// An adapter folder (adapter_config.json) loads as its base model with the adapter
+/// merged into the weights: what `rlhf merge` writes.
 pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<CausalLm> {
     ensure_model_dir(dir)?;
+    if lora::is_adapter_dir(dir) {
+        let adapter = lora::AdapterFile::read(dir)?;
+        if adapter.is_seq_cls() {
+            return Err(Error::WrongModelKind {
+                path: dir.to_path_buf(),
+                expected: "a causal LM or its adapter (task_type CAUSAL_LM)".into(),
+                found: "this is a reward model's adapter (task_type SEQ_CLS)".into(),
+            });
+        }
+        let model = load_causal_lm(&adapter.base(None)?, device)?;
+        adapter.merge_into(&model.params, &model.config)?;
+        return Ok(model);
+    }
     let config = read_config(dir)?;
     let (tensors, source) = read_weights(dir, device)?;
     if let Some(found) = scalar_head_evidence(&config, &tensors) {
@@ -240,19 +251,6 @@ pub fn save_causal_lm(model: &CausalLm, dir: &Path) -> Result<()> {
     save_safetensors(&model.params.to_hf()?, &dir.join(WEIGHTS_FILE))
 }
 
-/// Writes tensors with `{"format": "pt"}` metadata, which transformers requires.
-pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = tmp_path(path);
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(meta),
-        &tmp,
-    )
-    .map_err(|e| Error::write(&tmp, std::io::Error::other(e.to_string())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
-}
-
 /// A model folder loaded whole: model, tokenizer and the eos ids to stop on.
 #[derive(Debug, Clone)]
 pub struct Pretrained {
@@ -265,12 +263,52 @@ pub struct Pretrained {
 /// Loads model and tokenizer from an HF folder, and checks that they fit each other.
 pub fn load_pretrained(dir: &Path, device: &Device) -> Result<Pretrained> {
     let model = load_causal_lm(dir, device)?;
-    let (tokenizer, eos_token_ids) = read_tokenizer_for(dir, &model.config)?;
+    let (tokenizer, eos_token_ids) = read_tokenizer_for(&tokenizer_dir(dir)?, &model.config)?;
     Ok(Pretrained {
         model,
         tokenizer,
         eos_token_ids,
     })
+}
+
+/// Where a model folder's tokenizer is: the folder itself, or for an adapter folder
+/// without tokenizer files, its base model's folder.
+pub fn tokenizer_dir(dir: &Path) -> Result<PathBuf> {
+    let mut dir = dir.to_path_buf();
+    // An adapter's base may itself be an adapter folder only through a merged copy,
+    // so one step suffices; the loop guards a chain all the same.
+    for _ in 0..8 {
+        if !lora::is_adapter_dir(&dir) || dir.join("tokenizer.json").is_file() {
+            return Ok(dir);
+        }
+        dir = lora::AdapterFile::read(&dir)?.base(None)?;
+    }
+    Ok(dir)
+}
+
+/// Writes an adapter folder: adapter_config.json and adapter_model.safetensors (what
+/// `peft.PeftModel.from_pretrained` reads), plus the tokenizer and
+/// generation_config.json, so the folder serves every command as a model folder.
+pub fn save_adapter_pretrained(p: &Pretrained, adapter: &lora::Adapter, dir: &Path) -> Result<()> {
+    adapter.save(dir)?;
+    save_tokenizer_files(p, dir)
+}
+
+/// A trained policy's folder: its adapter folder with `--use_peft`, else the whole model.
+pub fn save_trained(p: &Pretrained, adapter: Option<&lora::Adapter>, dir: &Path) -> Result<()> {
+    match adapter {
+        Some(a) => save_adapter_pretrained(p, a, dir),
+        None => save_pretrained(p, dir),
+    }
+}
+
+/// Restores the weights `save_trained` wrote into the trained tensors, in place (how a
+/// checkpoint is restored).
+pub fn load_trained(p: &Pretrained, adapter: Option<&lora::Adapter>, dir: &Path) -> Result<()> {
+    match adapter {
+        Some(a) => a.load_weights(dir),
+        None => load_weights_into(&p.model.params, dir),
+    }
 }
 
 /// The folder's tokenizer, checked against the model's embedding, and the eos ids to
@@ -296,6 +334,11 @@ pub fn read_tokenizer_for(dir: &Path, config: &ModelConfig) -> Result<(Tokenizer
 /// generation_config.json (with the eos ids).
 pub fn save_pretrained(p: &Pretrained, dir: &Path) -> Result<()> {
     save_causal_lm(&p.model, dir)?;
+    save_tokenizer_files(p, dir)
+}
+
+/// The tokenizer files and generation_config.json of a model folder.
+fn save_tokenizer_files(p: &Pretrained, dir: &Path) -> Result<()> {
     p.tokenizer.save(dir)?;
     write_generation_config(
         dir,

@@ -16,16 +16,21 @@ use crate::ops;
 /// Up to this many rows, `Linear` uses the skinny kernel instead of gemm.
 const SKINNY_ROWS: usize = 16;
 
-/// A dense layer `y = x Wᵀ + b`.
+/// A dense layer `y = x Wᵀ + b`, with a LoRA branch when adapters are attached.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,       // (out, in)
     pub bias: Option<Tensor>, // (out,)
+    pub lora: Option<LoraBranch>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     /// x: (..., in) → (..., out)
@@ -34,11 +39,24 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let inner = dims[dims.len() - 1];
         let x2 = x.reshape((rows, inner))?; // (N, in)
-        let y = if rows <= SKINNY_ROWS && crate::ops::fused_for(x) {
-            // Few rows (a decoding step): stream the weight once (see ops::matmul).
-            ops::matmul::skinny_matmul(&x2, &self.weight)? // (N, out)
+        let product = |x2: &Tensor| -> Result<Tensor> {
+            Ok(if rows <= SKINNY_ROWS && crate::ops::fused_for(x) {
+                // Few rows (a decoding step): stream the weight once (see ops::matmul).
+                ops::matmul::skinny_matmul(x2, &self.weight)? // (N, out)
+            } else {
+                x2.matmul(&self.weight.t()?)? // (N, out)
+            })
+        };
+        let y = if !self.weight.track_op() && x2.track_op() && crate::ops::fused_for(x) {
+            // A frozen weight (LoRA's base) in a pass that will be differentiated: the
+            // same product, with a backward that gives x its gradient and W none.
+            ops::matmul::with_frozen_weight_grad(&x2, &product(&x2.detach())?, &self.weight)?
         } else {
-            x2.matmul(&self.weight.t()?)? // (N, out)
+            product(&x2)?
+        };
+        let y = match &self.lora {
+            Some(lora) => (y + lora.forward(&x2)?)?, // (N, out)
+            None => y,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -47,6 +65,94 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// The low-rank update of LoRA (Hu et al. 2021, eq. 3), as PEFT computes it:
+/// Δy = (α/r) · B A dropout(x), with A (r, in) and B (out, r) trainable and the layer's
+/// own weight frozen. B starts at zero, so a fresh adapter leaves the model unchanged.
+#[derive(Debug, Clone)]
+pub struct LoraBranch {
+    pub a: Tensor, // (r, in)
+    pub b: Tensor, // (out, r)
+    /// α / r (α / √r with rsLoRA).
+    pub scale: f64,
+    pub dropout: LoraDropout,
+}
+
+impl LoraBranch {
+    /// x: (N, in) → Δy (N, out)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.dropout.apply(x)?; // (N, in)
+        let h = x.matmul(&self.a.t()?)?; // (N, r)
+        Ok((h.matmul(&self.b.t()?)? * self.scale)?)
+    }
+
+    /// The dense update (α/r)·B·A: (out, in), what merging adds to the weight.
+    pub fn delta(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(&self.a)? * self.scale)?)
+    }
+}
+
+/// Dropout on the input of a LoRA branch (PEFT's `lora_dropout`), on only while a
+/// training loss is computed. Its masks are a pure function of a key the training
+/// task sets per micro-batch and of the layer, so a run is reproducible and a resumed
+/// run draws the same masks without any saved random state.
+#[derive(Debug, Clone)]
+pub struct LoraDropout {
+    pub p: f64,
+    /// Distinct per layer.
+    pub layer: u64,
+    pub key: DropoutKey,
+}
+
+/// The key of the current micro-batch's dropout masks, shared by every LoRA layer of a
+/// model; `None` (the default) is no dropout: evaluation, sampling, scoring.
+#[derive(Debug, Clone, Default)]
+pub struct DropoutKey(std::sync::Arc<std::sync::Mutex<Option<u64>>>);
+
+impl DropoutKey {
+    pub fn set(&self, key: Option<u64>) {
+        *self.0.lock().expect("dropout key") = key;
+    }
+
+    pub fn get(&self) -> Option<u64> {
+        *self.0.lock().expect("dropout key")
+    }
+}
+
+/// SplitMix64: a counter-based hash, so element i's draw needs no state.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl LoraDropout {
+    /// x with each element zeroed with probability p and the rest scaled by 1/(1−p),
+    /// when a key is set and p > 0; x itself otherwise.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(key) = self.key.get().filter(|_| self.p > 0.0) else {
+            return Ok(x.clone());
+        };
+        let n = x.elem_count();
+        let seed = splitmix64(key ^ splitmix64(self.layer));
+        let keep = 1.0 / (1.0 - self.p) as f32;
+        // A draw in [0, 1) from the top 24 bits of each element's hash.
+        let threshold = (self.p * (1u64 << 24) as f64) as u64;
+        let mask: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let u = splitmix64(seed.wrapping_add(i)) >> 40;
+                if u < threshold {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+        Ok((x * mask)?)
     }
 }
 

@@ -113,9 +113,8 @@ impl Llama {
             eps,
         };
         let lin = |name: String| {
-            let bias = p
-                .var(&format!("{name}.bias"))
-                .map(|v| v.as_tensor().clone());
+            let bias_name = format!("{name}.bias");
+            let bias = p.var(&bias_name).map(|_| p.get(&bias_name));
             Linear::new(p.get(&format!("{name}.weight")), bias)
         };
         let layers = (0..cfg.num_hidden_layers)
@@ -148,6 +147,23 @@ impl Llama {
 
     pub fn token_embedding(&self) -> &Tensor {
         &self.embed_tokens
+    }
+
+    /// A copy whose dense layers are `f(module name, layer)`, the names as PEFT
+    /// writes them (`model.layers.0.self_attn.q_proj`); every other tensor is shared.
+    pub fn map_linears(&self, f: &dyn Fn(&str, &Linear) -> Result<Linear>) -> Result<Self> {
+        let mut out = self.clone();
+        for (l, layer) in out.layers.iter_mut().enumerate() {
+            let n = |s: &str| format!("model.layers.{l}.{s}");
+            layer.q_proj = f(&n("self_attn.q_proj"), &layer.q_proj)?;
+            layer.k_proj = f(&n("self_attn.k_proj"), &layer.k_proj)?;
+            layer.v_proj = f(&n("self_attn.v_proj"), &layer.v_proj)?;
+            layer.o_proj = f(&n("self_attn.o_proj"), &layer.o_proj)?;
+            layer.gate_proj = f(&n("mlp.gate_proj"), &layer.gate_proj)?;
+            layer.up_proj = f(&n("mlp.up_proj"), &layer.up_proj)?;
+            layer.down_proj = f(&n("mlp.down_proj"), &layer.down_proj)?;
+        }
+        Ok(out)
     }
 
     /// ids: (B, T) → final hidden states (B, T, H).

@@ -11,6 +11,7 @@ pub mod hf;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
+pub mod lora;
 pub mod mask;
 pub mod params;
 pub mod presets;
@@ -61,6 +62,18 @@ impl Backbone {
             Backbone::Gpt2(m) => m.forward(ids, mask, cache),
             Backbone::Llama(m) => m.forward(ids, mask, cache),
         }
+    }
+
+    /// A copy whose dense layers are `f(module name, layer)` (how LoRA attaches its
+    /// branches); every other tensor is shared, not copied.
+    pub fn map_linears(
+        &self,
+        f: &dyn Fn(&str, &layers::Linear) -> Result<layers::Linear>,
+    ) -> Result<Self> {
+        Ok(match self {
+            Backbone::Gpt2(m) => Backbone::Gpt2(m.map_linears(f)?),
+            Backbone::Llama(m) => Backbone::Llama(m.map_linears(f)?),
+        })
     }
 
     pub fn token_embedding(&self) -> &Tensor {

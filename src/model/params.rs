@@ -23,6 +23,8 @@ pub enum Init {
     Normal(f64),
     Zeros,
     Ones,
+    /// Uniform(−bound, bound): PEFT's LoRA A (`kaiming_uniform_(a=√5)`, bound 1/√fan_in).
+    Uniform(f64),
 }
 
 /// How a parameter is laid out in HF files relative to ours.
@@ -77,6 +79,10 @@ impl ParamSpec {
 pub struct Params {
     pub specs: Vec<ParamSpec>,
     vars: BTreeMap<String, Var>,
+    /// Whether `get` hands out detached tensors (a frozen base under LoRA adapters):
+    /// the model built from them shares the variables' storage but no backward pass
+    /// reaches them.
+    frozen: bool,
 }
 
 impl Params {
@@ -94,11 +100,20 @@ impl Params {
                         .map_err(|e| Error::Invalid(format!("init std {std}: {e}")))?;
                     (0..n).map(|_| dist.sample(&mut rng)).collect()
                 }
+                Init::Uniform(bound) => {
+                    let dist = rand_distr::Uniform::new_inclusive(-bound as f32, bound as f32)
+                        .map_err(|e| Error::Invalid(format!("init bound {bound}: {e}")))?;
+                    (0..n).map(|_| dist.sample(&mut rng)).collect()
+                }
             };
             let t = Tensor::from_vec(data, spec.shape.as_slice(), device)?;
             vars.insert(spec.name.clone(), Var::from_tensor(&t)?);
         }
-        Ok(Params { specs, vars })
+        Ok(Params {
+            specs,
+            vars,
+            frozen: false,
+        })
     }
 
     /// Takes the tensors read from HF files, checks every name and shape against the
@@ -157,15 +172,30 @@ impl Params {
         if !fresh.is_empty() {
             vars.extend(Params::init(fresh, seed, device)?.vars);
         }
-        Ok(Params { specs, vars })
+        Ok(Params {
+            specs,
+            vars,
+            frozen: false,
+        })
     }
 
     /// The tensor of a parameter, tracked for gradients. Panics only on a name that is
     /// not in the spec list, which is a programming error in a model file.
     pub fn get(&self, name: &str) -> Tensor {
         match self.vars.get(name) {
+            Some(v) if self.frozen => v.as_tensor().detach(),
             Some(v) => v.as_tensor().clone(),
             None => panic!("parameter {name} is not in the model's spec list"),
+        }
+    }
+
+    /// The same variables (shared storage, no copy), whose `get` hands out detached
+    /// tensors: a model built from them is frozen by type, its weights constants that
+    /// no backward pass computes a gradient for (LoRA's base model).
+    pub fn frozen(&self) -> Params {
+        Params {
+            frozen: true,
+            ..self.clone()
         }
     }
 
@@ -195,7 +225,33 @@ impl Params {
                 specs.push(s);
             }
         }
-        Params { specs, vars }
+        Params {
+            specs,
+            vars,
+            frozen: false,
+        }
+    }
+
+    /// A parameter set over existing variables (sharing them), in the given order.
+    pub fn from_vars(parts: Vec<(ParamSpec, Var)>) -> Self {
+        let mut specs = vec![];
+        let mut vars = BTreeMap::new();
+        for (spec, var) in parts {
+            vars.insert(spec.name.clone(), var);
+            specs.push(spec);
+        }
+        Params {
+            specs,
+            vars,
+            frozen: false,
+        }
+    }
+
+    /// The same set with one variable replaced (same name and spec).
+    pub fn with_var(&self, name: &str, var: Var) -> Params {
+        let mut out = self.clone();
+        out.vars.insert(name.to_string(), var);
+        out
     }
 
     /// Every parameter's data, flattened, in `vars()` order.
@@ -213,7 +269,11 @@ impl Params {
             let t = Tensor::from_slice(d, spec.shape.as_slice(), device)?;
             vars.insert(spec.name.clone(), Var::from_tensor(&t)?);
         }
-        Ok(Params { specs, vars })
+        Ok(Params {
+            specs,
+            vars,
+            frozen: false,
+        })
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -267,4 +327,24 @@ fn take_tensor(tensors: &mut HashMap<String, Tensor>, name: &str) -> Option<Tens
     // Hub GPT-2 checkpoints omit the `transformer.` prefix.
     let (_, short) = name.split_once('.')?;
     tensors.remove(short)
+}
+
+/// Reads every tensor of one safetensors file, by name.
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| Error::bad_file(path, None, format!("not a valid safetensors file: {e}")))
+}
+
+/// Writes tensors with `{"format": "pt"}` metadata, which transformers requires.
+pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = crate::io::tmp_path(path);
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(meta),
+        &tmp,
+    )
+    .map_err(|e| Error::write(&tmp, std::io::Error::other(e.to_string())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
 }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::config::{Arch, ModelConfig};
 use super::hf::{read_config, read_weights, save_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use super::layers::Linear;
+use super::lora;
 use super::params::{Init, ParamSpec, Params};
 use super::{AttentionMask, Backbone};
 use crate::data::reward_input::RewardInput;
@@ -20,6 +21,10 @@ use crate::error::{Error, Result};
 use crate::io::write_json;
 
 pub use super::hf::SCORE_WEIGHT;
+
+/// Beside a reward model's adapter: the reward statistics (config.json holds them in
+/// a full reward model's folder; an adapter folder has no config.json).
+pub const REWARD_STATS_FILE: &str = "reward_normalization.json";
 
 /// Hidden states → one scalar per position.
 #[derive(Debug, Clone)]
@@ -186,8 +191,19 @@ impl PretrainedScalar {
 
 /// Loads a scalar model from a `...ForSequenceClassification` folder, or from a
 /// causal-LM folder (an SFT model) with a freshly initialised head (seeded).
+///
+/// An adapter folder loads as its base with the adapter merged and, for a reward
+/// model's adapter (SEQ_CLS), the score head it saved (`modules_to_save`).
 pub fn load_scalar(dir: &Path, device: &Device, seed: u64) -> Result<PretrainedScalar> {
     super::hf::ensure_model_dir(dir)?;
+    if lora::is_adapter_dir(dir) {
+        let adapter = lora::AdapterFile::read(dir)?;
+        let mut p = load_scalar(&adapter.base(None)?, device, seed)?;
+        apply_adapter(&mut p, &adapter)?;
+        let tok_dir = super::hf::tokenizer_dir(dir)?;
+        (p.tokenizer, p.eos_token_ids) = super::hf::read_tokenizer_for(&tok_dir, &p.model.config)?;
+        return Ok(p);
+    }
     let config = read_config(dir)?;
     let (tensors, source) = read_weights(dir, device)?;
     let fresh_head = !tensors.contains_key(SCORE_WEIGHT);
@@ -217,6 +233,42 @@ pub fn load_scalar(dir: &Path, device: &Device, seed: u64) -> Result<PretrainedS
         normalization,
         fresh_head,
     })
+}
+
+/// Merges an adapter into a loaded scalar model: the LoRA updates into the backbone,
+/// the score head it saved (SEQ_CLS `modules_to_save`) and its reward statistics.
+pub fn apply_adapter(p: &mut PretrainedScalar, adapter: &lora::AdapterFile) -> Result<()> {
+    adapter.merge_into(&p.model.params, &p.model.config)?;
+    if let Some(score) = adapter.saved_module(SCORE_WEIGHT) {
+        let var = p
+            .model
+            .params
+            .var(SCORE_WEIGHT)
+            .expect("a scalar model has a head");
+        if score.dims() != var.dims() {
+            return Err(Error::TensorShape {
+                path: adapter.dir.join(lora::ADAPTER_WEIGHTS_FILE),
+                name: format!("{}{SCORE_WEIGHT}", lora::KEY_PREFIX),
+                expected: var.dims().to_vec(),
+                got: score.dims().to_vec(),
+            });
+        }
+        var.set(
+            &score
+                .to_dtype(candle_core::DType::F32)?
+                .to_device(&p.model.device)?,
+        )?;
+        p.fresh_head = false;
+    }
+    let stats = adapter.dir.join(REWARD_STATS_FILE);
+    if stats.is_file() {
+        let v: serde_json::Value = crate::error::read_json(&stats)?;
+        p.normalization = Some(
+            serde_json::from_value(v["reward_normalization"].clone())
+                .map_err(|e| Error::bad_file(&stats, None, format!("reward_normalization: {e}")))?,
+        );
+    }
+    Ok(())
 }
 
 fn classification_class(arch: Arch) -> &'static str {
@@ -258,6 +310,66 @@ pub fn save_scalar(p: &PretrainedScalar, dir: &Path) -> Result<()> {
     }
     write_json(&dir.join(CONFIG_FILE), &config)?;
     save_safetensors(&p.model.params.to_hf()?, &dir.join(WEIGHTS_FILE))?;
+    p.tokenizer.save(dir)?;
+    super::hf::write_generation_config(
+        dir,
+        &p.model.config,
+        &p.eos_token_ids,
+        p.tokenizer.pad_token_id(),
+    )
+}
+
+/// Attaches a fresh adapter to a scalar model (a reward model or critic): its backbone
+/// becomes the frozen base with LoRA branches, and the score head is trained whole
+/// (PEFT's SEQ_CLS `modules_to_save`). `base_dir` is the folder it was loaded from.
+pub fn attach_adapter(
+    model: &mut ScalarModel,
+    args: &lora::LoraArgs,
+    base_dir: &Path,
+    seed: u64,
+) -> Result<lora::Adapter> {
+    let picked = lora::select_modules(&model.config, args.lora_target_modules.as_deref())?;
+    let score = model
+        .params
+        .var(SCORE_WEIGHT)
+        .expect("a scalar model has a head")
+        .clone();
+    let spec = scalar_specs(&model.config)
+        .into_iter()
+        .find(|s| s.name == SCORE_WEIGHT)
+        .expect("the specs list the head");
+    let head = ParamSpec {
+        name: format!("{}{SCORE_WEIGHT}", lora::KEY_PREFIX),
+        ..spec
+    };
+    let adapter = lora::Adapter::init(
+        args,
+        lora::TaskType::SeqCls,
+        picked,
+        lora::base_name(base_dir),
+        vec![(head, score)],
+        seed,
+        &model.device,
+    )?;
+    let base = Backbone::new(&model.config, &model.params.frozen(), &model.device)?;
+    model.backbone = adapter.attach(&base)?;
+    Ok(adapter)
+}
+
+/// Writes a scalar model's adapter folder: the adapter (score head included), the
+/// reward statistics, the tokenizer and generation_config.json.
+pub fn save_scalar_adapter(
+    p: &PretrainedScalar,
+    adapter: &lora::Adapter,
+    dir: &Path,
+) -> Result<()> {
+    adapter.save(dir)?;
+    if let Some(n) = p.normalization {
+        write_json(
+            &dir.join(REWARD_STATS_FILE),
+            &json!({ "reward_normalization": n }),
+        )?;
+    }
     p.tokenizer.save(dir)?;
     super::hf::write_generation_config(
         dir,

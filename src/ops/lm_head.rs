@@ -126,6 +126,9 @@ struct HeadLogprobsOp {
     keep: bool,
     /// Logits per chunk when nothing is kept.
     chunk_logits: usize,
+    /// Whether the weight wants a gradient: a frozen head (LoRA's base, tied to the
+    /// embedding) skips the dW gemm, as much work as the forward's.
+    weight_grad: bool,
 }
 
 impl HeadLogprobsOp {
@@ -135,7 +138,8 @@ impl HeadLogprobsOp {
     }
 
     /// (dh, dW) from the hidden states h, the weight w, the forward's output o and its
-    /// gradient g, with the kept probabilities when there are any.
+    /// gradient g, with the kept probabilities when there are any (dW only when
+    /// `weight_grad`).
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -146,10 +150,10 @@ impl HeadLogprobsOp {
         targets: &[u32],
         kept: Option<Vec<f32>>,
         (n, c, v): (usize, usize, usize),
-    ) -> (Vec<f32>, Vec<f32>) {
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
         let cols = if self.with_entropy { 2 } else { 1 };
         let mut dh = vec![0f32; n * c];
-        let mut dw = vec![0f32; v * c];
+        let mut dw = self.weight_grad.then(|| vec![0f32; v * c]);
         let recompute = kept.is_none();
         let (chunk, mut buf) = match kept {
             Some(p) => (n.max(1), p),
@@ -183,7 +187,9 @@ impl HeadLogprobsOp {
             let dhc = &mut dh[start * c..(start + rows) * c];
             gemm(rows, c, v, dhc, false, d, (v, 1), w, (c, 1));
             // dW += dlᵀ h: (V, rows) · (rows, C)
-            gemm(v, c, rows, &mut dw, start > 0, d, (1, v), hc, (c, 1));
+            if let Some(dw) = dw.as_mut() {
+                gemm(v, c, rows, dw, start > 0, d, (1, v), hc, (c, 1));
+            }
         }
         (dh, dw)
     }
@@ -288,7 +294,7 @@ impl CustomOp3 for HeadLogprobsOp {
         let dev = hidden.device();
         Ok((
             Some(Tensor::from_vec(dh, (n, c), dev)?),
-            Some(Tensor::from_vec(dw, (v, c), dev)?),
+            dw.map(|dw| Tensor::from_vec(dw, (v, c), dev)).transpose()?,
             None,
         ))
     }
@@ -336,6 +342,7 @@ pub fn head_logprobs_with_limits(
             kept: Mutex::new(None),
             keep,
             chunk_logits,
+            weight_grad: weight.track_op(),
         },
     )
 }

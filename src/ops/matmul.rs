@@ -260,3 +260,49 @@ pub fn skinny_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, SkinnyMatmul)
 }
+
+/// y = x·Wᵀ computed elsewhere (`y`, from x detached) through a weight that is a
+/// constant (LoRA's frozen base), given x's gradient path: the backward gives x
+/// dy·W and computes nothing for W. candle's own matmul would compute dW = dyᵀ·x for
+/// every frozen layer (as much work as the forward) and hold it until the step ends.
+/// The forward is a copy of `y`, so the values are those of the plain product, bit
+/// for bit.
+struct FrozenWeightGrad {
+    weight: Tensor, // (out, in)
+}
+
+impl CustomOp2 for FrozenWeightGrad {
+    fn name(&self) -> &'static str {
+        "rlhf-frozen-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _sx: &CpuStorage,
+        _lx: &Layout,
+        sy: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(sy, ly, "frozen weight y")?;
+        Ok((CpuStorage::F32(y.to_vec()), ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        dres: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(dres.matmul(&self.weight)?), None)) // (n, out)·(out, in) = (n, in)
+    }
+}
+
+/// `y` (n, out) = x (n, in)·Wᵀ, computed from x detached, joined to x's graph with
+/// the gradient dy·W for x and none for the constant W. CPU f32.
+pub fn with_frozen_weight_grad(x: &Tensor, y: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.track_op() || y.track_op() {
+        candle_core::bail!("frozen weight grad: W and y must be constants");
+    }
+    x.apply_op2(&y.contiguous()?, FrozenWeightGrad { weight: w.clone() })
+}

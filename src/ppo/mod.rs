@@ -18,6 +18,11 @@
 //! Steps 1–3 run in the loop's `prepare_batch`, before the iteration's first update:
 //! `time/rollout` and `time/scoring` time steps 1 and 2, `time/update` the
 //! iteration's optimizer steps whole (forward, backward, clipping, AdamW, EMA).
+//!
+//! With `--use_peft` (`model::lora`) the actor and the critic each train an adapter;
+//! the reference is the actor's base with its adapter switched off and a critic that
+//! starts from the reward model shares that model's frozen weights: two copies of
+//! weights in memory instead of four, and AdamW state for the adapters only.
 
 pub mod advantage;
 pub mod kl;
@@ -41,10 +46,15 @@ use crate::generate::{generate, SamplingParams};
 use crate::losses::{clipped_policy_loss, clipped_value_loss};
 use crate::model::frozen::Frozen;
 use crate::model::hf::{
-    load_pretrained, load_weights_into, read_weights, save_pretrained, Pretrained,
+    load_pretrained, load_weights_into, read_weights, save_adapter_pretrained, save_pretrained,
+    Pretrained,
 };
+use crate::model::lora::{reference_of, Adapter, LoraArgs, ADAPTER_WEIGHTS_FILE};
+use crate::model::params::load_safetensors;
 use crate::model::response::{logprobs_of, response_logprobs, values_of, ResponseBatch};
-use crate::model::scalar::{load_scalar, save_scalar, PretrainedScalar};
+use crate::model::scalar::{
+    attach_adapter, load_scalar, save_scalar, save_scalar_adapter, PretrainedScalar,
+};
 use crate::model::{CausalLm, Params};
 use crate::rollout::scorer::same_tokenizer;
 use crate::rollout::stats::SampleStats;
@@ -151,6 +161,12 @@ pub struct PpoArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// LoRA: the policy and the critic each train an adapter (the critic's with its
+    /// value head); the reference is the policy's base with its adapter switched off,
+    /// and a critic that starts from the reward model shares its frozen weights.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub train: TrainingArgs,
@@ -160,6 +176,7 @@ impl Settings for PpoArgs {
     fn validate(&self) -> Result<()> {
         use Range::*;
         self.train.validate()?;
+        self.lora.validate()?;
         let accumulation = self.train.gradient_accumulation_steps;
         if accumulation != 1 {
             return Err(invalid(
@@ -242,6 +259,9 @@ struct PpoState {
 pub struct PpoTask {
     pub actor: Pretrained,
     pub critic: PretrainedScalar,
+    /// With `--use_peft`: the adapters of the actor and the critic (the only trained
+    /// tensors; `actor.model` and `critic.model` carry their branches).
+    pub adapters: Option<(Adapter, Adapter)>,
     reference: Frozen<CausalLm>,
     reward: RewardSource,
     prompts: PromptSet,
@@ -249,7 +269,7 @@ pub struct PpoTask {
     args: PpoArgs,
     /// Actor and critic parameters under one optimizer.
     union: Params,
-    /// EMA of the actor's parameters (in `actor.model.params.vars()` order).
+    /// EMA of the actor's trained parameters (its adapter's with LoRA), in `vars()` order.
     pub ema: Option<Vec<Vec<f32>>>,
     rng: ChaCha8Rng,
     kl: KlController,
@@ -562,22 +582,50 @@ impl TrainTask for PpoTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        save_pretrained(&self.actor, dir)?;
-        save_scalar(&self.critic, &dir.join("critic"))?;
+        let Some((actor, critic)) = &self.adapters else {
+            save_pretrained(&self.actor, dir)?;
+            save_scalar(&self.critic, &dir.join("critic"))?;
+            if let Some(ema) = &self.ema {
+                save_pretrained(&self.ema_pretrained(ema)?, &dir.join("ema"))?;
+            }
+            return Ok(());
+        };
+        save_adapter_pretrained(&self.actor, actor, dir)?;
+        save_scalar_adapter(&self.critic, critic, &dir.join("critic"))?;
         if let Some(ema) = &self.ema {
-            save_pretrained(&self.ema_pretrained(ema)?, &dir.join("ema"))?;
+            let params = Params::from_flat(actor.params.specs.clone(), ema, &Device::Cpu)?;
+            let ema_adapter = Adapter {
+                params,
+                ..actor.clone()
+            };
+            save_adapter_pretrained(&self.actor, &ema_adapter, &dir.join("ema"))?;
         }
         Ok(())
     }
 
     fn load_model(&mut self, dir: &Path) -> Result<()> {
-        load_weights_into(&self.actor.model.params, dir)?;
-        load_weights_into(&self.critic.model.params, &dir.join("critic"))?;
-        if self.ema.is_some() {
-            let ema_dir = dir.join("ema");
-            let (tensors, source) = read_weights(&ema_dir, &Device::Cpu)?;
-            let specs = self.actor.model.params.specs.clone();
-            self.ema = Some(Params::from_hf(specs, tensors, &source, &Device::Cpu)?.flat()?);
+        let ema_dir = dir.join("ema");
+        match &self.adapters {
+            Some((actor, critic)) => {
+                actor.load_weights(dir)?;
+                critic.load_weights(&dir.join("critic"))?;
+                if self.ema.is_some() {
+                    let path = ema_dir.join(ADAPTER_WEIGHTS_FILE);
+                    let tensors = load_safetensors(&path, &Device::Cpu)?;
+                    let specs = actor.params.specs.clone();
+                    self.ema = Some(Params::from_hf(specs, tensors, &path, &Device::Cpu)?.flat()?);
+                }
+            }
+            None => {
+                load_weights_into(&self.actor.model.params, dir)?;
+                load_weights_into(&self.critic.model.params, &dir.join("critic"))?;
+                if self.ema.is_some() {
+                    let (tensors, source) = read_weights(&ema_dir, &Device::Cpu)?;
+                    let specs = self.actor.model.params.specs.clone();
+                    self.ema =
+                        Some(Params::from_hf(specs, tensors, &source, &Device::Cpu)?.flat()?);
+                }
+            }
         }
         Ok(())
     }
@@ -618,7 +666,11 @@ impl TrainTask for PpoTask {
     fn after_update(&mut self) -> Result<()> {
         if let (Some(decay), Some(ema)) = (self.args.ema, self.ema.as_mut()) {
             let d = decay as f32;
-            for (e, (_, var)) in ema.iter_mut().zip(self.actor.model.params.vars()) {
+            let params = match &self.adapters {
+                Some((a, _)) => &a.params,
+                None => &self.actor.model.params,
+            };
+            for (e, (_, var)) in ema.iter_mut().zip(params.vars()) {
                 let w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
                 for (a, b) in e.iter_mut().zip(w) {
                     *a = d * *a + (1.0 - d) * b;
@@ -662,8 +714,14 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         ],
     )?;
     let dev = Device::Cpu;
-    let actor = load_pretrained(sft, &dev)?;
-    let reference = Frozen::new(load_pretrained(sft, &dev)?.model);
+    let mut actor = load_pretrained(sft, &dev)?;
+    let actor_adapter = args.lora.attach(&mut actor.model, sft, args.train.seed)?;
+    // With LoRA the reference is the actor's base with its adapter off: the same
+    // weights. Without, a second copy of the SFT model.
+    let reference = Frozen::new(match &actor_adapter {
+        Some(_) => reference_of(&actor.model)?,
+        None => load_pretrained(sft, &dev)?.model,
+    });
     let reward = match reward_override {
         Some(r) => r,
         None => RewardSource::from_args(
@@ -677,8 +735,29 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         .as_deref()
         .or(args.reward_model.as_deref())
         .unwrap_or(sft);
-    let critic = load_scalar(critic_dir, &dev, args.train.seed)?;
+    // A LoRA critic that starts from the reward model shares its frozen weights.
+    let shared = match (&reward, args.value_model.is_none(), args.lora.use_peft) {
+        (RewardSource::Model(rm), true, true) => Some(rm.share_backbone()?),
+        _ => None,
+    };
+    let mut critic = match shared {
+        Some(c) => c,
+        None => load_scalar(critic_dir, &dev, args.train.seed)?,
+    };
     same_tokenizer(&actor.tokenizer, &critic.tokenizer, "value model")?;
+    let adapters = match actor_adapter {
+        Some(actor_adapter) => {
+            args.lora.check_base(critic_dir, "--value_model")?;
+            let critic_adapter = attach_adapter(
+                &mut critic.model,
+                &args.lora,
+                critic_dir,
+                args.train.seed + 1,
+            )?;
+            Some((actor_adapter, critic_adapter))
+        }
+        None => None,
+    };
 
     let context = actor.model.config.context_length();
     let prompts = PromptSet::load(
@@ -704,11 +783,17 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         }
         None => vec![],
     };
-    let union = Params::union(&[
-        ("actor", &actor.model.params),
-        ("critic", &critic.model.params),
-    ]);
-    let ema = args.ema.map(|_| actor.model.params.flat()).transpose()?;
+    let union = match &adapters {
+        Some((a, c)) => Params::union(&[("actor", &a.params), ("critic", &c.params)]),
+        None => Params::union(&[
+            ("actor", &actor.model.params),
+            ("critic", &critic.model.params),
+        ]),
+    };
+    let ema = match &adapters {
+        Some((a, _)) => args.ema.map(|_| a.params.flat()).transpose()?,
+        None => args.ema.map(|_| actor.model.params.flat()).transpose()?,
+    };
     let kl = match args.adaptive_kl_target {
         Some(target) => KlController::Adaptive {
             beta: args.kl_coef,
@@ -720,6 +805,7 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
     Ok(PpoTask {
         actor,
         critic,
+        adapters,
         reference,
         reward,
         prompts,

@@ -15,7 +15,8 @@ use super::order::EpochOrder;
 use super::trainer::{train, LossParts, TrainSummary, TrainTask};
 use crate::data::sft::SftExample;
 use crate::error::Result;
-use crate::model::hf::{save_pretrained, Pretrained};
+use crate::model::hf::Pretrained;
+use crate::model::lora::Adapter;
 use crate::model::{AttentionMask, Params};
 
 /// One row of a batch: tokens, targets, and which example each token belongs to.
@@ -96,6 +97,9 @@ pub fn pack(examples: Vec<SftExample>, max_length: usize) -> Vec<Row> {
 
 pub struct LmTask {
     pub pre: Pretrained,
+    /// With `--use_peft`: the adapter, the only trained tensors (`pre.model` is then
+    /// the frozen base with its branches attached).
+    pub adapter: Option<Adapter>,
     pub train_rows: Vec<Row>,
     pub eval_rows: Vec<Row>,
     pub batch_size: usize,
@@ -115,6 +119,7 @@ impl LmTask {
         let n = train_rows.len();
         LmTask {
             pre,
+            adapter: None,
             train_rows,
             eval_rows,
             batch_size,
@@ -195,9 +200,11 @@ pub fn lm_loss_sum(
 }
 
 /// Trains a causal LM on `train_rows` (evaluating on `eval_rows`) with the shared
-/// loop: what `rlhf pretrain` and `rlhf sft` both end with.
+/// loop: what `rlhf pretrain` and `rlhf sft` both end with. With an adapter (attached
+/// to `pre.model`), only the adapter is trained and saved.
 pub fn train_lm(
     pre: Pretrained,
+    adapter: Option<Adapter>,
     train_rows: Vec<Row>,
     eval_rows: Vec<Row>,
     args: &TrainingArgs,
@@ -212,6 +219,7 @@ pub fn train_lm(
         args.per_device_eval_batch_size,
         args.seed,
     );
+    task.adapter = adapter;
     train(&mut task, args, resolved_config, label)
 }
 
@@ -231,12 +239,22 @@ impl TrainTask for LmTask {
     fn batch_loss(&mut self, epoch: usize, index: usize) -> Result<LossParts> {
         let idx = self.batch_rows(epoch, index);
         let rows: Vec<&Row> = idx.iter().map(|&i| &self.train_rows[i]).collect();
-        let (sum, _, tokens) = self.loss_sum(&rows)?;
+        if let Some(a) = &self.adapter {
+            a.set_dropout(Some((self.order.seed(), epoch, index)));
+        }
+        let loss = self.loss_sum(&rows);
+        if let Some(a) = &self.adapter {
+            a.set_dropout(None);
+        }
+        let (sum, _, tokens) = loss?;
         Ok(LossParts { sum, tokens })
     }
 
     fn params(&self) -> &Params {
-        &self.pre.model.params
+        match &self.adapter {
+            Some(a) => &a.params,
+            None => &self.pre.model.params,
+        }
     }
 
     fn evaluate(&mut self) -> Result<BTreeMap<String, f64>> {
@@ -261,7 +279,11 @@ impl TrainTask for LmTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        save_pretrained(&self.pre, dir)
+        crate::model::hf::save_trained(&self.pre, self.adapter.as_ref(), dir)
+    }
+
+    fn load_model(&mut self, dir: &Path) -> Result<()> {
+        crate::model::hf::load_trained(&self.pre, self.adapter.as_ref(), dir)
     }
 }
 

@@ -25,6 +25,11 @@ impl EpochOrder {
     }
 
     /// Batches of `batch_size` items per epoch (the last one may be smaller).
+    /// The seed the order was made from.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     pub fn batches(&self, batch_size: usize) -> usize {
         self.len.div_ceil(batch_size)
     }

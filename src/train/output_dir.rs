@@ -25,8 +25,10 @@ use super::checkpoint;
 use crate::error::{Error, Result};
 
 /// Files of an HF model folder (weights may also be shards: every `*.safetensors`).
-const MODEL_FILES: [&str; 7] = [
+const MODEL_FILES: [&str; 9] = [
     "config.json",
+    "adapter_config.json",
+    "reward_normalization.json",
     "generation_config.json",
     "model.safetensors.index.json",
     "tokenizer.json",
