@@ -32,10 +32,11 @@ use crate::error::{Error, Result};
 use crate::generate::{generate, SamplingParams};
 use crate::losses::{clipped_policy_loss, k3_kl};
 use crate::model::frozen::Frozen;
-use crate::model::hf::{load_pretrained, Pretrained};
-use crate::model::lora::{reference_of, Adapter, LoraArgs};
+use crate::model::hf::Pretrained;
+use crate::model::lora::{Adapter, LoraArgs};
 use crate::model::response::{logprobs_of, response_logprobs, ResponseBatch};
 use crate::model::{CausalLm, Params};
+use crate::rollout::policy::policy_and_reference;
 use crate::rollout::stats::{mean_std, SampleStats};
 use crate::rollout::{PromptSet, Scorer};
 use crate::settings::{at_least, finite_f32, finite_f64, float, invalid, Range, Settings};
@@ -468,12 +469,8 @@ pub fn run<M: GroupMethod>(
         ],
     )?;
     let dev = Device::Cpu;
-    let mut policy = load_pretrained(sft, &dev)?;
-    let adapter = args.lora.attach(&mut policy.model, sft, args.train.seed)?;
-    let reference = Frozen::new(match &adapter {
-        Some(_) => reference_of(&policy.model)?,
-        None => load_pretrained(sft, &dev)?.model,
-    });
+    let (policy, adapter, reference) =
+        policy_and_reference(sft, &args.lora, args.train.seed, &dev)?;
     let scorer = match scorer_override {
         Some(s) => s,
         None => Scorer::from_args(

@@ -46,16 +46,16 @@ use crate::generate::{generate, SamplingParams};
 use crate::losses::{clipped_policy_loss, clipped_value_loss};
 use crate::model::frozen::Frozen;
 use crate::model::hf::{
-    load_pretrained, load_weights_into, read_weights, save_adapter_pretrained, save_pretrained,
-    Pretrained,
+    load_weights_into, read_weights, save_adapter_pretrained, save_pretrained, Pretrained,
 };
-use crate::model::lora::{reference_of, Adapter, LoraArgs, ADAPTER_WEIGHTS_FILE};
+use crate::model::lora::{Adapter, LoraArgs, ADAPTER_WEIGHTS_FILE};
 use crate::model::params::load_safetensors;
 use crate::model::response::{logprobs_of, response_logprobs, values_of, ResponseBatch};
 use crate::model::scalar::{
     attach_adapter, load_scalar, save_scalar, save_scalar_adapter, PretrainedScalar,
 };
 use crate::model::{CausalLm, Params};
+use crate::rollout::policy::policy_and_reference;
 use crate::rollout::scorer::same_tokenizer;
 use crate::rollout::stats::SampleStats;
 use crate::rollout::PromptSet;
@@ -714,14 +714,8 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         ],
     )?;
     let dev = Device::Cpu;
-    let mut actor = load_pretrained(sft, &dev)?;
-    let actor_adapter = args.lora.attach(&mut actor.model, sft, args.train.seed)?;
-    // With LoRA the reference is the actor's base with its adapter off: the same
-    // weights. Without, a second copy of the SFT model.
-    let reference = Frozen::new(match &actor_adapter {
-        Some(_) => reference_of(&actor.model)?,
-        None => load_pretrained(sft, &dev)?.model,
-    });
+    let (actor, actor_adapter, reference) =
+        policy_and_reference(sft, &args.lora, args.train.seed, &dev)?;
     let reward = match reward_override {
         Some(r) => r,
         None => RewardSource::from_args(

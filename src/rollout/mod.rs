@@ -6,6 +6,7 @@
 //! what its equation says: how scores become advantages and what loss it minimises.
 
 pub mod command;
+pub mod policy;
 pub mod prompts;
 pub mod scorer;
 pub mod stats;
