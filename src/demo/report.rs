@@ -250,6 +250,27 @@ pub(crate) const HTML_HEAD: &str = "<!doctype html><meta charset=\"utf-8\"><titl
      td.t{text-align:left;white-space:pre-wrap}th{background:#f3f3f3}svg{margin:4px}\
      details{margin:0.4em 0}summary{cursor:pointer}</style><body>";
 
+/// A table whose rows are labelled in their first column (every string escaped).
+pub(crate) fn labelled_table(header: &[&str], rows: &[(String, Vec<String>)]) -> String {
+    let mut html = String::from("<table><tr><th></th>");
+    for h in header {
+        let _ = write!(html, "<th>{}</th>", esc(h));
+    }
+    html.push_str("</tr>");
+    for (label, cells) in rows {
+        let _ = write!(
+            html,
+            "<tr><th style=\"text-align:left\">{}</th>",
+            esc(label)
+        );
+        for c in cells {
+            let _ = write!(html, "<td>{}</td>", esc(c));
+        }
+        html.push_str("</tr>");
+    }
+    html + "</table>"
+}
+
 /// Every eval prompt of a run with each policy's answer and score, side by side.
 pub(crate) fn answers_table(report: &Report) -> String {
     let cols = report.columns();
@@ -314,25 +335,17 @@ pub fn write_html(out: &Path, report: &Report) -> Result<()> {
         report.held_out_documents,
         if report.quick { "A --quick run." } else { "" }
     );
-    html.push_str("<h2>Summary</h2><table><tr><th></th>");
-    for (n, _) in &cols {
-        let _ = write!(html, "<th>{}</th>", esc(n));
-    }
-    html.push_str("</tr>");
-    for (label, cells) in report.table() {
-        let _ = write!(
-            html,
-            "<tr><th style=\"text-align:left\">{}</th>",
-            esc(label.trim())
-        );
-        for c in cells {
-            let _ = write!(html, "<td>{}</td>", esc(&c));
-        }
-        html.push_str("</tr>");
-    }
+    let header: Vec<&str> = cols.iter().map(|(n, _)| *n).collect();
+    let rows: Vec<(String, Vec<String>)> = report
+        .table()
+        .into_iter()
+        .map(|(label, cells)| (label.trim().to_string(), cells))
+        .collect();
+    html.push_str("<h2>Summary</h2>");
+    html.push_str(&labelled_table(&header, &rows));
     let _ = write!(
         html,
-        "</table><p>Reward model accuracy on its held-out comparisons: {:.3}.</p>",
+        "<p>Reward model accuracy on its held-out comparisons: {:.3}.</p>",
         report.rm_val_accuracy
     );
     html.push_str("<h2>Gold score per family</h2>");

@@ -244,26 +244,13 @@ impl Summary {
                 ", full runs"
             },
         );
-        html.push_str("<h2>Summary</h2><table><tr><th></th>");
         let (header, rows) = self.table();
-        for h in &header {
-            let _ = write!(html, "<th>{}</th>", esc(h));
-        }
-        html.push_str("</tr>");
-        for (name, cells) in rows {
-            let _ = write!(
-                html,
-                "<tr><th style=\"text-align:left\">{}</th>",
-                esc(&name)
-            );
-            for c in cells {
-                let _ = write!(html, "<td>{}</td>", esc(&c));
-            }
-            html.push_str("</tr>");
-        }
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        html.push_str("<h2>Summary</h2>");
+        html.push_str(&super::report::labelled_table(&header, &rows));
         let _ = write!(
             html,
-            "</table><p>Reward model accuracy on its held-out comparisons: {}.</p><ul>",
+            "<p>Reward model accuracy on its held-out comparisons: {}.</p><ul>",
             esc(&Spread::cell(self.rm_val_accuracy))
         );
         for r in reports {
