@@ -77,18 +77,18 @@ fn main() -> anyhow::Result<()> {
             eps: 1e-8,
             weight_decay: 0.0,
         },
-    );
-    let mut acc = GradAccumulator::new(params);
+    )?;
+    let mut acc = GradAccumulator::new(params)?;
     let refs: Vec<&Ranked> = set.iter().collect();
     let mut times = vec![];
     for step in 0..=steps {
         let t = Instant::now();
         let (sum, _, _) = task.batch_loss_sum(&refs)?;
         let grads = (sum / prompts as f64)?.backward()?;
-        acc.zero();
+        acc.zero()?;
         acc.add(params, &grads)?;
-        acc.clip(1.0);
-        opt.update(params, &acc.buffers, 1e-5)?;
+        acc.clip(1.0)?;
+        opt.step(params, &acc, 1e-5)?;
         if step > 0 {
             times.push(t.elapsed().as_secs_f64());
         }

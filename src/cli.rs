@@ -2,7 +2,6 @@
 //! model is loaded; every failure is an error with context (exit code 2 in `main`).
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -54,6 +53,17 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Where the models run: cpu, or cuda[:N] in a binary built with `--features cuda`.
+    #[arg(
+        long,
+        global = true,
+        default_value = "cpu",
+        value_name = "cpu|cuda[:N]"
+    )]
+    pub device: crate::device::DeviceSpec,
+    /// bf16 autocast on a GPU: matrix products in bf16, f32 master weights.
+    #[arg(long, global = true)]
+    pub bf16: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -269,6 +279,51 @@ pub struct InitArgs {
 /// Runs a parsed command line; `matches` tells which flags were given explicitly
 /// (they override a `--config` file).
 pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
+    crate::device::set_default(cli.device, cli.bf16)?;
+    // A data-parallel run (mpirun, or RANK/WORLD_SIZE): join it before anything runs.
+    let comm = crate::distributed::init(&crate::device::default())?;
+    if comm.world_size() > 1 {
+        // A panic on any rank ends this process at once, without finalising MPI (which
+        // would wait for ranks that wait in a collective): mpirun then ends the others.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            std::process::exit(101);
+        }));
+    }
+    let trains = matches!(
+        cli.command,
+        Command::Pretrain(_)
+            | Command::Sft(_)
+            | Command::Rm(RmCommand::Train(_))
+            | Command::Dpo(_)
+            | Command::Ppo(_)
+            | Command::Grpo(_)
+            | Command::Rloo(_)
+    );
+    if comm.world_size() > 1 && !trains {
+        let name = matches.subcommand_name().unwrap_or("this command");
+        bail!(
+            "`rlhf {name}` runs in one process; data-parallel launches (mpirun, RANK/WORLD_SIZE) are for the training commands: pretrain, sft, rm train, dpo, ppo, grpo, rloo"
+        );
+    }
+    let result = run_command(cli, matches);
+    if let (Err(err), true) = (&result, comm.world_size() > 1) {
+        // The other ranks may be waiting in a collective: end the whole run, not only
+        // this rank, so that nothing hangs.
+        crate::note!(
+            "error on rank {} of {}: {err:#}",
+            comm.rank(),
+            comm.world_size()
+        );
+        comm.abort(2);
+    }
+    drop(comm);
+    crate::distributed::finish();
+    result
+}
+
+fn run_command(cli: Cli, matches: &ArgMatches) -> Result<()> {
     let sub = |name: &str| {
         matches
             .subcommand_matches(name)
@@ -423,7 +478,7 @@ fn report(stage: &str, out: &Path, s: &TrainSummary) {
 }
 
 fn load(dir: &Path) -> Result<Pretrained> {
-    load_pretrained(dir, &Device::Cpu)
+    load_pretrained(dir, &crate::device::default())
         .with_context(|| format!("loading model from {}", dir.display()))
 }
 
@@ -563,7 +618,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     } else {
         crate::model::hf::tokenizer_dir(&base)?
     };
-    let dev = Device::Cpu;
+    let dev = crate::device::default();
     if adapter.is_seq_cls() {
         let mut p = load_scalar(&base, &dev, 0)
             .with_context(|| format!("loading the base model {}", base.display()))?;

@@ -389,7 +389,7 @@ pub fn run(args: &DpoArgs) -> Result<TrainSummary> {
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
     check_stage(&args.train, &[("--model", Some(model_dir))])?;
-    let mut policy = load_pretrained(model_dir, &Device::Cpu)?;
+    let mut policy = load_pretrained(model_dir, &crate::device::default())?;
     let adapter = args
         .lora
         .attach(&mut policy.model, model_dir, args.train.seed)?;

@@ -15,6 +15,8 @@ pub mod cli;
 pub mod cpu;
 pub mod data;
 pub mod demo;
+pub mod device;
+pub mod distributed;
 pub mod dpo;
 pub mod error;
 pub mod generate;

@@ -18,7 +18,7 @@
 //! normalisation, `loss_type="dapo"`/`"bnpo"`), so long and short responses weigh by
 //! their tokens.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -468,7 +468,7 @@ pub fn run<M: GroupMethod>(
             ("--reward_model", args.reward_model.as_deref()),
         ],
     )?;
-    let dev = Device::Cpu;
+    let dev = crate::device::default();
     let (policy, adapter, reference) =
         policy_and_reference(sft, &args.lora, args.train.seed, &dev)?;
     let scorer = match scorer_override {
@@ -488,7 +488,9 @@ pub fn run<M: GroupMethod>(
         args.train.seed,
     )?;
     let iterations = args.max_iterations.unwrap_or_else(|| {
-        ((args.train.epochs() * prompts.len() as f64) / args.rollout_batch_size as f64)
+        // Each iteration walks rollout_batch_size prompts on every rank.
+        let per_iteration = args.rollout_batch_size * crate::distributed::current().world_size();
+        ((args.train.epochs() * prompts.len() as f64) / per_iteration as f64)
             .ceil()
             .max(1.0) as usize
     });
@@ -500,7 +502,7 @@ pub fn run<M: GroupMethod>(
         scorer,
         prompts,
         args: args.clone(),
-        rng: ChaCha8Rng::seed_from_u64(args.train.seed),
+        rng: crate::rollout::sampling_rng(args.train.seed),
         iteration: None,
         samples: vec![],
         stats: UpdateStats::default(),

@@ -2,7 +2,6 @@
 //! none is given, packs text into blocks of the context length and trains the causal
 //! LM. Its HF folder is what SFT starts from, and its text is PPO-ptx's data.
 
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -82,7 +81,7 @@ impl Settings for PretrainArgs {
 /// given (or a newly trained) tokenizer.
 fn starting_model(args: &PretrainArgs, docs: &[String]) -> Result<Pretrained> {
     if let Some(dir) = &args.model_name_or_path {
-        return load_pretrained(dir, &Device::Cpu);
+        return load_pretrained(dir, &crate::device::default());
     }
     let tokenizer = match &args.tokenizer {
         Some(p) => Tokenizer::from_path(p)?,

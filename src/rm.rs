@@ -8,7 +8,6 @@
 //! deviation of the rewards over the training responses are stored with the model,
 //! so that PPO can normalise rewards to mean 0.
 
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -222,7 +221,7 @@ impl TrainTask for RmTask {
         let idx = self.order.batch(epoch, index, self.prompts_per_batch);
         let prompts: Vec<&Ranked> = idx.iter().map(|&i| &self.train_set[i]).collect();
         if let Some(a) = &self.adapter {
-            a.set_dropout(Some((self.order.seed(), epoch, index)));
+            a.set_dropout(Some((self.order.rank_seed(), epoch, index)));
         }
         let loss = self.batch_loss_sum(&prompts);
         if let Some(a) = &self.adapter {
@@ -298,7 +297,7 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
     check_stage(&args.train, &[("--model", Some(model_dir))])?;
     args.lora.check_base(model_dir, "--model")?;
-    let mut rm = load_scalar(model_dir, &Device::Cpu, args.train.seed)?;
+    let mut rm = load_scalar(model_dir, &crate::device::default(), args.train.seed)?;
     let adapter = args
         .lora
         .use_peft
@@ -332,8 +331,13 @@ pub fn train_rm(args: &RmTrainArgs) -> Result<(TrainSummary, RewardNormalization
     task.rm.normalization = Some(norm);
     let out = args.train.output_dir()?;
     // Saved either way, so that `rm eval` / `rm score` can inspect a degenerate model;
-    // PPO refuses it (`check_normalization`).
-    task.save(out)?;
+    // PPO refuses it (`check_normalization`). Rank 0 alone writes (every rank holds the
+    // same weights and statistics).
+    let comm = crate::distributed::current();
+    if comm.is_main() {
+        task.save(out)?;
+    }
+    comm.barrier()?;
     check_normalization(&norm).map_err(|msg| {
         Error::Invalid(format!(
             "{}: {msg}. The reward model gives (nearly) the same reward to every training response: the comparisons are likely degenerate (identical or near-identical chosen and rejected responses, or too few distinct ones), or the learning rate is too high. The model was saved for inspection (rlhf rm score); rlhf ppo refuses it",
@@ -369,7 +373,7 @@ pub fn check_normalization(n: &RewardNormalization) -> std::result::Result<(), S
 
 /// Loads a trained reward model (a folder with `score.weight`).
 pub fn load_reward_model(dir: &Path) -> Result<PretrainedScalar> {
-    let rm = load_scalar(dir, &Device::Cpu, 0)?;
+    let rm = load_scalar(dir, &crate::device::default(), 0)?;
     if rm.fresh_head {
         let classes = crate::model::hf::architectures(&rm.model.config);
         return Err(Error::WrongModelKind {

@@ -1,7 +1,6 @@
 //! Supervised fine-tuning (InstructGPT step 1): the causal-LM loss on demonstration
 //! completions only, prompts masked, through the shared training loop.
 
-use candle_core::Device;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -116,7 +115,7 @@ pub fn run(args: &SftArgs) -> Result<TrainSummary> {
     )?;
     let dataset = require(&args.dataset, "--dataset (or --data)")?;
     check_stage(&args.train, &[("--model", Some(model_dir))])?;
-    let mut pre = load_pretrained(model_dir, &Device::Cpu)?;
+    let mut pre = load_pretrained(model_dir, &crate::device::default())?;
     let adapter = args
         .lora
         .attach(&mut pre.model, model_dir, args.train.seed)?;

@@ -984,3 +984,57 @@ fn a_failed_generate_leaves_its_previous_output_untouched() {
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
     assert_eq!(listing(tmp.path()), ["out.jsonl", "p.jsonl"]);
 }
+
+/// `--device`, `--bf16` and a launcher's rank variables, refused with exit code 2 and
+/// a message that says what to do, where this build cannot honour them.
+#[test]
+fn devices_and_launchers_this_build_cannot_serve_exit_2() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = rlhf_bin();
+        cmd.args(args)
+            .arg(fixture("gpt2"))
+            .args(["--prompt", "hi", "--max_new_tokens", "1"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&["generate", "--device", "tpu", "--model"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--device") && err.contains("cpu, cuda or cuda:N"),
+        "{err}"
+    );
+    let (code, err) = run(&["generate", "--device", "cpu", "--bf16", "--model"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--bf16") && err.contains("GPU"), "{err}");
+    if !cfg!(feature = "cuda") {
+        let (code, err) = run(&["generate", "--device", "cuda", "--model"], &[]);
+        assert_eq!(code, Some(2));
+        assert!(
+            err.contains("built without CUDA") && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
+    if !cfg!(feature = "mpi") {
+        let (code, err) = run(
+            &["generate", "--model"],
+            &[("RANK", "0"), ("WORLD_SIZE", "2")],
+        );
+        assert_eq!(code, Some(2));
+        assert!(
+            err.contains("rank 0 of 2") && err.contains("--features mpi"),
+            "{err}"
+        );
+    }
+    // A world of one needs no engine.
+    let (code, err) = run(
+        &["generate", "--model"],
+        &[("RANK", "0"), ("WORLD_SIZE", "1")],
+    );
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -6,25 +6,11 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde_json::Value;
 
-use common::{fixture, load_fixture, FAMILIES};
+use common::{ids_of, load_fixture, max_abs_diff, reference, FAMILIES};
 use rlhf::generate::{generate, FinishReason, SamplingParams};
 use rlhf::model::hf::{load_pretrained, save_pretrained};
 use rlhf::model::{AttentionMask, CausalLm};
-
-fn reference(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 /// Full-sequence logits for one unpadded sequence: (T, V).
 fn logits_alone(model: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
@@ -40,21 +26,6 @@ fn logits_alone(model: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
         .to_vec2()
         .unwrap()
-}
-
-/// The largest |a − b| over two outputs of the same shape (an output of another
-/// shape, an empty one included, fails).
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len(), "rows");
-    assert!(!a.is_empty(), "empty output");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert_eq!(x.len(), y.len(), "row {i} lengths");
-    }
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -74,25 +45,7 @@ fn logits_match_transformers() {
 #[test]
 fn greedy_continuations_match_transformers() {
     for name in FAMILIES {
-        let pre = load_fixture(name);
-        for case in reference(name)["greedy"].as_array().unwrap() {
-            let prompt = ids_of(&case["prompt_ids"]);
-            let expected = ids_of(&case["tokens"]);
-            let params = SamplingParams {
-                max_new_tokens: 20,
-                temperature: 0.0,
-                eos_token_ids: pre.eos_token_ids.clone(),
-                ..Default::default()
-            };
-            let mut rng = ChaCha8Rng::seed_from_u64(0);
-            let out = generate(&pre.model, &pre.tokenizer, &[prompt], &params, &mut rng).unwrap();
-            assert_eq!(out[0].tokens, expected, "{name}");
-            let ref_lp: Vec<f32> = serde_json::from_value(case["logprobs"].clone()).unwrap();
-            assert_eq!(out[0].logprobs.len(), ref_lp.len(), "{name}: logprobs");
-            for (a, b) in out[0].logprobs.iter().zip(&ref_lp) {
-                assert!((a - b).abs() <= 1e-4, "{name}: logprob {a} vs {b}");
-            }
-        }
+        common::assert_greedy_matches_reference(name, &load_fixture(name));
     }
 }
 

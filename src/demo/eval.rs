@@ -10,7 +10,6 @@
 //!   template shows;
 //! - the next-token loss on the held-out documents.
 
-use candle_core::Device;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -84,7 +83,7 @@ pub fn sequence_kl(reference: &Pretrained, samples: &[Completion]) -> Result<f64
             .iter()
             .map(|c| (c.prompt_tokens.as_slice(), c.tokens.as_slice()))
             .collect();
-        let batch = ResponseBatch::new(&rows, pad, &Device::Cpu)?;
+        let batch = ResponseBatch::new(&rows, pad, &reference.model.device)?;
         let (ref_logp, _) = response_logprobs(&reference.model, &batch, false)?;
         for (c, r) in chunk.iter().zip(&ref_logp) {
             if c.logprobs.len() != r.len() {

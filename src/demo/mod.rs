@@ -17,7 +17,6 @@ pub mod report;
 pub mod summary;
 pub mod world;
 
-use candle_core::Device;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -402,7 +401,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
     // Comparison data: K samples per prompt from the SFT model, ranked by the judge.
     let rank_path = data.join("rankings.jsonl");
     let s = stage(&out.join("rankings"), "rankings", || {
-        let sft = load_pretrained(&sft_dir, &Device::Cpu)?;
+        let sft = load_pretrained(&sft_dir, &crate::device::default())?;
         let params = SamplingParams {
             max_new_tokens: MAX_NEW_TOKENS,
             temperature: 1.0,
@@ -547,7 +546,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
 
     // Evaluation on the held-out prompts and documents, every policy the same way.
     let t = Instant::now();
-    let sft = load_pretrained(&sft_dir, &Device::Cpu)?;
+    let sft = load_pretrained(&sft_dir, &crate::device::default())?;
     let (tasks, docs) = (&d.eval_tasks, &d.held_out_docs);
     let eval_seed = seed.wrapping_add(9);
     let (e_sft, t_sft, s_sft) =
@@ -566,7 +565,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
         .map(|(text, &score)| BTreeMap::from([("sft".to_string(), eval::Answer { text, score })]))
         .collect();
     for (name, dir) in &folders {
-        let policy = load_pretrained(dir, &Device::Cpu)?;
+        let policy = load_pretrained(dir, &crate::device::default())?;
         let (e, texts, scores) = eval::evaluate_policy(
             &policy,
             Some((&sft, s_sft.as_slice())),

@@ -116,7 +116,7 @@ pub fn build_items(src: &Source) -> Result<(Vec<NewItem>, Vec<String>)> {
         }
     }
     for (m, dir) in src.models.iter().enumerate() {
-        let pre = load_pretrained(dir, &candle_core::Device::Cpu).map_err(|e| {
+        let pre = load_pretrained(dir, &crate::device::default()).map_err(|e| {
             LabelError::Invalid(format!("loading model from {}: {e}", dir.display()))
         })?;
         let params = SamplingParams {

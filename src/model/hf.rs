@@ -169,7 +169,7 @@ fn eos_ids_in(path: &Path, v: Option<&Value>, config: &ModelConfig) -> Result<Ve
 /// Reads an HF folder's weights into existing parameters (same specs), in place:
 /// how a checkpoint is restored.
 pub fn load_weights_into(params: &Params, dir: &Path) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = params.device();
     let (tensors, source) = read_weights(dir, &dev)?;
     let loaded = Params::from_hf(params.specs.clone(), tensors, &source, &dev)?;
     for ((_, dst), (_, src)) in params.vars().into_iter().zip(loaded.vars()) {

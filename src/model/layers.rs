@@ -44,7 +44,7 @@ impl Linear {
                 // Few rows (a decoding step): stream the weight once (see ops::matmul).
                 ops::matmul::skinny_matmul(x2, &self.weight)? // (N, out)
             } else {
-                x2.matmul(&self.weight.t()?)? // (N, out)
+                crate::device::matmul(x2, &self.weight.t()?)? // (N, out)
             })
         };
         let y = if !self.weight.track_op() && x2.track_op() && crate::ops::fused_for(x) {
@@ -269,9 +269,9 @@ pub fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) ->
     let k = repeat_kv(k, n_heads / n_kv)?; // (B, nh, S, hd)
     let v = repeat_kv(v, n_heads / n_kv)?; // (B, nh, S, hd)
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?; // (B, nh, T, S)
+    let scores = (crate::device::matmul(q, &k.t()?)? * scale)?.broadcast_add(bias)?; // (B, nh, T, S)
     let probs = softmax_last_dim(&scores)?; // (B, nh, T, S)
-    Ok(probs.matmul(&v)?)
+    Ok(crate::device::matmul(&probs, &v)?)
 }
 
 /// (B, nkv, S, hd) → (B, nkv·rep, S, hd), each kv head repeated `rep` times in place.

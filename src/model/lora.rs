@@ -389,8 +389,9 @@ impl Adapter {
     /// (how a checkpoint is restored).
     pub fn load_weights(&self, dir: &Path) -> Result<()> {
         let path = dir.join(ADAPTER_WEIGHTS_FILE);
-        let tensors = load_safetensors(&path, &Device::Cpu)?;
-        let loaded = Params::from_hf(self.params.specs.clone(), tensors, &path, &Device::Cpu)?;
+        let dev = self.params.device();
+        let tensors = load_safetensors(&path, &dev)?;
+        let loaded = Params::from_hf(self.params.specs.clone(), tensors, &path, &dev)?;
         for ((_, dst), (_, src)) in self.params.vars().into_iter().zip(loaded.vars()) {
             dst.set(src.as_tensor())?;
         }
@@ -648,9 +649,13 @@ impl AdapterFile {
     pub fn merge_into(&self, params: &Params, config: &ModelConfig) -> Result<()> {
         for (module, a, b) in self.pairs(config)? {
             let r = a.dim(0)?;
+            let dev = params
+                .get(&format!("{}.weight", module.name))
+                .device()
+                .clone();
             let branch = LoraBranch {
-                a: a.to_device(params.get(&format!("{}.weight", module.name)).device())?,
-                b,
+                a: a.to_device(&dev)?,
+                b: b.to_device(&dev)?,
                 scale: scale(self.alpha, r, self.use_rslora),
                 dropout: LoraDropout {
                     p: 0.0,

@@ -276,6 +276,14 @@ impl Params {
         })
     }
 
+    /// The device the variables live on (the CPU for a model with none).
+    pub fn device(&self) -> Device {
+        self.vars
+            .values()
+            .next()
+            .map_or(Device::Cpu, |v| v.device().clone())
+    }
+
     pub fn num_parameters(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }

@@ -47,7 +47,7 @@ pub fn init_for_tokenizer(
         tokenizer.bos_token_id(),
         tokenizer.eos_token_id(),
     )?;
-    super::CausalLm::init(config, seed, &candle_core::Device::Cpu)
+    super::CausalLm::init(config, seed, &crate::device::default())
 }
 
 pub fn preset_names(arch: Arch) -> Vec<&'static str> {

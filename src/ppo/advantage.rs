@@ -1,6 +1,9 @@
 //! Generalized advantage estimation (Schulman et al. 2016) over one response, and
 //! batch whitening of advantages.
 
+use crate::distributed::Collective;
+use crate::error::Result;
+
 /// GAE for one response of T tokens: δ_t = r_t + γ·V_{t+1} − V_t (V_T = 0 after the
 /// last token), A_t = δ_t + γλ·A_{t+1}; returns R_t = A_t + V_t for the critic.
 /// rewards, values: (T,) → (advantages (T,), returns (T,))
@@ -18,23 +21,32 @@ pub fn gae(rewards: &[f32], values: &[f32], gamma: f32, lam: f32) -> (Vec<f32>, 
     (adv, returns)
 }
 
-/// Shifts and scales every token's advantage of the batch to mean 0, std 1.
-pub fn whiten(rows: &mut [Vec<f32>]) {
-    let n: usize = rows.iter().map(Vec::len).sum();
-    if n < 2 {
-        return;
+/// Shifts and scales every token's advantage of the batch to mean 0, std 1. The
+/// batch is every rank's rows in a data-parallel run (`comm`): the mean and the
+/// variance are taken over all of them, in two passes as in one process.
+pub fn whiten(rows: &mut [Vec<f32>], comm: &dyn Collective) -> Result<()> {
+    let mut sum = [
+        rows.iter().flatten().map(|&x| x as f64).sum::<f64>(),
+        rows.iter().map(Vec::len).sum::<usize>() as f64,
+    ];
+    comm.all_reduce_sum_f64(&mut sum)?;
+    let [total, n] = sum;
+    if n < 2.0 {
+        return Ok(());
     }
-    let mean = rows.iter().flatten().map(|&x| x as f64).sum::<f64>() / n as f64;
-    let var = rows
+    let mean = total / n;
+    let mut sq = [rows
         .iter()
         .flatten()
         .map(|&x| (x as f64 - mean).powi(2))
-        .sum::<f64>()
-        / (n - 1) as f64;
+        .sum::<f64>()];
+    comm.all_reduce_sum_f64(&mut sq)?;
+    let var = sq[0] / (n - 1.0);
     let inv = 1.0 / (var.sqrt() + 1e-8);
     for x in rows.iter_mut().flatten() {
         *x = ((*x as f64 - mean) * inv) as f32;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -63,7 +75,7 @@ mod tests {
     #[test]
     fn whitening_gives_mean_zero_unit_std() {
         let mut rows = vec![vec![1.0, 2.0], vec![3.0, 4.0, 5.0]];
-        whiten(&mut rows);
+        whiten(&mut rows, &crate::distributed::Single).unwrap();
         let all: Vec<f32> = rows.concat();
         let mean: f32 = all.iter().sum::<f32>() / 5.0;
         assert!(mean.abs() < 1e-6);

@@ -380,15 +380,23 @@ impl PpoTask {
                 ended: ended[i],
             });
         }
+        // In a data-parallel run the batch is every rank's rollouts: whitening, the KL
+        // controller and the reported means use statistics summed over ranks.
+        let comm = crate::distributed::current();
         let mut advs: Vec<Vec<f32>> = exps.iter().map(|e| e.advantages.clone()).collect();
-        whiten(&mut advs);
+        whiten(&mut advs, comm.as_ref())?;
         for (e, a) in exps.iter_mut().zip(advs) {
             e.advantages = a;
         }
-        let nb = r as f64;
+        // The objective's means are over every rank's samples; the throughput and the
+        // samples' lengths and end tokens (below) are this rank's.
+        let mut sums = [kl_sum, ent_sum, non_score, score_sum];
+        comm.all_reduce_sum_f64(&mut sums)?;
+        let [kl_sum, ent_sum, non_score, score_sum] = sums;
+        let nb = (r * comm.world_size()) as f64;
         let sample_stats = SampleStats::of(&samples, &self.actor.eos_token_ids);
         let mean_kl = kl_sum / nb;
-        self.kl.update(mean_kl, r);
+        self.kl.update(mean_kl, r * comm.world_size());
         let tokens: f64 = len_sum + exps.iter().map(|e| e.prompt.len() as f64).sum::<f64>();
         self.pending_metrics = BTreeMap::from([
             ("objective/kl".to_string(), mean_kl),
@@ -472,7 +480,10 @@ impl PpoTask {
         let mut ptx_value = 0.0;
         let ptx_coef = self.ptx_coef();
         if ptx_coef > 0.0 && !self.ptx_rows.is_empty() {
+            // Each rank of a data-parallel run reads its own ptx rows.
+            let comm = crate::distributed::current();
             let step = iteration * self.batches_per_epoch() + index;
+            let step = step * comm.world_size() + comm.rank();
             let k = self.args.ptx_batch_size.min(self.ptx_rows.len());
             let rows: Vec<&Row> = (0..k)
                 .map(|i| &self.ptx_rows[(step * k + i) % self.ptx_rows.len()])
@@ -502,7 +513,10 @@ impl PpoTask {
         s.epoch_n += 1;
         if mb + 1 == n_mb {
             if let Some(target) = self.args.target_kl {
-                if s.epoch_approxkl / s.epoch_n as f64 > 1.5 * target {
+                // Every rank of a data-parallel run stops on the same, global, figure.
+                let mut kl = [s.epoch_approxkl, s.epoch_n as f64];
+                crate::distributed::current().all_reduce_sum_f64(&mut kl)?;
+                if kl[0] / kl[1] > 1.5 * target {
                     self.early_stopped = true;
                 }
             }
@@ -713,7 +727,7 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
             ("--value_model", args.value_model.as_deref()),
         ],
     )?;
-    let dev = Device::Cpu;
+    let dev = crate::device::default();
     let (actor, actor_adapter, reference) =
         policy_and_reference(sft, &args.lora, args.train.seed, &dev)?;
     let reward = match reward_override {
@@ -807,7 +821,7 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         args: args.clone(),
         union,
         ema,
-        rng: ChaCha8Rng::seed_from_u64(args.train.seed),
+        rng: crate::rollout::sampling_rng(args.train.seed),
         kl,
         iteration: None,
         experience: vec![],
@@ -829,7 +843,10 @@ pub fn run(
     let iterations = match args.num_iterations {
         Some(n) => n,
         None => {
-            ((args.train.epochs() * task.prompts.len() as f64) / args.rollout_batch_size as f64)
+            // Each iteration walks rollout_batch_size prompts on every rank.
+            let per_iteration =
+                args.rollout_batch_size * crate::distributed::current().world_size();
+            ((args.train.epochs() * task.prompts.len() as f64) / per_iteration as f64)
                 .ceil()
                 .max(1.0) as usize
         }

@@ -14,3 +14,12 @@ pub mod stats;
 pub use command::RewardCommand;
 pub use prompts::PromptSet;
 pub use scorer::{ScoreFn, Scorer};
+
+/// The random stream a run samples its responses with: from `--seed`, and in a
+/// data-parallel run a different stream on each rank (rank 0's is the one-process
+/// stream), so that ranks do not draw the same tokens for their different prompts.
+pub fn sampling_rng(seed: u64) -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    let rank = crate::distributed::current().rank() as u64;
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ rank.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}

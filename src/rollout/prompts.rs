@@ -16,6 +16,10 @@ pub struct PromptSet {
     /// for generation, in file order.
     pub prompts: Vec<(Prompt, Vec<u32>)>,
     order: EpochOrder,
+    /// This rank's place in a data-parallel run: each iteration walks `count` prompts
+    /// per rank, and rank r takes the r-th `count` of them.
+    rank: usize,
+    world: usize,
 }
 
 impl PromptSet {
@@ -56,8 +60,15 @@ impl PromptSet {
             }
             prompts.push((p, ids));
         }
-        let order = EpochOrder::new(prompts.len(), seed);
-        Ok(PromptSet { prompts, order })
+        // Ranks split each iteration's prompts themselves (`pick`): the walk is one.
+        let order = EpochOrder::sharded(prompts.len(), seed, 0, 1);
+        let comm = crate::distributed::current();
+        Ok(PromptSet {
+            prompts,
+            order,
+            rank: comm.rank(),
+            world: comm.world_size(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -69,12 +80,12 @@ impl PromptSet {
     }
 
     /// The prompt indices of `iteration`: the next `count` of a deterministic walk over
-    /// shuffled epochs of the prompts.
+    /// shuffled epochs of the prompts (this rank's `count`, in a data-parallel run).
     pub fn pick(&self, iteration: usize, count: usize) -> Vec<usize> {
         let n = self.prompts.len();
         (0..count)
             .map(|i| {
-                let g = iteration * count + i;
+                let g = (iteration * self.world + self.rank) * count + i;
                 self.order.batch(g / n, g % n, 1)[0]
             })
             .collect()

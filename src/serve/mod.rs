@@ -69,7 +69,7 @@ impl Settings for ServeArgs {
 
 /// Loads a model folder for serving.
 pub fn load(dir: &Path) -> Result<Pretrained> {
-    load_pretrained(dir, &candle_core::Device::Cpu)
+    load_pretrained(dir, &crate::device::default())
         .with_context(|| format!("loading model from {}", dir.display()))
 }
 

@@ -240,7 +240,7 @@ impl TrainTask for LmTask {
         let idx = self.batch_rows(epoch, index);
         let rows: Vec<&Row> = idx.iter().map(|&i| &self.train_rows[i]).collect();
         if let Some(a) = &self.adapter {
-            a.set_dropout(Some((self.order.seed(), epoch, index)));
+            a.set_dropout(Some((self.order.rank_seed(), epoch, index)));
         }
         let loss = self.loss_sum(&rows);
         if let Some(a) = &self.adapter {

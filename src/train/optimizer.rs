@@ -30,6 +30,9 @@ pub struct AdamW {
     pub step: u64,
     pub exp_avg: Vec<Vec<f32>>,
     pub exp_avg_sq: Vec<Vec<f32>>,
+    /// The moments on the parameters' device when that is not the CPU (a GPU):
+    /// (exp_avg, exp_avg_sq) per parameter; `exp_avg` and `exp_avg_sq` are then empty.
+    device_moments: Option<(Vec<Tensor>, Vec<Tensor>)>,
     decay: Vec<bool>,
 }
 
@@ -40,9 +43,24 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl AdamW {
-    pub fn new(params: &Params, config: AdamWConfig) -> Self {
+    pub fn new(params: &Params, config: AdamWConfig) -> Result<Self> {
         let vars = params.vars();
-        AdamW {
+        if !params.device().is_cpu() {
+            let zeros = || -> candle_core::Result<Vec<Tensor>> {
+                vars.iter()
+                    .map(|(_, v)| v.as_tensor().zeros_like())
+                    .collect()
+            };
+            return Ok(AdamW {
+                config,
+                step: 0,
+                exp_avg: vec![],
+                exp_avg_sq: vec![],
+                device_moments: Some((zeros()?, zeros()?)),
+                decay: vars.iter().map(|(s, _)| s.decay).collect(),
+            });
+        }
+        Ok(AdamW {
             config,
             step: 0,
             exp_avg: vars
@@ -53,24 +71,60 @@ impl AdamW {
                 .iter()
                 .map(|(_, v)| vec![0.0; v.elem_count()])
                 .collect(),
+            device_moments: None,
             decay: vars.iter().map(|(s, _)| s.decay).collect(),
+        })
+    }
+
+    /// One update with the accumulated gradients, where they and the parameters live.
+    pub fn step(&mut self, params: &Params, grads: &GradAccumulator, lr: f64) -> Result<()> {
+        match &grads.device {
+            Some(g) => self.update_on_device(params, g, lr),
+            None => self.update(params, &grads.buffers, lr),
         }
+    }
+
+    /// `update` as tensor ops on the parameters' device (a GPU): the same arithmetic,
+    /// without copying weights, gradients or moments to the host.
+    fn update_on_device(&mut self, params: &Params, grads: &[Tensor], lr: f64) -> Result<()> {
+        let vars: Vec<&Var> = params.vars().into_iter().map(|(_, v)| v).collect();
+        let Some((ms, vs)) = self.device_moments.as_mut() else {
+            return Err(Error::Invalid(
+                "optimizer: device gradients for host moments".into(),
+            ));
+        };
+        let (bc1, bc2) = begin_step(&mut self.step, self.config, grads.len(), vars.len())?;
+        let c = self.config;
+        let step_size = lr / bc1;
+        for (i, var) in vars.iter().enumerate() {
+            let g = &grads[i];
+            let wd = if self.decay[i] {
+                lr * c.weight_decay
+            } else {
+                0.0
+            };
+            let p = var.as_tensor().affine(1.0 - wd, 0.0)?;
+            let m = ((&ms[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((&vs[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
+            let p = (p - ((&m / denom)? * step_size)?)?;
+            var.set(&p)?;
+            ms[i] = m;
+            vs[i] = v;
+        }
+        Ok(())
     }
 
     /// One update of every parameter with gradients `grads` (same order) at `lr`.
     pub fn update(&mut self, params: &Params, grads: &[Vec<f32>], lr: f64) -> Result<()> {
-        let vars: Vec<&Var> = params.vars().into_iter().map(|(_, v)| v).collect();
-        if grads.len() != vars.len() {
-            return Err(Error::Invalid(format!(
-                "optimizer: {} gradients for {} parameters",
-                grads.len(),
-                vars.len()
-            )));
+        if self.device_moments.is_some() {
+            return Err(Error::Invalid(
+                "optimizer: host gradients for parameters on a GPU (use `step`)".into(),
+            ));
         }
-        self.step += 1;
+        let vars: Vec<&Var> = params.vars().into_iter().map(|(_, v)| v).collect();
+        let (bc1, bc2) = begin_step(&mut self.step, self.config, grads.len(), vars.len())?;
         let c = self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
@@ -106,6 +160,14 @@ impl AdamW {
     pub fn state_tensors(&self, params: &Params) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![];
         let dev = candle_core::Device::Cpu;
+        if let Some((ms, vs)) = &self.device_moments {
+            for (i, (spec, _)) in params.vars().iter().enumerate() {
+                out.push((format!("exp_avg.{}", spec.name), ms[i].to_device(&dev)?));
+                out.push((format!("exp_avg_sq.{}", spec.name), vs[i].to_device(&dev)?));
+            }
+            out.push(("step".into(), Tensor::new(&[self.step as f64], &dev)?));
+            return Ok(out);
+        }
         for (i, (spec, _)) in params.vars().iter().enumerate() {
             out.push((
                 format!("exp_avg.{}", spec.name),
@@ -131,7 +193,26 @@ impl AdamW {
                 .get(name)
                 .ok_or_else(|| Error::Invalid(format!("optimizer state lacks {name:?}")))
         };
+        if let Some((ms, vs)) = self.device_moments.as_mut() {
+            for (i, (spec, var)) in params.vars().iter().enumerate() {
+                for (dst, key) in [(&mut ms[i], "exp_avg"), (&mut vs[i], "exp_avg_sq")] {
+                    let t = get(&format!("{key}.{}", spec.name))?;
+                    if t.dims() != spec.shape.as_slice() {
+                        return Err(Error::Invalid(format!(
+                            "optimizer state for {} has the wrong size",
+                            spec.name
+                        )));
+                    }
+                    *dst = t
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_device(var.device())?;
+                }
+            }
+        }
         for (i, (spec, _)) in params.vars().iter().enumerate() {
+            if self.device_moments.is_some() {
+                break;
+            }
             self.exp_avg[i] = flat(get(&format!("exp_avg.{}", spec.name))?)?;
             self.exp_avg_sq[i] = flat(get(&format!("exp_avg_sq.{}", spec.name))?)?;
             if self.exp_avg[i].len() != spec.shape.iter().product::<usize>() {
@@ -148,26 +229,62 @@ impl AdamW {
     }
 }
 
+/// Checks that there is one gradient per parameter, counts the step and returns
+/// Adam's bias corrections (1 − β1^t, 1 − β2^t).
+fn begin_step(step: &mut u64, c: AdamWConfig, grads: usize, vars: usize) -> Result<(f64, f64)> {
+    if grads != vars {
+        return Err(Error::Invalid(format!(
+            "optimizer: {grads} gradients for {vars} parameters"
+        )));
+    }
+    *step += 1;
+    Ok((
+        1.0 - c.beta1.powi(*step as i32),
+        1.0 - c.beta2.powi(*step as i32),
+    ))
+}
+
 /// Gradients summed over the micro-batches of one optimizer step, one flat buffer
-/// per parameter (in `Params::vars()` order).
+/// per parameter (in `Params::vars()` order); on a GPU, one tensor per parameter on
+/// the device instead (`buffers` is then empty).
 #[derive(Debug, Clone)]
 pub struct GradAccumulator {
     pub buffers: Vec<Vec<f32>>,
+    device: Option<Vec<Tensor>>,
 }
 
 impl GradAccumulator {
-    pub fn new(params: &Params) -> Self {
-        GradAccumulator {
-            buffers: params
-                .vars()
+    pub fn new(params: &Params) -> Result<Self> {
+        let vars = params.vars();
+        if !params.device().is_cpu() {
+            let device = vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().zeros_like())
+                .collect::<candle_core::Result<_>>()?;
+            return Ok(GradAccumulator {
+                buffers: vec![],
+                device: Some(device),
+            });
+        }
+        Ok(GradAccumulator {
+            buffers: vars
                 .iter()
                 .map(|(_, v)| vec![0.0; v.elem_count()])
                 .collect(),
-        }
+            device: None,
+        })
     }
 
     /// Adds one backward pass's gradients; a parameter the loss did not reach adds 0.
     pub fn add(&mut self, params: &Params, grads: &GradStore) -> Result<()> {
+        if let Some(bufs) = self.device.as_mut() {
+            for (buf, (_, var)) in bufs.iter_mut().zip(params.vars()) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    *buf = (&*buf + g.detach())?;
+                }
+            }
+            return Ok(());
+        }
         for (buf, (_, var)) in self.buffers.iter_mut().zip(params.vars()) {
             if let Some(g) = grads.get(var.as_tensor()) {
                 for (b, x) in buf.iter_mut().zip(flat(g)?) {
@@ -178,36 +295,70 @@ impl GradAccumulator {
         Ok(())
     }
 
-    pub fn zero(&mut self) {
+    /// Replaces every gradient by its sum over the ranks of a data-parallel run.
+    pub fn all_reduce(&mut self, comm: &dyn crate::distributed::Collective) -> Result<()> {
+        if let Some(bufs) = self.device.as_mut() {
+            for b in bufs.iter_mut() {
+                *b = comm.all_reduce_tensor(b)?;
+            }
+        }
+        for b in self.buffers.iter_mut() {
+            comm.all_reduce_sum(b)?;
+        }
+        Ok(())
+    }
+
+    pub fn zero(&mut self) -> Result<()> {
+        if let Some(bufs) = self.device.as_mut() {
+            for b in bufs.iter_mut() {
+                *b = b.zeros_like()?;
+            }
+        }
         self.buffers
             .iter_mut()
             .for_each(|b| b.iter_mut().for_each(|x| *x = 0.0));
+        Ok(())
     }
 
-    /// The global L2 norm of all gradients (in f64, summed in parameter order).
-    pub fn global_norm(&self) -> f64 {
-        self.buffers
+    /// The global L2 norm of all gradients (in f64, summed in parameter order; on a
+    /// GPU each parameter's sum of squares is taken there, in f32).
+    pub fn global_norm(&self) -> Result<f64> {
+        if let Some(bufs) = &self.device {
+            let sums: Vec<Tensor> = bufs
+                .iter()
+                .map(|b| b.sqr()?.sum_all())
+                .collect::<candle_core::Result<_>>()?;
+            let sums = Tensor::stack(&sums, 0)?.to_dtype(candle_core::DType::F64)?;
+            return Ok(sums.to_vec1::<f64>()?.iter().sum::<f64>().sqrt());
+        }
+        Ok(self
+            .buffers
             .iter()
             .map(|b| b.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
             .sum::<f64>()
-            .sqrt()
+            .sqrt())
     }
 
     /// Scales gradients so that their global norm is at most `max_norm` (PyTorch's
     /// `clip_grad_norm_`: coefficient max_norm / (norm + 1e-6), capped at 1).
     /// Returns the norm before clipping.
-    pub fn clip(&mut self, max_norm: f64) -> f64 {
-        let norm = self.global_norm();
+    pub fn clip(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.global_norm()?;
         if max_norm > 0.0 && norm.is_finite() {
             let coef = max_norm / (norm + 1e-6);
             if coef < 1.0 {
                 let c = coef as f32;
+                if let Some(bufs) = self.device.as_mut() {
+                    for b in bufs.iter_mut() {
+                        *b = (&*b * coef)?;
+                    }
+                }
                 self.buffers
                     .iter_mut()
                     .for_each(|b| b.iter_mut().for_each(|x| *x *= c));
             }
         }
-        norm
+        Ok(norm)
     }
 }
 
@@ -247,7 +398,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        let mut opt = AdamW::new(&params, cfg);
+        let mut opt = AdamW::new(&params, cfg).unwrap();
         opt.update(&params, &[vec![0.5, -1.0], vec![1.0]], 0.1)
             .unwrap();
         opt.update(&params, &[vec![0.2, 0.3], vec![-1.0]], 0.1)
@@ -267,14 +418,14 @@ mod tests {
     fn clipping_scales_to_max_norm() {
         let specs = vec![ParamSpec::new("a", &[2], Init::Zeros)];
         let params = Params::init(specs, 0, &Device::Cpu).unwrap();
-        let mut acc = GradAccumulator::new(&params);
+        let mut acc = GradAccumulator::new(&params).unwrap();
         acc.buffers[0] = vec![3.0, 4.0];
-        let norm = acc.clip(1.0);
+        let norm = acc.clip(1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
-        assert!((acc.global_norm() - 1.0).abs() < 1e-5);
+        assert!((acc.global_norm().unwrap() - 1.0).abs() < 1e-5);
         // Below the limit nothing changes.
         acc.buffers[0] = vec![0.3, 0.4];
-        acc.clip(1.0);
+        acc.clip(1.0).unwrap();
         assert_eq!(acc.buffers[0], [0.3, 0.4]);
     }
 }

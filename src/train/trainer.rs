@@ -93,6 +93,14 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     #[serde(default)]
     pub task: Value,
+    /// The ranks of the data-parallel run that wrote it (absent: one process). A run
+    /// resumes only with the same number: each rank's shard and state depend on it.
+    #[serde(default, skip_serializing_if = "is_one_process")]
+    pub world_size: u64,
+}
+
+fn is_one_process(world_size: &u64) -> bool {
+    *world_size <= 1
 }
 
 /// Summary of a finished run.
@@ -144,7 +152,13 @@ pub fn train(
         (args.warmup_ratio * total_steps as f64).ceil() as usize
     };
 
-    let mut opt = AdamW::new(task.params(), adamw_config(args));
+    // Data parallelism (`crate::distributed`): every rank runs this loop on its shard
+    // of each batch; gradients and statistics are summed over ranks before the
+    // update, so that every rank applies the same update; rank 0 alone writes.
+    let comm = crate::distributed::current();
+    let main = comm.is_main();
+    let parallel = comm.world_size() > 1;
+    let mut opt = AdamW::new(task.params(), adamw_config(args))?;
     let mut state = TrainerState {
         total_steps,
         ..Default::default()
@@ -153,9 +167,37 @@ pub fn train(
     // Resume, start over, or refuse the folder (`output_dir`'s rules), before
     // anything is written; the folder is created only now, with the data and the
     // settings checked.
-    match output_dir::claim(&out, args.overwrite_output_dir)? {
+    // With several ranks, rank 0 claims the folder first (it may clean it), then the
+    // others read what it left, before anyone writes.
+    let start = if main {
+        let start = output_dir::claim(&out, args.overwrite_output_dir);
+        comm.barrier()?;
+        start?
+    } else {
+        comm.barrier()?;
+        output_dir::claim(&out, false)?
+    };
+    comm.barrier()?;
+    // Every rank must start from rank 0's step (a folder not shared between the ranks'
+    // machines would not be).
+    if parallel {
+        let mine = match &start {
+            Start::Resume(step, _) => *step,
+            Start::Fresh => u64::MAX,
+        };
+        let mut buf = mine.to_le_bytes();
+        comm.broadcast(&mut buf, 0)?;
+        if u64::from_le_bytes(buf) != mine {
+            return Err(Error::Invalid(format!(
+                "rank {} sees another checkpoint in {} than rank 0: the ranks must share the output folder",
+                comm.rank(),
+                out.display()
+            )));
+        }
+    }
+    match start {
         Start::Resume(step, dir) => {
-            resume_from(&dir, task, &mut opt, &mut state)?;
+            resume_from(&dir, task, &mut opt, &mut state, comm.as_ref())?;
             state.total_steps = total_steps;
             resumed_from = Some(step);
             crate::note!("resuming from {} (step {step})", dir.display());
@@ -168,14 +210,22 @@ pub fn train(
         }
         Start::Fresh => {}
     }
-    std::fs::create_dir_all(&out).map_err(|e| Error::write(&out, e))?;
-    write_json(&out.join(TRAINING_ARGS_FILE), resolved_config)?;
+    if main {
+        std::fs::create_dir_all(&out).map_err(|e| Error::write(&out, e))?;
+        write_json(&out.join(TRAINING_ARGS_FILE), resolved_config)?;
+    }
 
     // metrics.jsonl keeps the steps up to the checkpoint resumed from, so that each
     // step appears once.
-    let mut metrics = MetricsWriter::create(&out, resumed_from)?;
-    let mut acc = GradAccumulator::new(task.params());
-    let bar = crate::progress::bar(total_steps, label);
+    let mut metrics = match main {
+        true => Some(MetricsWriter::create(&out, resumed_from)?),
+        false => None,
+    };
+    let mut acc = GradAccumulator::new(task.params())?;
+    let bar = match main {
+        true => crate::progress::bar(total_steps, label),
+        false => indicatif::ProgressBar::hidden(),
+    };
     bar.set_position(state.global_step);
     let (mut window_loss, mut window_steps, mut window_tokens) = (0.0, 0usize, 0usize);
     let mut window_start = Instant::now();
@@ -199,15 +249,23 @@ pub fn train(
             task.prepare_batch(e, i)?;
         }
         let step_start = Instant::now();
-        let total_weight: f64 = micro
+        let weights: Vec<f64> = micro
             .iter()
             .map(|&(e, i)| task.batch_weight(e, i))
-            .sum::<Result<f64>>()?;
-        acc.zero();
+            .collect::<Result<_>>()?;
+        // The weight of the whole step over all ranks: each rank's loss is its share
+        // of the global mean, so that the summed gradients are the global batch's.
+        let mut total_weight = [weights.iter().sum::<f64>()];
+        comm.all_reduce_sum_f64(&mut total_weight)?;
+        let total_weight = total_weight[0];
+        acc.zero()?;
         let mut loss = 0.0;
         let mut tokens = 0;
         if total_weight > 0.0 {
-            for &(e, i) in &micro {
+            for (&(e, i), &w) in micro.iter().zip(&weights) {
+                if parallel && w == 0.0 {
+                    continue; // this rank's shard of the batch is empty
+                }
                 let parts = task.batch_loss(e, i)?;
                 let scaled = (parts.sum / total_weight)?;
                 loss += scaled
@@ -218,7 +276,13 @@ pub fn train(
                 acc.add(task.params(), &grads)?;
             }
         }
-        let grad_norm = acc.clip(args.max_grad_norm);
+        if parallel {
+            acc.all_reduce(comm.as_ref())?;
+            let mut stats = [loss, tokens as f64];
+            comm.all_reduce_sum_f64(&mut stats)?;
+            (loss, tokens) = (stats[0], stats[1] as usize);
+        }
+        let grad_norm = acc.clip(args.max_grad_norm)?;
         state.global_step += 1;
         state.tokens_seen += tokens as u64;
         window_tokens += tokens;
@@ -238,7 +302,7 @@ pub fn train(
         } else {
             state.consecutive_nonfinite = 0;
             if total_weight > 0.0 {
-                opt.update(task.params(), &acc.buffers, step_lr)?;
+                opt.step(task.params(), &acc, step_lr)?;
                 task.after_update()?;
             }
             last_loss = loss;
@@ -251,7 +315,7 @@ pub fn train(
 
         let s = state.global_step;
         let task_metrics = task.take_metrics();
-        if !task_metrics.is_empty() {
+        if let (false, Some(metrics)) = (task_metrics.is_empty(), metrics.as_mut()) {
             metrics.log(s, &task_metrics)?;
         }
         let epoch = (s as usize * accum) as f64 / nb as f64;
@@ -273,7 +337,9 @@ pub fn train(
                 "train/skipped_nonfinite_steps".to_string(),
                 state.skipped_nonfinite_steps as f64,
             );
-            metrics.log(s, &m)?;
+            if let Some(metrics) = metrics.as_mut() {
+                metrics.log(s, &m)?;
+            }
             bar.set_message(format!(
                 "{label} loss {:.4} lr {step_lr:.2e} {:.0} tok/s",
                 window_loss / window_steps as f64,
@@ -287,39 +353,37 @@ pub fn train(
             Some(n) if n > 0 => s.is_multiple_of(n as u64),
             _ => epoch_end,
         };
-        if eval_now || s == total_steps {
+        if main && (eval_now || s == total_steps) {
             eval = task.evaluate()?;
             if !eval.is_empty() {
                 let m: BTreeMap<String, f64> = eval
                     .iter()
                     .map(|(k, v)| (format!("eval/{k}"), *v))
                     .collect();
-                metrics.log(s, &m)?;
+                if let Some(metrics) = metrics.as_mut() {
+                    metrics.log(s, &m)?;
+                }
                 let text: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
                 bar.println(format!("step {s}: eval {}", text.join(", ")));
             }
         }
         if args.save_steps > 0 && s.is_multiple_of(args.save_steps as u64) && s < stop_at {
-            save_checkpoint(
-                task,
-                &opt,
-                &state,
-                &out,
-                args.save_total_limit,
-                resolved_config,
-            )?;
+            let saved = Saved {
+                task: &*task,
+                opt: &opt,
+                state: &state,
+            };
+            saved.write(comm.as_ref(), &out, args, resolved_config)?;
         }
     }
     bar.finish_and_clear();
     // A final checkpoint, so that an interrupted or finished run resumes from here.
-    save_checkpoint(
-        task,
-        &opt,
-        &state,
-        &out,
-        args.save_total_limit,
-        resolved_config,
-    )?;
+    let saved = Saved {
+        task: &*task,
+        opt: &opt,
+        state: &state,
+    };
+    saved.write(comm.as_ref(), &out, args, resolved_config)?;
     if state.global_step < total_steps {
         crate::note!(
             "stopped at step {} of {total_steps} (--stop_after_steps); rerun the same command to continue",
@@ -333,11 +397,14 @@ pub fn train(
             seconds: call_start.elapsed().as_secs_f64(),
         });
     }
-    task.save_model(&out)?;
-    write_json(
-        &out.join(TRAINER_STATE_FILE),
-        &serde_json::to_value(&state).expect("state serializes"),
-    )?;
+    if main {
+        task.save_model(&out)?;
+        write_json(
+            &out.join(TRAINER_STATE_FILE),
+            &serde_json::to_value(&state).expect("state serializes"),
+        )?;
+    }
+    comm.barrier()?;
     Ok(TrainSummary {
         state,
         last_loss,
@@ -345,6 +412,72 @@ pub fn train(
         resumed_from,
         seconds: call_start.elapsed().as_secs_f64(),
     })
+}
+
+/// What a checkpoint holds, written by rank 0 while the other ranks wait.
+struct Saved<'a> {
+    task: &'a dyn TrainTask,
+    opt: &'a AdamW,
+    state: &'a TrainerState,
+}
+
+impl Saved<'_> {
+    fn write(
+        &self,
+        comm: &dyn crate::distributed::Collective,
+        out: &Path,
+        args: &TrainingArgs,
+        resolved_config: &Value,
+    ) -> Result<()> {
+        // Each rank's own task state (its rollouts, its sampling stream) goes into the
+        // checkpoint: gathered on rank 0 in rank order.
+        let mut state = self.state.clone();
+        state.task = self.task.state();
+        if comm.world_size() > 1 {
+            let ranks = gather_json(comm, &state.task)?;
+            state.task = serde_json::json!({ "ranks": ranks });
+            state.world_size = comm.world_size() as u64;
+        }
+        if comm.is_main() {
+            save_checkpoint(
+                self.task,
+                self.opt,
+                &state,
+                out,
+                args.save_total_limit,
+                resolved_config,
+            )?;
+        }
+        comm.barrier()
+    }
+}
+
+/// Every rank's `value`, in rank order, on rank 0 (empty on the others).
+fn gather_json(comm: &dyn crate::distributed::Collective, value: &Value) -> Result<Vec<Value>> {
+    let mut out = vec![];
+    for r in 0..comm.world_size() {
+        let bytes = if comm.rank() == r {
+            serde_json::to_vec(value).expect("state serializes")
+        } else {
+            vec![]
+        };
+        let mut len = [bytes.len() as f64];
+        comm.all_reduce_sum_f64(&mut len)?;
+        let mut buf = if comm.rank() == r {
+            bytes
+        } else {
+            vec![0u8; len[0] as usize]
+        };
+        comm.broadcast(&mut buf, r)?;
+        if comm.is_main() {
+            out.push(serde_json::from_slice(&buf).map_err(|e| {
+                Error::Invalid(format!(
+                    "rank {r}'s training state did not arrive whole: {e}"
+                ))
+            })?);
+        }
+    }
+    Ok(out)
 }
 
 /// A non-finite state is never written.
@@ -361,7 +494,7 @@ fn ensure_finite(params: &Params) -> Result<()> {
 }
 
 fn save_checkpoint(
-    task: &mut dyn TrainTask,
+    task: &dyn TrainTask,
     opt: &AdamW,
     state: &TrainerState,
     out: &Path,
@@ -369,18 +502,15 @@ fn save_checkpoint(
     resolved_config: &Value,
 ) -> Result<()> {
     ensure_finite(task.params())?;
-    let mut state = state.clone();
-    state.task = task.state();
-    let task_ref: &dyn TrainTask = task;
     checkpoint::save(out, state.global_step, limit, |dir| {
-        task_ref.save_model(dir)?;
+        task.save_model(dir)?;
         save_safetensors(
-            &opt.state_tensors(task_ref.params())?,
+            &opt.state_tensors(task.params())?,
             &dir.join(OPTIMIZER_FILE),
         )?;
         write_json(
             &dir.join(TRAINER_STATE_FILE),
-            &serde_json::to_value(&state).expect("state serializes"),
+            &serde_json::to_value(state).expect("state serializes"),
         )?;
         write_json(&dir.join(TRAINING_ARGS_FILE), resolved_config)
     })?;
@@ -393,6 +523,7 @@ fn resume_from(
     task: &mut dyn TrainTask,
     opt: &mut AdamW,
     state: &mut TrainerState,
+    comm: &dyn crate::distributed::Collective,
 ) -> Result<()> {
     task.load_model(dir)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
@@ -400,6 +531,27 @@ fn resume_from(
     let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)?;
     opt.load_state(task.params(), &tensors)?;
     *state = read_json(&dir.join(TRAINER_STATE_FILE))?;
+    let written_by = state.world_size.max(1) as usize;
+    if written_by != comm.world_size() {
+        return Err(Error::Invalid(format!(
+            "{}: written by a run of {written_by} rank(s); resume it with the same number (this run has {})",
+            dir.display(),
+            comm.world_size()
+        )));
+    }
+    if written_by > 1 {
+        let mine = state.task["ranks"]
+            .get(comm.rank())
+            .cloned()
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: the checkpoint holds no state for rank {}",
+                    dir.display(),
+                    comm.rank()
+                ))
+            })?;
+        state.task = mine;
+    }
     task.load_state(&state.task)?;
     Ok(())
 }

@@ -18,6 +18,60 @@ pub fn fixture(name: &str) -> PathBuf {
     fixtures().join(name)
 }
 
+/// A fixture's reference.json: transformers' logits, greedy continuations, rewards.
+pub fn reference(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The largest |a − b| over two outputs of the same shape (an output of another
+/// shape, an empty one included, fails).
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "rows");
+    assert!(!a.is_empty(), "empty output");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.len(), y.len(), "row {i} lengths");
+    }
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Greedy decoding from `pre` (the fixture `name`, on any device) gives
+/// transformers' continuations and their log-probs (1e-4) from reference.json.
+pub fn assert_greedy_matches_reference(name: &str, pre: &Pretrained) {
+    use rand::SeedableRng;
+    use rlhf::generate::{generate, SamplingParams};
+    for case in reference(name)["greedy"].as_array().unwrap() {
+        let prompt = ids_of(&case["prompt_ids"]);
+        let params = SamplingParams {
+            max_new_tokens: 20,
+            temperature: 0.0,
+            eos_token_ids: pre.eos_token_ids.clone(),
+            ..Default::default()
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let out = generate(&pre.model, &pre.tokenizer, &[prompt], &params, &mut rng).unwrap();
+        assert_eq!(out[0].tokens, ids_of(&case["tokens"]), "{name}");
+        let ref_lp: Vec<f32> = serde_json::from_value(case["logprobs"].clone()).unwrap();
+        assert_eq!(out[0].logprobs.len(), ref_lp.len(), "{name}: logprobs");
+        for (a, b) in out[0].logprobs.iter().zip(&ref_lp) {
+            assert!((a - b).abs() <= 1e-4, "{name}: logprob {a} vs {b}");
+        }
+    }
+}
+
 pub fn load_fixture(name: &str) -> Pretrained {
     load_pretrained(&fixture(name), &Device::Cpu).unwrap()
 }
