@@ -53,9 +53,9 @@ fn mpi_rlhf() -> Option<PathBuf> {
     .clone()
 }
 
-/// `mpirun -np N BIN ARGS`, as root where the tests run as root (CI), with a bound
-/// on its wall time.
-fn mpirun(np: usize, bin: &Path, args: &[String], limit: Duration) -> Output {
+/// The command `mpirun -np N BIN ARGS`, allowed as root (CI runs tests as root),
+/// its output captured.
+fn mpirun_command(np: usize, bin: &Path, args: &[String]) -> Command {
     let mut cmd = Command::new("mpirun");
     cmd.args(["-np", &np.to_string(), "--oversubscribe"])
         .arg(bin)
@@ -66,7 +66,12 @@ fn mpirun(np: usize, bin: &Path, args: &[String], limit: Duration) -> Output {
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    run_bounded(cmd, limit)
+    cmd
+}
+
+/// `mpirun -np N BIN ARGS` to its end, with a bound on its wall time.
+fn mpirun(np: usize, bin: &Path, args: &[String], limit: Duration) -> Output {
+    run_bounded(mpirun_command(np, bin, args), limit)
 }
 
 fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
@@ -203,35 +208,43 @@ fn sft_data(dir: &Path, n: usize) -> PathBuf {
     p
 }
 
+/// `sft` on the gpt2 fixture with `data` into `out`, and `flags`.
+fn sft_args(data: &Path, out: &Path, flags: &[(&str, &str)]) -> Vec<String> {
+    let mut a = vec![
+        "sft".to_string(),
+        "--model".into(),
+        fixture("gpt2").display().to_string(),
+    ];
+    a.extend(["--dataset".into(), data.display().to_string()]);
+    a.extend(["--output_dir".into(), out.display().to_string()]);
+    for (k, v) in flags {
+        a.extend([k.to_string(), v.to_string()]);
+    }
+    a
+}
+
 /// SFT on `rows` examples: 2 ranks × `batch` against 1 process × 2·`batch`, both
 /// with `accum` micro-batches per step.
 fn sft_two_ranks_against_one(rows: usize, batch: usize, accum: usize, steps: usize) {
     let Some(bin) = mpi_rlhf() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let data = sft_data(tmp.path(), rows);
+    let (accum_flag, steps_flag) = (accum.to_string(), steps.to_string());
     let args = |out: &str, batch: usize| {
-        let mut a = vec![
-            "sft".to_string(),
-            "--model".into(),
-            fixture("gpt2").display().to_string(),
-        ];
-        a.extend(["--dataset".into(), data.display().to_string()]);
-        a.extend([
-            "--output_dir".into(),
-            tmp.path().join(out).display().to_string(),
-        ]);
-        for (k, v) in [
-            ("--per_device_train_batch_size", batch.to_string()),
-            ("--gradient_accumulation_steps", accum.to_string()),
-            ("--max_steps", steps.to_string()),
-            ("--learning_rate", "1e-5".into()),
-            ("--logging_steps", "1".into()),
-            ("--save_steps", "0".into()),
-            ("--seed", "5".into()),
-        ] {
-            a.extend([k.to_string(), v]);
-        }
-        a
+        let batch = batch.to_string();
+        sft_args(
+            &data,
+            &tmp.path().join(out),
+            &[
+                ("--per_device_train_batch_size", &batch),
+                ("--gradient_accumulation_steps", &accum_flag),
+                ("--max_steps", &steps_flag),
+                ("--learning_rate", "1e-5"),
+                ("--logging_steps", "1"),
+                ("--save_steps", "0"),
+                ("--seed", "5"),
+            ],
+        )
     };
     ok(
         &mpirun(2, &bin, &args("two", batch), Duration::from_secs(300)),
@@ -324,26 +337,16 @@ fn two_ranks_resume_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let data = sft_data(tmp.path(), 24);
     let args = |out: &str, extra: &[&str]| {
-        let mut a = vec![
-            "sft".to_string(),
-            "--model".into(),
-            fixture("gpt2").display().to_string(),
-        ];
-        a.extend(["--dataset".into(), data.display().to_string()]);
-        a.extend([
-            "--output_dir".into(),
-            tmp.path().join(out).display().to_string(),
-        ]);
-        a.extend(strings(&[
-            "--per_device_train_batch_size",
-            "3",
-            "--max_steps",
-            "5",
-            "--learning_rate",
-            "1e-3",
-            "--save_steps",
-            "0",
-        ]));
+        let mut a = sft_args(
+            &data,
+            &tmp.path().join(out),
+            &[
+                ("--per_device_train_batch_size", "3"),
+                ("--max_steps", "5"),
+                ("--learning_rate", "1e-3"),
+                ("--save_steps", "0"),
+            ],
+        );
         a.extend(strings(extra));
         a
     };
@@ -435,16 +438,10 @@ fn stopped_and_resumed_equals_straight(
         &mpirun(2, bin, &args("resumed", &[]), limit),
         "resumed part",
     );
-    let bits = |run: &str| -> Vec<(String, Vec<u32>)> {
-        weights(&dir.join(run).join("model.safetensors"))
-            .into_iter()
-            .map(|(k, v)| (k, v.iter().map(|x| x.to_bits()).collect()))
-            .collect()
-    };
-    let straight = bits("straight");
+    let straight = common::lm_weight_bits(&dir.join("straight"));
     assert!(!straight.is_empty());
     assert!(
-        straight == bits("resumed"),
+        straight == common::lm_weight_bits(&dir.join("resumed")),
         "a resumed 2-rank run differs from an uninterrupted one"
     );
 }
@@ -477,22 +474,12 @@ fn a_killed_rank_stops_the_run_with_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let data = sft_data(tmp.path(), 24);
     let out_dir = tmp.path().join("killed");
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-np", "2", "--oversubscribe"])
-        .arg(&bin)
-        .args(["sft", "--model"])
-        .arg(fixture("gpt2"))
-        .arg("--dataset")
-        .arg(&data)
-        .arg("--output_dir")
-        .arg(&out_dir)
-        .args(["--max_steps", "100000", "--save_steps", "0"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+    let args = sft_args(
+        &data,
+        &out_dir,
+        &[("--max_steps", "100000"), ("--save_steps", "0")],
+    );
+    let mut child = mpirun_command(2, &bin, &args).spawn().unwrap();
     // Rank 1: the rlhf process whose environment says so and whose command line
     // names this run's output folder.
     let marker = out_dir.display().to_string();

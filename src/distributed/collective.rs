@@ -36,6 +36,13 @@ pub trait Collective {
     }
 }
 
+/// The seed of rank `rank`'s own random draws, from the run's `seed`: the seed
+/// itself on rank 0 (so a one-process run draws what it always drew), another on
+/// each other rank.
+pub fn rank_seed(seed: u64, rank: usize) -> u64 {
+    seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// One process: every collective is the identity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Single;

@@ -15,7 +15,7 @@ pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 
-pub use collective::{Collective, Single};
+pub use collective::{rank_seed, Collective, Single};
 pub use launcher::launcher_rank;
 
 use candle_core::Device;

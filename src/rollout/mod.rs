@@ -20,6 +20,6 @@ pub use scorer::{ScoreFn, Scorer};
 /// stream), so that ranks do not draw the same tokens for their different prompts.
 pub fn sampling_rng(seed: u64) -> rand_chacha::ChaCha8Rng {
     use rand::SeedableRng;
-    let rank = crate::distributed::current().rank() as u64;
-    rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ rank.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    let rank = crate::distributed::current().rank();
+    rand_chacha::ChaCha8Rng::seed_from_u64(crate::distributed::rank_seed(seed, rank))
 }

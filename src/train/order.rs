@@ -51,7 +51,7 @@ impl EpochOrder {
     /// order's seed on rank 0, another on each other rank, so that ranks' shards of a
     /// batch do not share their masks.
     pub fn rank_seed(&self) -> u64 {
-        self.seed ^ (self.rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        crate::distributed::rank_seed(self.seed, self.rank)
     }
 
     /// Batches per epoch: global batches of `batch_size` items per rank (the last
