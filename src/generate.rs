@@ -5,7 +5,9 @@
 //! (repetition penalty → temperature → top-k → top-p); the log-probability
 //! returned for each token is under the model's *unmodified* distribution
 //! (log-softmax of the raw logits), which is what PPO's ratio and KL penalty need.
-//! All randomness comes from one ChaCha stream, so a seed reproduces a run.
+//! All randomness comes from ChaCha streams, so a seed reproduces a run: one stream
+//! for the whole batch (`generate`), or one per row (`generate_per_row`), with which
+//! a row's tokens do not depend on the other rows of its batch.
 
 use candle_core::Tensor;
 use rand::Rng;
@@ -81,6 +83,23 @@ pub struct Completion {
     pub finish_reason: FinishReason,
 }
 
+/// Where a batch's random draws come from.
+enum Draws<'a> {
+    /// One stream, drawn row after row at each step.
+    Shared(&'a mut ChaCha8Rng),
+    /// Row b draws from stream b only.
+    PerRow(&'a mut [ChaCha8Rng]),
+}
+
+impl Draws<'_> {
+    fn for_row(&mut self, b: usize) -> &mut ChaCha8Rng {
+        match self {
+            Draws::Shared(rng) => rng,
+            Draws::PerRow(rngs) => &mut rngs[b],
+        }
+    }
+}
+
 /// Samples a completion for every prompt (token ids, any lengths) in one batch.
 pub fn generate(
     model: &CausalLm,
@@ -88,6 +107,37 @@ pub fn generate(
     prompts: &[Vec<u32>],
     params: &SamplingParams,
     rng: &mut ChaCha8Rng,
+) -> Result<Vec<Completion>> {
+    generate_with(model, tokenizer, prompts, params, Draws::Shared(rng))
+}
+
+/// As `generate`, with prompt b's tokens drawn from `rngs[b]` alone: the same
+/// prompt and stream give the same completion in any batch (up to float rounding
+/// of the batched forward), which is what lets a data-parallel run sample what one
+/// process with the whole batch samples.
+pub fn generate_per_row(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    rngs: &mut [ChaCha8Rng],
+) -> Result<Vec<Completion>> {
+    if rngs.len() != prompts.len() {
+        return Err(Error::Invalid(format!(
+            "{} random streams for {} prompts",
+            rngs.len(),
+            prompts.len()
+        )));
+    }
+    generate_with(model, tokenizer, prompts, params, Draws::PerRow(rngs))
+}
+
+fn generate_with(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    mut draws: Draws,
 ) -> Result<Vec<Completion>> {
     params.validate()?;
     let context = model.config.context_length();
@@ -153,7 +203,7 @@ pub fn generate(
             } else {
                 vec![]
             };
-            let token = sample_token(row, &history, params, rng);
+            let token = sample_token(row, &history, params, draws.for_row(b));
             c.tokens.push(token);
             c.logprobs.push(log_softmax_at(row, token as usize));
             next.push(token);

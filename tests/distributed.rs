@@ -353,49 +353,154 @@ fn two_ranks_resume_bit_for_bit() {
     stopped_and_resumed_equals_straight(&bin, tmp.path(), args, "2");
 }
 
+/// A PPO run's inputs in `dir`: 16 prompts, pretraining text and a reward model.
+struct PpoInputs {
+    prompts: PathBuf,
+    ptx: PathBuf,
+    rm: PathBuf,
+}
+
+impl PpoInputs {
+    fn new(dir: &Path) -> Self {
+        let prompts = dir.join("prompts.jsonl");
+        let rows: Vec<String> = (0..16)
+            .map(|i| serde_json::json!({"prompt": format!("The cat {i} sat on")}).to_string())
+            .collect();
+        std::fs::write(&prompts, rows.join("\n")).unwrap();
+        let ptx = dir.join("corpus.txt");
+        let docs: Vec<String> = (0..12)
+            .map(|i| format!("Document {i}: the dog ran {} times around the yard.", i * 3))
+            .collect();
+        std::fs::write(&ptx, docs.join("\n\n")).unwrap();
+        let rm = common::reward_model_folder(dir);
+        PpoInputs { prompts, ptx, rm }
+    }
+
+    /// `ppo` from the qwen2 fixture into `out`, with `flags`.
+    fn args(&self, out: &Path, flags: &[&str]) -> Vec<String> {
+        let mut a = strings(&["ppo"]);
+        for (flag, path) in [
+            ("--model", fixture("qwen2")),
+            ("--dataset", self.prompts.clone()),
+            ("--reward_model", self.rm.clone()),
+            ("--output_dir", out.to_path_buf()),
+        ] {
+            a.push(flag.into());
+            a.push(path.display().to_string());
+        }
+        a.extend(strings(&["--max_new_tokens", "6", "--save_steps", "0"]));
+        a.extend(strings(flags));
+        a
+    }
+}
+
+/// PPO-ptx on 2 ranks × (2 prompts per rollout, minibatches of 1) against one
+/// process × (4, 2), over 2 iterations of 2 PPO epochs: the same samples (each
+/// sample's stream is named by its place in the run), the same minibatches (cut from
+/// one shuffle of the whole batch; with one row per rank per minibatch, about a
+/// third of them are all one rank's, so a rank's share is often empty), and the
+/// same loss (token means over both ranks' rows, for the surrogate, the value loss
+/// and the ptx loss): the same policy and critic within 1e-5.
+#[test]
+fn two_ranks_ppo_equal_one_process_with_twice_the_batch() {
+    let Some(bin) = mpi_rlhf() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = PpoInputs::new(tmp.path());
+    let ptx = inputs.ptx.display().to_string();
+    let args = |out: &str, rollout: &str, mini: &str, ptx_batch: &str| {
+        inputs.args(
+            &tmp.path().join(out),
+            &[
+                "--rollout_batch_size",
+                rollout,
+                "--mini_batch_size",
+                mini,
+                "--ptx_batch_size",
+                ptx_batch,
+                "--ptx_data",
+                &ptx,
+                "--ptx_coef",
+                "0.5",
+                "--ppo_epochs",
+                "2",
+                "--num_iterations",
+                "2",
+                "--learning_rate",
+                "1e-5",
+                "--logging_steps",
+                "1",
+                "--seed",
+                "3",
+            ],
+        )
+    };
+    ok(
+        &mpirun(
+            2,
+            &bin,
+            &args("two", "2", "1", "1"),
+            Duration::from_secs(300),
+        ),
+        "mpirun -np 2 rlhf ppo",
+    );
+    ok(&single(&bin, &args("one", "4", "2", "2")), "rlhf ppo");
+    let (two, one) = (tmp.path().join("two"), tmp.path().join("one"));
+    assert_same_training(
+        &two,
+        &one,
+        &fixture("qwen2").join("model.safetensors"),
+        "PPO-ptx 2 × (2 prompts, minibatch 1) vs 1 × (4, 2): policy",
+    );
+    let (diff, moved) = compare(
+        &two.join("critic/model.safetensors"),
+        &one.join("critic/model.safetensors"),
+        &inputs.rm.join("model.safetensors"),
+    );
+    println!("PPO critic: max |Δw| {diff:.2e} (moved by up to {moved:.2e})");
+    assert!(moved > 1e-6, "the critic did not train");
+    assert!(diff <= 1e-5, "the critics differ by {diff}");
+    // The rollouts' statistics over both ranks are those of the one process's batch.
+    let objective = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|m| m.get("objective/scores").and_then(|v| v.as_f64()))
+            .collect()
+    };
+    let (a, b) = (objective(&two), objective(&one));
+    assert_eq!(a.len(), 2);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+            "scores {a:?} vs {b:?}"
+        );
+    }
+}
+
 /// PPO on 2 ranks (each rank rolls out its own prompts; whitening and the KL
 /// controller use statistics summed over both): a run stopped in the middle of an
 /// iteration (after its first update) and resumed ends with the weights of 2 ranks
-/// that ran straight through, bit for bit: each rank's rollouts and sampling stream
-/// are in the checkpoint. (Not compared with one process: each rank samples with its
-/// own random stream.)
+/// that ran straight through, bit for bit: each rank's rollouts are in the checkpoint.
 #[test]
 fn two_ranks_ppo_resume_bit_for_bit() {
     let Some(bin) = mpi_rlhf() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = tmp.path().join("prompts.jsonl");
-    let rows: Vec<String> = (0..16)
-        .map(|i| serde_json::json!({"prompt": format!("The cat {i} sat on")}).to_string())
-        .collect();
-    std::fs::write(&prompts, rows.join("\n")).unwrap();
-    let rm = common::reward_model_folder(tmp.path());
+    let inputs = PpoInputs::new(tmp.path());
     let args = |out: &str, extra: &[&str]| {
-        let mut a = strings(&[
-            "ppo",
+        let mut flags = vec![
             "--rollout_batch_size",
             "4",
             "--mini_batch_size",
             "2",
             "--ppo_epochs",
             "1",
-            "--max_new_tokens",
-            "6",
             "--num_iterations",
             "2",
-            "--save_steps",
-            "0",
-        ]);
-        for (flag, path) in [
-            ("--model", fixture("qwen2")),
-            ("--dataset", prompts.clone()),
-            ("--reward_model", rm.clone()),
-            ("--output_dir", tmp.path().join(out)),
-        ] {
-            a.push(flag.into());
-            a.push(path.display().to_string());
-        }
-        a.extend(strings(extra));
-        a
+        ];
+        flags.extend(extra);
+        inputs.args(&tmp.path().join(out), &flags)
     };
     stopped_and_resumed_equals_straight(&bin, tmp.path(), args, "1");
     // Rank 0 alone wrote the metrics: one row per iteration.

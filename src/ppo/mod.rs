@@ -13,8 +13,11 @@
 //!
 //! Each minibatch update is one step of the shared training loop (one AdamW over the
 //! actor and the critic, clipping, checkpoints, exact resume); an iteration is one
-//! "epoch" of that loop. The rollout buffer, the sampling RNG and the KL controller
-//! are part of the checkpointed state, so a run stopped anywhere resumes bit for bit.
+//! "epoch" of that loop. The rollout buffer and the KL controller are part of the
+//! checkpointed state, and every sample draws from its own stream, named by the
+//! prompt's place in the run (`rollout::sample_stream`): a run stopped anywhere
+//! resumes bit for bit, and W data-parallel ranks train as one process with W times
+//! the batch does.
 //! Steps 1–3 run in the loop's `prepare_batch`, before the iteration's first update:
 //! `time/rollout` and `time/scoring` time steps 1 and 2, `time/update` the
 //! iteration's optimizer steps whole (forward, backward, clipping, AdamW, EMA).
@@ -42,7 +45,7 @@ use std::time::Instant;
 use crate::data::prompts::Prompt;
 use crate::data::text::read_documents;
 use crate::error::{Error, Result};
-use crate::generate::{generate, SamplingParams};
+use crate::generate::{generate_per_row, SamplingParams};
 use crate::losses::{clipped_policy_loss, clipped_value_loss};
 use crate::model::frozen::Frozen;
 use crate::model::hf::{
@@ -58,7 +61,7 @@ use crate::model::{CausalLm, Params};
 use crate::rollout::policy::policy_and_reference;
 use crate::rollout::scorer::same_tokenizer;
 use crate::rollout::stats::SampleStats;
-use crate::rollout::PromptSet;
+use crate::rollout::{sample_stream, PromptSet};
 use crate::settings::{
     at_least, at_least_opt, finite_f32, finite_f64, float, float_opt, invalid, Range, Settings,
 };
@@ -228,6 +231,10 @@ pub use crate::rollout::{ScoreFn, Scorer as RewardSource};
 /// Running sums of one iteration's update statistics.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct UpdateStats {
+    /// Updates taken in this iteration.
+    #[serde(default)]
+    steps: usize,
+    /// Of them, those with rows of this rank's (the means below are over these).
     n: usize,
     policy: f64,
     value: f64,
@@ -248,8 +255,6 @@ struct UpdateStats {
 struct PpoState {
     iteration: Option<usize>,
     experience: Vec<Experience>,
-    rng_seed: [u8; 32],
-    rng_word_pos: String,
     kl: KlController,
     early_stopped: bool,
     stats: UpdateStats,
@@ -271,7 +276,6 @@ pub struct PpoTask {
     union: Params,
     /// EMA of the actor's trained parameters (its adapter's with LoRA), in `vars()` order.
     pub ema: Option<Vec<Vec<f32>>>,
-    rng: ChaCha8Rng,
     kl: KlController,
     iteration: Option<usize>,
     experience: Vec<Experience>,
@@ -297,9 +301,16 @@ impl PpoTask {
     /// Steps 1–3 of an iteration: sample, score and compute advantages.
     fn rollout(&mut self, iteration: usize) -> Result<()> {
         let t0 = Instant::now();
-        // 1. Rollout: the iteration's prompts, a deterministic walk over shuffled epochs.
+        // 1. Rollout: the iteration's prompts, a deterministic walk over shuffled epochs,
+        // each sampled with its own stream (named by its place in the walk), so that W
+        // ranks with r prompts each sample what one process with W·r prompts samples.
         let r = self.args.rollout_batch_size;
         let picked = self.prompts.pick(iteration, r);
+        let mut streams: Vec<ChaCha8Rng> = self
+            .prompts
+            .positions(iteration, r)
+            .map(|g| sample_stream(self.args.train.seed, g))
+            .collect();
         let prompts: Vec<Vec<u32>> = picked
             .iter()
             .map(|&i| self.prompts.prompts[i].1.clone())
@@ -310,12 +321,12 @@ impl PpoTask {
             eos_token_ids: self.actor.eos_token_ids.clone(),
             ..Default::default()
         };
-        let samples = generate(
+        let samples = generate_per_row(
             &self.actor.model,
             &self.actor.tokenizer,
             &prompts,
             &params,
-            &mut self.rng,
+            &mut streams,
         )?;
         let rollout_s = t0.elapsed().as_secs_f64();
 
@@ -436,18 +447,38 @@ impl PpoTask {
         Ok(())
     }
 
-    /// The rollout rows of minibatch `mb` in PPO epoch `pe` of the current iteration.
+    /// The rollout rows of minibatch `mb` in PPO epoch `pe` of the current iteration,
+    /// as indices into this rank's rollouts.
+    ///
+    /// Minibatches are cut from one shuffle of the whole batch, every rank's rollouts
+    /// (rank k's are rows k·r … k·r + r − 1 of it), so that the W ranks' minibatch is
+    /// the one a process holding the whole batch takes. Each rank updates on the rows
+    /// it sampled: `mini_batch_size` of them on average, between none and W times that.
     fn minibatch(&self, iteration: usize, pe: usize, mb: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.experience.len()).collect();
+        let comm = crate::distributed::current();
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let local = self.experience.len();
+        let mut order: Vec<usize> = (0..local * world).collect();
         let key = self.args.train.seed
             ^ ((iteration as u64) << 20)
             ^ (pe as u64).wrapping_mul(0x9E37_79B9);
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(key));
-        let size = self.args.mini_batch_size;
-        order[mb * size..(mb + 1) * size].to_vec()
+        let size = self.args.mini_batch_size * world;
+        order[mb * size..(mb + 1) * size]
+            .iter()
+            .filter(|&&g| g / local == rank)
+            .map(|&g| g % local)
+            .collect()
     }
 
     /// Step 4 for one minibatch: clipped surrogate + vf_coef·value loss + γ·ptx loss.
+    ///
+    /// The surrogate and the value loss are means over the minibatch's response
+    /// tokens, the ptx loss a mean over its text's tokens. In a data-parallel run the
+    /// means are over every rank's tokens: rank k returns W·(its tokens / all tokens)
+    /// times its own means, the trainer divides by the step's total weight (W: each
+    /// rank weighs 1) and sums the ranks' gradients, which gives the global means.
+    /// With one process both factors are exactly 1.
     fn update_loss(&mut self, iteration: usize, index: usize) -> Result<LossParts> {
         let n_mb = self.n_minibatches();
         let (pe, mb) = (index / n_mb, index % n_mb);
@@ -458,30 +489,39 @@ impl PpoTask {
             .map(|e| (e.prompt.as_slice(), e.response.as_slice()))
             .collect();
         let dev = self.actor.model.device.clone();
-        let batch =
-            ResponseBatch::new(&rows, self.pad(), &dev)?.with_temperature(self.args.temperature);
-        let flat = |f: &dyn Fn(&Experience) -> &Vec<f32>| -> Result<Tensor> {
-            let v: Vec<f32> = exps.iter().flat_map(|e| f(e).iter().copied()).collect();
-            let n = v.len();
-            Ok(Tensor::from_vec(v, n, &dev)?)
-        };
-        let old_logp = flat(&|e| &e.logprobs)?; // (M,)
-        let advantages = flat(&|e| &e.advantages)?; // (M,)
-        let returns = flat(&|e| &e.returns)?; // (M,)
-        let old_values = flat(&|e| &e.values)?; // (M,)
+        let comm = crate::distributed::current();
 
-        let (logp, _) = logprobs_of(&self.actor.model, &batch, false)?; // (M,)
-        let (pg_loss, pstats) =
-            clipped_policy_loss(&logp, &old_logp, &advantages, self.args.cliprange)?;
-        let values = values_of(&self.critic.model, &batch)?; // (M,)
-        let vf_loss =
-            clipped_value_loss(&values, &old_values, &returns, self.args.cliprange_value)?;
-        let mut total = (&pg_loss + (&vf_loss * self.args.vf_coef)?)?;
-        let mut ptx_value = 0.0;
+        // The clipped surrogate and value losses over this rank's share of the
+        // minibatch (none where every row of it is another rank's).
+        let mut ppo = None;
+        let response_tokens: usize = exps.iter().map(|e| e.response.len()).sum();
+        if !exps.is_empty() {
+            let batch = ResponseBatch::new(&rows, self.pad(), &dev)?
+                .with_temperature(self.args.temperature);
+            let flat = |f: &dyn Fn(&Experience) -> &Vec<f32>| -> Result<Tensor> {
+                let v: Vec<f32> = exps.iter().flat_map(|e| f(e).iter().copied()).collect();
+                let n = v.len();
+                Ok(Tensor::from_vec(v, n, &dev)?)
+            };
+            let old_logp = flat(&|e| &e.logprobs)?; // (M,)
+            let advantages = flat(&|e| &e.advantages)?; // (M,)
+            let returns = flat(&|e| &e.returns)?; // (M,)
+            let old_values = flat(&|e| &e.values)?; // (M,)
+
+            let (logp, _) = logprobs_of(&self.actor.model, &batch, false)?; // (M,)
+            let (pg_loss, pstats) =
+                clipped_policy_loss(&logp, &old_logp, &advantages, self.args.cliprange)?;
+            let values = values_of(&self.critic.model, &batch)?; // (M,)
+            let vf_loss =
+                clipped_value_loss(&values, &old_values, &returns, self.args.cliprange_value)?;
+            ppo = Some((pg_loss, vf_loss, pstats));
+        }
+
+        // γ·ptx: each rank of a data-parallel run reads its own ptx rows.
+        let mut ptx = None;
+        let mut ptx_tokens = 0;
         let ptx_coef = self.ptx_coef();
         if ptx_coef > 0.0 && !self.ptx_rows.is_empty() {
-            // Each rank of a data-parallel run reads its own ptx rows.
-            let comm = crate::distributed::current();
             let step = iteration * self.batches_per_epoch() + index;
             let step = step * comm.world_size() + comm.rank();
             let k = self.args.ptx_batch_size.min(self.ptx_rows.len());
@@ -489,42 +529,71 @@ impl PpoTask {
                 .map(|i| &self.ptx_rows[(step * k + i) % self.ptx_rows.len()])
                 .collect();
             let (sum, n, _) = lm_loss_sum(&self.actor.model, self.pad(), &rows)?;
-            let ptx = (sum / n.max(1) as f64)?;
-            ptx_value = ptx
-                .detach()
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-            total = (total + (ptx * ptx_coef)?)?;
+            ptx_tokens = n;
+            ptx = Some((sum / n.max(1) as f64)?);
         }
+
+        // This rank's shares of the minibatch's response tokens and ptx tokens.
+        let mut counts = [response_tokens as f64, ptx_tokens as f64];
+        comm.all_reduce_sum_f64(&mut counts)?;
+        let world = comm.world_size() as f64;
+        let share = |local: usize, all: f64| {
+            if all > 0.0 {
+                world * local as f64 / all
+            } else {
+                0.0
+            }
+        };
+        let scaled = |t: Tensor, factor: f64| -> Result<Tensor> {
+            Ok(if factor == 1.0 { t } else { (t * factor)? })
+        };
         let scalar = |t: &Tensor| -> Result<f64> {
             Ok(t.detach()
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?)
         };
+        let mut total: Option<Tensor> = None;
         let s = &mut self.stats;
-        s.n += 1;
-        s.policy += scalar(&pg_loss)?;
-        s.value += scalar(&vf_loss)?;
-        s.ptx += ptx_value;
-        s.approxkl += pstats.approxkl;
-        s.clipfrac += pstats.clipfrac;
-        s.ratio += pstats.ratio;
-        s.epoch_approxkl += pstats.approxkl;
-        s.epoch_n += 1;
+        s.steps += 1;
+        if let Some((pg_loss, vf_loss, pstats)) = ppo {
+            s.n += 1;
+            s.policy += scalar(&pg_loss)?;
+            s.value += scalar(&vf_loss)?;
+            s.approxkl += pstats.approxkl;
+            s.clipfrac += pstats.clipfrac;
+            s.ratio += pstats.ratio;
+            s.epoch_approxkl += pstats.approxkl;
+            s.epoch_n += 1;
+            let loss = (&pg_loss + (&vf_loss * self.args.vf_coef)?)?;
+            total = Some(scaled(loss, share(response_tokens, counts[0]))?);
+        }
+        if let Some(ptx) = ptx {
+            s.ptx += scalar(&ptx)?;
+            let term = scaled((ptx * ptx_coef)?, share(ptx_tokens, counts[1]))?;
+            total = Some(match total {
+                Some(t) => (t + term)?,
+                None => term,
+            });
+        }
         if mb + 1 == n_mb {
             if let Some(target) = self.args.target_kl {
                 // Every rank of a data-parallel run stops on the same, global, figure.
                 let mut kl = [s.epoch_approxkl, s.epoch_n as f64];
-                crate::distributed::current().all_reduce_sum_f64(&mut kl)?;
-                if kl[0] / kl[1] > 1.5 * target {
+                comm.all_reduce_sum_f64(&mut kl)?;
+                if kl[0] / kl[1].max(1.0) > 1.5 * target {
                     self.early_stopped = true;
                 }
             }
             s.epoch_approxkl = 0.0;
             s.epoch_n = 0;
         }
+        let sum = match total {
+            Some(t) => t,
+            // Nothing of this minibatch is this rank's: it adds no gradient.
+            None => Tensor::zeros((), candle_core::DType::F32, &dev)?,
+        };
         let tokens = rows.iter().map(|(p, r)| p.len() + r.len()).sum();
-        Ok(LossParts { sum: total, tokens })
+        Ok(LossParts { sum, tokens })
     }
 
     fn ptx_coef(&self) -> f64 {
@@ -648,8 +717,6 @@ impl TrainTask for PpoTask {
         let s = PpoState {
             iteration: self.iteration,
             experience: self.experience.clone(),
-            rng_seed: self.rng.get_seed(),
-            rng_word_pos: self.rng.get_word_pos().to_string(),
             kl: self.kl.clone(),
             early_stopped: self.early_stopped,
             stats: self.stats.clone(),
@@ -663,13 +730,6 @@ impl TrainTask for PpoTask {
             .map_err(|e| Error::Invalid(format!("PPO state in checkpoint: {e}")))?;
         self.iteration = s.iteration;
         self.experience = s.experience;
-        let mut rng = ChaCha8Rng::from_seed(s.rng_seed);
-        rng.set_word_pos(
-            s.rng_word_pos
-                .parse()
-                .map_err(|_| Error::Invalid("PPO state: bad RNG position".into()))?,
-        );
-        self.rng = rng;
         self.kl = s.kl;
         self.early_stopped = s.early_stopped;
         self.stats = s.stats;
@@ -701,7 +761,7 @@ impl TrainTask for PpoTask {
 
     fn take_metrics(&mut self) -> BTreeMap<String, f64> {
         // Reported once per iteration, after its last update.
-        let done = self.stats.n == self.batches_per_epoch()
+        let done = self.stats.steps == self.batches_per_epoch()
             || (self.early_stopped && self.stats.epoch_n == 0);
         if done && !self.pending_metrics.is_empty() {
             self.finish_iteration_metrics();
@@ -821,7 +881,6 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         args: args.clone(),
         union,
         ema,
-        rng: crate::rollout::sampling_rng(args.train.seed),
         kl,
         iteration: None,
         experience: vec![],

@@ -23,3 +23,14 @@ pub fn sampling_rng(seed: u64) -> rand_chacha::ChaCha8Rng {
     let rank = crate::distributed::current().rank();
     rand_chacha::ChaCha8Rng::seed_from_u64(crate::distributed::rank_seed(seed, rank))
 }
+
+/// The random stream of one sample, named by its position in the run's walk over the
+/// prompts (`PromptSet::positions`): a sample draws the same tokens whichever rank,
+/// and whichever batch, it is drawn in. PPO samples with these, so that W ranks with
+/// R prompts each sample what one process with W·R prompts samples.
+pub fn sample_stream(seed: u64, position: usize) -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(position as u64);
+    rng
+}

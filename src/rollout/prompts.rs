@@ -83,11 +83,16 @@ impl PromptSet {
     /// shuffled epochs of the prompts (this rank's `count`, in a data-parallel run).
     pub fn pick(&self, iteration: usize, count: usize) -> Vec<usize> {
         let n = self.prompts.len();
-        (0..count)
-            .map(|i| {
-                let g = (iteration * self.world + self.rank) * count + i;
-                self.order.batch(g / n, g % n, 1)[0]
-            })
+        self.positions(iteration, count)
+            .map(|g| self.order.batch(g / n, g % n, 1)[0])
             .collect()
+    }
+
+    /// The walk's positions that `pick` reads: rank r of W takes the r-th `count` of
+    /// the iteration's W·`count`, so that the ranks together read what one process
+    /// picking W·`count` reads. A position names one sample of the whole run.
+    pub fn positions(&self, iteration: usize, count: usize) -> std::ops::Range<usize> {
+        let start = (iteration * self.world + self.rank) * count;
+        start..start + count
     }
 }
