@@ -7,9 +7,13 @@ plain transformers loop serving the same requests one at a time (when torch and
 transformers are installed).
 
 Each client sends its requests one after another (streamed /v1/completions, a
-32-token prompt, 32 new tokens, sampling at temperature 1, no stop), so 16 clients
-keep up to 16 requests in flight; every configuration serves 16 requests in all.
-TTFT is from sending a request to its first streamed token; tokens/s is all
+32-word prompt, which the fixture's 404-token BPE makes 58 tokens, 32 new tokens,
+sampling at temperature 1, no stop), so 16 clients keep up to 16 requests in flight;
+every configuration serves 16 requests in all. TTFT is from sending a request to its
+first streamed text: the server holds back text that is not yet whole UTF-8, and a
+random model's ids mostly decode to nothing (8192 ids, 404 of them the tokenizer's),
+so on these models it comes late in the generation and is not the time to the first
+sampled token (`examples/bench_engine` reports that, without HTTP); tokens/s is all
 completion tokens (from the usage chunk) over the wall time from the first request
 to the last answer. The peer serves the same request stream from a FIFO queue on
 one worker thread (model.generate, KV cache, first token timed by a streamer), with

@@ -2,7 +2,9 @@
 //! step) against candle's matmul (the gemm crate) on GPT-2 tiny and small shapes, in
 //! CPU time (steadier than wall time when other work shares the cores).
 //!
-//!     RAYON_NUM_THREADS=1 cargo run --release --example bench_skinny
+//!     RAYON_NUM_THREADS=1 cargo run --release --example bench_skinny [ROWS]
+//!
+//! With ROWS, every shape takes that many rows (e.g. 64: a prefill chunk).
 
 mod common;
 
@@ -37,7 +39,9 @@ fn main() {
         (16, 768, 2304),
         (16, 3072, 768),
     ];
+    let rows: Option<usize> = std::env::args().nth(1).map(|a| a.parse().expect("ROWS"));
     for (n, inner, out) in shapes {
+        let n = rows.unwrap_or(n);
         let x = Tensor::randn(0f32, 1.0, (n, inner), &Device::Cpu).unwrap();
         let w = Tensor::randn(0f32, 1.0, (out, inner), &Device::Cpu).unwrap();
         let flop = (2 * n * inner * out) as f64;
