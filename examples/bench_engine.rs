@@ -73,7 +73,9 @@ fn main() {
         run();
     }
     let (secs, steps, first) = run();
-    let pct = |p: f64| 1e3 * first[((p * (first.len() - 1) as f64).round() as usize).min(first.len() - 1)];
+    let pct = |p: f64| {
+        1e3 * first[((p * (first.len() - 1) as f64).round() as usize).min(first.len() - 1)]
+    };
     // Steps that fed prompt tokens come first (every prompt is queued at the start).
     let prefill_steps = (n * prompt).div_ceil(64);
     let (prefill, decode) = steps.split_at(prefill_steps.min(steps.len()));
