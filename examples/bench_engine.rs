@@ -73,6 +73,7 @@ fn main() {
         run();
     }
     let (secs, steps, first) = run();
+    assert!(!first.is_empty(), "no sequence sampled a token (n = {n})");
     let pct = |p: f64| {
         1e3 * first[((p * (first.len() - 1) as f64).round() as usize).min(first.len() - 1)]
     };

@@ -272,11 +272,11 @@ fn a_stopped_run_resumes_bit_identically() {
     run(&mk(&full), Some(count_reward(target_token()))).unwrap();
     let parts = tmp.path().join("parts");
     let mut a = mk(&parts);
-    a.train.stop_after_steps = Some(6); // in the middle of the second iteration
+    a.train.stop_after_steps = Some(12); // an iteration is 8 updates: mid second
     run(&a, Some(count_reward(target_token()))).unwrap();
     a.train.stop_after_steps = None;
     let (s, _) = run(&a, Some(count_reward(target_token()))).unwrap();
-    assert_eq!(s.resumed_from, Some(6));
+    assert_eq!(s.resumed_from, Some(12));
     assert_eq!(weights(&full), weights(&parts));
 }
 

@@ -242,7 +242,8 @@ struct UpdateStats {
     approxkl: f64,
     clipfrac: f64,
     ratio: f64,
-    /// approx KL summed over the current PPO epoch (for --target_kl).
+    /// The minibatches' approx KL (over every rank's tokens) summed over the current
+    /// PPO epoch, and their count (for --target_kl).
     epoch_approxkl: f64,
     epoch_n: usize,
     /// Wall time of the iteration's optimizer steps so far (forward, backward,
@@ -533,9 +534,18 @@ impl PpoTask {
             ptx = Some((sum / n.max(1) as f64)?);
         }
 
-        // This rank's shares of the minibatch's response tokens and ptx tokens.
-        let mut counts = [response_tokens as f64, ptx_tokens as f64];
+        // This rank's shares of the minibatch's response tokens and ptx tokens, and
+        // its approx KL weighted by its tokens (for the minibatch's token mean).
+        let local_kl = ppo
+            .as_ref()
+            .map_or(0.0, |(_, _, p)| p.approxkl * response_tokens as f64);
+        let mut counts = [response_tokens as f64, ptx_tokens as f64, local_kl];
         comm.all_reduce_sum_f64(&mut counts)?;
+        // The minibatch's approx KL over every rank's tokens (one process: its own).
+        let minibatch_kl = match (&ppo, comm.world_size()) {
+            (Some((_, _, p)), 1) => p.approxkl,
+            _ => counts[2] / counts[0].max(1.0),
+        };
         let world = comm.world_size() as f64;
         let share = |local: usize, all: f64| {
             if all > 0.0 {
@@ -562,8 +572,6 @@ impl PpoTask {
             s.approxkl += pstats.approxkl;
             s.clipfrac += pstats.clipfrac;
             s.ratio += pstats.ratio;
-            s.epoch_approxkl += pstats.approxkl;
-            s.epoch_n += 1;
             let loss = (&pg_loss + (&vf_loss * self.args.vf_coef)?)?;
             total = Some(scaled(loss, share(response_tokens, counts[0]))?);
         }
@@ -575,12 +583,12 @@ impl PpoTask {
                 None => term,
             });
         }
+        s.epoch_approxkl += minibatch_kl;
+        s.epoch_n += 1;
         if mb + 1 == n_mb {
             if let Some(target) = self.args.target_kl {
                 // Every rank of a data-parallel run stops on the same, global, figure.
-                let mut kl = [s.epoch_approxkl, s.epoch_n as f64];
-                comm.all_reduce_sum_f64(&mut kl)?;
-                if kl[0] / kl[1].max(1.0) > 1.5 * target {
+                if s.epoch_approxkl / s.epoch_n as f64 > 1.5 * target {
                     self.early_stopped = true;
                 }
             }
@@ -610,7 +618,8 @@ impl PpoTask {
         let m = &mut self.pending_metrics;
         m.insert("loss/policy".into(), s.policy / n);
         m.insert("loss/value".into(), s.value / n);
-        m.insert("loss/ptx".into(), s.ptx / n);
+        // ptx rows are read at every update, also where this rank had no rollout rows.
+        m.insert("loss/ptx".into(), s.ptx / s.steps.max(1) as f64);
         m.insert("policy/approxkl".into(), s.approxkl / n);
         m.insert("policy/clipfrac".into(), s.clipfrac / n);
         m.insert("val/ratio".into(), s.ratio / n);
@@ -733,6 +742,10 @@ impl TrainTask for PpoTask {
         self.kl = s.kl;
         self.early_stopped = s.early_stopped;
         self.stats = s.stats;
+        if self.stats.steps == 0 {
+            // A checkpoint from before `steps` existed: every update counted in `n`.
+            self.stats.steps = self.stats.n;
+        }
         self.pending_metrics = s.pending_metrics;
         Ok(())
     }

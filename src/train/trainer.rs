@@ -429,7 +429,7 @@ impl Saved<'_> {
         args: &TrainingArgs,
         resolved_config: &Value,
     ) -> Result<()> {
-        // Each rank's own task state (its rollouts, its sampling stream) goes into the
+        // Each rank's own task state (its rollouts; GRPO's and RLOO's sampling stream) goes into the
         // checkpoint: gathered on rank 0 in rank order.
         let mut state = self.state.clone();
         state.task = self.task.state();
