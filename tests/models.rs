@@ -311,3 +311,73 @@ fn response_logprobs_follow_the_sampling_temperature() {
         }
     }
 }
+
+/// With a stream per row, a prompt's sampled tokens do not depend on the other rows
+/// of its batch (what lets data-parallel PPO sample what one process samples): each
+/// prompt alone, with its stream, gives the tokens it gets in a batch of three of
+/// different lengths (so with left padding); with one shared stream they differ.
+#[test]
+fn a_stream_per_row_samples_the_same_tokens_in_any_batch() {
+    use rlhf::generate::generate_per_row;
+    use rlhf::rollout::sample_stream;
+    let pre = load_fixture("qwen2");
+    let prompts: Vec<Vec<u32>> = ["The cat sat on", "Hello", "A dog ran to the park and"]
+        .iter()
+        .map(|p| pre.tokenizer.encode(p, true).unwrap())
+        .collect();
+    let params = SamplingParams {
+        max_new_tokens: 12,
+        temperature: 1.0,
+        ..Default::default()
+    };
+    let streams = |positions: &[usize]| -> Vec<ChaCha8Rng> {
+        positions.iter().map(|&g| sample_stream(9, g)).collect()
+    };
+    let batch = generate_per_row(
+        &pre.model,
+        &pre.tokenizer,
+        &prompts,
+        &params,
+        &mut streams(&[0, 1, 2]),
+    )
+    .unwrap();
+    for (g, prompt) in prompts.iter().enumerate() {
+        let alone = generate_per_row(
+            &pre.model,
+            &pre.tokenizer,
+            std::slice::from_ref(prompt),
+            &params,
+            &mut streams(&[g]),
+        )
+        .unwrap();
+        assert_eq!(alone[0].tokens, batch[g].tokens, "prompt {g}");
+        assert!(batch[g].tokens.len() >= 2);
+    }
+    // One stream for the batch: row 1 draws after row 0 at every step.
+    let shared = generate(
+        &pre.model,
+        &pre.tokenizer,
+        &prompts,
+        &params,
+        &mut sample_stream(9, 0),
+    )
+    .unwrap();
+    assert_eq!(shared[0].tokens.first(), batch[0].tokens.first());
+    assert_ne!(
+        shared.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>(),
+        batch.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>()
+    );
+    // The number of streams must match the number of prompts.
+    let err = generate_per_row(
+        &pre.model,
+        &pre.tokenizer,
+        &prompts,
+        &params,
+        &mut streams(&[0, 1]),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("2 random streams for 3 prompts"),
+        "{err}"
+    );
+}
