@@ -44,6 +44,14 @@ impl Mpi {
             world,
         })
     }
+
+    /// Replaces `buf` by its element-wise sum over the ranks (MPI_Allreduce).
+    fn sum<T: Equivalence + Copy>(&self, buf: &mut [T]) -> Result<()> {
+        let send = buf.to_vec();
+        self.world
+            .all_reduce_into(&send[..], buf, SystemOperation::sum());
+        Ok(())
+    }
 }
 
 impl Collective for Mpi {
@@ -54,16 +62,10 @@ impl Collective for Mpi {
         self.world.size() as usize
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let send = buf.to_vec();
-        self.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
-        Ok(())
+        self.sum(buf)
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let send = buf.to_vec();
-        self.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
-        Ok(())
+        self.sum(buf)
     }
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
         self.world.process_at_rank(root as i32).broadcast_into(buf);

@@ -59,6 +59,13 @@ impl Nccl {
         let t = t.to_device(&self.device)?.contiguous()?;
         Ok(t.apply_op1_no_bwd(&AllReduce(self.comm.clone()))?)
     }
+
+    /// The sum over ranks of a host buffer (f32 or f64), through this rank's GPU.
+    fn reduce_host<T: candle_core::WithDType>(&self, buf: &mut [T]) -> Result<()> {
+        let t = Tensor::from_slice(buf, buf.len(), &self.device)?;
+        buf.copy_from_slice(&self.reduce(&t)?.to_vec1::<T>()?);
+        Ok(())
+    }
 }
 
 /// Rank 0 makes the id and sends it to every other rank over TCP at
@@ -176,16 +183,10 @@ impl Collective for Nccl {
         self.world_size
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let t = Tensor::from_slice(buf, buf.len(), &self.device)?;
-        let sum = self.reduce(&t)?.to_vec1::<f32>()?;
-        buf.copy_from_slice(&sum);
-        Ok(())
+        self.reduce_host(buf)
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let t = Tensor::from_slice(buf, buf.len(), &self.device)?;
-        let sum = self.reduce(&t)?.to_vec1::<f64>()?;
-        buf.copy_from_slice(&sum);
-        Ok(())
+        self.reduce_host(buf)
     }
     fn all_reduce_tensor(&self, t: &Tensor) -> Result<Tensor> {
         let out = self.reduce(t)?;
