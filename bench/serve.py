@@ -9,7 +9,9 @@ transformers are installed).
 Each client sends its requests one after another (streamed /v1/completions, a
 32-word prompt, which the fixture's 404-token BPE makes 58 tokens, 32 new tokens,
 sampling at temperature 1, no stop), so 16 clients keep up to 16 requests in flight;
-every configuration serves 16 requests in all. TTFT is from sending a request to its
+every configuration serves 16 requests per burst, and a row is the median of
+`--repeat` bursts (one burst lasts a fraction of a second on tiny, too short to
+stand alone on a shared 2-core machine). TTFT is from sending a request to its
 first streamed text: the server holds back text that is not yet whole UTF-8, and a
 random model's ids mostly decode to nothing (8192 ids, 404 of them the tokenizer's),
 so on these models it comes late in the generation and is not the time to the first
@@ -90,9 +92,9 @@ def stream_request(server, i):
     return ttft, tokens
 
 
-def drive(clients, serve_one):
+def burst(clients, serve_one):
     """Runs TOTAL_REQUESTS requests from `clients` threads, each sending its share one
-    after another; returns (tokens/s, p50 TTFT, p95 TTFT)."""
+    after another; returns (tokens/s, the requests' TTFTs)."""
     per_client = TOTAL_REQUESTS // clients
     results = []
     lock = threading.Lock()
@@ -110,10 +112,28 @@ def drive(clients, serve_one):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    ttfts = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
+    return sum(r[1] for r in results) / wall, [r[0] for r in results]
+
+
+def process_cpu_seconds(pid):
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drive(clients, serve_one, repeat, pid=None):
+    """`repeat` bursts; returns (median tokens/s, p50 TTFT, p95 TTFT over every
+    request, the server's CPU cores busy over the bursts or None)."""
+    cpu0, t0 = (process_cpu_seconds(pid) if pid else None), time.perf_counter()
+    rates, ttfts = [], []
+    for _ in range(repeat):
+        rate, t = burst(clients, serve_one)
+        rates.append(rate)
+        ttfts.extend(t)
+    cores = (process_cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0) if pid else None
+    ttfts.sort()
     p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]
-    return tokens / wall, statistics.median(ttfts), p95
+    return statistics.median(rates), statistics.median(ttfts), p95, cores
 
 
 def transformers_peer(folder):
@@ -177,6 +197,8 @@ def main():
     parser.add_argument("--models", default=",".join(s[0] for s in SHAPES),
                         help="comma-separated model labels to run (default: all)")
     parser.add_argument("--no_peer", action="store_true", help="skip the transformers peer")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="bursts of 16 requests per row; tokens/s is their median (default 5)")
     args = parser.parse_args()
     wanted = args.models.split(",")
     unknown = [m for m in wanted if m not in {s[0] for s in SHAPES}]
@@ -196,7 +218,8 @@ def main():
                 try:
                     stream_request(server, 10_000)  # warm-up
                     for clients in CLIENTS:
-                        rows.append((label, mode, clients) + drive(clients, lambda i: stream_request(server, i)))
+                        rows.append((label, mode, clients) + drive(clients, lambda i: stream_request(server, i),
+                                                                   args.repeat, server.proc.pid))
                         print(rows[-1], flush=True)
                 finally:
                     server.stop()
@@ -206,17 +229,20 @@ def main():
                 continue
             serve_one, stop = peer
             for clients in CLIENTS:
-                rows.append((label, "transformers 1-at-a-time", clients) + drive(clients, serve_one))
+                rows.append((label, "transformers 1-at-a-time", clients) + drive(clients, serve_one, args.repeat))
                 print(rows[-1], flush=True)
             stop()
     print(f"load: {os.getloadavg()[0]:.2f} (1-minute average at the end)")
-    print(f"\nrlhf serve: {TOTAL_REQUESTS} streamed requests per row, {PROMPT_TOKENS}-word prompts, {NEW} new tokens, "
-          "sampling; 2 threads")
-    print(f"{'model':<11}{'server':<26}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}{'vs 1-at-a-time':>16}")
+    print(f"\nrlhf serve: {args.repeat} bursts of {TOTAL_REQUESTS} streamed requests per row (tokens/s: the "
+          f"bursts' median), {PROMPT_TOKENS}-word prompts, {NEW} new tokens, sampling; 2 threads; cores: "
+          "the server process's CPU time over the row's wall time")
+    print(f"{'model':<11}{'server':<26}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}"
+          f"{'vs 1-at-a-time':>16}{'cores':>7}")
     base = {(r[0], r[2]): r[3] for r in rows if r[1] == "one-at-a-time"}
-    for label, mode, clients, tps, p50, p95 in rows:
+    for label, mode, clients, tps, p50, p95, cores in rows:
         ratio = f"{tps / base[(label, clients)]:.2f}x" if (label, clients) in base else ""
-        print(f"{label:<11}{mode:<26}{clients:>8}{tps:>9.1f}{p50:>9.3f}s{p95:>9.3f}s{ratio:>16}")
+        busy = f"{cores:.2f}" if cores is not None else ""
+        print(f"{label:<11}{mode:<26}{clients:>8}{tps:>9.1f}{p50:>9.3f}s{p95:>9.3f}s{ratio:>16}{busy:>7}")
 
 
 if __name__ == "__main__":

@@ -534,7 +534,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     }
 
     if a.prompt.is_some() && a.num_return_sequences == 1 {
-        let out = generate(&pre.model, &pre.tokenizer, &ids, &params, &mut rng)?;
+        // As `rlhf serve` runs its forwards, so that both give the same tokens.
+        let out = crate::ops::with_row_independent_products(|| {
+            generate(&pre.model, &pre.tokenizer, &ids, &params, &mut rng)
+        })?;
         let mut stdout = Output::open(None)?;
         stdout.line(&out[0].text)?;
         return stdout.finish();
@@ -544,7 +547,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let n = a.num_return_sequences;
     let chunks = entries.chunks(a.batch_size).zip(ids.chunks(a.batch_size));
     for (chunk, (chunk_entries, chunk_ids)) in chunks.enumerate() {
-        let outs = generate_n(&pre.model, &pre.tokenizer, chunk_ids, n, &params, &mut rng)?;
+        let outs = crate::ops::with_row_independent_products(|| {
+            generate_n(&pre.model, &pre.tokenizer, chunk_ids, n, &params, &mut rng)
+        })?;
         for (i, ((_, orig, _), samples)) in chunk_entries.iter().zip(outs).enumerate() {
             for (s, c) in samples.into_iter().enumerate() {
                 let mut row = match orig {

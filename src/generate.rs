@@ -159,6 +159,9 @@ fn generate_with(
     if prompts.is_empty() {
         return Ok(vec![]);
     }
+    // Sampling needs no gradient: through detached weights no step keeps its
+    // intermediates for a backward pass.
+    let model = &model.detached();
     let device = &model.device;
     let pad = tokenizer.pad_token_id();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);

@@ -67,21 +67,30 @@ pub fn keep_freed_memory() {
 /// libmimalloc-sys does not name); −1 disables purging, 0 purges at once.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Hands freed memory back to the kernel from now on, after mimalloc's default 10 ms,
-/// and collects what can go now: what a server does when it goes idle, so that a
-/// burst's KV cache and activations do not stay resident. Memory freed while purging
-/// was off (`keep_freed_memory`) is never handed back later, even by a forced
+/// Hands freed memory back to the kernel from now on, `SERVE_PURGE_DELAY_MS` after it
+/// is freed, and collects what can go now: what a server does when it goes idle, so
+/// that a burst's KV cache and activations do not stay resident. Memory freed while
+/// purging was off (`keep_freed_memory`) is never handed back later, even by a forced
 /// collection (tests/serve_load.rs fails when purging is switched off during work and
-/// on only when idle), so purging stays on; the price is some page faults in steady
-/// serving. Only effective where mimalloc is the allocator (the `rlhf` binary).
+/// on only when idle), so purging stays on, with a delay longer than a burst's steps:
+/// a forced collection purges what is pending whatever its delay.
 pub fn purge_freed_memory() {
     // SAFETY: an option store is a plain write, and `mi_collect` may be called from
     // any thread at any time.
     unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10);
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, SERVE_PURGE_DELAY_MS);
         libmimalloc_sys::mi_collect(true);
     }
 }
+
+/// How long freed memory waits before it is handed back while the server works.
+/// mimalloc's default, 10 ms, is about two decoding steps: each step's buffers went
+/// back to the kernel and the next step faulted fresh zeroed pages in, with the
+/// threads waiting on each other in the page faults. Measured on 16 clients (tiny
+/// model, 2 cores, ten bursts of 16 requests, median): a burst took 355 ms at 10 ms,
+/// 255 ms at 1 s and 265 ms with purging off, and the server's threads used 1.5 of
+/// the 2 cores at 10 ms (BENCHMARKS.md, issue 12).
+const SERVE_PURGE_DELAY_MS: std::ffi::c_long = 1000;
 
 /// Returns the memory mimalloc holds but no longer uses to the kernel, then goes back
 /// to keeping it (`keep_freed_memory`): what a measurement of one stage's peak memory

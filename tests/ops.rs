@@ -389,6 +389,9 @@ fn skinny_matmul_bits_do_not_depend_on_the_row_count() {
         (17, 100, 67),
         (1, 256, 8192),
         (6, 1024, 256),
+        // More rows than one x panel (96): a prompt fed whole in `rlhf generate`.
+        (97, 40, 13),
+        (250, 64, 70),
     ];
     for _ in 0..40 {
         shapes.push((
@@ -416,6 +419,120 @@ fn skinny_matmul_bits_do_not_depend_on_the_row_count() {
                     y[b][o]
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn lora_linear_matches_composite() {
+    use rlhf::model::layers::{DropoutKey, Linear, LoraBranch, LoraDropout};
+    use rlhf::ops::with_composite;
+    // A frozen base with a bias, a trainable adapter, an input that carries a gradient,
+    // with and without dropout; the fused op (values and gradients) against the branch
+    // written from candle ops.
+    // (dropout p, key, rows, whether the input carries a gradient)
+    for (p, key, n, x_grad) in [
+        (0.0, None, 7, true),
+        (0.3, Some(11u64), 7, true),
+        (0.3, Some(12u64), 40, false), // gemm's row count; the first layer's input
+    ] {
+        let (inp, out, r) = (24, 19, 4);
+        let w = randn(&[out, inp], 1).as_tensor().detach();
+        let bias = randn(&[out], 2).as_tensor().detach();
+        let a = randn(&[r, inp], 3);
+        let b = randn(&[out, r], 4);
+        let x = randn(&[n, inp], 5);
+        let probe = randn(&[n, out], 6).as_tensor().detach();
+        let dropout_key = DropoutKey::default();
+        dropout_key.set(key);
+        let mut layer = Linear::new(w, Some(bias));
+        layer.lora = Some(LoraBranch {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 2.0,
+            dropout: LoraDropout {
+                p,
+                layer: 3,
+                key: dropout_key,
+            },
+        });
+        let run = || {
+            // x·1 gives x an op, as a layer's input has inside a model.
+            let xin = if x_grad {
+                (x.as_tensor() * 1.0).unwrap()
+            } else {
+                x.as_tensor().detach()
+            };
+            let y = layer.forward(&xin).unwrap();
+            let loss = (&y * &probe).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            let grad = |t: &Tensor| {
+                g.get(t).map_or(vec![], |g| {
+                    g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+            };
+            (
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                grad(x.as_tensor()),
+                grad(a.as_tensor()),
+                grad(b.as_tensor()),
+            )
+        };
+        let calls = rlhf::ops::lora::fused_calls();
+        let fused = run();
+        assert_eq!(
+            rlhf::ops::lora::fused_calls(),
+            calls + 1,
+            "the fused op ran"
+        );
+        let composite = with_composite(run);
+        assert_eq!(
+            rlhf::ops::lora::fused_calls(),
+            calls + 1,
+            "the composite branch ran"
+        );
+        assert_eq!(
+            fused.1.is_empty(),
+            !x_grad,
+            "x gets a gradient only when it needs one"
+        );
+        // The values: the unfused layer's arithmetic on the fused kernels, bit for bit.
+        let xd = x.as_tensor().detach();
+        let product = if n <= 16 {
+            rlhf::ops::matmul::skinny_matmul(&xd, &layer.weight).unwrap()
+        } else {
+            xd.matmul(&layer.weight.t().unwrap()).unwrap()
+        };
+        let unfused = (product + layer.lora.as_ref().unwrap().forward(&xd).unwrap())
+            .unwrap()
+            .broadcast_add(layer.bias.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(
+            fused.0,
+            unfused.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "p {p}"
+        );
+        let worst = fused
+            .0
+            .iter()
+            .zip(&composite.0)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst < 1e-4,
+            "p {p}: values differ from the composite's by {worst}"
+        );
+        for (what, f, c) in [
+            ("x", &fused.1, &composite.1),
+            ("A", &fused.2, &composite.2),
+            ("B", &fused.3, &composite.3),
+        ] {
+            assert_eq!(f.len(), c.len());
+            let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = f.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 1e-5 * scale,
+                "p {p}: d{what} differs by {worst} (scale {scale})"
+            );
         }
     }
 }

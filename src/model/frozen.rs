@@ -13,9 +13,32 @@ pub struct Frozen<M> {
     inner: M,
 }
 
-impl<M> Frozen<M> {
+/// A model that can give a copy of itself with every tensor detached.
+pub trait Detach {
+    fn detached(&self) -> Self;
+}
+
+impl Detach for CausalLm {
+    fn detached(&self) -> Self {
+        CausalLm::detached(self)
+    }
+}
+
+impl Detach for PretrainedScalar {
+    fn detached(&self) -> Self {
+        PretrainedScalar {
+            model: self.model.detached(),
+            ..self.clone()
+        }
+    }
+}
+
+impl<M: Detach> Frozen<M> {
+    /// Keeps the model's detached copy: no forward through it records a graph.
     pub fn new(inner: M) -> Self {
-        Frozen { inner }
+        Frozen {
+            inner: inner.detached(),
+        }
     }
 }
 

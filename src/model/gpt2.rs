@@ -125,6 +125,30 @@ impl Gpt2 {
         Ok(out)
     }
 
+    /// The same model with every tensor detached (see `Backbone::detached`).
+    pub fn detached(&self) -> Self {
+        Gpt2 {
+            n_head: self.n_head,
+            exact_gelu: self.exact_gelu,
+            wte: self.wte.detach(),
+            wpe: self.wpe.detach(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    ln_1: b.ln_1.detached(),
+                    c_attn: b.c_attn.detached(),
+                    c_proj: b.c_proj.detached(),
+                    ln_2: b.ln_2.detached(),
+                    c_fc: b.c_fc.detached(),
+                    c_fc_bias: b.c_fc_bias.detach(),
+                    mlp_proj: b.mlp_proj.detached(),
+                })
+                .collect(),
+            ln_f: self.ln_f.detached(),
+        }
+    }
+
     /// The token embedding, which is also the LM head's weight (tied).
     pub fn token_embedding(&self) -> &Tensor {
         &self.wte

@@ -33,6 +33,19 @@ impl Linear {
         }
     }
 
+    /// The same layer with every tensor detached (storage shared, nothing copied).
+    pub fn detached(&self) -> Self {
+        Linear {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            lora: self.lora.as_ref().map(|l| LoraBranch {
+                a: l.a.detach(),
+                b: l.b.detach(),
+                ..l.clone()
+            }),
+        }
+    }
+
     /// x: (..., in) → (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -40,27 +53,61 @@ impl Linear {
         let inner = dims[dims.len() - 1];
         let x2 = x.reshape((rows, inner))?; // (N, in)
         let product = |x2: &Tensor| -> Result<Tensor> {
-            Ok(if rows <= SKINNY_ROWS && crate::ops::fused_for(x) {
-                // Few rows (a decoding step): stream the weight once (see ops::matmul).
+            let skinny = rows <= SKINNY_ROWS || ops::row_independent_products();
+            Ok(if skinny && crate::ops::fused_for(x) {
+                // Few rows (a decoding step), or inference asking for bits that do
+                // not depend on the row count: stream the weight once (ops::matmul).
                 ops::matmul::skinny_matmul(x2, &self.weight)? // (N, out)
             } else {
                 crate::device::matmul(x2, &self.weight.t()?)? // (N, out)
             })
         };
-        let y = if !self.weight.track_op() && x2.track_op() && crate::ops::fused_for(x) {
-            // A frozen weight (LoRA's base) in a pass that will be differentiated: the
-            // same product, with a backward that gives x its gradient and W none.
-            ops::matmul::with_frozen_weight_grad(&x2, &product(&x2.detach())?, &self.weight)?
-        } else {
-            product(&x2)?
-        };
+        let frozen_base = !self.weight.track_op() && crate::ops::fused_for(x);
         let y = match &self.lora {
-            Some(lora) => (y + lora.forward(&x2)?)?, // (N, out)
-            None => y,
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            Some(lora)
+                if frozen_base
+                    && self.bias.as_ref().is_none_or(|b| !b.track_op())
+                    && (x2.track_op() || lora.a.track_op() || lora.b.track_op()) =>
+            {
+                // LoRA in a pass that will be differentiated: the value from detached
+                // inputs (the composite's arithmetic, op for op), joined to the graph
+                // as one op that keeps none of the branch's intermediates.
+                let xd = x2.detach();
+                let dropout = lora.dropout.current();
+                let branch = LoraBranch {
+                    a: lora.a.detach(),
+                    b: lora.b.detach(),
+                    ..lora.clone()
+                };
+                let y = (product(&xd)? + branch.forward_with(&xd, dropout)?)?; // (N, out)
+                let y = match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                ops::lora::lora_linear(&x2, y, &self.weight, &lora.a, &lora.b, lora.scale, dropout)?
+            }
+            _ => {
+                let y = if frozen_base && x2.track_op() {
+                    // A frozen weight (LoRA's base) in a pass that will be
+                    // differentiated: the same product, with a backward that gives x
+                    // its gradient and W none.
+                    ops::matmul::with_frozen_weight_grad(
+                        &x2,
+                        &product(&x2.detach())?,
+                        &self.weight,
+                    )?
+                } else {
+                    product(&x2)?
+                };
+                let y = match &self.lora {
+                    Some(lora) => (y + lora.forward(&x2)?)?, // (N, out)
+                    None => y,
+                };
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
@@ -83,7 +130,15 @@ pub struct LoraBranch {
 impl LoraBranch {
     /// x: (N, in) → Δy (N, out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.dropout.apply(x)?; // (N, in)
+        self.forward_with(x, self.dropout.current())
+    }
+
+    /// As `forward`, with this dropout (read once by the caller).
+    fn forward_with(&self, x: &Tensor, dropout: Option<ops::lora::Dropout>) -> Result<Tensor> {
+        let x = match dropout {
+            Some(d) => d.apply(x)?,
+            None => x.clone(),
+        }; // (N, in)
         let h = x.matmul(&self.a.t()?)?; // (N, r)
         Ok((h.matmul(&self.b.t()?)? * self.scale)?)
     }
@@ -121,38 +176,23 @@ impl DropoutKey {
     }
 }
 
-/// SplitMix64: a counter-based hash, so element i's draw needs no state.
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl LoraDropout {
+    /// This micro-batch's dropout: `Some` when a key is set and p > 0.
+    pub fn current(&self) -> Option<ops::lora::Dropout> {
+        let key = self.key.get().filter(|_| self.p > 0.0)?;
+        Some(ops::lora::Dropout {
+            p: self.p,
+            seed: ops::lora::splitmix64(key ^ ops::lora::splitmix64(self.layer)),
+        })
+    }
+
     /// x with each element zeroed with probability p and the rest scaled by 1/(1−p),
     /// when a key is set and p > 0; x itself otherwise.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let Some(key) = self.key.get().filter(|_| self.p > 0.0) else {
-            return Ok(x.clone());
-        };
-        let n = x.elem_count();
-        let seed = splitmix64(key ^ splitmix64(self.layer));
-        let keep = 1.0 / (1.0 - self.p) as f32;
-        // A draw in [0, 1) from the top 24 bits of each element's hash.
-        let threshold = (self.p * (1u64 << 24) as f64) as u64;
-        let mask: Vec<f32> = (0..n as u64)
-            .map(|i| {
-                let u = splitmix64(seed.wrapping_add(i)) >> 40;
-                if u < threshold {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-        Ok((x * mask)?)
+        Ok(match self.current() {
+            Some(d) => d.apply(x)?,
+            None => x.clone(),
+        })
     }
 }
 
@@ -165,6 +205,14 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    pub fn detached(&self) -> Self {
+        LayerNorm {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            eps: self.eps,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if crate::ops::fused_for(x) {
             return Ok(ops::norm::layer_norm(
@@ -195,6 +243,13 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    pub fn detached(&self) -> Self {
+        RmsNorm {
+            weight: self.weight.detach(),
+            eps: self.eps,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if crate::ops::fused_for(x) {
             return Ok(ops::norm::rms_norm(x, &self.weight, self.eps)?);

@@ -149,6 +149,32 @@ impl Llama {
         &self.embed_tokens
     }
 
+    /// The same model with every tensor detached (see `Backbone::detached`).
+    pub fn detached(&self) -> Self {
+        Llama {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            inv_freq: self.inv_freq.detach(),
+            embed_tokens: self.embed_tokens.detach(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Layer {
+                    input_layernorm: l.input_layernorm.detached(),
+                    q_proj: l.q_proj.detached(),
+                    k_proj: l.k_proj.detached(),
+                    v_proj: l.v_proj.detached(),
+                    o_proj: l.o_proj.detached(),
+                    post_attention_layernorm: l.post_attention_layernorm.detached(),
+                    gate_proj: l.gate_proj.detached(),
+                    up_proj: l.up_proj.detached(),
+                    down_proj: l.down_proj.detached(),
+                })
+                .collect(),
+            norm: self.norm.detached(),
+        }
+    }
+
     /// A copy whose dense layers are `f(module name, layer)`, the names as PEFT
     /// writes them (`model.layers.0.self_attn.q_proj`); every other tensor is shared.
     pub fn map_linears(&self, f: &dyn Fn(&str, &Linear) -> Result<Linear>) -> Result<Self> {

@@ -76,6 +76,19 @@ impl Backbone {
         })
     }
 
+    /// The same model with every tensor detached: storage shared with the original
+    /// (nothing copied; an optimizer step on it shows here), and no op of a forward
+    /// through it is recorded for a backward pass. What inference runs on (sampling,
+    /// scoring, the frozen models): through trainable weights candle keeps every
+    /// intermediate of a forward alive until its output is dropped, which on PPO's
+    /// scoring pass over a whole rollout batch was most of the run's peak memory.
+    pub fn detached(&self) -> Self {
+        match self {
+            Backbone::Gpt2(m) => Backbone::Gpt2(m.detached()),
+            Backbone::Llama(m) => Backbone::Llama(m.detached()),
+        }
+    }
+
     pub fn token_embedding(&self) -> &Tensor {
         match self {
             Backbone::Gpt2(m) => m.token_embedding(),
@@ -172,6 +185,20 @@ impl CausalLm {
     ) -> Result<Tensor> {
         let hidden = self.backbone.forward(ids, mask, cache)?; // (B, T, C)
         self.lm_head.forward(&hidden)
+    }
+
+    /// The same model for inference: every tensor of the forward detached
+    /// (`Backbone::detached`); `params` still holds the variables, for saving.
+    pub fn detached(&self) -> Self {
+        CausalLm {
+            config: self.config.clone(),
+            params: self.params.clone(),
+            backbone: self.backbone.detached(),
+            lm_head: LmHead {
+                weight: self.lm_head.weight.detach(),
+            },
+            device: self.device.clone(),
+        }
     }
 
     /// A fresh, empty KV cache sized for this model.

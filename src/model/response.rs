@@ -137,10 +137,10 @@ pub fn response_logprobs(
     batch: &ResponseBatch,
     with_entropy: bool,
 ) -> Result<(PerRow, Option<PerRow>)> {
-    let hidden = model
-        .backbone
-        .forward(&batch.ids, &batch.mask, None)?
-        .detach(); // (B, T, C)
+    // Through detached weights the forward records no graph, so each layer's
+    // intermediates are freed as it goes instead of living until the end.
+    let model = &model.detached();
+    let hidden = model.backbone.forward(&batch.ids, &batch.mask, None)?; // (B, T, C)
     let (b, t, c) = hidden.dims3()?;
     let hidden = hidden.reshape((b * t, c))?; // (B·T, C)
     let m = batch.positions.dim(0)?;

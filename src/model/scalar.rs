@@ -120,6 +120,22 @@ impl ScalarModel {
         })
     }
 
+    /// The same model for inference: every tensor of the forward detached
+    /// (`Backbone::detached`); `params` still holds the variables. The copy counts
+    /// its own forwarded rows, from the original's count.
+    pub fn detached(&self) -> Self {
+        ScalarModel {
+            config: self.config.clone(),
+            params: self.params.clone(),
+            backbone: self.backbone.detached(),
+            head: ScalarHead {
+                weight: self.head.weight.detach(),
+            },
+            device: self.device.clone(),
+            rows_forwarded: self.rows_forwarded.clone(),
+        }
+    }
+
     /// ids: (B, T) → a scalar per position (B, T).
     pub fn forward(&self, ids: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
         self.rows_forwarded.add(ids.dim(0)?);

@@ -19,6 +19,9 @@ use super::{dot, f32_slice, PARALLEL_MIN_WORK};
 /// W rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
 
+/// x rows the kernel takes at a time (a multiple of its three-row blocks).
+const X_PANEL: usize = 96;
+
 struct SkinnyMatmul;
 
 /// Columns `o0..o0 + rows` of y (n, out) = x · Wᵀ for the W rows in `w` (a slice of
@@ -171,21 +174,29 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kernel(w: &[f32], x: &[f32], inner: usize, n: usize, y: Columns) {
         let rows = w.len() / inner;
-        let mut o = 0;
-        while o + 4 <= rows {
-            let wp = w.as_ptr().add(o * inner);
-            let mut b = 0;
-            while b + 3 <= n {
-                block::<3>(wp, x.as_ptr().add(b * inner), inner, o, b, y);
-                b += 3;
+        // x rows in panels of X_PANEL, so that a panel stays in cache while every W
+        // block of this task passes over it (many rows: a long prompt).
+        let mut b0 = 0;
+        while b0 < n {
+            let end = (b0 + super::X_PANEL).min(n);
+            let mut o = 0;
+            while o + 4 <= rows {
+                let wp = w.as_ptr().add(o * inner);
+                let mut b = b0;
+                while b + 3 <= end {
+                    block::<3>(wp, x.as_ptr().add(b * inner), inner, o, b, y);
+                    b += 3;
+                }
+                match end - b {
+                    2 => block::<2>(wp, x.as_ptr().add(b * inner), inner, o, b, y),
+                    1 => block::<1>(wp, x.as_ptr().add(b * inner), inner, o, b, y),
+                    _ => {}
+                }
+                o += 4;
             }
-            match n - b {
-                2 => block::<2>(wp, x.as_ptr().add(b * inner), inner, o, b, y),
-                1 => block::<1>(wp, x.as_ptr().add(b * inner), inner, o, b, y),
-                _ => {}
-            }
-            o += 4;
+            b0 = end;
         }
+        let o = rows / 4 * 4;
         for o in o..rows {
             let wrow = &w[o * inner..(o + 1) * inner];
             for b in 0..n {

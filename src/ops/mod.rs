@@ -10,6 +10,7 @@
 pub mod activation;
 pub mod attention;
 pub mod lm_head;
+pub mod lora;
 pub mod matmul;
 pub mod norm;
 pub(crate) mod simd;
@@ -19,6 +20,7 @@ use std::cell::Cell;
 
 thread_local! {
     static FUSED: Cell<bool> = const { Cell::new(true) };
+    static ROW_INDEPENDENT: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Whether the model code should run these kernels for `t`: a CPU f32 tensor, and not
@@ -30,14 +32,40 @@ pub fn fused_for(t: &Tensor) -> bool {
 /// Runs `f` with the composite candle ops instead of the fused kernels on this thread
 /// (the whole-model reference the kernels are tested against).
 pub fn with_composite<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
+    with_flag(&FUSED, false, f)
+}
+
+/// Runs `f` with a thread-local flag set to `value`, restoring it afterwards (also
+/// when `f` panics).
+fn with_flag<R>(
+    flag: &'static std::thread::LocalKey<Cell<bool>>,
+    value: bool,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore(&'static std::thread::LocalKey<Cell<bool>>, bool);
     impl Drop for Restore {
         fn drop(&mut self) {
-            FUSED.with(|c| c.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(FUSED.with(|c| c.replace(false)));
+    let _restore = Restore(flag, flag.with(|c| c.replace(value)));
     f()
+}
+
+/// Whether `Linear` should run the skinny kernel for every row count on this thread
+/// (inside `with_row_independent_products`).
+pub fn row_independent_products() -> bool {
+    ROW_INDEPENDENT.with(Cell::get)
+}
+
+/// Runs `f` with every dense-layer product of this thread on the skinny kernel
+/// (`matmul::skinny_matmul`), whose bits do not depend on how many rows come
+/// together: a prompt fed in one forward, in chunks or beside other sequences gives
+/// the same hidden states. Inference only (serving, `rlhf generate`): it is also
+/// 1.0–3.6× faster than gemm up to 256 rows on small layers (gemm packs the
+/// weight on every call; `examples/bench_skinny ROWS`), while training keeps gemm.
+pub fn with_row_independent_products<R>(f: impl FnOnce() -> R) -> R {
+    with_flag(&ROW_INDEPENDENT, true, f)
 }
 
 /// Below this many multiply-adds a kernel runs on the calling thread: waking the

@@ -344,7 +344,7 @@ impl PpoTask {
         let (logprobs, entropies) = response_logprobs(&self.actor.model, &batch, true)?;
         let entropies = entropies.unwrap_or_default();
         let ref_logprobs = self.reference.response_logprobs(&batch)?;
-        let values = batch.split(&values_of(&self.critic.model, &batch)?)?;
+        let values = batch.split(&values_of(&self.critic.model.detached(), &batch)?)?;
         let ended: Vec<bool> = samples
             .iter()
             .map(|c| c.finish_reason == crate::generate::FinishReason::Eos)

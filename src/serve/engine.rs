@@ -211,7 +211,8 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         stats.alive.store(true, Ordering::SeqCst);
         Engine {
-            model,
+            // Inference only: no forward records a graph.
+            model: model.detached(),
             tokenizer,
             eos,
             config,
@@ -315,10 +316,12 @@ impl Engine {
         let device = &self.model.device;
         let mask = AttentionMask::from_segments(std::slice::from_ref(&self.columns), n, device)?;
         let ids = Tensor::from_vec(ids, (1, n), device)?; // (1, N)
-        let hidden = self
-            .model
-            .backbone
-            .forward(&ids, &mask, Some(&mut self.cache))?; // (1, N, C)
+        let (model, cache) = (&self.model, &mut self.cache);
+        // Row-independent products: a prompt chunked or beside other sequences gets
+        // the bits it gets alone in `rlhf generate` (which runs the same way).
+        let hidden = crate::ops::with_row_independent_products(|| {
+            model.backbone.forward(&ids, &mask, Some(cache))
+        })?; // (1, N, C)
         heads.sort_unstable();
         let logits: Vec<Vec<f32>> = if heads.is_empty() {
             vec![]
@@ -326,7 +329,9 @@ impl Engine {
             let at: Vec<u32> = heads.iter().map(|&(_, c)| c).collect();
             let at = Tensor::from_vec(at, heads.len(), device)?; // (K,)
             let rows = hidden.index_select(&at, 1)?; // (1, K, C)
-            self.model.lm_head.forward(&rows)?.squeeze(0)?.to_vec2()? // K rows of V
+            crate::ops::with_row_independent_products(|| self.model.lm_head.forward(&rows))?
+                .squeeze(0)?
+                .to_vec2()? // K rows of V
         };
         // Sampling is per sequence (its own RNG), so the rows are sampled in
         // parallel; `heads` is in increasing sequence order, as `iter_mut` visits.
@@ -621,8 +626,24 @@ pub fn spawn(engine: Engine, max_queue: usize) -> Result<EngineHandle> {
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
+            // The engine thread is thread 0 of its own pool (RAYON_NUM_THREADS or one
+            // per CPU), so that a step's parallel loops run on it and the pool's other
+            // threads, instead of waking the global pool's threads while it sleeps
+            // (measured at 16 clients on 2 cores: ~1600 → ~2100 tok/s, BENCHMARKS.md).
+            // Its own pool, not the global one: a blocking loop on a global pool
+            // thread could be picked up by another engine's join, and a panic there
+            // would abort the process. The pool lives as long as the thread (rayon
+            // leaks a pool that uses its builder's thread).
+            let pool = rayon::ThreadPoolBuilder::new()
+                .use_current_thread()
+                .thread_name(|i| format!("engine-{i}"))
+                .build();
+            if let Err(e) = &pool {
+                crate::note!("warning: the engine runs without its own thread pool: {e}");
+            }
             run_loop(engine, rx);
             stats.alive.store(false, Ordering::SeqCst);
+            drop(pool);
         })
         .map_err(|e| Error::Invalid(format!("cannot start the engine thread: {e}")))?;
     Ok(handle)
@@ -640,7 +661,17 @@ fn run_loop(mut engine: Engine, rx: Receiver<Job>) {
     let mut next: Option<Job> = None;
     loop {
         if engine.running() == 0 && next.is_none() {
-            crate::purge_freed_memory();
+            match rx.try_recv() {
+                Ok(job) => {
+                    stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                    next = Some(job);
+                }
+                // Idle (no job waits either): hand the burst's memory back.
+                Err(TryRecvError::Empty) => crate::purge_freed_memory(),
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        if engine.running() == 0 && next.is_none() {
             loop {
                 match rx.recv_timeout(IDLE_POLL) {
                     Ok(job) => {
