@@ -63,51 +63,40 @@ impl Linear {
             })
         };
         let frozen_base = !self.weight.track_op() && crate::ops::fused_for(x);
-        let y = match &self.lora {
-            Some(lora)
-                if frozen_base
-                    && self.bias.as_ref().is_none_or(|b| !b.track_op())
-                    && (x2.track_op() || lora.a.track_op() || lora.b.track_op()) =>
-            {
-                // LoRA in a pass that will be differentiated: the value from detached
-                // inputs (the composite's arithmetic, op for op), joined to the graph
-                // as one op that keeps none of the branch's intermediates.
-                let xd = x2.detach();
-                let dropout = lora.dropout.current();
-                let branch = LoraBranch {
-                    a: lora.a.detach(),
-                    b: lora.b.detach(),
-                    ..lora.clone()
-                };
-                let y = (product(&xd)? + branch.forward_with(&xd, dropout)?)?; // (N, out)
-                let y = match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                ops::lora::lora_linear(&x2, y, &self.weight, &lora.a, &lora.b, lora.scale, dropout)?
-            }
-            _ => {
-                let y = if frozen_base && x2.track_op() {
-                    // A frozen weight (LoRA's base) in a pass that will be
-                    // differentiated: the same product, with a backward that gives x
-                    // its gradient and W none.
-                    ops::matmul::with_frozen_weight_grad(
-                        &x2,
-                        &product(&x2.detach())?,
-                        &self.weight,
-                    )?
-                } else {
-                    product(&x2)?
-                };
-                let y = match &self.lora {
-                    Some(lora) => (y + lora.forward(&x2)?)?, // (N, out)
-                    None => y,
-                };
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
-            }
+        // This micro-batch's dropout on the LoRA branch, drawn once for the layer.
+        let dropout = self.lora.as_ref().and_then(|l| l.dropout.current());
+        // base product + LoRA branch + bias.
+        let with_branch_and_bias = |y: Tensor, x2: &Tensor, lora: Option<&LoraBranch>| {
+            let y = match lora {
+                Some(l) => (y + l.forward_with(x2, dropout)?)?, // (N, out)
+                None => y,
+            };
+            Ok::<_, crate::error::Error>(match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        };
+        let fused_lora = self.lora.as_ref().filter(|l| {
+            frozen_base
+                && self.bias.as_ref().is_none_or(|b| !b.track_op())
+                && (x2.track_op() || l.a.track_op() || l.b.track_op())
+        });
+        let y = if let Some(lora) = fused_lora {
+            // LoRA in a pass that will be differentiated: the value from detached
+            // inputs (the composite's arithmetic, op for op), joined to the graph as
+            // one op that keeps none of the branch's intermediates.
+            let xd = x2.detach();
+            let constant = self.detached();
+            let y = with_branch_and_bias(product(&xd)?, &xd, constant.lora.as_ref())?;
+            ops::lora::lora_linear(&x2, y, &self.weight, &lora.a, &lora.b, lora.scale, dropout)?
+        } else if frozen_base && x2.track_op() {
+            // A frozen weight (LoRA's base) in a pass that will be differentiated: the
+            // same product, with a backward that gives x its gradient and W none.
+            let y =
+                ops::matmul::with_frozen_weight_grad(&x2, &product(&x2.detach())?, &self.weight)?;
+            with_branch_and_bias(y, &x2, self.lora.as_ref())?
+        } else {
+            with_branch_and_bias(product(&x2)?, &x2, self.lora.as_ref())?
         };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
@@ -183,15 +172,6 @@ impl LoraDropout {
         Some(ops::lora::Dropout {
             p: self.p,
             seed: ops::lora::splitmix64(key ^ ops::lora::splitmix64(self.layer)),
-        })
-    }
-
-    /// x with each element zeroed with probability p and the rest scaled by 1/(1−p),
-    /// when a key is set and p > 0; x itself otherwise.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self.current() {
-            Some(d) => d.apply(x)?,
-            None => x.clone(),
         })
     }
 }

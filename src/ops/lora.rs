@@ -53,10 +53,14 @@ impl Dropout {
             .collect()
     }
 
+    /// The mask as a tensor shaped like `x`.
+    fn mask_like(&self, x: &Tensor) -> Result<Tensor> {
+        Tensor::from_vec(self.mask(x.elem_count()), x.shape(), x.device())
+    }
+
     /// x ⊙ mask.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let mask = Tensor::from_vec(self.mask(x.elem_count()), x.shape(), x.device())?;
-        x * mask
+        x * self.mask_like(x)?
     }
 }
 
@@ -103,23 +107,24 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x_needs_grad, a_needs_grad, b_needs_grad) = (x.track_op(), a.track_op(), b.track_op());
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
-        let mask = match self.dropout {
-            Some(d) => Some(Tensor::from_vec(
-                d.mask(x.elem_count()),
-                x.shape(),
-                x.device(),
-            )?),
-            None => None,
-        };
+        let mask = self.dropout.map(|d| d.mask_like(&x)).transpose()?;
         let xd = match &mask {
             Some(m) => (&x * m)?,
             None => x.clone(),
         }; // (N, in)
-        let h = xd.matmul(&a.t()?)?; // (N, r)
         let gs = dy.affine(self.scale, 0.0)?; // (N, out)
         let dh = gs.matmul(&b)?; // (N, r)
-        let db = h.t()?.matmul(&gs)?.t()?; // (out, r)
-        let da = xd.t()?.matmul(&dh)?.t()?; // (r, in)
+        let db = if b_needs_grad {
+            let h = xd.matmul(&a.t()?)?; // (N, r)
+            Some(h.t()?.matmul(&gs)?.t()?) // (out, r)
+        } else {
+            None
+        };
+        let da = if a_needs_grad {
+            Some(xd.t()?.matmul(&dh)?.t()?) // (r, in)
+        } else {
+            None
+        };
         let dx = if x_needs_grad {
             let dxd = dh.matmul(&a)?; // (N, in)
             let dx_lora = match &mask {
@@ -130,7 +135,7 @@ impl CustomOp3 for LoraLinear {
         } else {
             None
         };
-        Ok((dx, a_needs_grad.then_some(da), b_needs_grad.then_some(db)))
+        Ok((dx, da, db))
     }
 }
 

@@ -316,23 +316,20 @@ impl Engine {
         let device = &self.model.device;
         let mask = AttentionMask::from_segments(std::slice::from_ref(&self.columns), n, device)?;
         let ids = Tensor::from_vec(ids, (1, n), device)?; // (1, N)
+        heads.sort_unstable();
         let (model, cache) = (&self.model, &mut self.cache);
         // Row-independent products: a prompt chunked or beside other sequences gets
         // the bits it gets alone in `rlhf generate` (which runs the same way).
-        let hidden = crate::ops::with_row_independent_products(|| {
-            model.backbone.forward(&ids, &mask, Some(cache))
-        })?; // (1, N, C)
-        heads.sort_unstable();
-        let logits: Vec<Vec<f32>> = if heads.is_empty() {
-            vec![]
-        } else {
+        let logits: Vec<Vec<f32>> = crate::ops::with_row_independent_products(|| {
+            let hidden = model.backbone.forward(&ids, &mask, Some(cache))?; // (1, N, C)
+            if heads.is_empty() {
+                return Ok::<_, Error>(vec![]);
+            }
             let at: Vec<u32> = heads.iter().map(|&(_, c)| c).collect();
             let at = Tensor::from_vec(at, heads.len(), device)?; // (K,)
             let rows = hidden.index_select(&at, 1)?; // (1, K, C)
-            crate::ops::with_row_independent_products(|| self.model.lm_head.forward(&rows))?
-                .squeeze(0)?
-                .to_vec2()? // K rows of V
-        };
+            Ok(model.lm_head.forward(&rows)?.squeeze(0)?.to_vec2()?) // K rows of V
+        })?;
         // Sampling is per sequence (its own RNG), so the rows are sampled in
         // parallel; `heads` is in increasing sequence order, as `iter_mut` visits.
         let mut wanted = heads.iter().map(|&(i, _)| i).peekable();
