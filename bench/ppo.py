@@ -30,7 +30,9 @@ Install them into bench/trl-0.19 (ignored by git), beside the main environment:
 Without TRL there (or at --trl_path) the script prints its header and exits with code 2
 before any work; --rlhf_only times rlhf's side alone.
 
---use_peft adds LoRA rows (issue 14): `rlhf ppo --use_peft` and TRL's PPOTrainer with a
+--use_peft adds LoRA rows (issue 14): `rlhf ppo --use_peft`, `rlhf ppo --use_peft --share_base`
+(the reward model an adapter on the policy's base from one `rm train --use_peft` step, kept
+unmerged, and the critic a trained copy of it: one copy of the base weights) and TRL's PPOTrainer with a
 peft LoraConfig (ref_model=None: the policy with its adapter disabled is the reference),
 both r 16, alpha 32, dropout 0.05, all-linear, beside the full fine-tuning rows (TRL +
 PEFT needs `peft` importable next to TRL; `pyenv/bin/pip install peft`).
@@ -162,9 +164,9 @@ def main():
 
         env = dict(os.environ, RAYON_NUM_THREADS="2")
 
-        def rlhf_run(name, extra):
+        def rlhf_run(name, extra, reward_model=rm):
             out = os.path.join(tmp, name)
-            cmd = [RLHF, "ppo", "--model", policy, "--reward_model", rm, "--data", prompts, "--output_dir", out,
+            cmd = [RLHF, "ppo", "--model", policy, "--reward_model", reward_model, "--data", prompts, "--output_dir", out,
                    "--rollout_batch_size", str(PROMPTS), "--mini_batch_size", str(MINI), "--ppo_epochs", "1",
                    "--max_new_tokens", str(NEW), "--num_iterations", str(a.iterations), "--logging_steps", "1",
                    "--save_steps", "0"] + extra
@@ -199,6 +201,12 @@ def main():
         rows = [("rlhf", rlhf_run("out", []))]
         if a.use_peft:
             rows.append(("rlhf LoRA", rlhf_run("out-lora", lora_flags)))
+            # --share_base: the reward model trained as an adapter on the policy's base
+            # (one `rm train --use_peft` step), the critic a trained copy of it.
+            rm_lora = os.path.join(tmp, "rm-lora")
+            subprocess.run([RLHF, "rm", "train", "--model", policy, "--data", ranks, "--output_dir", rm_lora,
+                            "--max_steps", "1"] + lora_flags, check=True, capture_output=True)
+            rows.append(("rlhf LoRA shared", rlhf_run("out-lora-shared", lora_flags + ["--share_base"], rm_lora)))
         if not a.rlhf_only:
             rows.append(("TRL PPOTrainer", trl_run(False)))
             if a.use_peft:
@@ -208,9 +216,9 @@ def main():
         theirs = dict(rows).get("TRL PPOTrainer")
 
     n = a.iterations
-    print(f"\n{'':<16}{'training call s':>16}{'s/iteration':>13}{'whole process s':>17}{'peak RSS':>12}")
+    print(f"\n{'':<18}{'training call s':>16}{'s/iteration':>13}{'whole process s':>17}{'peak RSS':>12}")
     for name, r in rows:
-        print(f"{name:<16}{r['train_seconds']:>16.2f}{r['train_seconds'] / n:>13.2f}{r['process_seconds']:>17.2f}"
+        print(f"{name:<18}{r['train_seconds']:>16.2f}{r['train_seconds'] / n:>13.2f}{r['process_seconds']:>17.2f}"
               f"{r['peak_rss_mb']:>9.0f} MB")
     if theirs:
         print(f"speed ratio (TRL / rlhf): training call {theirs['train_seconds'] / ours['train_seconds']:.2f}x, "

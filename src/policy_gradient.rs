@@ -36,7 +36,7 @@ use crate::model::hf::Pretrained;
 use crate::model::lora::{Adapter, LoraArgs};
 use crate::model::response::{logprobs_of, response_logprobs, ResponseBatch};
 use crate::model::{CausalLm, Params};
-use crate::rollout::policy::policy_and_reference;
+use crate::rollout::policy::{policy_and_reference, run_scorer, share_base_needs};
 use crate::rollout::stats::{mean_std, SampleStats};
 use crate::rollout::{PromptSet, Scorer};
 use crate::settings::{at_least, finite_f32, finite_f64, float, invalid, Range, Settings};
@@ -100,6 +100,12 @@ pub struct GroupArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub lora: LoraArgs,
+    /// With --use_peft: the reward model is an adapter on the policy's own base (from
+    /// `rlhf rm train --use_peft --model SFT`), kept unmerged, so the policy, the
+    /// reference and the reward model hold one copy of the base weights.
+    #[arg(long)]
+    #[serde(default)]
+    pub share_base: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub train: TrainingArgs,
@@ -109,6 +115,12 @@ impl Settings for GroupArgs {
     fn validate(&self) -> Result<()> {
         self.train.validate()?;
         self.lora.validate()?;
+        share_base_needs(
+            self.share_base,
+            &self.lora,
+            self.reward_model.as_deref(),
+            self.reward_cmd.as_deref(),
+        )?;
         let accumulation = self.train.gradient_accumulation_steps;
         if accumulation != 1 {
             return Err(invalid(
@@ -471,14 +483,13 @@ pub fn run<M: GroupMethod>(
     let dev = crate::device::default();
     let (policy, adapter, reference) =
         policy_and_reference(sft, &args.lora, args.train.seed, &dev)?;
-    let scorer = match scorer_override {
-        Some(s) => s,
-        None => Scorer::from_args(
-            args.reward_model.as_deref(),
-            args.reward_cmd.as_deref(),
-            &policy.tokenizer,
-        )?,
-    };
+    let scorer = run_scorer(
+        scorer_override,
+        (args.reward_model.as_deref(), args.reward_cmd.as_deref()),
+        args.share_base,
+        (sft, &policy),
+        &args.lora,
+    )?;
     let prompts = PromptSet::load(
         data,
         &policy.tokenizer,

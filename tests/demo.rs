@@ -257,3 +257,60 @@ fn the_eval_kl_of_a_policy_to_itself_is_zero() {
     let kl_other = sequence_kl(&other, &samples).unwrap();
     assert!(kl_other > 0.1, "KL to another model {kl_other}");
 }
+
+/// `rlhf demo --use_peft`: the reward model and the methods are adapters on the SFT
+/// model (PPO's critic too, on the shared base), the report says so, and a folder
+/// holding a run with other settings is refused rather than silently reused.
+#[test]
+fn demo_with_lora_trains_adapters_and_a_folder_keeps_one_kind_of_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lora");
+    let run = |extra: &[&str]| {
+        common::rlhf_bin()
+            .args([
+                "demo",
+                "--quick",
+                "--preset",
+                "nano",
+                "--methods",
+                "ppo,dpo",
+            ])
+            .args(extra)
+            .arg("--output_dir")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--use_peft"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for stage in ["rm", "ppo", "ppo/critic", "ppo/ema", "dpo"] {
+        let dir = out.join(stage);
+        assert!(dir.join("adapter_config.json").is_file(), "{stage}");
+        assert!(!dir.join("model.safetensors").exists(), "{stage}");
+    }
+    for stage in ["pretrain", "sft"] {
+        assert!(
+            out.join(stage).join("model.safetensors").is_file(),
+            "{stage}"
+        );
+    }
+    let cfg: Value = serde_json::from_str(&read(&out.join("rm/adapter_config.json"))).unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    let report: Value = serde_json::from_str(&read(&out.join("report.json"))).unwrap();
+    assert!(report["settings"]["reward model and methods"]
+        .as_str()
+        .unwrap()
+        .starts_with("LoRA"));
+    assert!(report["policies"]["ppo"]["win_rate_vs_sft"]
+        .as_f64()
+        .unwrap()
+        .is_finite());
+    // The same folder without --use_peft would reuse the LoRA stages: refused.
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("holds a demo run with other settings") && err.contains("LoRA"),
+        "{err}"
+    );
+}

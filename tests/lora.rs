@@ -482,6 +482,338 @@ fn ppo_with_lora_uses_the_base_as_reference_and_resumes_bit_identically() {
     assert_eq!(all(&full), all(&parts));
 }
 
+/// Whether two tensors are views of one buffer (no copy between them).
+fn same_storage(a: &Tensor, b: &Tensor) -> bool {
+    let address = |t: &Tensor| {
+        let (storage, _) = t.storage_and_layout();
+        &*storage as *const candle_core::Storage as usize
+    };
+    address(a) == address(b)
+}
+
+/// Every dense layer's weight of a backbone, by module name.
+fn dense_weights(b: &rlhf::model::Backbone) -> Vec<(String, Tensor)> {
+    let out = std::cell::RefCell::new(vec![]);
+    b.map_linears(&|name, lin| {
+        out.borrow_mut()
+            .push((name.to_string(), lin.weight.clone()));
+        Ok(lin.clone())
+    })
+    .unwrap();
+    out.into_inner()
+}
+
+/// A reward model trained as an adapter on the qwen2 fixture (`rm train --use_peft`).
+fn rm_adapter(dir: &Path, targets: &str) -> PathBuf {
+    let data = common::toy_rankings(dir, 40, 4);
+    let out = dir.join(format!("rm-{}", targets.replace(',', "-")));
+    let mut a: rlhf::rm::RmTrainArgs =
+        rlhf::train::args::parse_args(&["--output_dir".into(), out.display().to_string()]).unwrap();
+    a.model_name_or_path = Some(common::fixture("qwen2"));
+    a.dataset = Some(data);
+    a.max_length = 64;
+    a.lora.use_peft = true;
+    a.lora.lora_target_modules = Some(targets.split(',').map(str::to_string).collect());
+    a.train.learning_rate = Some(1e-2);
+    a.train.max_steps = 8;
+    a.train.save_steps = 0;
+    a.train.seed = 2;
+    rlhf::rm::train_rm(&a).unwrap();
+    out
+}
+
+#[test]
+fn share_base_puts_the_reward_model_on_the_policys_weights_and_scores_as_merged() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The reward model's adapter is on fewer layers than the policy's, with another
+    // rank and α/r, and the policy's adapter is made non-zero: none of it may reach
+    // the reward model.
+    let rm_dir = rm_adapter(tmp.path(), "q_proj,v_proj");
+    let sft = common::fixture("qwen2");
+    let lora = lora_args(4, 4.0, &["all-linear"]);
+    let (policy, policy_adapter, reference) =
+        rlhf::rollout::policy::policy_and_reference(&sft, &lora, 1, &Device::Cpu).unwrap();
+    drop(reference);
+    for (s, v) in policy_adapter.unwrap().params.vars() {
+        if s.name.contains("lora_B") {
+            v.set(
+                &v.as_tensor()
+                    .ones_like()
+                    .unwrap()
+                    .affine(0.05, 0.0)
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+    }
+    let (shared, adapter) = rlhf::rollout::policy::scalar_on_policy_base(
+        &rm_dir,
+        "--reward_model",
+        &sft,
+        &policy.model,
+        &lora,
+    )
+    .unwrap();
+    // One copy of the base: every dense weight of the reward model is the policy's
+    // buffer; the adapter's branches ride on top, unmerged.
+    let policy_w = dense_weights(&policy.model.backbone);
+    let shared_w = dense_weights(&shared.model.backbone);
+    assert_eq!(policy_w.len(), shared_w.len());
+    assert!(!same_storage(
+        &policy_w[0].1,
+        &policy_w[0].1.copy().unwrap()
+    ));
+    for ((n1, a), (n2, b)) in policy_w.iter().zip(&shared_w) {
+        assert_eq!(n1, n2);
+        assert!(same_storage(a, b), "{n1} was copied");
+    }
+    assert_eq!(adapter.r, 16);
+    assert!(adapter
+        .params
+        .vars()
+        .iter()
+        .any(|(s, _)| s.name == "base_model.model.score.weight"));
+    // Scores as the merged reward model (`load_scalar` merges the adapter).
+    let merged = load_scalar(&rm_dir, &Device::Cpu, 0).unwrap();
+    assert!(merged.normalization.is_some());
+    assert_eq!(shared.normalization, merged.normalization);
+    let seqs: Vec<Vec<u32>> = vec![vec![5, 9, 33, 2, 17, 8], vec![40, 41, 42], vec![7; 11]];
+    let pad = merged.tokenizer.pad_token_id();
+    let a: Vec<f32> = merged
+        .model
+        .score_last(&seqs, pad)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = shared
+        .model
+        .score_last(&seqs, pad)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(a.len(), seqs.len());
+    assert_eq!(b.len(), seqs.len());
+    let base = load_scalar(&sft, &Device::Cpu, 0).unwrap();
+    let mut moved = 0f32;
+    for ((x, y), s) in a.iter().zip(&b).zip(&seqs) {
+        assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{x} vs {y}");
+        // Against the base with the trained head: the adapter's branches did count.
+        let h: Vec<f32> = base
+            .model
+            .backbone
+            .forward(
+                &Tensor::from_vec(s.clone(), (1, s.len()), &Device::Cpu).unwrap(),
+                &AttentionMask::full(&[vec![1u8; s.len()]], &Device::Cpu).unwrap(),
+                None,
+            )
+            .unwrap()
+            .broadcast_matmul(&shared.model.head.weight.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        moved = moved.max((h[h.len() - 1] - y).abs());
+    }
+    assert!(moved > 1e-3, "the branches changed nothing ({moved})");
+}
+
+#[test]
+fn ppo_with_share_base_trains_a_critic_from_the_rm_adapter_and_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prompts(tmp.path());
+    let rm_dir = rm_adapter(tmp.path(), "q_proj,v_proj");
+    let args = |out: &Path, share: bool| {
+        let mut a: rlhf::ppo::PpoArgs =
+            rlhf::train::args::parse_args(&["--output_dir".into(), out.display().to_string()])
+                .unwrap();
+        a.model_name_or_path = Some(common::fixture("qwen2"));
+        a.reward_model = Some(rm_dir.clone());
+        a.dataset = Some(data.clone());
+        a.rollout_batch_size = 8;
+        a.mini_batch_size = 4;
+        a.ppo_epochs = 2;
+        a.max_new_tokens = 12;
+        a.num_iterations = Some(3);
+        // Without --share_base: full fine-tuning, the reward model loaded merged.
+        a.lora.use_peft = share;
+        a.share_base = share;
+        a.train.learning_rate = Some(1e-2);
+        a.train.save_steps = 0;
+        a.train.logging_steps = 4;
+        a.train.seed = 5;
+        a
+    };
+    let scores = |dir: &Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["objective/scores"].as_f64())
+            .collect()
+    };
+    let full = tmp.path().join("full");
+    let (_, task) = rlhf::ppo::run(&args(&full, true), None).unwrap();
+    // The critic's adapter starts as the reward model's (rank 16, its modules, its
+    // head) and is trained; it is saved as an adapter on the policy's base.
+    let (_, critic) = task.adapters.as_ref().unwrap();
+    assert_eq!(critic.r, 16);
+    let rm_bits = adapter_bits(&rm_dir);
+    let critic_bits = adapter_bits(&full.join("critic"));
+    assert_eq!(
+        rm_bits.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        critic_bits.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    assert_ne!(rm_bits, critic_bits, "the critic was not trained");
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(full.join("critic").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        Path::new(cfg["base_model_name_or_path"].as_str().unwrap()),
+        std::fs::canonicalize(common::fixture("qwen2")).unwrap()
+    );
+    // The first iteration's scores (sampled before any update, from the same policy:
+    // a fresh adapter adds exact zeros) are the merged reward model's: the shared
+    // base changes where the weights live, not the reward.
+    let merged = tmp.path().join("merged");
+    rlhf::ppo::run(&args(&merged, false), None).unwrap();
+    let (s, m) = (scores(&full), scores(&merged));
+    assert_eq!(s.len(), 3);
+    assert!((s[0] - m[0]).abs() < 1e-4, "{} vs {}", s[0], m[0]);
+    // Resume.
+    let parts = tmp.path().join("parts");
+    let mut a = args(&parts, true);
+    a.train.stop_after_steps = Some(5);
+    rlhf::ppo::run(&a, None).unwrap();
+    a.train.stop_after_steps = None;
+    let (s, _) = rlhf::ppo::run(&a, None).unwrap();
+    assert_eq!(s.resumed_from, Some(5));
+    for sub in ["", "critic"] {
+        assert_eq!(
+            adapter_bits(&full.join(sub)),
+            adapter_bits(&parts.join(sub)),
+            "{sub}"
+        );
+    }
+}
+
+#[test]
+fn share_base_errors_name_what_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prompts(tmp.path());
+    let rm_adapter_dir = rm_adapter(tmp.path(), "q_proj,v_proj");
+    let whole_rm = common::reward_model_folder(tmp.path());
+    let err = |rm: &Path, peft: bool, model: &str| -> String {
+        let mut a: rlhf::grpo::GrpoArgs = rlhf::train::args::parse_args(&[
+            "--output_dir".into(),
+            tmp.path().join("out").display().to_string(),
+            "--share_base".into(),
+        ])
+        .unwrap();
+        a.group.model_name_or_path = Some(common::fixture(model));
+        a.group.reward_model = Some(rm.to_path_buf());
+        a.group.dataset = Some(data.clone());
+        a.group.lora.use_peft = peft;
+        a.group.max_iterations = Some(1);
+        rlhf::grpo::run(&a, None)
+            .err()
+            .expect("must fail")
+            .to_string()
+    };
+    let e = err(&rm_adapter_dir, false, "qwen2");
+    assert!(e.contains("share_base") && e.contains("--use_peft"), "{e}");
+    let e = err(&whole_rm, true, "qwen2");
+    assert!(e.contains("is a whole model, not an adapter"), "{e}");
+    let e = err(&rm_adapter_dir, true, "llama");
+    assert!(
+        e.contains("not on the policy's model") && e.contains("rm train --use_peft"),
+        "{e}"
+    );
+    let mut a: rlhf::grpo::GrpoArgs = rlhf::train::args::parse_args(&[
+        "--output_dir".into(),
+        tmp.path().join("out").display().to_string(),
+        "--share_base".into(),
+        "--use_peft".into(),
+        "--reward_cmd".into(),
+        "echo 1".into(),
+    ])
+    .unwrap();
+    a.group.model_name_or_path = Some(common::fixture("qwen2"));
+    a.group.dataset = Some(data.clone());
+    let e = rlhf::grpo::run(&a, None).err().unwrap().to_string();
+    assert!(
+        e.contains("share_base") && e.contains("--reward_cmd"),
+        "{e}"
+    );
+    a.group.reward_cmd = None;
+    let e = rlhf::grpo::run(&a, None).err().unwrap().to_string();
+    assert!(e.contains("needs --reward_model"), "{e}");
+    // A causal-LM adapter is not a reward model.
+    let sft_adapter = tmp.path().join("sft-lora");
+    rlhf::sft::run(&sft_args(
+        &common::fixture("qwen2"),
+        &sft_data(tmp.path()),
+        &sft_adapter,
+    ))
+    .unwrap();
+    let e = err(&sft_adapter, true, "qwen2");
+    assert!(
+        e.contains("a reward model's adapter") && e.contains("CAUSAL_LM"),
+        "{e}"
+    );
+}
+
+#[test]
+fn grpo_and_rloo_run_with_share_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prompts(tmp.path());
+    let rm_dir = rm_adapter(tmp.path(), "q_proj,v_proj");
+    let group = |out: &Path| {
+        let mut a: rlhf::policy_gradient::GroupArgs =
+            rlhf::train::args::parse_args(&["--output_dir".into(), out.display().to_string()])
+                .unwrap();
+        a.model_name_or_path = Some(common::fixture("qwen2"));
+        a.reward_model = Some(rm_dir.clone());
+        a.dataset = Some(data.clone());
+        a.rollout_batch_size = 2;
+        a.num_generations = 4;
+        a.mini_batch_size = 8;
+        a.max_completion_length = 8;
+        a.max_iterations = Some(1);
+        a.lora.use_peft = true;
+        a.share_base = true;
+        a.train.save_steps = 0;
+        a
+    };
+    let mut g: rlhf::grpo::GrpoArgs = rlhf::train::args::parse_args(&[
+        "--output_dir".into(),
+        tmp.path().join("grpo").display().to_string(),
+    ])
+    .unwrap();
+    g.group = group(&tmp.path().join("grpo"));
+    rlhf::grpo::run(&g, None).unwrap();
+    let mut r: rlhf::rloo::RlooArgs = rlhf::train::args::parse_args(&[
+        "--output_dir".into(),
+        tmp.path().join("rloo").display().to_string(),
+    ])
+    .unwrap();
+    r.group = group(&tmp.path().join("rloo"));
+    rlhf::rloo::run(&r, None).unwrap();
+    for m in ["grpo", "rloo"] {
+        let text = std::fs::read_to_string(tmp.path().join(m).join("metrics.jsonl")).unwrap();
+        let scores: Vec<f64> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["reward"].as_f64())
+            .collect();
+        assert_eq!(scores.len(), 1, "{m}");
+        assert!(scores[0].is_finite(), "{m}");
+        assert!(
+            tmp.path().join(m).join("adapter_config.json").is_file(),
+            "{m}"
+        );
+    }
+}
+
 #[test]
 fn grpo_with_lora_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();

@@ -426,21 +426,38 @@ def check_peft(rlhf):
         score_in = os.path.join(tmp, "score.jsonl")
         with open(score_in, "w") as f:
             f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-        out = subprocess.run([rlhf, "rm", "score", "--model", rm, "--data", score_in], check=True,
-                             capture_output=True, text=True).stdout
-        ours = [json.loads(l)["reward"] for l in out.splitlines()]
         tok = hf_tokenizer(os.path.join(OUT, "tokenizer.json"), None)
-        seq_model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-        seq_model.config.pad_token_id = tok.pad_token_id
-        model = PeftModel.from_pretrained(seq_model, rm).eval()
-        worst = 0.0
-        for r, mine in zip(rows, ours):
-            ids = tok(r["prompt"])["input_ids"] + tok(r["response"], add_special_tokens=False)["input_ids"] \
-                + [tok.eos_token_id]
-            with torch.no_grad():
-                theirs = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
-            worst = max(worst, abs(theirs - mine))
+
+        def score_diff(adapter):
+            """Max |PeftModel's score − `rlhf rm score`'s| of `rows` for a SEQ_CLS adapter."""
+            out = subprocess.run([rlhf, "rm", "score", "--model", adapter, "--data", score_in], check=True,
+                                 capture_output=True, text=True).stdout
+            ours = [json.loads(l)["reward"] for l in out.splitlines()]
+            assert len(ours) == len(rows), out
+            seq_model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+            seq_model.config.pad_token_id = tok.pad_token_id
+            model = PeftModel.from_pretrained(seq_model, adapter).eval()
+            worst = 0.0
+            for r, mine in zip(rows, ours):
+                ids = tok(r["prompt"])["input_ids"] + tok(r["response"], add_special_tokens=False)["input_ids"] \
+                    + [tok.eos_token_id]
+                with torch.no_grad():
+                    theirs = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+                worst = max(worst, abs(theirs - mine))
+            return worst
+
+        worst = score_diff(rm)
         print(f"reward model adapter (SEQ_CLS): PeftModel's score vs rlhf rm score max abs diff {worst:.2e}")
+        overall = max(overall, worst)
+        # PPO with --share_base: the critic is a trained copy of the reward model's
+        # adapter on the policy's base, saved as a SEQ_CLS adapter peft must load too.
+        ppo = os.path.join(tmp, "ppo-shared")
+        subprocess.run([rlhf, "ppo", "--model", base, "--reward_model", rm, "--data", prompts, "--output_dir", ppo,
+                        "--use_peft", "--share_base", "--rollout_batch_size", "4", "--mini_batch_size", "2",
+                        "--ppo_epochs", "1", "--max_new_tokens", "8", "--num_iterations", "1",
+                        "--learning_rate", "1e-2", "--save_steps", "0"], check=True)
+        worst = score_diff(os.path.join(ppo, "critic"))
+        print(f"PPO --share_base critic adapter: PeftModel's value vs rlhf rm score max abs diff {worst:.2e}")
         overall = max(overall, worst)
         assert overall <= 1e-4, overall
         print("peft check passed")

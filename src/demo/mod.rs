@@ -66,6 +66,12 @@ pub struct DemoArgs {
         default_value = "ppo,dpo,grpo,rloo"
     )]
     pub methods: Vec<Method>,
+    /// Train the reward model and every method as LoRA adapters on the SFT model
+    /// (r 16, α 32, all-linear; PPO, GRPO and RLOO with --share_base, so the reward
+    /// model and PPO's critic sit on the policy's base) at 10× each stage's learning
+    /// rate, as TRL advises for LoRA. Pretraining and SFT stay full fine-tuning.
+    #[arg(long)]
+    pub use_peft: bool,
 }
 
 /// The methods the demo compares.
@@ -181,9 +187,15 @@ struct Plan {
 
 impl Plan {
     /// The sizes as the report lists them.
-    fn describe(&self, preset: &str) -> BTreeMap<String, String> {
+    fn describe(&self, preset: &str, use_peft: bool) -> BTreeMap<String, String> {
+        let training = if use_peft {
+            "LoRA (r 16, α 32, all-linear) for the reward model and every method, 10× learning rates, --share_base"
+        } else {
+            "full fine-tuning"
+        };
         [
             ("model preset", preset.to_string()),
+            ("reward model and methods", training.to_string()),
             ("corpus documents", self.corpus_docs.to_string()),
             (
                 "pretraining steps (batch 16 × 64 tokens)",
@@ -313,6 +325,34 @@ pub fn run_seeds(args: &DemoArgs) -> Result<summary::Summary> {
     Ok(s)
 }
 
+/// Finished stages are reused, so a folder must not mix runs: the settings that
+/// shape the stages (task, seed, size, full or LoRA) are kept in
+/// OUTPUT_DIR/demo-settings.json, and a run with other settings is refused.
+fn same_settings_as_before(out: &Path, args: &DemoArgs, plan: &Plan) -> Result<()> {
+    let mut now = plan.describe(&args.preset, args.use_peft);
+    now.insert("task".into(), args.task.name().into());
+    now.insert("seed".into(), args.seed.to_string());
+    let path = out.join("demo-settings.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let before: BTreeMap<String, String> = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&path, None, format!("not a settings table: {e}")))?;
+        if let Some((k, v)) = now.iter().find(|(k, v)| before.get(*k) != Some(*v)) {
+            return Err(Error::Invalid(format!(
+                "{} holds a demo run with other settings ({k}: {:?} there, {v:?} now); its finished stages would be reused, so give another --output_dir",
+                out.display(),
+                before.get(k).map(String::as_str).unwrap_or("unset")
+            )));
+        }
+        return Ok(());
+    }
+    write_atomic(
+        &path,
+        serde_json::to_string_pretty(&now)
+            .expect("a string table serializes")
+            .as_bytes(),
+    )
+}
+
 /// Runs the whole pipeline; returns the report.
 pub fn run(args: &DemoArgs) -> Result<Report> {
     let plan = Plan::new(args.quick);
@@ -320,6 +360,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
     let seed = args.seed;
     let data = out.join("data");
     std::fs::create_dir_all(&data).map_err(|e| Error::write(&data, e))?;
+    same_settings_as_before(&out, args, &plan)?;
     let world = args.task.world(seed);
     let mut elapsed = BTreeMap::new();
 
@@ -433,23 +474,39 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
     })?;
     elapsed.insert("rankings".into(), s);
 
+    // With --use_peft every stage from here trains an adapter at 10× the rate (the
+    // product in f64, as the recorded LoRA runs used it; full runs keep the literal).
+    let lr = |full: f64| (if args.use_peft { full * 10.0 } else { full }).to_string();
+    let peft = |share_base: bool| -> Vec<String> {
+        let mut f = vec![];
+        if args.use_peft {
+            f.extend(["--use_peft", "--lora_target_modules", "all-linear"].map(String::from));
+            if share_base {
+                f.push("--share_base".into());
+            }
+        }
+        f
+    };
+
     // Reward model from the SFT model.
     let mut peak = BTreeMap::new();
     let rm_dir = out.join("rm");
     measured(&rm_dir, "rm", &mut elapsed, &mut peak, || {
-        let a: crate::rm::RmTrainArgs = settings(&flags(&[
+        let mut f = flags(&[
             ("model_name_or_path", sft_dir.display().to_string()),
             ("dataset", rank_path.display().to_string()),
             ("output_dir", rm_dir.display().to_string()),
             ("eval_split", "0.2".into()),
             ("prompts_per_batch", "8".into()),
             ("num_train_epochs", plan.rm_epochs.to_string()),
-            ("learning_rate", "5e-4".into()),
+            ("learning_rate", lr(5e-4)),
             ("max_length", "128".into()),
             ("save_steps", "50".into()),
             ("logging_steps", "5".into()),
             ("seed", seed.to_string()),
-        ]))?;
+        ]);
+        f.extend(peft(false));
+        let a: crate::rm::RmTrainArgs = settings(&f)?;
         crate::rm::train_rm(&a).map(|_| ())
     })?;
 
@@ -466,7 +523,10 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
                 ("seed", seed.to_string()),
             ];
             pairs.extend(extra.iter().cloned());
-            flags(&pairs)
+            let mut f = flags(&pairs);
+            // DPO has no reward model to share a base with.
+            f.extend(peft(method != Method::Dpo));
+            f
         };
         // The online methods sample as many responses per iteration as PPO (32), take
         // as many updates per iteration (4 passes × 4 minibatches of 8 = 16) and run
@@ -482,7 +542,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
             ("num_iterations", "4".to_string()),
             ("max_iterations", plan.ppo_iterations.to_string()),
             ("max_completion_length", MAX_NEW_TOKENS.to_string()),
-            ("learning_rate", "3e-5".to_string()),
+            ("learning_rate", lr(3e-5)),
             ("lr_scheduler_type", "constant".to_string()),
             ("save_steps", "16".to_string()),
             ("logging_steps", "8".to_string()),
@@ -504,7 +564,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
                         ("ppo_epochs", "4".into()),
                         ("num_iterations", plan.ppo_iterations.to_string()),
                         ("max_new_tokens", MAX_NEW_TOKENS.to_string()),
-                        ("learning_rate", "3e-5".into()),
+                        ("learning_rate", lr(3e-5)),
                         ("kl_coef", "0.3".into()),
                         ("ema", "0.9".into()),
                         ("save_steps", "16".into()),
@@ -521,7 +581,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
                         ("eval_split", "0.1".into()),
                         ("prompts_per_batch", "8".into()),
                         ("num_train_epochs", "2".into()),
-                        ("learning_rate", "5e-5".into()),
+                        ("learning_rate", lr(5e-5)),
                         ("max_length", "128".into()),
                         ("save_steps", "50".into()),
                         ("logging_steps", "5".into()),
@@ -617,7 +677,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
         elapsed_s: elapsed,
         peak_rss_mib: peak,
         prompts,
-        settings: plan.describe(&args.preset),
+        settings: plan.describe(&args.preset, args.use_peft),
     };
     report.write(&out)?;
     report::write_html(&out, &report)?;

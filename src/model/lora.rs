@@ -324,6 +324,66 @@ impl Adapter {
         })
     }
 
+    /// The adapter a folder holds, as fresh variables (copies of its tensors on
+    /// `device`): to go on training it, or to attach it unmerged to a base the caller
+    /// already holds (`--share_base`). `extra` as for `init`. Every module must have
+    /// the same rank (no `rank_pattern`); an rsLoRA adapter is carried as plain LoRA
+    /// with the same scale (α' = α·√r, so α'/r = α/√r).
+    pub fn from_file(
+        file: &AdapterFile,
+        config: &ModelConfig,
+        task_type: TaskType,
+        extra: Vec<(ParamSpec, Var)>,
+        dropout: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let pairs = file.pairs(config)?;
+        let Some(r) = pairs.first().map(|(_, a, _)| a.dims()[0]) else {
+            return Err(Error::bad_file(
+                &file.weights_path(),
+                None,
+                "no lora_A/lora_B tensors: nothing to attach",
+            ));
+        };
+        if let Some((m, a, _)) = pairs.iter().find(|(_, a, _)| a.dims()[0] != r) {
+            return Err(Error::bad_file(
+                &file.weights_path(),
+                None,
+                format!(
+                    "module {:?} has rank {} where the others have {r}: adapters with per-module ranks (rank_pattern) cannot be attached unmerged; merge it instead",
+                    m.name,
+                    a.dims()[0]
+                ),
+            ));
+        }
+        let alpha = if file.use_rslora {
+            file.alpha * (r as f64).sqrt()
+        } else {
+            file.alpha
+        };
+        let mut parts = vec![];
+        let mut modules = vec![];
+        for (m, a, b) in pairs {
+            for (key, t) in [(key_a(&m.name), a), (key_b(&m.name), b)] {
+                let spec = ParamSpec::new(key, t.dims(), Init::Zeros).decayed();
+                parts.push((spec, Var::from_tensor(&t.to_device(device)?)?));
+            }
+            modules.push(m);
+        }
+        parts.extend(extra);
+        Ok(Adapter {
+            task_type,
+            r,
+            alpha,
+            dropout,
+            target_modules: modules.iter().map(|m| m.name.clone()).collect(),
+            base_model_name_or_path: base_name(&file.base(None)?),
+            params: Params::from_vars(parts),
+            modules,
+            dropout_key: DropoutKey::default(),
+        })
+    }
+
     /// `base` (a frozen backbone) with this adapter's branches on its dense layers.
     pub fn attach(&self, base: &Backbone) -> Result<Backbone> {
         let index: HashMap<&str, usize> = self

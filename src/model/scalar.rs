@@ -276,15 +276,109 @@ pub fn apply_adapter(p: &mut PretrainedScalar, adapter: &lora::AdapterFile) -> R
         )?;
         p.fresh_head = false;
     }
-    let stats = adapter.dir.join(REWARD_STATS_FILE);
-    if stats.is_file() {
-        let v: serde_json::Value = crate::error::read_json(&stats)?;
-        p.normalization = Some(
-            serde_json::from_value(v["reward_normalization"].clone())
-                .map_err(|e| Error::bad_file(&stats, None, format!("reward_normalization: {e}")))?,
-        );
+    if let Some(n) = reward_stats(adapter)? {
+        p.normalization = Some(n);
     }
     Ok(())
+}
+
+/// The reward statistics saved beside a reward model's adapter, if any.
+fn reward_stats(adapter: &lora::AdapterFile) -> Result<Option<RewardNormalization>> {
+    let stats = adapter.dir.join(REWARD_STATS_FILE);
+    if !stats.is_file() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = crate::error::read_json(&stats)?;
+    serde_json::from_value(v["reward_normalization"].clone())
+        .map(Some)
+        .map_err(|e| Error::bad_file(&stats, None, format!("reward_normalization: {e}")))
+}
+
+/// A reward model's adapter (SEQ_CLS, score head saved) on a base model the caller
+/// already holds, left unmerged (`--share_base`): the base's frozen backbone (shared,
+/// not copied) with the adapter's branches, the saved score head, the reward
+/// statistics and the tokenizer of the adapter's folder. The adapter's tensors become
+/// fresh variables (returned as the `Adapter`): a critic trains them further; a
+/// reward model is frozen by `Frozen`. `params` holds the base's variables and the head.
+pub fn scalar_adapter_on(
+    dir: &Path,
+    base: &super::CausalLm,
+    dropout: f64,
+) -> Result<(PretrainedScalar, lora::Adapter)> {
+    let file = lora::AdapterFile::read(dir)?;
+    let config = &base.config;
+    let Some(score) = file
+        .saved_module(SCORE_WEIGHT)
+        .filter(|_| file.is_seq_cls())
+    else {
+        return Err(Error::WrongModelKind {
+            path: dir.to_path_buf(),
+            expected: "a reward model's adapter (task_type SEQ_CLS with its score head, as `rlhf rm train --use_peft` writes)".into(),
+            found: format!(
+                "an adapter with task_type {} and {} score head",
+                file.task_type.as_deref().unwrap_or("unset"),
+                if file.saved_module(SCORE_WEIGHT).is_some() { "a" } else { "no" }
+            ),
+        });
+    };
+    let spec = scalar_specs(config)
+        .into_iter()
+        .find(|s| s.name == SCORE_WEIGHT)
+        .expect("the specs list the head");
+    if score.dims() != spec.shape.as_slice() {
+        return Err(Error::TensorShape {
+            path: dir.join(lora::ADAPTER_WEIGHTS_FILE),
+            name: format!("{}{SCORE_WEIGHT}", lora::KEY_PREFIX),
+            expected: spec.shape.clone(),
+            got: score.dims().to_vec(),
+        });
+    }
+    let head = candle_core::Var::from_tensor(
+        &score
+            .to_dtype(candle_core::DType::F32)?
+            .to_device(&base.device)?,
+    )?;
+    let head_spec = ParamSpec {
+        name: format!("{}{SCORE_WEIGHT}", lora::KEY_PREFIX),
+        ..spec.clone()
+    };
+    let adapter = lora::Adapter::from_file(
+        &file,
+        config,
+        lora::TaskType::SeqCls,
+        vec![(head_spec, head.clone())],
+        dropout,
+        &base.device,
+    )?;
+    let backbone = adapter.attach(&lora::without_adapters(&base.backbone)?)?;
+    let mut parts: Vec<(ParamSpec, candle_core::Var)> = base
+        .params
+        .vars()
+        .into_iter()
+        .filter(|(s, _)| s.name != "lm_head.weight")
+        .map(|(s, v)| (s.clone(), v.clone()))
+        .collect();
+    parts.push((spec, head.clone()));
+    let (tokenizer, eos_token_ids) =
+        super::hf::read_tokenizer_for(&super::hf::tokenizer_dir(dir)?, config)?;
+    let model = ScalarModel {
+        config: config.clone(),
+        params: Params::from_vars(parts),
+        backbone,
+        head: ScalarHead {
+            weight: head.as_tensor().clone(),
+        },
+        device: base.device.clone(),
+        rows_forwarded: RowCounter::default(),
+    };
+    let p = PretrainedScalar {
+        model,
+        tokenizer,
+        eos_token_ids,
+        normalization: reward_stats(&file)?,
+        fresh_head: false,
+    };
+    Ok((p, adapter))
 }
 
 fn classification_class(arch: Arch) -> &'static str {

@@ -58,7 +58,9 @@ use crate::model::scalar::{
     attach_adapter, load_scalar, save_scalar, save_scalar_adapter, PretrainedScalar,
 };
 use crate::model::{CausalLm, Params};
-use crate::rollout::policy::policy_and_reference;
+use crate::rollout::policy::{
+    policy_and_reference, run_scorer, scalar_on_policy_base, share_base_needs,
+};
 use crate::rollout::scorer::same_tokenizer;
 use crate::rollout::stats::SampleStats;
 use crate::rollout::{sample_stream, PromptSet};
@@ -170,6 +172,14 @@ pub struct PpoArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub lora: LoraArgs,
+    /// With --use_peft: the reward model and the critic are adapters on the policy's
+    /// own base, kept unmerged, so the four models hold one copy of the base weights.
+    /// The reward model must be an adapter on --model (`rlhf rm train --use_peft`);
+    /// the critic starts as a copy of it (or of --value_model, also such an adapter),
+    /// with its rank and α.
+    #[arg(long)]
+    #[serde(default)]
+    pub share_base: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub train: TrainingArgs,
@@ -180,6 +190,12 @@ impl Settings for PpoArgs {
         use Range::*;
         self.train.validate()?;
         self.lora.validate()?;
+        share_base_needs(
+            self.share_base,
+            &self.lora,
+            self.reward_model.as_deref(),
+            self.reward_cmd.as_deref(),
+        )?;
         let accumulation = self.train.gradient_accumulation_steps;
         if accumulation != 1 {
             return Err(invalid(
@@ -803,42 +819,49 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
     let dev = crate::device::default();
     let (actor, actor_adapter, reference) =
         policy_and_reference(sft, &args.lora, args.train.seed, &dev)?;
-    let reward = match reward_override {
-        Some(r) => r,
-        None => RewardSource::from_args(
-            args.reward_model.as_deref(),
-            args.reward_cmd.as_deref(),
-            &actor.tokenizer,
-        )?,
+    let reward = run_scorer(
+        reward_override,
+        (args.reward_model.as_deref(), args.reward_cmd.as_deref()),
+        args.share_base,
+        (sft, &actor),
+        &args.lora,
+    )?;
+    let (critic_flag, critic_dir) = match (&args.value_model, &args.reward_model) {
+        (Some(v), _) => ("--value_model", v.as_path()),
+        (None, Some(r)) => ("--reward_model", r.as_path()),
+        (None, None) => ("--model", sft),
     };
-    let critic_dir = args
-        .value_model
-        .as_deref()
-        .or(args.reward_model.as_deref())
-        .unwrap_or(sft);
-    // A LoRA critic that starts from the reward model shares its frozen weights.
-    let shared = match (&reward, args.value_model.is_none(), args.lora.use_peft) {
-        (RewardSource::Model(rm), true, true) => Some(rm.share_backbone()?),
-        _ => None,
-    };
-    let mut critic = match shared {
-        Some(c) => c,
-        None => load_scalar(critic_dir, &dev, args.train.seed)?,
+    let (critic, critic_adapter) = if args.share_base {
+        // The critic starts as a trainable copy of the reward model's adapter and
+        // head, on the policy's base like the reward model.
+        let (c, a) = scalar_on_policy_base(critic_dir, critic_flag, sft, &actor.model, &args.lora)?;
+        (c, Some(a))
+    } else {
+        // A LoRA critic that starts from the reward model shares its frozen weights.
+        let shared = match (&reward, args.value_model.is_none(), args.lora.use_peft) {
+            (RewardSource::Model(rm), true, true) => Some(rm.share_backbone()?),
+            _ => None,
+        };
+        let mut critic = match shared {
+            Some(c) => c,
+            None => load_scalar(critic_dir, &dev, args.train.seed)?,
+        };
+        let adapter = match actor_adapter {
+            Some(_) => {
+                args.lora.check_base(critic_dir, "--value_model")?;
+                Some(attach_adapter(
+                    &mut critic.model,
+                    &args.lora,
+                    critic_dir,
+                    args.train.seed + 1,
+                )?)
+            }
+            None => None,
+        };
+        (critic, adapter)
     };
     same_tokenizer(&actor.tokenizer, &critic.tokenizer, "value model")?;
-    let adapters = match actor_adapter {
-        Some(actor_adapter) => {
-            args.lora.check_base(critic_dir, "--value_model")?;
-            let critic_adapter = attach_adapter(
-                &mut critic.model,
-                &args.lora,
-                critic_dir,
-                args.train.seed + 1,
-            )?;
-            Some((actor_adapter, critic_adapter))
-        }
-        None => None,
-    };
+    let adapters = actor_adapter.zip(critic_adapter);
 
     let context = actor.model.config.context_length();
     let prompts = PromptSet::load(

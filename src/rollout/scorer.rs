@@ -33,22 +33,7 @@ impl Scorer {
     ) -> Result<Self> {
         match (reward_model, reward_cmd) {
             (Some(dir), None) => {
-                let rm = crate::rm::load_reward_model(dir)?;
-                same_tokenizer(policy_tokenizer, &rm.tokenizer, "reward model")?;
-                match &rm.normalization {
-                    None => crate::note!(
-                        "warning: {} has no stored reward normalisation; raw scores are used",
-                        dir.display()
-                    ),
-                    Some(n) => crate::rm::check_normalization(n).map_err(|msg| {
-                        Error::bad_file(
-                            &dir.join(crate::model::hf::CONFIG_FILE),
-                            None,
-                            format!("rlhf.reward_normalization: {msg}; retrain the reward model on distinct responses"),
-                        )
-                    })?,
-                }
-                Ok(Scorer::Model(Box::new(Frozen::new(rm))))
+                Self::reward_model(dir, crate::rm::load_reward_model(dir)?, policy_tokenizer)
             }
             (None, Some(cmd)) if !cmd.trim().is_empty() => {
                 Ok(Scorer::Command(RewardCommand::new(cmd)))
@@ -61,6 +46,38 @@ impl Scorer {
                 "a reward is needed: --reward_model DIR or --reward_cmd CMD".into(),
             )),
         }
+    }
+
+    /// The reward model loaded from `dir` (whole, or on the policy's base with
+    /// `--share_base`), frozen, once its tokenizer and reward statistics are checked.
+    pub fn reward_model(
+        dir: &Path,
+        rm: PretrainedScalar,
+        policy_tokenizer: &Tokenizer,
+    ) -> Result<Self> {
+        same_tokenizer(policy_tokenizer, &rm.tokenizer, "reward model")?;
+        match &rm.normalization {
+            None => crate::note!(
+                "warning: {} has no stored reward normalisation; raw scores are used",
+                dir.display()
+            ),
+            Some(n) => crate::rm::check_normalization(n).map_err(|msg| {
+                let (file, field) = if crate::model::lora::is_adapter_dir(dir) {
+                    (
+                        crate::model::scalar::REWARD_STATS_FILE,
+                        "reward_normalization",
+                    )
+                } else {
+                    (crate::model::hf::CONFIG_FILE, "rlhf.reward_normalization")
+                };
+                Error::bad_file(
+                    &dir.join(file),
+                    None,
+                    format!("{field}: {msg}; retrain the reward model on distinct responses"),
+                )
+            })?,
+        }
+        Ok(Scorer::Model(Box::new(Frozen::new(rm))))
     }
 
     /// One score per sample; `prompts[i]` is the prompt of `samples[i]`.
