@@ -1,7 +1,8 @@
 //! Load and faults on loopback, bounded: 64 concurrent clients of which a quarter
 //! disconnect mid-stream. Every finished request must be correct (the same reply as
-//! the same request alone afterwards), the disconnected ones cancelled, the server
-//! still answering, and its resident memory back near its idle size.
+//! the same request alone afterwards), the disconnected ones cancelled (at least
+//! half: see the test), the server still answering, and its resident memory back
+//! near its idle size.
 
 mod common;
 
@@ -164,7 +165,8 @@ fn sixty_four_clients_a_quarter_disconnecting() {
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
 
     // Everything drains: nothing running or waiting, the cache empty, and each
-    // disconnected client's sequence cancelled (it asked for 80 tokens).
+    // disconnected client's sequence cancelled or run to its end (it asked for 80
+    // tokens).
     let deadline = Instant::now() + Duration::from_secs(60);
     let h = loop {
         let h = health(&url);
@@ -177,7 +179,18 @@ fn sixty_four_clients_a_quarter_disconnecting() {
     sampler.join().unwrap();
     assert_eq!(h["running"], 0, "{h}");
     assert_eq!(h["cache_columns"], 0, "{h}");
-    assert_eq!(h["cancelled"], CLIENTS / 4, "{h}");
+    // A disconnecting client's sequence is cancelled when the server next writes to
+    // the closed socket. On a loaded 2-core machine the sequence can end (its 80
+    // tokens, or an end token) with every event already in the socket's buffer
+    // before the client thread reads its two (seen once in CI: 15 of 16), and then
+    // there is nothing left to cancel. So at least half of them, and never more
+    // than the clients that left.
+    let cancelled = h["cancelled"].as_u64().unwrap() as usize;
+    assert!(
+        (CLIENTS / 8..=CLIENTS / 4).contains(&cancelled),
+        "{cancelled} cancelled of {} disconnecting clients: {h}",
+        CLIENTS / 4
+    );
     for r in &results {
         if let Err(events) = r {
             assert_eq!(
