@@ -724,6 +724,23 @@ fn share_base_errors_name_what_is_wrong() {
     assert!(e.contains("share_base") && e.contains("--use_peft"), "{e}");
     let e = err(&whole_rm, true, "qwen2");
     assert!(e.contains("is a whole model, not an adapter"), "{e}");
+    // Without --share_base, a LoRA PPO critic cannot start from an RM adapter: the
+    // error points to --share_base.
+    let mut p: rlhf::ppo::PpoArgs = rlhf::train::args::parse_args(&[
+        "--output_dir".into(),
+        tmp.path().join("ppo").display().to_string(),
+        "--use_peft".into(),
+    ])
+    .unwrap();
+    p.model_name_or_path = Some(common::fixture("qwen2"));
+    p.reward_model = Some(rm_adapter_dir.clone());
+    p.dataset = Some(data.clone());
+    p.num_iterations = Some(1);
+    let e = rlhf::ppo::run(&p, None).err().unwrap().to_string();
+    assert!(
+        e.contains("--reward_model") && e.contains("add --share_base"),
+        "{e}"
+    );
     let e = err(&rm_adapter_dir, true, "llama");
     assert!(
         e.contains("not on the policy's model") && e.contains("rm train --use_peft"),

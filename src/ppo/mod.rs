@@ -51,7 +51,7 @@ use crate::model::frozen::Frozen;
 use crate::model::hf::{
     load_weights_into, read_weights, save_adapter_pretrained, save_pretrained, Pretrained,
 };
-use crate::model::lora::{Adapter, LoraArgs, ADAPTER_WEIGHTS_FILE};
+use crate::model::lora::{is_adapter_dir, Adapter, LoraArgs, ADAPTER_WEIGHTS_FILE};
 use crate::model::params::load_safetensors;
 use crate::model::response::{logprobs_of, response_logprobs, values_of, ResponseBatch};
 use crate::model::scalar::{
@@ -848,7 +848,14 @@ pub fn build(args: &PpoArgs, reward_override: Option<RewardSource>) -> Result<Pp
         };
         let adapter = match actor_adapter {
             Some(_) => {
-                args.lora.check_base(critic_dir, "--value_model")?;
+                if critic_flag == "--reward_model" && is_adapter_dir(critic_dir) {
+                    return Err(Error::Invalid(format!(
+                        "--reward_model {} is an adapter: with --use_peft the critic starts from it, so add --share_base (the reward model and the critic on the policy's base; the adapter must be on --model), or merge it first (`rlhf merge --adapter {} --output_dir MERGED`)",
+                        critic_dir.display(),
+                        critic_dir.display()
+                    )));
+                }
+                args.lora.check_base(critic_dir, critic_flag)?;
                 Some(attach_adapter(
                     &mut critic.model,
                     &args.lora,
