@@ -301,11 +301,11 @@ fn reward_stats(adapter: &lora::AdapterFile) -> Result<Option<RewardNormalizatio
 /// fresh variables (returned as the `Adapter`): a critic trains them further; a
 /// reward model is frozen by `Frozen`. `params` holds the base's variables and the head.
 pub fn scalar_adapter_on(
-    dir: &Path,
+    file: &lora::AdapterFile,
     base: &super::CausalLm,
     dropout: f64,
 ) -> Result<(PretrainedScalar, lora::Adapter)> {
-    let file = lora::AdapterFile::read(dir)?;
+    let dir = file.dir.as_path();
     let config = &base.config;
     let Some(score) = file
         .saved_module(SCORE_WEIGHT)
@@ -343,7 +343,7 @@ pub fn scalar_adapter_on(
         ..spec.clone()
     };
     let adapter = lora::Adapter::from_file(
-        &file,
+        file,
         config,
         lora::TaskType::SeqCls,
         vec![(head_spec, head.clone())],
@@ -375,7 +375,7 @@ pub fn scalar_adapter_on(
         model,
         tokenizer,
         eos_token_ids,
-        normalization: reward_stats(&file)?,
+        normalization: reward_stats(file)?,
         fresh_head: false,
     };
     Ok((p, adapter))

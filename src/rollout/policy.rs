@@ -53,7 +53,8 @@ pub fn scalar_on_policy_base(
             dir.display(),
         )));
     }
-    let base = AdapterFile::read(dir)?.base(None)?;
+    let file = AdapterFile::read(dir)?;
+    let base = file.base(None)?;
     if std::fs::canonicalize(&base).ok() != std::fs::canonicalize(sft).ok() {
         return Err(Error::Invalid(format!(
             "--share_base: {flag} {} is an adapter on {}, not on the policy's model {}; {remedy}",
@@ -62,7 +63,7 @@ pub fn scalar_on_policy_base(
             sft.display()
         )));
     }
-    scalar_adapter_on(dir, policy, lora.lora_dropout)
+    scalar_adapter_on(&file, policy, lora.lora_dropout)
 }
 
 /// What `--share_base` needs: `--use_peft`, and a reward model folder (the adapter
