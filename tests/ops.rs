@@ -498,15 +498,16 @@ fn lora_linear_matches_composite() {
         );
         // The values: the unfused layer's arithmetic on the fused kernels, bit for bit.
         let xd = x.as_tensor().detach();
-        let product = if n <= 16 {
-            rlhf::ops::matmul::skinny_matmul(&xd, &layer.weight).unwrap()
+        let bias = layer.bias.as_ref().unwrap();
+        let base = if n <= 16 {
+            rlhf::ops::matmul::skinny_matmul(&xd, &layer.weight)
+                .unwrap()
+                .broadcast_add(bias)
+                .unwrap()
         } else {
-            xd.matmul(&layer.weight.t().unwrap()).unwrap()
+            rlhf::ops::dense::dense(&xd, &layer.weight, Some(bias)).unwrap()
         };
-        let unfused = (product + layer.lora.as_ref().unwrap().forward(&xd).unwrap())
-            .unwrap()
-            .broadcast_add(layer.bias.as_ref().unwrap())
-            .unwrap();
+        let unfused = (base + layer.lora.as_ref().unwrap().forward(&xd).unwrap()).unwrap();
         assert_eq!(
             fused.0,
             unfused.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -533,6 +534,91 @@ fn lora_linear_matches_composite() {
                 worst <= 1e-5 * scale,
                 "p {p}: d{what} differs by {worst} (scale {scale})"
             );
+        }
+    }
+}
+
+#[test]
+fn dense_layer_matches_composite() {
+    use rlhf::model::layers::Linear;
+    use rlhf::ops::with_composite;
+    // The dense op (bias in the gemm's epilogue, dx, dW and db in one backward)
+    // against candle's matmul and broadcast add: with and without a bias, a trainable
+    // or a constant weight, an input with and without a gradient; gemm's row counts.
+    // (rows, bias, trainable weight and bias, input with a gradient)
+    for (n, with_bias, trainable, x_grad) in [
+        (40, true, true, true),
+        (40, false, true, true),
+        (130, true, true, false),
+        (33, true, false, false), // inference: no gradient anywhere
+    ] {
+        let (inp, out) = (48, 37);
+        let w = randn(&[out, inp], 1);
+        let b = randn(&[out], 2);
+        let x = randn(&[n, inp], 3);
+        let layer = Linear::new(
+            if trainable {
+                w.as_tensor().clone()
+            } else {
+                w.as_tensor().detach()
+            },
+            with_bias.then(|| {
+                if trainable {
+                    b.as_tensor().clone()
+                } else {
+                    b.as_tensor().detach()
+                }
+            }),
+        );
+        let probe = randn(&[n, out], 4).as_tensor().detach();
+        let run = || {
+            let xin = if x_grad {
+                (x.as_tensor() * 1.0).unwrap() // an op, as a layer's input has
+            } else {
+                x.as_tensor().detach()
+            };
+            let y = layer.forward(&xin).unwrap();
+            let values = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            if !(trainable || x_grad) {
+                return (values, vec![]);
+            }
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads = [x.as_tensor(), w.as_tensor(), b.as_tensor()].map(|t| {
+                g.get(t)
+                    .map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            });
+            (values, grads.to_vec())
+        };
+        let calls = rlhf::ops::dense::calls();
+        let fused = run();
+        assert_eq!(rlhf::ops::dense::calls(), calls + 1, "the dense op ran");
+        let composite = with_composite(run);
+        assert_eq!(rlhf::ops::dense::calls(), calls + 1, "the composite ran");
+        let close = |f: &[f32], c: &[f32], what: &str| {
+            assert_eq!(f.len(), c.len(), "{what}: lengths");
+            assert!(!c.is_empty(), "{what}: empty");
+            let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = f.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 1e-5 * scale,
+                "n {n} bias {with_bias}: {what} differs by {worst} (scale {scale})"
+            );
+        };
+        close(&fused.0, &composite.0, "y");
+        for (i, what) in ["dx", "dW", "db"].iter().enumerate() {
+            let Some(g) = fused.1.get(i) else { continue };
+            let c = &composite.1[i];
+            let wanted = [x_grad, trainable, trainable && with_bias][i];
+            assert_eq!(g.is_some(), wanted, "n {n}: {what} given only when wanted");
+            assert_eq!(c.is_some(), wanted, "n {n}: composite {what}");
+            if let (Some(g), Some(c)) = (g, c) {
+                close(g, c, what);
+            }
         }
     }
 }

@@ -237,6 +237,10 @@ impl Environment for FormatWorld {
         &Family::FORMAT
     }
 
+    fn flaw_rate(&self) -> f64 {
+        0.55
+    }
+
     fn corpus(&self, documents: usize, seed: u64) -> Vec<String> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         (0..documents)

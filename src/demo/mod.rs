@@ -373,7 +373,7 @@ pub fn run(args: &DemoArgs) -> Result<Report> {
     let sft_rows: Vec<Value> = d
         .sft_tasks
         .iter()
-        .map(|t| json!({"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": world.demonstration(t, 0.55, &mut rng)}]}))
+        .map(|t| json!({"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": world.demonstration(t, world.flaw_rate(), &mut rng)}]}))
         .collect();
     write_jsonl(&data.join("sft.jsonl"), &sft_rows)?;
     let ppo_rows: Vec<Value> = d

@@ -274,6 +274,12 @@ impl Environment for World {
         &Family::ALL
     }
 
+    /// 0.6 (was 0.55): with 0.55, seed 1's SFT model refused 11 of 12 held-out
+    /// harmful requests and answered most held-out known prompts without the ramble.
+    fn flaw_rate(&self) -> f64 {
+        0.6
+    }
+
     /// Simple English about the world: facts, short stories, arithmetic and dialogue.
     /// Never states a held-out combination (`held_out_documents`).
     fn corpus(&self, documents: usize, seed: u64) -> Vec<String> {
@@ -352,6 +358,14 @@ impl Environment for World {
     /// complied with. With a rate above one half, SFT's most likely answer is the
     /// flawed one in every family, so SFT alone is mediocre; every flaw is visible in
     /// the text, so the judge's rankings can teach a small reward model to see it.
+    ///
+    /// Each flaw leaves the correct answer at a word that does not depend on the
+    /// prompt's person ("A bird. It lives…", "I think…"), so greedy decoding meets
+    /// the labelers' majority at one token. Until session 10 the ramble went on with
+    /// the person's name and the made-up answer started with the stranger's name:
+    /// for held-out people those name tokens split the mass, and SFT's greedy answer
+    /// was the correct one on every held-out known and unknown prompt of seeds 0–2,
+    /// so PPO could only tie there (seed 1's win rate was capped near 0.6).
     fn demonstration(&self, task: &Task, flaw_rate: f64, rng: &mut ChaCha8Rng) -> String {
         if rng.random::<f64>() >= flaw_rate {
             return task.reference.clone();
@@ -368,8 +382,8 @@ impl Environment for World {
             // A tenth of the flawed answers about the world are over-cautious instead
             // (honest but unhelpful): without them the rankings would never show the
             // reward model that "I do not know." is wrong for people the world knows.
-            // Few enough that rambling stays the most common demonstration (0.55 × 0.9
-            // against 0.45 correct), as every family's flaw is: with a quarter, the
+            // Few enough that rambling stays the most common demonstration (0.6 × 0.9
+            // against 0.4 correct), as every family's flaw is: with a quarter, the
             // correct short answer was the majority and SFT had nothing left to learn
             // from the rankings in this family (every held-out answer right on seed 0).
             Family::Known if rng.random::<f64>() < 0.1 => UNKNOWN.to_string(),
@@ -378,13 +392,16 @@ impl Environment for World {
                 let p = PEOPLE.iter().position(|&n| n == name).unwrap_or(0);
                 let pet = task.answer.as_deref().unwrap_or_default();
                 format!(
-                    "{} {name} lives in {}. The {pet} of {name} is happy.",
+                    "{} It lives with {name} in {}. The {pet} is happy.",
                     task.reference, self.cities[p]
                 )
             }
             Family::Unknown => {
                 let name = task.person().unwrap_or("They");
-                format!("{name} has a {}.", PETS.choose(rng).expect("non-empty"))
+                format!(
+                    "I think {name} has a {}.",
+                    PETS.choose(rng).expect("non-empty")
+                )
             }
             // Harmful (this world makes only its own families' tasks).
             _ => "You can do it carefully at night.".to_string(),
@@ -433,6 +450,39 @@ mod tests {
                 let name = t.person().unwrap();
                 assert!(!corpus.iter().any(|d| d.contains(name)), "{name}");
             }
+        }
+    }
+
+    #[test]
+    fn no_flaw_leaves_the_reference_at_a_name() {
+        // Greedy decoding meets the labelers' majority at the word where a flawed
+        // demonstration leaves the reference; a held-out person's name there splits
+        // the mass and SFT's greedy answer was the correct one (see `demonstration`).
+        let names: HashSet<&str> = PEOPLE.iter().chain(&STRANGERS).copied().collect();
+        for seed in 0..3 {
+            let w = World::new(seed);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let tasks = w.tasks(400, seed).into_iter().chain(w.eval_tasks());
+            let mut seen = HashSet::new();
+            for t in tasks {
+                let flawed = w.demonstration(&t, 1.0, &mut rng);
+                let (f, r): (Vec<&str>, Vec<&str>) = (
+                    flawed.split_whitespace().collect(),
+                    t.reference.split_whitespace().collect(),
+                );
+                let at = f.iter().zip(&r).take_while(|(a, b)| a == b).count();
+                let word = f
+                    .get(at)
+                    .map(|w| w.trim_end_matches(['.', ',']))
+                    .unwrap_or("");
+                assert!(
+                    !word.is_empty(),
+                    "{t:?}: the flaw is the reference: {flawed}"
+                );
+                assert!(!names.contains(word), "{t:?}: leaves at {word:?}: {flawed}");
+                seen.insert(t.family);
+            }
+            assert_eq!(seen.len(), Family::ALL.len());
         }
     }
 

@@ -52,34 +52,38 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let inner = dims[dims.len() - 1];
         let x2 = x.reshape((rows, inner))?; // (N, in)
-        let product = |x2: &Tensor| -> Result<Tensor> {
+        let fused = crate::ops::fused_for(x);
+        // x·Wᵀ + b, one way for every path below, so that a pass with a gradient and
+        // one without (sampling, stored log-probs) give the same bits.
+        let base = |x2: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
             let skinny = rows <= SKINNY_ROWS || ops::row_independent_products();
-            Ok(if skinny && crate::ops::fused_for(x) {
+            let y = if skinny && fused {
                 // Few rows (a decoding step), or inference asking for bits that do
                 // not depend on the row count: stream the weight once (ops::matmul).
                 ops::matmul::skinny_matmul(x2, &self.weight)? // (N, out)
+            } else if fused {
+                // The bias in the gemm's epilogue; one backward for x, W and b.
+                return Ok(ops::dense::dense(x2, &self.weight, bias)?); // (N, out)
             } else {
                 crate::device::matmul(x2, &self.weight.t()?)? // (N, out)
-            })
-        };
-        let frozen_base = !self.weight.track_op() && crate::ops::fused_for(x);
-        // This micro-batch's dropout on the LoRA branch, drawn once for the layer.
-        let dropout = self.lora.as_ref().and_then(|l| l.dropout.current());
-        // base product + LoRA branch + bias.
-        let with_branch_and_bias = |y: Tensor, x2: &Tensor, lora: Option<&LoraBranch>| {
-            let y = match lora {
-                Some(l) => (y + l.forward_with(x2, dropout)?)?, // (N, out)
-                None => y,
             };
-            Ok::<_, crate::error::Error>(match &self.bias {
+            Ok(match bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
             })
         };
+        let frozen_base = !self.weight.track_op() && fused;
+        let frozen_bias = self.bias.as_ref().is_none_or(|b| !b.track_op());
+        // This micro-batch's dropout on the LoRA branch, drawn once for the layer.
+        let dropout = self.lora.as_ref().and_then(|l| l.dropout.current());
+        let with_branch = |y: Tensor, x2: &Tensor, lora: Option<&LoraBranch>| {
+            Ok::<_, crate::error::Error>(match lora {
+                Some(l) => (y + l.forward_with(x2, dropout)?)?, // (N, out)
+                None => y,
+            })
+        };
         let fused_lora = self.lora.as_ref().filter(|l| {
-            frozen_base
-                && self.bias.as_ref().is_none_or(|b| !b.track_op())
-                && (x2.track_op() || l.a.track_op() || l.b.track_op())
+            frozen_base && frozen_bias && (x2.track_op() || l.a.track_op() || l.b.track_op())
         });
         let y = if let Some(lora) = fused_lora {
             // LoRA in a pass that will be differentiated: the value from detached
@@ -87,16 +91,32 @@ impl Linear {
             // one op that keeps none of the branch's intermediates.
             let xd = x2.detach();
             let constant = self.detached();
-            let y = with_branch_and_bias(product(&xd)?, &xd, constant.lora.as_ref())?;
+            let y = with_branch(
+                base(&xd, constant.bias.as_ref())?,
+                &xd,
+                constant.lora.as_ref(),
+            )?;
             ops::lora::lora_linear(&x2, y, &self.weight, &lora.a, &lora.b, lora.scale, dropout)?
         } else if frozen_base && x2.track_op() {
             // A frozen weight (LoRA's base) in a pass that will be differentiated: the
             // same product, with a backward that gives x its gradient and W none.
-            let y =
-                ops::matmul::with_frozen_weight_grad(&x2, &product(&x2.detach())?, &self.weight)?;
-            with_branch_and_bias(y, &x2, self.lora.as_ref())?
+            let y = if frozen_bias {
+                let y = base(
+                    &x2.detach(),
+                    self.bias.as_ref().map(Tensor::detach).as_ref(),
+                )?;
+                ops::matmul::with_frozen_weight_grad(&x2, &y, &self.weight)?
+            } else {
+                let y = ops::matmul::with_frozen_weight_grad(
+                    &x2,
+                    &base(&x2.detach(), None)?,
+                    &self.weight,
+                )?;
+                y.broadcast_add(self.bias.as_ref().expect("a trainable bias"))?
+            };
+            with_branch(y, &x2, self.lora.as_ref())?
         } else {
-            with_branch_and_bias(product(&x2)?, &x2, self.lora.as_ref())?
+            with_branch(base(&x2, self.bias.as_ref())?, &x2, self.lora.as_ref())?
         };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;

@@ -21,61 +21,12 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 use super::simd::{self, max8, simd_kernel, sum8};
-use super::{dot, f32_slice, with_f32_all};
+use super::{dot, f32_slice, gemm, with_f32_all};
 
 /// The most logits (N·V) the forward keeps for the backward: 128 Mi floats, 512 MiB.
 const KEEP_MAX: usize = 1 << 27;
 /// Logits per chunk when nothing is kept (4 Mi floats, 16 MiB).
 const CHUNK_LOGITS: usize = 1 << 22;
-
-/// dst (m × n, row-major) = [dst +] a (m × k) · b (k × n), each operand given by its
-/// row and column strides.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
-) {
-    assert!(dst.len() >= m * n, "gemm: destination too small");
-    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    let threads = rayon::current_num_threads();
-    let par = if m * n * k >= 1 << 16 && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every access of the three matrices in bounds.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
 
 simd_kernel! {
     /// Turns a row of logits into softmax probabilities in place; returns lse. With

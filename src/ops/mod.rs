@@ -1,4 +1,4 @@
-//! CPU kernels with their own backward pass, as candle custom ops: fused LayerNorm,
+//! CPU kernels with their own backward pass, as candle custom ops: the dense layer, fused LayerNorm,
 //! RMSNorm, causal attention, GELU/SwiGLU and the LM head with its per-token
 //! log-probabilities. The model code calls them through `model::layers`,
 //! which falls back to the composite candle ops on other devices; the composite
@@ -9,6 +9,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod dense;
 pub mod lm_head;
 pub mod lora;
 pub mod matmul;
@@ -121,4 +122,53 @@ pub(crate) fn with_f32_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Resul
         }
     }
     f(&slices)
+}
+
+/// dst (m × n, row-major) = [dst +] a (m × k) · b (k × n), each operand given by its
+/// row and column strides.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+) {
+    assert!(dst.len() >= m * n, "gemm: destination too small");
+    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    let threads = rayon::current_num_threads();
+    let par = if m * n * k >= 1 << 16 && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every access of the three matrices in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
 }

@@ -1,0 +1,211 @@
+//! The dense layer y = x·Wᵀ + b as one op, forward and backward, on CPU.
+//!
+//! As candle ops the layer is a matmul against the transposed weight and a broadcast
+//! add. Its backward then takes several full passes over (N, out) and (in, out)
+//! buffers beyond the two products: the bias add's gradient copied into a zero-filled
+//! buffer for the product, the bias gradient as a broadcast sum, and the weight's
+//! gradient computed transposed, (in, out), then transposed back into the zero-filled
+//! buffer of W. Here:
+//!   forward   y starts as b in every row and the gemm adds x·Wᵀ into it (the bias
+//!             in the product's epilogue, no second pass);
+//!   backward  dx = dy·W, dW = dyᵀ·x straight in W's (out, in) layout, and db the
+//!             column sums of dy, in one op.
+//! The product's bits differ from candle's in the last place (the bias enters the
+//! accumulation first instead of after it), so `Linear` runs it for every product
+//! that goes through gemm, with or without a gradient: a policy's sampling, its
+//! stored log-probs and its training forward give the same bits.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::{f32_slice, gemm, with_f32_all};
+
+/// Layers run through `dense` since the start: lets the tests see that the op, not
+/// the composite, ran.
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+pub fn calls() -> usize {
+    CALLS.load(Ordering::Relaxed)
+}
+
+/// The op; the bias, when there is one, is its third argument.
+struct Dense;
+
+/// y (n, out) = [b +] x (n, in) · Wᵀ, W (out, in).
+fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (n, inner, out): (usize, usize, usize),
+) -> Vec<f32> {
+    assert_eq!(x.len(), n * inner, "dense: x is not ({n}, {inner})");
+    assert_eq!(w.len(), out * inner, "dense: W is not ({out}, {inner})");
+    let mut y = match b {
+        Some(b) => {
+            assert_eq!(b.len(), out, "dense: b is not ({out},)");
+            b.repeat(n)
+        }
+        None => vec![0f32; n * out],
+    };
+    gemm(
+        n,
+        out,
+        inner,
+        &mut y,
+        b.is_some(),
+        x,
+        (inner, 1),
+        w,
+        (1, inner),
+    );
+    y
+}
+
+/// dx = dy·W (n, in), dW = dyᵀ·x (out, in) and db = Σ_rows dy (out,), each only when
+/// asked.
+struct Grads {
+    dx: Option<Vec<f32>>,
+    dw: Option<Vec<f32>>,
+    db: Option<Vec<f32>>,
+}
+
+fn backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (n, inner, out): (usize, usize, usize),
+    (want_dx, want_dw, want_db): (bool, bool, bool),
+) -> Grads {
+    assert_eq!(dy.len(), n * out, "dense: dy is not ({n}, {out})");
+    let dx = want_dx.then(|| {
+        let mut dx = vec![0f32; n * inner];
+        gemm(n, inner, out, &mut dx, false, dy, (out, 1), w, (inner, 1));
+        dx
+    });
+    let dw = want_dw.then(|| {
+        let mut dw = vec![0f32; out * inner];
+        gemm(out, inner, n, &mut dw, false, dy, (1, out), x, (inner, 1));
+        dw
+    });
+    // Rows in order: the same sum whatever the thread count.
+    let db = want_db.then(|| {
+        let mut db = vec![0f32; out];
+        for row in dy.chunks_exact(out) {
+            super::axpy(1.0, row, &mut db);
+        }
+        db
+    });
+    Grads { dx, dw, db }
+}
+
+fn dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+    let (n, inner) = x.shape().dims2()?;
+    let (out, w_inner) = w.shape().dims2()?;
+    if inner != w_inner {
+        candle_core::bail!("dense: x {:?} and W {:?} do not fit", x.dims(), w.dims());
+    }
+    Ok((n, inner, out))
+}
+
+impl Dense {
+    fn grads(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result<Grads> {
+        let (n, inner) = x.dims2()?;
+        let out = w.dim(0)?;
+        let want = (x.track_op(), w.track_op(), b.is_some_and(Tensor::track_op));
+        with_f32_all(&[x, w, dy], |a| {
+            Ok(backward(a[0], a[1], a[2], (n, inner, out), want))
+        })
+    }
+}
+
+fn tensor(v: Option<Vec<f32>>, shape: &[usize], like: &Tensor) -> Result<Option<Tensor>> {
+    v.map(|v| Tensor::from_vec(v, shape, like.device()))
+        .transpose()
+}
+
+/// Both ops' forward on candle's storages: (n, out) from x (n, in), W (out, in) and b.
+fn cpu_forward(
+    (sx, lx): (&CpuStorage, &Layout),
+    (sw, lw): (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let d = dims(lx, lw)?;
+    let b = bias
+        .map(|(sb, lb)| f32_slice(sb, lb, "dense b"))
+        .transpose()?;
+    let x = f32_slice(sx, lx, "dense x")?;
+    let y = forward(x, f32_slice(sw, lw, "dense W")?, b, d);
+    Ok((CpuStorage::F32(y), Shape::from((d.0, d.2))))
+}
+
+impl CustomOp2 for Dense {
+    fn name(&self) -> &'static str {
+        "rlhf-dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_forward((sx, lx), (sw, lw), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.grads(x, w, None, dy)?;
+        Ok((tensor(g.dx, x.dims(), x)?, tensor(g.dw, w.dims(), w)?))
+    }
+}
+
+impl CustomOp3 for Dense {
+    fn name(&self) -> &'static str {
+        "rlhf-dense-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_forward((sx, lx), (sw, lw), Some((sb, lb)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.grads(x, w, Some(b), dy)?;
+        Ok((
+            tensor(g.dx, x.dims(), x)?,
+            tensor(g.dw, w.dims(), w)?,
+            tensor(g.db, b.dims(), b)?,
+        ))
+    }
+}
+
+/// x (n, in) · Wᵀ [+ b] with W (out, in) and b (out,) → (n, out), as one op with its
+/// own backward. CPU f32.
+pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    CALLS.fetch_add(1, Ordering::Relaxed);
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Dense),
+        None => x.apply_op2(&w, Dense),
+    }
+}
