@@ -16,16 +16,19 @@
 //! stored log-probs and its training forward give the same bits.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 
 use super::{f32_slice, gemm, with_f32_all};
 
-/// Layers run through `dense` since the start: lets the tests see that the op, not
-/// the composite, ran.
-static CALLS: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// Layers run through `dense` on this thread since it started: lets the tests see
+    /// that the op, not the composite, ran (per thread, so that tests running in
+    /// parallel do not count each other's calls).
+    static CALLS: Cell<usize> = const { Cell::new(0) };
+}
 
 pub fn calls() -> usize {
-    CALLS.load(Ordering::Relaxed)
+    CALLS.with(Cell::get)
 }
 
 /// The op; the bias, when there is one, is its third argument.
@@ -202,7 +205,7 @@ impl CustomOp3 for Dense {
 /// x (n, in) · Wᵀ [+ b] with W (out, in) and b (out,) → (n, out), as one op with its
 /// own backward. CPU f32.
 pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    CALLS.fetch_add(1, Ordering::Relaxed);
+    CALLS.with(|c| c.set(c.get() + 1));
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, Dense),
