@@ -136,7 +136,9 @@ pub trait Environment {
     /// Every held-out prompt once: the evaluation set, never in a training stage.
     fn eval_tasks(&self) -> Vec<Task>;
     /// How often this task's labelers make their family's typical mistake in a
-    /// demonstration: above one half, so that SFT's greedy answer shows it.
+    /// demonstration. Above one half, SFT's greedy answer shows the flaw where a
+    /// family has one kind of flaw (the 3h world); a family whose flaw comes in
+    /// several kinds can still leave the correct answer the most likely one.
     fn flaw_rate(&self) -> f64;
     /// A labeler's demonstration, with the family's flaw in `flaw_rate` of them.
     fn demonstration(&self, task: &Task, flaw_rate: f64, rng: &mut ChaCha8Rng) -> String;

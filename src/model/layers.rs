@@ -72,8 +72,11 @@ impl Linear {
                 None => y,
             })
         };
-        let frozen_base = !self.weight.track_op() && fused;
-        let frozen_bias = self.bias.as_ref().is_none_or(|b| !b.track_op());
+        // A constant weight and bias (LoRA's base). A trainable bias on a constant
+        // weight takes the general path: `dense` gives W no gradient there, and its
+        // bits are those of a pass without gradients.
+        let frozen =
+            fused && !self.weight.track_op() && self.bias.as_ref().is_none_or(|b| !b.track_op());
         // This micro-batch's dropout on the LoRA branch, drawn once for the layer.
         let dropout = self.lora.as_ref().and_then(|l| l.dropout.current());
         let with_branch = |y: Tensor, x2: &Tensor, lora: Option<&LoraBranch>| {
@@ -82,38 +85,23 @@ impl Linear {
                 None => y,
             })
         };
-        let fused_lora = self.lora.as_ref().filter(|l| {
-            frozen_base && frozen_bias && (x2.track_op() || l.a.track_op() || l.b.track_op())
-        });
+        let fused_lora = self
+            .lora
+            .as_ref()
+            .filter(|l| frozen && (x2.track_op() || l.a.track_op() || l.b.track_op()));
         let y = if let Some(lora) = fused_lora {
             // LoRA in a pass that will be differentiated: the value from detached
             // inputs (the composite's arithmetic, op for op), joined to the graph as
             // one op that keeps none of the branch's intermediates.
             let xd = x2.detach();
             let constant = self.detached();
-            let y = with_branch(
-                base(&xd, constant.bias.as_ref())?,
-                &xd,
-                constant.lora.as_ref(),
-            )?;
+            let y = with_branch(base(&xd, self.bias.as_ref())?, &xd, constant.lora.as_ref())?;
             ops::lora::lora_linear(&x2, y, &self.weight, &lora.a, &lora.b, lora.scale, dropout)?
-        } else if frozen_base && x2.track_op() {
+        } else if frozen && x2.track_op() {
             // A frozen weight (LoRA's base) in a pass that will be differentiated: the
             // same product, with a backward that gives x its gradient and W none.
-            let y = if frozen_bias {
-                let y = base(
-                    &x2.detach(),
-                    self.bias.as_ref().map(Tensor::detach).as_ref(),
-                )?;
-                ops::matmul::with_frozen_weight_grad(&x2, &y, &self.weight)?
-            } else {
-                let y = ops::matmul::with_frozen_weight_grad(
-                    &x2,
-                    &base(&x2.detach(), None)?,
-                    &self.weight,
-                )?;
-                y.broadcast_add(self.bias.as_ref().expect("a trainable bias"))?
-            };
+            let y = base(&x2.detach(), self.bias.as_ref())?;
+            let y = ops::matmul::with_frozen_weight_grad(&x2, &y, &self.weight)?;
             with_branch(y, &x2, self.lora.as_ref())?
         } else {
             with_branch(base(&x2, self.bias.as_ref())?, &x2, self.lora.as_ref())?

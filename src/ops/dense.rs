@@ -10,8 +10,8 @@
 //!             in the product's epilogue, no second pass);
 //!   backward  dx = dy·W, dW = dyᵀ·x straight in W's (out, in) layout, and db the
 //!             column sums of dy, in one op.
-//! The product's bits differ from candle's in the last place (the bias enters the
-//! accumulation first instead of after it), so `Linear` runs it for every product
+//! The product's bits can differ from candle's in the last place (the bias enters the
+//! accumulation before the last block of k instead of after it), so `Linear` runs it for every product
 //! that goes through gemm, with or without a gradient: a policy's sampling, its
 //! stored log-probs and its training forward give the same bits.
 
@@ -93,8 +93,10 @@ fn backward(
     // Rows in order: the same sum whatever the thread count.
     let db = want_db.then(|| {
         let mut db = vec![0f32; out];
-        for row in dy.chunks_exact(out) {
-            super::axpy(1.0, row, &mut db);
+        if out > 0 {
+            for row in dy.chunks_exact(out) {
+                super::axpy(1.0, row, &mut db);
+            }
         }
         db
     });
