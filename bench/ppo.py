@@ -76,7 +76,10 @@ def trl_side(policy, rm, prompts_file, iterations, out, result, use_peft="0"):
                     total_episodes=PROMPTS * iterations, learning_rate=1e-5, temperature=1.0,
                     report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
                     missing_eos_penalty=None, stop_token=None, num_sample_generations=0, local_rollout_forward_batch_size=PROMPTS,
-                    dataloader_num_workers=0)
+                    dataloader_num_workers=0,
+                    # OnPolicyConfig turns bf16 on when left unset (bf16=None -> True):
+                    # before session 11 TRL's side ran bf16 autocast here, not f32.
+                    bf16=False, fp16=False)
     peft = {}
     if use_peft == "1":
         from peft import LoraConfig
@@ -87,6 +90,7 @@ def trl_side(policy, rm, prompts_file, iterations, out, result, use_peft="0"):
                          reward_model=AutoModelForSequenceClassification.from_pretrained(rm),
                          value_model=AutoModelForSequenceClassification.from_pretrained(rm),
                          train_dataset=ds, eval_dataset=ds)
+    assert not trainer.args.bf16 and not trainer.args.fp16, "not plain f32"
     t = time.perf_counter()
     trainer.train()
     with open(result, "w") as f:
