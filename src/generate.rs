@@ -206,9 +206,10 @@ fn generate_with(
             } else {
                 vec![]
             };
-            let token = sample_token(row, &history, params, draws.for_row(b));
+            let (token, logprob) =
+                sample_token_and_logprob(row, &history, params, draws.for_row(b));
             c.tokens.push(token);
-            c.logprobs.push(log_softmax_at(row, token as usize));
+            c.logprobs.push(logprob);
             next.push(token);
             if params.eos_token_ids.contains(&token) {
                 c.finish_reason = FinishReason::Eos;
@@ -332,6 +333,34 @@ pub fn sample_token(
     params: &SamplingParams,
     rng: &mut ChaCha8Rng,
 ) -> u32 {
+    sample(logits, history, params, rng).0
+}
+
+/// `sample_token` and the token's log-probability under the unmodified distribution
+/// (`log_softmax_at`). With plain sampling (temperature 1, no penalty, top-k or
+/// top-p) the sampling weights are exactly log_softmax_at's terms, summed in the same
+/// order, so their sum gives the same bits without a second pass of exponentials.
+pub fn sample_token_and_logprob(
+    logits: &[f32],
+    history: &[u32],
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> (u32, f32) {
+    let (token, lse) = sample(logits, history, params, rng);
+    let logprob = match lse {
+        Some(lse) => (logits[token as usize] as f64 - lse) as f32,
+        None => log_softmax_at(logits, token as usize),
+    };
+    (token, logprob)
+}
+
+/// The token, and log Σ exp(logits) when the sampling weights were its terms.
+fn sample(
+    logits: &[f32],
+    history: &[u32],
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> (u32, Option<f64>) {
     let mut scores = logits.to_vec();
     if params.repetition_penalty != 1.0 {
         // transformers' RepetitionPenaltyLogitsProcessor: shrink toward less likely.
@@ -346,7 +375,7 @@ pub fn sample_token(
         }
     }
     if params.temperature == 0.0 {
-        return argmax(&scores) as u32;
+        return (argmax(&scores) as u32, None);
     }
     // Candidate ids: the whole vocabulary unless top-k or top-p cut it. Only top-p
     // needs an order, so the common case (plain temperature sampling) sorts nothing.
@@ -381,15 +410,22 @@ pub fn sample_token(
     }
     let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
     let total: f64 = weights.iter().sum();
+    // The whole vocabulary in id order, the logits unchanged, (x − max)·1 = x − max:
+    // `total` is log_softmax_at's sum, term for term.
+    let plain = params.repetition_penalty == 1.0
+        && params.temperature == 1.0
+        && candidates.len() == logits.len()
+        && params.top_p >= 1.0;
+    let lse = plain.then(|| total.ln() + max);
     let r = rng.random::<f64>() * total;
     let mut cum = 0.0;
     for (&i, w) in candidates.iter().zip(&weights) {
         cum += w;
         if r < cum {
-            return i as u32;
+            return (i as u32, lse);
         }
     }
-    candidates[candidates.len() - 1] as u32
+    (candidates[candidates.len() - 1] as u32, lse)
 }
 
 fn argmax(xs: &[f32]) -> usize {
@@ -508,6 +544,41 @@ mod tests {
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
+    }
+
+    #[test]
+    fn the_sampled_logprob_has_log_softmax_at_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let logits: Vec<f32> = (0..1000).map(|_| rng.random_range(-8.0f32..8.0)).collect();
+        let settings = [
+            params(1.0),
+            params(0.7),
+            SamplingParams {
+                top_k: 20,
+                ..params(1.0)
+            },
+            SamplingParams {
+                top_p: 0.9,
+                ..params(1.0)
+            },
+            SamplingParams {
+                repetition_penalty: 1.3,
+                ..params(1.0)
+            },
+        ];
+        for (n, p) in settings.iter().enumerate() {
+            let (mut a, mut b) = (ChaCha8Rng::seed_from_u64(9), ChaCha8Rng::seed_from_u64(9));
+            for _ in 0..50 {
+                let (token, logprob) = sample_token_and_logprob(&logits, &[3, 4], p, &mut a);
+                assert_eq!(
+                    token,
+                    sample_token(&logits, &[3, 4], p, &mut b),
+                    "setting {n}"
+                );
+                let expected = log_softmax_at(&logits, token as usize);
+                assert_eq!(logprob.to_bits(), expected.to_bits(), "setting {n}");
+            }
+        }
     }
 
     #[test]
