@@ -88,8 +88,10 @@ pub fn gold_score(task: &Task, response: &str) -> f64 {
                 -1.0 // a wrong sum
             } else {
                 // No number at all ("The fish." to "What is 3 plus 5?"): no answer to
-                // the question, below any wrong sum of up to 15 words (16 ties).
-                // A sum spelled out in words ("eight") counts as no number. Until session 10 it scored as a wrong sum, so a short
+                // the question, below a wrong sum of ordinary length (one of up to 15
+                // words ties at most, for a short reference and no garbling). A sum
+                // spelled out in words ("eight") counts as no number. Until session 10
+                // it scored as a wrong sum, so a short
                 // off-topic answer beat SFT's rambling wrong one: one seed's PPO
                 // answered 5 of 12 held-out sums with "the fish." and the win rate
                 // counted them as wins.

@@ -73,8 +73,9 @@ impl Linear {
             })
         };
         // A constant weight and bias (LoRA's base). A trainable bias on a constant
-        // weight takes the general path: `dense` gives W no gradient there, and its
-        // bits are those of a pass without gradients.
+        // weight (no model builds one today) takes the general path: above 16 rows
+        // `dense` gives W no gradient and the bits of a pass without gradients; on
+        // the skinny path W's gradient is computed and dropped.
         let frozen =
             fused && !self.weight.track_op() && self.bias.as_ref().is_none_or(|b| !b.track_op());
         // This micro-batch's dropout on the LoRA branch, drawn once for the layer.

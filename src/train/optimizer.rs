@@ -442,8 +442,9 @@ impl GradAccumulator {
         Ok(())
     }
 
-    /// The global L2 norm of all gradients (in f64, summed in parameter order; on a
-    /// GPU each parameter's sum of squares is taken there, in f32).
+    /// The global L2 norm of all gradients (in f64: fixed pieces of CHUNK elements in
+    /// parameter order, each with eight partial sums, so the bits do not depend on the
+    /// thread count; on a GPU each parameter's sum of squares is taken there, in f32).
     pub fn global_norm(&self) -> Result<f64> {
         if let Some(bufs) = &self.device {
             let sums: Vec<Tensor> = bufs
