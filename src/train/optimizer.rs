@@ -74,11 +74,9 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// y += x
+    /// y += x (`axpy` with α = 1: the same bits as y + x), in its AVX2 copy.
     fn add_into(y: &mut [f32], x: &[f32]) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y += x;
-        }
+        crate::ops::axpy(1.0, x, y)
     }
 }
 
@@ -101,8 +99,8 @@ simd_kernel! {
 
 /// The update of one f32 parameter in its own storage (no copy out and back).
 struct InPlaceUpdate<'a> {
-    /// (exp_avg, exp_avg_sq): `cpu_fwd` takes `&self`; the lock is never contended.
-    moments: std::sync::Mutex<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    /// (exp_avg, exp_avg_sq), borrowed mutably through `cpu_fwd`'s `&self`.
+    moments: std::cell::RefCell<(&'a mut [f32], &'a mut [f32])>,
     grad: &'a [f32],
     h: Hyper,
 }
@@ -123,7 +121,7 @@ impl candle_core::InplaceOp1 for InPlaceUpdate<'_> {
             candle_core::bail!("adamw: expected a contiguous f32 parameter")
         };
         let p = &mut data[start..end];
-        let mut moments = self.moments.lock().expect("adamw moments lock");
+        let mut moments = self.moments.borrow_mut();
         let (m, v) = &mut *moments;
         if m.len() != p.len() || v.len() != p.len() || self.grad.len() != p.len() {
             candle_core::bail!(
@@ -134,11 +132,12 @@ impl candle_core::InplaceOp1 for InPlaceUpdate<'_> {
                 self.grad.len()
             )
         }
+        let h = self.h;
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .zip(self.grad.par_chunks(CHUNK))
-            .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, self.h));
+            .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, h));
         Ok(())
     }
 }
@@ -251,18 +250,13 @@ impl AdamW {
                     step_size,
                     bc2_sqrt,
                 };
-                let t = var.as_tensor();
-                if t.dtype() == candle_core::DType::F32 && t.is_contiguous() {
-                    t.inplace_op1(&InPlaceUpdate {
-                        moments: std::sync::Mutex::new((m, v)),
-                        grad: g,
-                        h,
-                    })?;
-                } else {
-                    let mut p = flat(t)?;
-                    adamw_chunk(&mut p, m, v, g, h);
-                    var.set(&Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(t.dtype())?)?;
-                }
+                // CPU parameters are contiguous f32 (`Params` loads them so); the op
+                // says so by name otherwise.
+                var.as_tensor().inplace_op1(&InPlaceUpdate {
+                    moments: std::cell::RefCell::new((m.as_mut_slice(), v.as_mut_slice())),
+                    grad: g,
+                    h,
+                })?;
                 Ok(())
             })?;
         Ok(())
@@ -399,19 +393,13 @@ impl GradAccumulator {
         }
         for (buf, (_, var)) in self.buffers.iter_mut().zip(params.vars()) {
             if let Some(g) = grads.get(var.as_tensor()) {
-                let add = |buf: &mut Vec<f32>, g: &[f32]| {
+                // The gradient's own f32 storage, read in place (no copy).
+                crate::ops::with_f32_all(&[g], |g| {
                     buf.par_chunks_mut(CHUNK)
-                        .zip(g.par_chunks(CHUNK))
-                        .for_each(|(b, g)| add_into(b, g))
-                };
-                if g.dtype() == candle_core::DType::F32 && g.elem_count() == buf.len() {
-                    crate::ops::with_f32_all(&[g], |g| {
-                        add(buf, g[0]);
-                        Ok(())
-                    })?;
-                } else {
-                    add(buf, &flat(g)?);
-                }
+                        .zip(g[0].par_chunks(CHUNK))
+                        .for_each(|(b, g)| add_into(b, g));
+                    Ok(())
+                })?;
             }
         }
         Ok(())
