@@ -18,7 +18,12 @@ use rlhf::serve::engine::{EngineConfig, GenParams, Job};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    rlhf::keep_freed_memory();
+    rlhf::setup_process();
+    // As the `rlhf` binary runs its commands: on a worker of the pool.
+    rlhf::in_worker_pool(run)
+}
+
+fn run() {
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(&args[1]);
     let arg = |i: usize, d: usize| args.get(i).map_or(d, |s| s.parse().unwrap());

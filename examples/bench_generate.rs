@@ -21,7 +21,12 @@ use rlhf::model::hf::load_pretrained;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    rlhf::keep_freed_memory();
+    rlhf::setup_process();
+    // As the `rlhf` binary runs its commands: on a worker of the pool.
+    rlhf::in_worker_pool(run)
+}
+
+fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args
         .get(1)

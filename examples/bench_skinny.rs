@@ -24,7 +24,12 @@ fn per_call(reps: usize, f: impl Fn()) -> f64 {
 }
 
 fn main() {
-    rlhf::keep_freed_memory();
+    rlhf::setup_process();
+    // As the `rlhf` binary runs its commands: on a worker of the pool.
+    rlhf::in_worker_pool(run)
+}
+
+fn run() {
     println!("{}", common::cpu_info());
     // (rows, in, out): tiny's attention in/out, MLP up/down and LM head, then GPT-2
     // small's attention in and MLP down.

@@ -29,7 +29,12 @@ use rlhf::train::optimizer::{AdamW, AdamWConfig, GradAccumulator};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    rlhf::keep_freed_memory();
+    rlhf::setup_process();
+    // As the `rlhf` binary runs its commands: on a worker of the pool.
+    rlhf::in_worker_pool(run)
+}
+
+fn run() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     let preset = a.get(1).map_or("tiny", String::as_str);
     let num = |i: usize, d: usize| a.get(i).map_or(Ok(d), |s| s.parse()).expect("a number");

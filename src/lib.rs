@@ -52,6 +52,57 @@ macro_rules! note {
     };
 }
 
+/// What the `rlhf` binary and the benches set up first, before any other thread
+/// starts: freed memory kept (`keep_freed_memory`) and candle's pool's workers
+/// asleep between its ops (`candle_workers_sleep`).
+pub fn setup_process() {
+    keep_freed_memory();
+    candle_workers_sleep();
+}
+
+/// Runs `f` on a thread of a rayon pool (RAYON_NUM_THREADS threads, by default one
+/// per logical CPU), so that the code that drives the work is one of the pool's
+/// workers: its parallel loops split work with the other workers and join them, where
+/// a caller outside the pool hands every loop over and sleeps until the workers wake
+/// it, two thread hand-offs per loop. Each hand-off is a wake-up through the kernel,
+/// thousands of them a second in a training run. The calling thread waits, once, for
+/// `f`. Where no pool can be built, `f` runs here. The workers get a main thread's
+/// stack (8 MiB, reserved, not touched, until used) instead of Rust's 2 MiB: the
+/// whole command runs on one of them, and candle's backward walks the graph
+/// recursively.
+pub fn in_worker_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("rlhf-{i}"))
+        .stack_size(8 << 20)
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}
+
+/// One busy pool of worker threads, rayon's. candle 0.11 runs its elementwise ops
+/// above 64K elements (residual adds, broadcasts, the adds where two gradients meet)
+/// on a second pool of its own (`candle_core::utils::barrier_pool`, one worker fewer
+/// than CANDLE_NUM_THREADS, by default one per core), whose workers spin 25,000
+/// rounds after every op before they sleep, while rayon's workers (every matmul and
+/// every fused op of ours) need the same cores. With a spin limit of 200 rounds
+/// (CANDLE_BARRIER_POOL_SPIN_LIMIT) candle's workers sleep at once and are woken for
+/// the next such op, so those ops stay parallel on many cores and stop taking cores
+/// from rayon between them. The bits do not change (candle splits the work into the
+/// same pieces whatever runs them). Measured on 2 cores (AVX2 EPYC, BENCHMARKS.md):
+/// a tiny training step at 16 × 64 tokens 3840 → 4040 tok/s; CANDLE_NUM_THREADS=1
+/// (no candle worker at all) measured the same there. A limit the user set is kept.
+///
+/// Call it while the process has one thread: it sets an environment variable, which
+/// candle reads when its pool first starts. Child processes (`--reward_cmd`) inherit
+/// it; it only shortens a wait.
+pub fn candle_workers_sleep() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
+    }
+}
+
 /// Tells mimalloc (the binary's allocator) never to return freed memory to the kernel.
 /// candle allocates a fresh buffer for every op; returned pages come back zeroed by
 /// the kernel on the next allocation (measured: a third of a training step's CPU time

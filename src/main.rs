@@ -12,7 +12,7 @@ use clap::FromArgMatches;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    rlhf::keep_freed_memory();
+    rlhf::setup_process();
     // clap prints its own errors and help, ignoring a failed write, and exits with 2
     // (0 for --help).
     let matches = rlhf::cli::command().get_matches();
@@ -20,7 +20,7 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    if let Err(err) = rlhf::cli::run(cli, &matches) {
+    if let Err(err) = rlhf::in_worker_pool(|| rlhf::cli::run(cli, &matches)) {
         if rlhf::cli::is_broken_pipe(&err) {
             std::process::exit(0);
         }

@@ -8,7 +8,6 @@
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::ops::attention::CausalMask;
@@ -68,12 +67,7 @@ impl AttentionMask {
             }
         }
         let position_ids = Tensor::from_vec(positions, (b, query_len), device)?;
-        let causal = CausalMask {
-            segments: Arc::new(segments.concat()),
-            batch: b,
-            keys: s,
-            queries: query_len,
-        };
+        let causal = CausalMask::new(segments.concat(), b, s, query_len);
         Ok(AttentionMask {
             position_ids,
             causal,
@@ -90,20 +84,17 @@ impl AttentionMask {
     /// a key and `MASKED` elsewhere.
     pub fn bias(&self, device: &Device) -> Result<Tensor> {
         let c = &self.causal;
-        let mut bias = vec![MASKED; c.batch * c.queries * c.keys];
-        for bi in 0..c.batch {
-            for q in 0..c.queries {
-                let base = (bi * c.queries + q) * c.keys;
+        let (batch, queries, keys) = (c.batch(), c.queries(), c.keys());
+        let mut bias = vec![MASKED; batch * queries * keys];
+        for bi in 0..batch {
+            for q in 0..queries {
+                let base = (bi * queries + q) * keys;
                 for j in c.visible(bi, q) {
                     bias[base + j] = 0.0;
                 }
             }
         }
-        Ok(Tensor::from_vec(
-            bias,
-            (c.batch, 1, c.queries, c.keys),
-            device,
-        )?)
+        Ok(Tensor::from_vec(bias, (batch, 1, queries, keys), device)?)
     }
 }
 

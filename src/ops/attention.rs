@@ -20,25 +20,106 @@ use super::{axpy, dot, f32_slice, with_f32_all, PARALLEL_MIN_WORK};
 /// example number otherwise; key j is visible to query t (at key index `offset + t`)
 /// iff j ≤ offset + t and key j belongs to the query's example (for packed rows; an
 /// unpacked row is one example).
+///
+/// The visible keys of every query are found once, when the mask is made, as runs of
+/// consecutive keys (`KeyRuns`): every head of every layer, forward and backward,
+/// reads them instead of scanning the row again. A padded or packed training row
+/// gives one run per query; the server's interleaved rows give one run per prompt
+/// and one per sampled token.
+///
+/// The fields are private: the runs are derived from the others at construction.
 #[derive(Debug, Clone)]
 pub struct CausalMask {
-    pub segments: Arc<Vec<u32>>, // (B, S) row-major
-    pub batch: usize,
-    pub keys: usize,
-    pub queries: usize,
+    batch: usize,
+    keys: usize,
+    queries: usize,
+    runs: Arc<KeyRuns>,
+}
+
+/// Each query's visible keys as half-open runs [start, end), in increasing order:
+/// query (b, t)'s runs are `runs[offsets[b·T + t]..offsets[b·T + t + 1]]`.
+#[derive(Debug)]
+struct KeyRuns {
+    offsets: Vec<usize>, // (B·T + 1)
+    runs: Vec<(u32, u32)>,
 }
 
 impl CausalMask {
-    fn offset(&self) -> usize {
-        self.keys - self.queries
+    /// The mask of the last `queries` of `keys` positions of `batch` rows of
+    /// `segments` (row-major, `batch · keys` ids).
+    pub fn new(segments: Vec<u32>, batch: usize, keys: usize, queries: usize) -> Self {
+        assert!(
+            segments.len() == batch * keys && queries <= keys && keys <= u32::MAX as usize,
+            "causal mask: {} segment ids for {batch} rows of {keys} keys, {queries} queries",
+            segments.len()
+        );
+        let offset = keys - queries;
+        let mut offsets = Vec::with_capacity(batch * queries + 1);
+        let mut runs = vec![];
+        offsets.push(0);
+        for row in segments.chunks(keys.max(1)).take(batch) {
+            for t in 0..queries {
+                let me = offset + t;
+                let seg = row[me];
+                if seg != 0 {
+                    let mut j = 0;
+                    while j <= me {
+                        if row[j] != seg {
+                            j += 1;
+                            continue;
+                        }
+                        let start = j;
+                        while j <= me && row[j] == seg {
+                            j += 1;
+                        }
+                        runs.push((start as u32, j as u32));
+                    }
+                }
+                offsets.push(runs.len());
+            }
+        }
+        CausalMask {
+            batch,
+            keys,
+            queries,
+            runs: Arc::new(KeyRuns { offsets, runs }),
+        }
+    }
+
+    /// Rows (B).
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Key positions per row (S: cached and new).
+    pub fn keys(&self) -> usize {
+        self.keys
+    }
+
+    /// Query positions per row (T: the last T of the S keys).
+    pub fn queries(&self) -> usize {
+        self.queries
+    }
+
+    fn runs(&self, b: usize, t: usize) -> &[(u32, u32)] {
+        let i = b * self.queries + t;
+        let r = &self.runs;
+        &r.runs[r.offsets[i]..r.offsets[i + 1]]
     }
 
     /// The keys query `t` of row `b` sees, in increasing order.
     pub fn visible(&self, b: usize, t: usize) -> impl Iterator<Item = usize> + '_ {
-        let row = &self.segments[b * self.keys..(b + 1) * self.keys];
-        let me = self.offset() + t;
-        let seg = row[me];
-        (0..=me).filter(move |&j| seg != 0 && row[j] == seg)
+        self.runs(b, t)
+            .iter()
+            .flat_map(|&(s, e)| s as usize..e as usize)
+    }
+
+    /// `visible(b, t)` into `keys` (cleared first).
+    fn visible_into(&self, b: usize, t: usize, keys: &mut Vec<usize>) {
+        keys.clear();
+        for &(s, e) in self.runs(b, t) {
+            keys.extend(s as usize..e as usize);
+        }
     }
 }
 
@@ -116,8 +197,7 @@ simd_kernel! {
         let mut probs = Vec::with_capacity(d.s);
         let mut keys = Vec::with_capacity(d.s);
         for t in 0..d.t {
-            keys.clear();
-            keys.extend(op.mask.visible(b, t));
+            op.mask.visible_into(b, t, &mut keys);
             let orow = &mut o[t * d.hd..(t + 1) * d.hd];
             if keys.is_empty() {
                 continue; // a padding query: output 0, never read
@@ -155,8 +235,7 @@ simd_kernel! {
         for r in 0..rep {
             let h = kvh * rep + r;
             for t in 0..d.t {
-                keys.clear();
-                keys.extend(op.mask.visible(b, t));
+                op.mask.visible_into(b, t, &mut keys);
                 if keys.is_empty() {
                     continue;
                 }
@@ -345,4 +424,61 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -
         }
     };
     q.contiguous()?.apply_op3(&kv(k)?, &kv(v)?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The definition: key j is visible to query t iff j ≤ offset + t and key j is
+    /// of the query's example, which is not padding.
+    fn scanned(row: &[u32], me: usize) -> Vec<usize> {
+        let seg = row[me];
+        (0..=me).filter(|&j| seg != 0 && row[j] == seg).collect()
+    }
+
+    #[test]
+    fn key_runs_give_the_keys_of_a_scan() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut runs_seen = 0;
+        for _ in 0..300 {
+            let batch = rng.random_range(1..4);
+            let keys = rng.random_range(1..40);
+            // Runs of one id, padding (0) among them, ids coming back (interleaved
+            // serving rows, packed training rows).
+            let mut segments = Vec::with_capacity(batch * keys);
+            for _ in 0..batch {
+                let mut id = rng.random_range(0..4u32);
+                for _ in 0..keys {
+                    if rng.random_bool(0.3) {
+                        id = rng.random_range(0..4);
+                    }
+                    segments.push(id);
+                }
+            }
+            let queries = rng.random_range(1..=keys);
+            let mask = CausalMask::new(segments.clone(), batch, keys, queries);
+            let mut buf = vec![];
+            for b in 0..batch {
+                let row = &segments[b * keys..(b + 1) * keys];
+                for t in 0..queries {
+                    let want = scanned(row, keys - queries + t);
+                    assert_eq!(mask.visible(b, t).collect::<Vec<_>>(), want);
+                    mask.visible_into(b, t, &mut buf);
+                    assert_eq!(buf, want);
+                    runs_seen += mask.runs(b, t).len();
+                }
+            }
+        }
+        assert!(runs_seen > 1000, "the cases should hold many runs");
+    }
+
+    #[test]
+    fn a_padded_or_packed_row_has_one_run_per_query() {
+        let mask = CausalMask::new(vec![0, 0, 1, 1, 1, 2, 2], 1, 7, 7);
+        let per_query: Vec<usize> = (0..7).map(|t| mask.runs(0, t).len()).collect();
+        assert_eq!(per_query, [0, 0, 1, 1, 1, 1, 1]);
+        assert_eq!(mask.runs(0, 6), [(5, 7)]);
+    }
 }
