@@ -11,6 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::simd::{self, simd_kernel};
@@ -36,17 +37,20 @@ pub struct CausalMask {
     runs: Arc<KeyRuns>,
 }
 
-/// Each query's visible keys as half-open runs [start, end), in increasing order:
-/// query (b, t)'s runs are `runs[offsets[b·T + t]..offsets[b·T + t + 1]]`.
+/// The visible keys as half-open runs [start, end) of consecutive keys: each row's
+/// runs of each example, grouped by example in increasing order, and for each query
+/// (b·T + t) the runs of its example that start at or before it (`first`, `n`), the
+/// last one cut at the query's own key. A padding query has none.
 #[derive(Debug)]
 struct KeyRuns {
-    offsets: Vec<usize>, // (B·T + 1)
     runs: Vec<(u32, u32)>,
+    queries: Vec<(u32, u32)>, // (B·T): (first, n)
 }
 
 impl CausalMask {
     /// The mask of the last `queries` of `keys` positions of `batch` rows of
-    /// `segments` (row-major, `batch · keys` ids).
+    /// `segments` (row-major, `batch · keys` ids). One pass over each row finds its
+    /// examples' runs; a query then takes its example's runs up to itself.
     pub fn new(segments: Vec<u32>, batch: usize, keys: usize, queries: usize) -> Self {
         assert!(
             segments.len() == batch * keys && queries <= keys && keys <= u32::MAX as usize,
@@ -54,35 +58,45 @@ impl CausalMask {
             segments.len()
         );
         let offset = keys - queries;
-        let mut offsets = Vec::with_capacity(batch * queries + 1);
-        let mut runs = vec![];
-        offsets.push(0);
+        let mut runs: Vec<(u32, u32)> = vec![];
+        let mut per_query = Vec::with_capacity(batch * queries);
+        let mut by_example: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
         for row in segments.chunks(keys.max(1)).take(batch) {
-            for t in 0..queries {
-                let me = offset + t;
-                let seg = row[me];
-                if seg != 0 {
-                    let mut j = 0;
-                    while j <= me {
-                        if row[j] != seg {
-                            j += 1;
-                            continue;
-                        }
-                        let start = j;
-                        while j <= me && row[j] == seg {
-                            j += 1;
-                        }
-                        runs.push((start as u32, j as u32));
-                    }
+            by_example.clear();
+            for (j, &seg) in row.iter().enumerate() {
+                let list = by_example.entry(seg).or_default();
+                match list.last_mut() {
+                    Some(last) if last.1 as usize == j => last.1 += 1,
+                    _ => list.push((j as u32, j as u32 + 1)),
                 }
-                offsets.push(runs.len());
+            }
+            // Each example's runs, one group after another.
+            let mut first: HashMap<u32, usize> = HashMap::with_capacity(by_example.len());
+            for (&seg, list) in &by_example {
+                if seg != 0 {
+                    first.insert(seg, runs.len());
+                    runs.extend_from_slice(list);
+                }
+            }
+            for (t, &seg) in row[offset..].iter().enumerate() {
+                let me = (offset + t) as u32;
+                per_query.push(match first.get(&seg) {
+                    None => (0, 0), // padding
+                    Some(&f) => {
+                        let n = by_example[&seg].partition_point(|r| r.0 <= me);
+                        (f as u32, n as u32)
+                    }
+                });
             }
         }
         CausalMask {
             batch,
             keys,
             queries,
-            runs: Arc::new(KeyRuns { offsets, runs }),
+            runs: Arc::new(KeyRuns {
+                runs,
+                queries: per_query,
+            }),
         }
     }
 
@@ -101,23 +115,24 @@ impl CausalMask {
         self.queries
     }
 
-    fn runs(&self, b: usize, t: usize) -> &[(u32, u32)] {
-        let i = b * self.queries + t;
-        let r = &self.runs;
-        &r.runs[r.offsets[i]..r.offsets[i + 1]]
+    /// Query `t` of row `b`'s runs of visible keys, in increasing order.
+    fn runs(&self, b: usize, t: usize) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let (first, n) = self.runs.queries[b * self.queries + t];
+        let me = (self.keys - self.queries + t) as u32;
+        self.runs.runs[first as usize..(first + n) as usize]
+            .iter()
+            .map(move |&(s, e)| (s, e.min(me + 1)))
     }
 
     /// The keys query `t` of row `b` sees, in increasing order.
     pub fn visible(&self, b: usize, t: usize) -> impl Iterator<Item = usize> + '_ {
-        self.runs(b, t)
-            .iter()
-            .flat_map(|&(s, e)| s as usize..e as usize)
+        self.runs(b, t).flat_map(|(s, e)| s as usize..e as usize)
     }
 
     /// `visible(b, t)` into `keys` (cleared first).
     fn visible_into(&self, b: usize, t: usize, keys: &mut Vec<usize>) {
         keys.clear();
-        for &(s, e) in self.runs(b, t) {
+        for (s, e) in self.runs(b, t) {
             keys.extend(s as usize..e as usize);
         }
     }
@@ -467,7 +482,7 @@ mod tests {
                     assert_eq!(mask.visible(b, t).collect::<Vec<_>>(), want);
                     mask.visible_into(b, t, &mut buf);
                     assert_eq!(buf, want);
-                    runs_seen += mask.runs(b, t).len();
+                    runs_seen += mask.runs(b, t).count();
                 }
             }
         }
@@ -477,8 +492,8 @@ mod tests {
     #[test]
     fn a_padded_or_packed_row_has_one_run_per_query() {
         let mask = CausalMask::new(vec![0, 0, 1, 1, 1, 2, 2], 1, 7, 7);
-        let per_query: Vec<usize> = (0..7).map(|t| mask.runs(0, t).len()).collect();
+        let per_query: Vec<usize> = (0..7).map(|t| mask.runs(0, t).count()).collect();
         assert_eq!(per_query, [0, 0, 1, 1, 1, 1, 1]);
-        assert_eq!(mask.runs(0, 6), [(5, 7)]);
+        assert_eq!(mask.runs(0, 6).collect::<Vec<_>>(), [(5, 7)]);
     }
 }
