@@ -41,7 +41,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::text::release;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::generate::{log_softmax_at, sample_token, SamplingParams};
+use crate::generate::{log_softmax_at, sample_token, sample_token_and_logprob, SamplingParams};
 use crate::model::{AttentionMask, CausalLm, KvCache};
 
 /// How one request samples (validated by the HTTP layer).
@@ -515,15 +515,21 @@ fn sample(s: &mut Sequence, row: &[f32]) -> (u32, Option<TokenLogprob>) {
         top_p: p.top_p,
         ..SamplingParams::default()
     };
-    let token = if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+    // The sampled token's logprob: from the sampling pass itself when it sampled the
+    // unmodified row (`sample_token_and_logprob`: the same bits as log_softmax_at,
+    // without a second pass of exponentials), else from the row.
+    let (token, sampled_logprob) = if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
         let scores = penalized(row, &s.counts, p.presence_penalty, p.frequency_penalty);
-        sample_token(&scores, &[], &sampling, &mut s.rng)
+        (sample_token(&scores, &[], &sampling, &mut s.rng), None)
+    } else if p.logprobs.is_some() {
+        let (token, logprob) = sample_token_and_logprob(row, &[], &sampling, &mut s.rng);
+        (token, Some(logprob))
     } else {
-        sample_token(row, &[], &sampling, &mut s.rng)
+        (sample_token(row, &[], &sampling, &mut s.rng), None)
     };
     let logprob = p.logprobs.map(|k| TokenLogprob {
         id: token,
-        logprob: log_softmax_at(row, token as usize),
+        logprob: sampled_logprob.unwrap_or_else(|| log_softmax_at(row, token as usize)),
         top: top_logprobs(row, k),
     });
     (token, logprob)
