@@ -381,3 +381,151 @@ fn a_stream_per_row_samples_the_same_tokens_in_any_batch() {
         "{err}"
     );
 }
+
+/// A batch of rows of mixed lengths is packed (short rows share a row of the batch)
+/// and each row still gets what it gets alone: log-probs under the LM, with and
+/// without a graph, and the reward model's score at its last token, in every family
+/// (learned positions and rotary ones).
+#[test]
+fn a_packed_batch_scores_each_row_as_it_scores_alone() {
+    use rlhf::model::response::{logprobs_of, response_logprobs, ResponseBatch};
+    use rlhf::model::scalar::load_scalar;
+    let dev = Device::Cpu;
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = vec![
+        (vec![5, 9, 13, 21, 2, 8], vec![17, 4, 250, 7]),
+        (vec![3], vec![11, 12]),
+        (vec![40, 41], vec![42]),
+        (vec![7, 7, 7], vec![9, 9, 9, 9, 9, 9]),
+        (vec![100], vec![101]),
+    ];
+    let refs: Vec<(&[u32], &[u32])> = rows.iter().map(|(p, r)| (&p[..], &r[..])).collect();
+    for family in FAMILIES {
+        let pre = load_fixture(family);
+        let batch = ResponseBatch::new(&refs, 0, &dev).unwrap();
+        let (packed_rows, width) = batch.ids.dims2().unwrap();
+        assert!(
+            packed_rows * width < rows.len() * 10,
+            "{family}: {packed_rows} rows of {width} for {} sequences of at most 10",
+            rows.len()
+        );
+        assert_eq!(batch.mask.sequences, rows.len());
+        let (graph, _) = logprobs_of(&pre.model, &batch, false).unwrap();
+        let graph = batch.split(&graph).unwrap();
+        let (detached, _) = response_logprobs(&pre.model, &batch, false).unwrap();
+        for (i, row) in refs.iter().enumerate() {
+            let alone = ResponseBatch::new(std::slice::from_ref(row), 0, &dev).unwrap();
+            let (want, _) = response_logprobs(&pre.model, &alone, false).unwrap();
+            for (got, what) in [(&graph[i], "graph"), (&detached[i], "detached")] {
+                assert_eq!(got.len(), want[0].len());
+                for (a, b) in got.iter().zip(&want[0]) {
+                    assert!((a - b).abs() < 1e-5, "{family} {what} row {i}: {a} vs {b}");
+                }
+            }
+        }
+        let rm = load_scalar(&common::fixture(family), &dev, 0).unwrap();
+        let seqs: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|(p, r)| [&p[..], &r[..]].concat())
+            .collect();
+        let before = rm.model.sequences_forwarded.get();
+        let scores: Vec<f32> = rm.model.score_last(&seqs, 0).unwrap().to_vec1().unwrap();
+        assert_eq!(rm.model.sequences_forwarded.get() - before, seqs.len());
+        for (i, s) in seqs.iter().enumerate() {
+            let alone: Vec<f32> = rm
+                .model
+                .score_last(std::slice::from_ref(s), 0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                (scores[i] - alone[0]).abs() < 1e-5,
+                "{family} score {i}: {} vs {}",
+                scores[i],
+                alone[0]
+            );
+        }
+    }
+}
+
+/// The causal-LM loss of a batch whose rows (single examples and rows of several)
+/// are packed into fewer rows equals the sum of each row's loss alone, and so do its
+/// gradients, in every family.
+#[test]
+fn a_packed_lm_batch_has_the_loss_and_gradients_of_its_rows_alone() {
+    use rlhf::data::sft::SftExample;
+    use rlhf::train::lm_task::{lm_loss_sum, pack, Row};
+    let ex = |ids: &[u32], mask: &[u8]| SftExample {
+        ids: ids.to_vec(),
+        loss_mask: mask.to_vec(),
+    };
+    let mut rows = pack(
+        vec![ex(&[5, 9, 13], &[0, 1, 1]), ex(&[21, 2, 8], &[1, 1, 1])],
+        8,
+    ); // one row of two examples
+    rows.push(Row::single(ex(
+        &[1, 2, 3, 4, 5, 6, 7],
+        &[0, 0, 1, 1, 1, 1, 1],
+    )));
+    rows.push(Row::single(ex(&[40, 41], &[0, 1])));
+    rows.push(Row::single(ex(&[70, 71, 72, 73, 74], &[1, 1, 1, 1, 1])));
+    let refs: Vec<&Row> = rows.iter().collect();
+    for family in FAMILIES {
+        let pre = load_fixture(family);
+        let (sum, n, tokens) = lm_loss_sum(&pre.model, 0, &refs).unwrap();
+        assert_eq!(tokens, 6 + 7 + 2 + 5);
+        let grads = sum.backward().unwrap();
+        let mut want_sum = 0f32;
+        let mut want_n = 0;
+        let mut want_grads: Vec<Option<Tensor>> = vec![None; pre.model.params.vars().len()];
+        for row in &refs {
+            let (s, k, _) = lm_loss_sum(&pre.model, 0, std::slice::from_ref(row)).unwrap();
+            want_sum += s.to_scalar::<f32>().unwrap();
+            want_n += k;
+            let g = s.backward().unwrap();
+            for (slot, (_, var)) in want_grads.iter_mut().zip(pre.model.params.vars()) {
+                if let Some(gv) = g.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + gv).unwrap(),
+                        None => gv.clone(),
+                    });
+                }
+            }
+        }
+        assert_eq!(n, want_n);
+        let got = sum.to_scalar::<f32>().unwrap();
+        assert!(
+            (got - want_sum).abs() < 1e-4 * want_sum.abs(),
+            "{family}: {got} vs {want_sum}"
+        );
+        let mut compared = 0;
+        for ((spec, var), want) in pre.model.params.vars().into_iter().zip(&want_grads) {
+            let Some(want) = want else { continue };
+            let got = grads
+                .get(var.as_tensor())
+                .expect("a gradient in the batch too");
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1e-3);
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-4 * scale,
+                "{family} {}: {diff} (scale {scale})",
+                spec.name
+            );
+            compared += 1;
+        }
+        assert!(compared > 4, "{family}: {compared} gradients compared");
+    }
+}

@@ -162,10 +162,10 @@ fn each_response_is_forwarded_once() {
         2 * comparisons
     );
     let task = RmTask::new(rm, vec![], vec![], 4, 0);
-    // Counted inside the scalar model's forward: the rows that actually ran.
-    let before = task.rm.model.rows_forwarded.get();
+    // Counted inside the scalar model's forward: the sequences that actually ran.
+    let before = task.rm.model.sequences_forwarded.get();
     task.evaluate_set(&set).unwrap();
-    let rows = task.rm.model.rows_forwarded.get() - before;
+    let rows = task.rm.model.sequences_forwarded.get() - before;
     assert_eq!(rows, total_k, "K forwards per prompt");
 }
 

@@ -22,6 +22,8 @@ pub struct AttentionMask {
     pub position_ids: Tensor, // (B, T) u32
     /// Which keys each query sees (used by the fused kernel and to build `bias`).
     pub causal: CausalMask,
+    /// The sequences (examples) the rows hold, over all rows.
+    pub sequences: usize,
 }
 
 impl AttentionMask {
@@ -52,6 +54,7 @@ impl AttentionMask {
         let offset = s - query_len;
         let mut positions = Vec::with_capacity(b * query_len);
         let mut seen: HashMap<u32, u32> = HashMap::new();
+        let mut sequences = 0;
         for row in segments {
             // The count of earlier tokens of the same example: for a real token that
             // is its position; for padding any value works (it is masked). Examples
@@ -65,12 +68,14 @@ impl AttentionMask {
                 }
                 *count += 1;
             }
+            sequences += seen.keys().filter(|&&seg| seg != 0).count();
         }
         let position_ids = Tensor::from_vec(positions, (b, query_len), device)?;
         let causal = CausalMask::new(segments.concat(), b, s, query_len);
         Ok(AttentionMask {
             position_ids,
             causal,
+            sequences,
         })
     }
 

@@ -13,6 +13,7 @@ pub mod layers;
 pub mod llama;
 pub mod lora;
 pub mod mask;
+pub mod packed;
 pub mod params;
 pub mod presets;
 pub mod response;

@@ -10,16 +10,18 @@
 
 use candle_core::Tensor;
 
+use super::packed::Packed;
 use super::scalar::ScalarModel;
 use super::{AttentionMask, CausalLm};
 use crate::error::Result;
 
-/// A right-padded batch of prompt + response rows and the flat positions of
-/// (B·T) whose outputs score response tokens.
+/// A batch of prompt + response rows, packed (`model::packed`: several short rows
+/// share one row of the batch, each attending only to itself), and the flat
+/// positions of (R·W) whose outputs score response tokens.
 pub struct ResponseBatch {
-    pub ids: Tensor, // (B, T)
+    pub ids: Tensor, // (R, W)
     pub mask: AttentionMask,
-    pub positions: Tensor, // (M,) u32 into the flattened (B·T)
+    pub positions: Tensor, // (M,) u32 into the flattened (R·W)
     pub targets: Tensor,   // (M,) u32: the response tokens
     /// Response length of each row (splits the M outputs back into rows).
     pub lengths: Vec<usize>,
@@ -32,35 +34,21 @@ pub struct ResponseBatch {
 
 impl ResponseBatch {
     pub fn new(rows: &[(&[u32], &[u32])], pad: u32, device: &candle_core::Device) -> Result<Self> {
-        let width = rows
-            .iter()
-            .map(|(p, r)| p.len() + r.len())
-            .max()
-            .unwrap_or(0);
-        let mut ids = Vec::with_capacity(rows.len() * width);
-        let mut key_mask = Vec::with_capacity(rows.len());
+        let packed = Packed::new(rows, pad, device)?;
         let mut positions = vec![];
         let mut targets = vec![];
         let mut lengths = vec![];
-        for (b, (p, r)) in rows.iter().enumerate() {
-            let n = p.len() + r.len();
-            ids.extend(
-                p.iter()
-                    .chain(r.iter())
-                    .copied()
-                    .chain(std::iter::repeat_n(pad, width - n)),
-            );
-            key_mask.push([vec![1u8; n], vec![0u8; width - n]].concat());
+        for ((p, r), &start) in rows.iter().zip(&packed.starts) {
             for (j, &t) in r.iter().enumerate() {
-                positions.push((b * width + p.len() - 1 + j) as u32);
+                positions.push((start + p.len() - 1 + j) as u32);
                 targets.push(t);
             }
             lengths.push(r.len());
         }
         let m = positions.len();
         Ok(ResponseBatch {
-            ids: Tensor::from_vec(ids, (rows.len(), width), device)?,
-            mask: AttentionMask::full(&key_mask, device)?,
+            ids: packed.ids,
+            mask: packed.mask,
             positions: Tensor::from_vec(positions, m, device)?,
             targets: Tensor::from_vec(targets, m, device)?,
             lengths,

@@ -13,6 +13,7 @@ use super::config::{Arch, ModelConfig};
 use super::hf::{read_config, read_weights, save_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use super::layers::Linear;
 use super::lora;
+use super::packed::Packed;
 use super::params::{Init, ParamSpec, Params};
 use super::{AttentionMask, Backbone};
 use crate::data::reward_input::RewardInput;
@@ -54,12 +55,13 @@ impl RewardNormalization {
     }
 }
 
-/// Rows (sequences) a model has run its forward pass on: instrumentation that lets
-/// the tests count the forwards where they happen. A clone starts from the count so far.
+/// Sequences a model has run its forward pass on (several may share a packed row):
+/// instrumentation that lets the tests count the forwards where they happen. A clone
+/// starts from the count so far.
 #[derive(Debug, Default)]
-pub struct RowCounter(AtomicUsize);
+pub struct SequenceCounter(AtomicUsize);
 
-impl RowCounter {
+impl SequenceCounter {
     pub fn get(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }
@@ -69,9 +71,9 @@ impl RowCounter {
     }
 }
 
-impl Clone for RowCounter {
+impl Clone for SequenceCounter {
     fn clone(&self) -> Self {
-        RowCounter(AtomicUsize::new(self.get()))
+        SequenceCounter(AtomicUsize::new(self.get()))
     }
 }
 
@@ -82,8 +84,8 @@ pub struct ScalarModel {
     pub backbone: Backbone,
     pub head: ScalarHead,
     pub device: Device,
-    /// Rows forwarded so far (every `forward`, `score_last` included).
-    pub rows_forwarded: RowCounter,
+    /// Sequences forwarded so far (every `forward`, `score_last` included).
+    pub sequences_forwarded: SequenceCounter,
 }
 
 /// The parameter table: the backbone's (no LM head) and `score.weight`.
@@ -116,7 +118,7 @@ impl ScalarModel {
             backbone,
             head,
             device: device.clone(),
-            rows_forwarded: RowCounter::default(),
+            sequences_forwarded: SequenceCounter::default(),
         })
     }
 
@@ -132,47 +134,32 @@ impl ScalarModel {
                 weight: self.head.weight.detach(),
             },
             device: self.device.clone(),
-            rows_forwarded: self.rows_forwarded.clone(),
+            sequences_forwarded: self.sequences_forwarded.clone(),
         }
     }
 
     /// ids: (B, T) → a scalar per position (B, T).
     pub fn forward(&self, ids: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
-        self.rows_forwarded.add(ids.dim(0)?);
+        self.sequences_forwarded.add(mask.sequences);
         let hidden = self.backbone.forward(ids, mask, None)?; // (B, T, C)
         self.head.forward(&hidden)
     }
 
     /// The score of each sequence at its last token (where `RewardInput` puts the end
-    /// of the response), in one right-padded batch: seqs → (N,).
+    /// of the response), in one packed batch (`model::packed`): seqs → (N,).
     pub fn score_last(&self, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor> {
-        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        if seqs.is_empty() || width == 0 {
-            return Err(Error::Invalid("no sequence to score".into()));
-        }
-        let mut ids = Vec::with_capacity(seqs.len() * width);
-        let mut key_mask = Vec::with_capacity(seqs.len());
-        let mut last = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            ids.extend(
-                s.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(pad, width - s.len())),
-            );
-            key_mask.push([vec![1u8; s.len()], vec![0u8; width - s.len()]].concat());
-            last.push(s.len().saturating_sub(1) as u32);
-        }
-        let ids = Tensor::from_vec(ids, (seqs.len(), width), &self.device)?; // (N, T)
-        let mask = AttentionMask::full(&key_mask, &self.device)?;
-        let scores = self.forward(&ids, &mask)?; // (N, T)
-        gather_positions(&scores, &last)
+        let parts: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (&s[..], &[][..])).collect();
+        let packed = Packed::new(&parts, pad, &self.device)?;
+        let last: Vec<u32> = seqs
+            .iter()
+            .zip(&packed.starts)
+            .map(|(s, &start)| (start + s.len() - 1) as u32)
+            .collect();
+        let scores = self.forward(&packed.ids, &packed.mask)?; // (R, W)
+        let n = last.len();
+        let last = Tensor::from_vec(last, n, &self.device)?;
+        Ok(scores.flatten_all()?.index_select(&last, 0)?) // (N,)
     }
-}
-
-/// The score of each row at one position: scores (B, T), positions (B) → (B,).
-pub fn gather_positions(scores: &Tensor, positions: &[u32]) -> Result<Tensor> {
-    let idx = Tensor::from_slice(positions, (positions.len(), 1), scores.device())?; // (B, 1)
-    Ok(scores.gather(&idx, 1)?.squeeze(1)?)
 }
 
 /// A scalar model folder loaded whole.
@@ -369,7 +356,7 @@ pub fn scalar_adapter_on(
             weight: head.as_tensor().clone(),
         },
         device: base.device.clone(),
-        rows_forwarded: RowCounter::default(),
+        sequences_forwarded: SequenceCounter::default(),
     };
     let p = PretrainedScalar {
         model,

@@ -1,10 +1,12 @@
 //! The causal-LM objective over token rows, shared by pretraining and SFT: mean
 //! next-token cross-entropy over the target tokens of a batch.
 //!
-//! Rows are single examples (right-padded per batch) or packed: several examples
-//! laid end to end in one row of `max_length`, each attending only to itself and with
-//! its own position ids (`AttentionMask::from_segments`), so packing computes the same
-//! loss as padding. Rows are visited in `EpochOrder`.
+//! Rows are single examples or packed (`--packing`): several examples laid end to end
+//! in one row of `max_length`, each attending only to itself and with its own position
+//! ids (`AttentionMask::from_segments`), so packing computes the same loss as padding.
+//! Rows are visited in `EpochOrder`; a batch's rows are then laid into as few rows of
+//! the model's input as fit (`model::packed`), so short rows are not padded to the
+//! longest.
 
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -17,7 +19,8 @@ use crate::data::sft::SftExample;
 use crate::error::Result;
 use crate::model::hf::Pretrained;
 use crate::model::lora::Adapter;
-use crate::model::{AttentionMask, Params};
+use crate::model::packed::Packed;
+use crate::model::Params;
 
 /// One row of a batch: tokens, targets, and which example each token belongs to.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,48 +149,31 @@ pub fn lm_loss_sum(
     rows: &[&Row],
 ) -> Result<(Tensor, usize, usize)> {
     let device = &model.device;
-    let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(rows.len() * width);
-    let mut segments = Vec::with_capacity(rows.len());
-    let mut picked = vec![]; // flat positions (b·(T−1) + t) with a target
-    let mut targets = vec![];
-    for (b, r) in rows.iter().enumerate() {
-        let n = r.ids.len();
-        ids.extend(
-            r.ids
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad, width - n)),
-        );
-        segments.push(
-            r.segments
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, width - n))
-                .collect::<Vec<u32>>(),
-        );
-        for (t, w) in r.target_weights().enumerate() {
-            if w > 0.0 {
-                picked.push((b * (width - 1) + t) as u32);
-                targets.push(r.ids[t + 1]);
-            }
-        }
-    }
     let tokens = rows.iter().map(|r| r.ids.len()).sum();
-    if picked.is_empty() {
+    if rows.iter().all(|r| r.num_targets() == 0) {
         return Ok((
             Tensor::zeros((), candle_core::DType::F32, device)?,
             0,
             tokens,
         ));
     }
-    let ids = Tensor::from_vec(ids, (rows.len(), width), device)?; // (B, T)
-    let mask = AttentionMask::from_segments(&segments, width, device)?;
-    let hidden = model.backbone.forward(&ids, &mask, None)?; // (B, T, C)
-    let c = hidden.dim(2)?;
-    let hidden = hidden
-        .narrow(1, 0, width - 1)?
-        .reshape((rows.len() * (width - 1), c))?; // (B·(T−1), C)
+    // The batch's rows packed into as few rows as fit (`model::packed`): the same
+    // examples and targets, without computing the padding.
+    let items: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..], &r.segments[..])).collect();
+    let packed = Packed::of_rows(&items, pad, device)?;
+    let mut picked = vec![]; // flat positions (into R·W) with a target
+    let mut targets = vec![];
+    for (r, &start) in rows.iter().zip(&packed.starts) {
+        for (t, w) in r.target_weights().enumerate() {
+            if w > 0.0 {
+                picked.push((start + t) as u32);
+                targets.push(r.ids[t + 1]);
+            }
+        }
+    }
+    let hidden = model.backbone.forward(&packed.ids, &packed.mask, None)?; // (R, W, C)
+    let (r, w, c) = hidden.dims3()?;
+    let hidden = hidden.reshape((r * w, c))?; // (R·W, C)
 
     // Only positions with a target go through the LM head: prompts cost nothing.
     let n = picked.len();
