@@ -503,22 +503,10 @@ fn a_packed_lm_batch_has_the_loss_and_gradients_of_its_rows_alone() {
             let got = grads
                 .get(var.as_tensor())
                 .expect("a gradient in the batch too");
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .max(1e-3);
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let max_abs =
+                |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+            let scale = max_abs(want).max(1e-3);
+            let diff = max_abs(&(got - want).unwrap());
             assert!(
                 diff <= 1e-4 * scale,
                 "{family} {}: {diff} (scale {scale})",

@@ -168,6 +168,10 @@ impl Packed {
 mod tests {
     use super::*;
 
+    fn flat(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     #[test]
     fn short_sequences_share_rows_and_long_ones_do_not() {
         // Width 5, longest first: 5 alone; 3 then a 2; the other 2 and the 1 together.
@@ -213,16 +217,10 @@ mod tests {
         // 9 tokens: rows of 4 would take three (a | b | c, 12 slots); rows of 5 take
         // two (a | b + c, 10 slots).
         assert_eq!(packed.ids.dims(), [2, 5]);
-        let ids: Vec<u32> = packed.ids.flatten_all().unwrap().to_vec1().unwrap();
+        let ids = flat(&packed.ids);
         assert_eq!(packed.starts, [0, 5, 8]);
         assert_eq!(ids, [10, 11, 12, 13, 0, 20, 21, 22, 30, 31]);
-        let pos: Vec<u32> = packed
-            .mask
-            .position_ids
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let pos = flat(&packed.mask.position_ids);
         assert_eq!(pos, [0, 1, 2, 3, 0, 0, 1, 2, 0, 1]);
         // c counts from 0 and sees only itself; the padding query sees nothing.
         let sees =
@@ -251,13 +249,7 @@ mod tests {
         assert_eq!(p.ids.dims(), [2, 4]);
         assert_eq!(p.starts, [0, 4, 7]);
         assert_eq!(p.mask.sequences, 4);
-        let pos: Vec<u32> = p
-            .mask
-            .position_ids
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let pos = flat(&p.mask.position_ids);
         assert_eq!(pos, [0, 1, 0, 1, 0, 1, 2, 0]);
         let sees = |b: usize, t: usize| -> Vec<usize> { p.mask.causal.visible(b, t).collect() };
         assert_eq!(sees(0, 3), [2, 3]);
