@@ -165,8 +165,8 @@ fn each_response_is_forwarded_once() {
     // Counted inside the scalar model's forward: the sequences that actually ran.
     let before = task.rm.model.sequences_forwarded.get();
     task.evaluate_set(&set).unwrap();
-    let rows = task.rm.model.sequences_forwarded.get() - before;
-    assert_eq!(rows, total_k, "K forwards per prompt");
+    let forwarded = task.rm.model.sequences_forwarded.get() - before;
+    assert_eq!(forwarded, total_k, "K forwards per prompt");
 }
 
 /// The issue-16 bug: with a conversational prompt, a response given as text (what

@@ -1,9 +1,9 @@
 //! Packed batches: sequences of different lengths laid side by side in as few rows as
-//! fit, instead of one right-padded row each. A row of the longest sequence's width
-//! holds several shorter ones; each attends only to itself and counts its positions
-//! from 0 (`AttentionMask::from_segments`), so every sequence computes what it would
-//! alone, and the padding that a batch of mixed lengths carries is not computed.
-//! (A reward model's batch of K responses per prompt was 30 % padding.)
+//! fit, instead of one right-padded row each. A row (on CPU up to twice the longest
+//! sequence's width) holds several sequences; each attends only to itself and counts
+//! its positions from 0 (`AttentionMask::from_segments`), so every sequence computes
+//! what it would alone, and the padding that a batch of mixed lengths carries is not
+//! computed. (A reward model's batch of K responses per prompt was 28 % padding.)
 
 use candle_core::{Device, Tensor};
 
@@ -58,7 +58,8 @@ fn first_fit(lengths: &[usize], width: usize) -> Layout {
 /// r rows, for every r that gives such a width, and the longest's own. Rows as wide as
 /// the longest alone leave most rows one sequence when lengths are alike (a reward
 /// model's K responses: 75 % of the slots real); rows up to twice that fill 95 %.
-/// Ties go to the narrower rows (more of them, more to share among threads).
+/// A tie keeps the layout found first: rows as wide as the longest, else the wider.
+/// Each width is tried once (n/2 + 1 first-fit passes at most).
 pub fn layout(lengths: &[usize], max_width: usize) -> Layout {
     let longest = lengths.iter().copied().max().unwrap_or(0);
     let total: usize = lengths.iter().sum();
@@ -68,16 +69,21 @@ pub fn layout(lengths: &[usize], max_width: usize) -> Layout {
     }
     let max_width = max_width.max(longest);
     let mut r = total.div_ceil(max_width).max(1);
+    let mut tried = 0;
     loop {
         let width = total.div_ceil(r).max(longest);
         if width == longest {
             return best;
         }
+        r += 1;
+        if width == tried {
+            continue; // the same width as the last r: the same layout
+        }
+        tried = width;
         let l = first_fit(lengths, width);
         if l.rows * l.width < best.rows * best.width {
             best = l;
         }
-        r += 1;
     }
 }
 
@@ -100,14 +106,18 @@ impl Packed {
     /// their example numbers (1, 2, ... within the item, as `AttentionMask::
     /// from_segments` takes them). Examples stay apart when items share a row.
     pub fn of_rows(items: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
-        if let Some((i, _)) = items
-            .iter()
-            .enumerate()
-            .find(|(_, (ids, segs))| ids.len() != segs.len())
-        {
-            return Err(Error::Invalid(format!(
-                "packed item {i}: tokens and example numbers differ in length"
-            )));
+        for (i, (ids, segs)) in items.iter().enumerate() {
+            if ids.len() != segs.len() {
+                return Err(Error::Invalid(format!(
+                    "packed item {i}: tokens and example numbers differ in length"
+                )));
+            }
+            // 0 is padding in a mask, and numbers map to `first - 1 + e`.
+            if segs.iter().any(|&e| e == 0 || e > u32::MAX / 2) {
+                return Err(Error::Invalid(format!(
+                    "packed item {i}: example numbers must count from 1"
+                )));
+            }
         }
         let lengths: Vec<usize> = items.iter().map(|(ids, _)| ids.len()).collect();
         Self::build(&lengths, pad, device, |i, ids, segments, first| {
@@ -255,5 +265,19 @@ mod tests {
         assert_eq!(sees(0, 3), [2, 3]);
         assert_eq!(sees(1, 3), [3], "item 2 does not see item 1");
         assert!(Packed::of_rows(&[(&[1, 2], &[1])], 0, &Device::Cpu).is_err());
+        assert!(Packed::of_rows(&[(&[1, 2], &[0, 1])], 0, &Device::Cpu).is_err());
+        // A row of two examples shares a packed row with a third: all three apart.
+        let items: [(&[u32], &[u32]); 2] = [(&[1, 2, 3], &[1, 1, 2]), (&[4], &[1])];
+        let p = Packed::of_rows(&items, 0, &Device::Cpu).unwrap();
+        assert_eq!(p.ids.dims(), [1, 4]);
+        assert_eq!(p.mask.sequences, 3);
+        assert_eq!(flat(&p.mask.position_ids), [0, 1, 0, 0]);
+        let sees = |t: usize| -> Vec<usize> { p.mask.causal.visible(0, t).collect() };
+        assert_eq!(sees(2), [2]);
+        assert_eq!(
+            sees(3),
+            [3],
+            "the second item does not see the first's second example"
+        );
     }
 }

@@ -23,7 +23,8 @@ pub struct ResponseBatch {
     pub mask: AttentionMask,
     pub positions: Tensor, // (M,) u32 into the flattened (R·W)
     pub targets: Tensor,   // (M,) u32: the response tokens
-    /// Response length of each row (splits the M outputs back into rows).
+    /// Response length of each given row (splits the M outputs back per row; a row
+    /// is one prompt + response, whichever row of `ids` it was packed into).
     pub lengths: Vec<usize>,
     /// The temperature the responses were sampled at: log-probs (and entropies) are
     /// those of softmax(logits / T), the distribution the samples came from (as TRL
@@ -34,6 +35,12 @@ pub struct ResponseBatch {
 
 impl ResponseBatch {
     pub fn new(rows: &[(&[u32], &[u32])], pad: u32, device: &candle_core::Device) -> Result<Self> {
+        // The state before response token 0 is the prompt's last token.
+        if let Some(i) = rows.iter().position(|(p, _)| p.is_empty()) {
+            return Err(crate::error::Error::Invalid(format!(
+                "response row {i} has an empty prompt"
+            )));
+        }
         let packed = Packed::new(rows, pad, device)?;
         let mut positions = vec![];
         let mut targets = vec![];
@@ -90,7 +97,7 @@ pub fn logprobs_of(
     batch: &ResponseBatch,
     with_entropy: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let hidden = model.backbone.forward(&batch.ids, &batch.mask, None)?; // (B, T, C)
+    let hidden = model.backbone.forward(&batch.ids, &batch.mask, None)?; // (R, W, C)
     let (b, t, c) = hidden.dims3()?;
     let picked = batch.tempered(
         hidden
@@ -108,7 +115,7 @@ pub fn logprobs_of(
 
 /// The critic's value of the state before each response token (M,).
 pub fn values_of(critic: &ScalarModel, batch: &ResponseBatch) -> Result<Tensor> {
-    let v = critic.forward(&batch.ids, &batch.mask)?; // (B, T)
+    let v = critic.forward(&batch.ids, &batch.mask)?; // (R, W)
     Ok(v.flatten_all()?.index_select(&batch.positions, 0)?)
 }
 
@@ -128,7 +135,7 @@ pub fn response_logprobs(
     // Through detached weights the forward records no graph, so each layer's
     // intermediates are freed as it goes instead of living until the end.
     let model = &model.detached();
-    let hidden = model.backbone.forward(&batch.ids, &batch.mask, None)?; // (B, T, C)
+    let hidden = model.backbone.forward(&batch.ids, &batch.mask, None)?; // (R, W, C)
     let (b, t, c) = hidden.dims3()?;
     let hidden = hidden.reshape((b * t, c))?; // (B·T, C)
     let m = batch.positions.dim(0)?;

@@ -148,6 +148,9 @@ impl ScalarModel {
     /// The score of each sequence at its last token (where `RewardInput` puts the end
     /// of the response), in one packed batch (`model::packed`): seqs → (N,).
     pub fn score_last(&self, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor> {
+        if let Some(i) = seqs.iter().position(Vec::is_empty) {
+            return Err(Error::Invalid(format!("sequence {i} to score is empty")));
+        }
         let parts: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (&s[..], &[][..])).collect();
         let packed = Packed::new(&parts, pad, &self.device)?;
         let last: Vec<u32> = seqs

@@ -354,7 +354,7 @@ impl PpoTask {
             .map(|c| (c.prompt_tokens.as_slice(), c.tokens.as_slice()))
             .collect();
         let pad = self.pad();
-        // One padded batch serves the policy, the reference and the critic.
+        // One packed batch serves the policy, the reference and the critic.
         let batch = ResponseBatch::new(&rows, pad, &self.actor.model.device)?
             .with_temperature(self.args.temperature);
         let (logprobs, entropies) = response_logprobs(&self.actor.model, &batch, true)?;
