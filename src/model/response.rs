@@ -137,7 +137,7 @@ pub fn response_logprobs(
     let model = &model.detached();
     let hidden = model.backbone.forward(&batch.ids, &batch.mask, None)?; // (R, W, C)
     let (b, t, c) = hidden.dims3()?;
-    let hidden = hidden.reshape((b * t, c))?; // (B·T, C)
+    let hidden = hidden.reshape((b * t, c))?; // (R·W, C)
     let m = batch.positions.dim(0)?;
     let (mut logp, mut ent) = (Vec::with_capacity(m), Vec::with_capacity(m));
     for start in (0..m).step_by(SCORING_CHUNK) {

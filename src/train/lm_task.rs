@@ -150,7 +150,18 @@ pub fn lm_loss_sum(
 ) -> Result<(Tensor, usize, usize)> {
     let device = &model.device;
     let tokens = rows.iter().map(|r| r.ids.len()).sum();
-    if rows.iter().all(|r| r.num_targets() == 0) {
+    // Each row's (position in the row, target token), found once.
+    let row_targets: Vec<Vec<(usize, u32)>> = rows
+        .iter()
+        .map(|r| {
+            r.target_weights()
+                .enumerate()
+                .filter(|&(_, w)| w > 0.0)
+                .map(|(t, _)| (t, r.ids[t + 1]))
+                .collect()
+        })
+        .collect();
+    if row_targets.iter().all(Vec::is_empty) {
         return Ok((
             Tensor::zeros((), candle_core::DType::F32, device)?,
             0,
@@ -163,12 +174,10 @@ pub fn lm_loss_sum(
     let packed = Packed::of_rows(&items, pad, device)?;
     let mut picked = vec![]; // flat positions (into R·W) with a target
     let mut targets = vec![];
-    for (r, &start) in rows.iter().zip(&packed.starts) {
-        for (t, w) in r.target_weights().enumerate() {
-            if w > 0.0 {
-                picked.push((start + t) as u32);
-                targets.push(r.ids[t + 1]);
-            }
+    for (row, &start) in row_targets.iter().zip(&packed.starts) {
+        for &(t, target) in row {
+            picked.push((start + t) as u32);
+            targets.push(target);
         }
     }
     let hidden = model.backbone.forward(&packed.ids, &packed.mask, None)?; // (R, W, C)
