@@ -382,23 +382,35 @@ fn a_stream_per_row_samples_the_same_tokens_in_any_batch() {
     );
 }
 
-/// A batch of rows of mixed lengths is packed (short rows share a row of the batch)
-/// and each row still gets what it gets alone: log-probs under the LM, with and
-/// without a graph, and the reward model's score at its last token, in every family
-/// (learned positions and rotary ones).
-#[test]
-fn a_packed_batch_scores_each_row_as_it_scores_alone() {
-    use rlhf::model::response::{logprobs_of, response_logprobs, ResponseBatch};
-    use rlhf::model::scalar::load_scalar;
-    let dev = Device::Cpu;
-    let rows: Vec<(Vec<u32>, Vec<u32>)> = vec![
+/// Prompt + response rows of mixed lengths, some beginning alike: three responses to
+/// one prompt (two of them also sharing their first two tokens), an exact repeat, and
+/// a row that is another's prefix.
+fn rows_sharing_prefixes() -> Vec<(Vec<u32>, Vec<u32>)> {
+    vec![
         (vec![5, 9, 13, 21, 2, 8], vec![17, 4, 250, 7]),
         (vec![3], vec![11, 12]),
         (vec![40, 41], vec![42]),
         (vec![7, 7, 7], vec![9, 9, 9, 9, 9, 9]),
         (vec![100], vec![101]),
-    ];
+        (vec![5, 9, 13, 21, 2, 8], vec![17, 4, 99]),
+        (vec![5, 9, 13, 21, 2, 8], vec![3]),
+        (vec![7, 7, 7], vec![9, 9, 9, 9, 9, 9]),
+        (vec![40, 41], vec![42, 43, 44]),
+    ]
+}
+
+/// A batch of rows of mixed lengths is packed (short rows share a row of the batch,
+/// rows that begin alike share that prefix) and each row still gets what it gets
+/// alone: log-probs under the LM, with and without a graph, and the reward model's
+/// score at its last token, in every family (learned positions and rotary ones).
+#[test]
+fn a_packed_batch_scores_each_row_as_it_scores_alone() {
+    use rlhf::model::response::{logprobs_of, response_logprobs, ResponseBatch};
+    use rlhf::model::scalar::load_scalar;
+    let dev = Device::Cpu;
+    let rows = rows_sharing_prefixes();
     let refs: Vec<(&[u32], &[u32])> = rows.iter().map(|(p, r)| (&p[..], &r[..])).collect();
+    let tokens: usize = rows.iter().map(|(p, r)| p.len() + r.len()).sum();
     for family in FAMILIES {
         let pre = load_fixture(family);
         let batch = ResponseBatch::new(&refs, 0, &dev).unwrap();
@@ -407,6 +419,19 @@ fn a_packed_batch_scores_each_row_as_it_scores_alone() {
             packed_rows * width < rows.len() * 10,
             "{family}: {packed_rows} rows of {width} for {} sequences of at most 10",
             rows.len()
+        );
+        // Real slots (a query that sees a key): fewer than the rows' tokens, since
+        // shared prefixes are laid once.
+        let real = (0..packed_rows)
+            .flat_map(|b| (0..width).map(move |t| (b, t)))
+            .filter(|&(b, t)| batch.mask.causal.visible(b, t).next().is_some())
+            .count();
+        // Laid once: the prompt of 6 by two of its three rows, the repeated row of 9,
+        // and the row of 3 that begins another.
+        assert_eq!(
+            real,
+            tokens - 2 * 6 - 9 - 3,
+            "{family}: shared prefixes laid once"
         );
         assert_eq!(batch.mask.sequences, rows.len());
         let (graph, _) = logprobs_of(&pre.model, &batch, false).unwrap();
@@ -473,47 +498,115 @@ fn a_packed_lm_batch_has_the_loss_and_gradients_of_its_rows_alone() {
         let pre = load_fixture(family);
         let (sum, n, tokens) = lm_loss_sum(&pre.model, 0, &refs).unwrap();
         assert_eq!(tokens, 6 + 7 + 2 + 5);
-        let grads = sum.backward().unwrap();
-        let mut want_sum = 0f32;
         let mut want_n = 0;
-        let mut want_grads: Vec<Option<Tensor>> = vec![None; pre.model.params.vars().len()];
-        for row in &refs {
-            let (s, k, _) = lm_loss_sum(&pre.model, 0, std::slice::from_ref(row)).unwrap();
-            want_sum += s.to_scalar::<f32>().unwrap();
-            want_n += k;
-            let g = s.backward().unwrap();
-            for (slot, (_, var)) in want_grads.iter_mut().zip(pre.model.params.vars()) {
-                if let Some(gv) = g.get(var.as_tensor()) {
-                    *slot = Some(match slot.take() {
-                        Some(acc) => (acc + gv).unwrap(),
-                        None => gv.clone(),
-                    });
-                }
+        let alone: Vec<Tensor> = refs
+            .iter()
+            .map(|row| {
+                let (s, k, _) = lm_loss_sum(&pre.model, 0, std::slice::from_ref(row)).unwrap();
+                want_n += k;
+                s
+            })
+            .collect();
+        assert_eq!(n, want_n);
+        assert_same_loss_and_gradients(family, &pre.model.params, &sum, &alone);
+    }
+}
+
+/// `batch` has the value and every parameter's gradient of the sum of `alone` (1e-4
+/// relative).
+fn assert_same_loss_and_gradients(
+    family: &str,
+    params: &rlhf::model::params::Params,
+    batch: &Tensor,
+    alone: &[Tensor],
+) {
+    let mut want_sum = 0f32;
+    let mut want_grads: Vec<Option<Tensor>> = vec![None; params.vars().len()];
+    for s in alone {
+        want_sum += s.to_scalar::<f32>().unwrap();
+        let g = s.backward().unwrap();
+        for (slot, (_, var)) in want_grads.iter_mut().zip(params.vars()) {
+            if let Some(gv) = g.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + gv).unwrap(),
+                    None => gv.clone(),
+                });
             }
         }
-        assert_eq!(n, want_n);
-        let got = sum.to_scalar::<f32>().unwrap();
+    }
+    let got = batch.to_scalar::<f32>().unwrap();
+    assert!(
+        (got - want_sum).abs() < 1e-4 * want_sum.abs(),
+        "{family}: {got} vs {want_sum}"
+    );
+    let grads = batch.backward().unwrap();
+    let mut compared = 0;
+    for ((spec, var), want) in params.vars().into_iter().zip(&want_grads) {
+        let Some(want) = want else { continue };
+        let got = grads
+            .get(var.as_tensor())
+            .expect("a gradient in the batch too");
+        let max_abs =
+            |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+        let scale = max_abs(want).max(1e-3);
+        let diff = max_abs(&(got - want).unwrap());
         assert!(
-            (got - want_sum).abs() < 1e-4 * want_sum.abs(),
-            "{family}: {got} vs {want_sum}"
+            diff <= 1e-4 * scale,
+            "{family} {}: {diff} (scale {scale})",
+            spec.name
         );
-        let mut compared = 0;
-        for ((spec, var), want) in pre.model.params.vars().into_iter().zip(&want_grads) {
-            let Some(want) = want else { continue };
-            let got = grads
-                .get(var.as_tensor())
-                .expect("a gradient in the batch too");
-            let max_abs =
-                |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
-            let scale = max_abs(want).max(1e-3);
-            let diff = max_abs(&(got - want).unwrap());
-            assert!(
-                diff <= 1e-4 * scale,
-                "{family} {}: {diff} (scale {scale})",
-                spec.name
-            );
-            compared += 1;
-        }
-        assert!(compared > 4, "{family}: {compared} gradients compared");
+        compared += 1;
+    }
+    assert!(compared > 4, "{family}: {compared} gradients compared");
+}
+
+/// Rows that share prefixes (laid once, `model::packed`) give the summed log-probs and
+/// reward-model scores of the rows alone, and the same gradients: the prefix's
+/// gradient gathers what each continuation sends back to it, as it would from each
+/// row's own copy.
+#[test]
+fn shared_prefixes_have_the_loss_and_gradients_of_their_rows_alone() {
+    use rlhf::model::response::{logprobs_of, ResponseBatch};
+    use rlhf::model::scalar::load_scalar;
+    let dev = Device::Cpu;
+    let rows = rows_sharing_prefixes();
+    let refs: Vec<(&[u32], &[u32])> = rows.iter().map(|(p, r)| (&p[..], &r[..])).collect();
+    let log_likelihood = |model: &CausalLm, rows: &[(&[u32], &[u32])]| -> Tensor {
+        let batch = ResponseBatch::new(rows, 0, &dev).unwrap();
+        logprobs_of(model, &batch, false)
+            .unwrap()
+            .0
+            .sum_all()
+            .unwrap()
+    };
+    for family in FAMILIES {
+        let pre = load_fixture(family);
+        let alone: Vec<Tensor> = refs
+            .iter()
+            .map(|row| log_likelihood(&pre.model, std::slice::from_ref(row)))
+            .collect();
+        let batch = log_likelihood(&pre.model, &refs);
+        assert_same_loss_and_gradients(family, &pre.model.params, &batch, &alone);
+
+        let rm = load_scalar(&common::fixture(family), &dev, 0).unwrap();
+        let seqs: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|(p, r)| [&p[..], &r[..]].concat())
+            .collect();
+        // Squared, so that the gradient is not the same for every row.
+        let score = |seqs: &[Vec<u32>]| -> Tensor {
+            rm.model
+                .score_last(seqs, 0)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let alone: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| score(std::slice::from_ref(s)))
+            .collect();
+        assert_same_loss_and_gradients(family, &rm.model.params, &score(&seqs), &alone);
     }
 }

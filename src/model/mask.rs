@@ -44,6 +44,21 @@ impl AttentionMask {
     /// computes exactly what its examples would compute one by one, whether the
     /// examples lie one after another (training) or interleave (serving).
     pub fn from_segments(segments: &[Vec<u32>], query_len: usize, device: &Device) -> Result<Self> {
+        Self::from_tree(segments, &HashMap::new(), query_len, device)
+    }
+
+    /// Packed rows where some examples continue a shared prefix: `parents[e] = p`
+    /// makes example `e` the continuation of example `p` (its prompt, say), as if each
+    /// of `p`'s children were `p ++ e` alone. A child sees `p`'s keys and its own; its
+    /// positions count on from `p`'s length. `p` must lie in the child's row, wholly
+    /// before it, and have no parent. `sequences` counts the examples that are not a
+    /// parent.
+    pub fn from_tree(
+        segments: &[Vec<u32>],
+        parents: &HashMap<u32, u32>,
+        query_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let b = segments.len();
         let s = segments.first().map_or(0, Vec::len);
         if segments.iter().any(|row| row.len() != s) || query_len > s || query_len == 0 {
@@ -51,27 +66,57 @@ impl AttentionMask {
                 "attention mask rows must have equal length ≥ query length {query_len}"
             )));
         }
+        let is_parent: std::collections::HashSet<u32> = parents.values().copied().collect();
+        if let Some((&e, &p)) = parents
+            .iter()
+            .find(|&(&e, &p)| e == 0 || p == 0 || e == p || parents.contains_key(&p))
+        {
+            return Err(Error::Invalid(format!(
+                "attention mask: example {e} cannot continue example {p} (padding, itself, \
+                 or a continuation)"
+            )));
+        }
         let offset = s - query_len;
         let mut positions = Vec::with_capacity(b * query_len);
         let mut seen: HashMap<u32, u32> = HashMap::new();
         let mut sequences = 0;
-        for row in segments {
-            // The count of earlier tokens of the same example: for a real token that
-            // is its position; for padding any value works (it is masked). Examples
-            // may interleave (the server packs many sequences into one row and
-            // appends one token of each per step), so count per example id.
+        for (r, row) in segments.iter().enumerate() {
+            // The count of earlier tokens of the same example (a continuation's counts
+            // on from its prefix's length): for a real token that is its position; for
+            // padding any value works (it is masked). Examples may interleave (the
+            // server packs many sequences into one row and appends one token of each
+            // per step), so count per example id.
             seen.clear();
             for (j, &seg) in row.iter().enumerate() {
-                let count = seen.entry(seg).or_insert(0);
+                if !seen.contains_key(&seg) {
+                    let from = match parents.get(&seg) {
+                        // The prefix is complete once its child starts.
+                        Some(p) => match seen.get(p) {
+                            Some(&n) if !row[j..].contains(p) => n,
+                            _ => {
+                                return Err(Error::Invalid(format!(
+                                    "attention mask row {r}: example {seg} must follow all of \
+                                     example {p}, its prefix"
+                                )))
+                            }
+                        },
+                        None => 0,
+                    };
+                    seen.insert(seg, from);
+                }
+                let count = seen.get_mut(&seg).expect("inserted above");
                 if j >= offset {
                     positions.push(if seg == 0 { 0 } else { *count });
                 }
                 *count += 1;
             }
-            sequences += seen.keys().filter(|&&seg| seg != 0).count();
+            sequences += seen
+                .keys()
+                .filter(|&&seg| seg != 0 && !is_parent.contains(&seg))
+                .count();
         }
         let position_ids = Tensor::from_vec(positions, (b, query_len), device)?;
-        let causal = CausalMask::new(segments.concat(), b, s, query_len);
+        let causal = CausalMask::with_parents(segments.concat(), parents, b, s, query_len);
         Ok(AttentionMask {
             position_ids,
             causal,
@@ -154,6 +199,35 @@ mod tests {
         assert_eq!(&b[4 * 6..5 * 6], [MASKED, MASKED, MASKED, 0.0, 0.0, MASKED]);
         // The padding query sees nothing.
         assert!(b[5 * 6..].iter().all(|&x| x == MASKED));
+    }
+
+    #[test]
+    fn a_continuation_counts_on_from_its_prefix_and_sees_it() {
+        // Prefix 1 (3 tokens), continuations 2 and 3; then example 4 alone.
+        let segs = vec![vec![1, 1, 1, 2, 2, 3, 4, 4, 0]];
+        let parents = HashMap::from([(2, 1), (3, 1)]);
+        let m = AttentionMask::from_tree(&segs, &parents, 9, &Device::Cpu).unwrap();
+        assert_eq!(
+            m.position_ids.to_vec2::<u32>().unwrap()[0][..8],
+            [0, 1, 2, 3, 4, 3, 0, 1]
+        );
+        assert_eq!(m.sequences, 3, "the prefix is not a sequence of its own");
+        let b = flat_bias(&m);
+        let sees = |q: usize| -> Vec<usize> { (0..9).filter(|&j| b[q * 9 + j] == 0.0).collect() };
+        assert_eq!(sees(4), [0, 1, 2, 3, 4]);
+        assert_eq!(sees(5), [0, 1, 2, 5], "3 does not see its sibling");
+        assert_eq!(sees(7), [6, 7]);
+        // A continuation before or inside its prefix, or of a continuation: refused.
+        let bad = |row: Vec<u32>, parents: &[(u32, u32)]| {
+            let parents: HashMap<u32, u32> = parents.iter().copied().collect();
+            let e = AttentionMask::from_tree(&[row], &parents, 3, &Device::Cpu).unwrap_err();
+            assert!(e.to_string().contains("example"), "{e}");
+        };
+        bad(vec![2, 1, 1], &[(2, 1)]);
+        bad(vec![1, 2, 1], &[(2, 1)]);
+        bad(vec![2, 2, 2], &[(2, 1)]);
+        bad(vec![1, 2, 3], &[(2, 1), (3, 2)]);
+        bad(vec![1, 1, 1], &[(1, 1)]);
     }
 
     #[test]

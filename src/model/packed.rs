@@ -1,11 +1,18 @@
 //! Packed batches: sequences of different lengths laid side by side in as few rows as
 //! fit, instead of one right-padded row each. A row (on CPU up to twice the longest
-//! sequence's width) holds several sequences; each attends only to itself and counts
-//! its positions from 0 (`AttentionMask::from_segments`), so every sequence computes
-//! what it would alone, and the padding that a batch of mixed lengths carries is not
+//! item's width) holds several sequences; each attends only to itself and counts its
+//! positions from 0 (`AttentionMask::from_segments`), so every sequence computes what
+//! it would alone, and the padding that a batch of mixed lengths carries is not
 //! computed. (A reward model's batch of K responses per prompt was 28 % padding.)
+//!
+//! On CPU, sequences that begin with the same tokens (a prompt's K responses, a DPO
+//! pair, a GRPO group) also share that prefix: it is laid once, followed by each
+//! sequence's own rest, which sees the prefix and itself and counts its positions on
+//! from the prefix's length (`AttentionMask::from_tree`). Each sequence still computes
+//! what it would alone; the prefix is computed once instead of once per sequence.
 
 use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 
 use super::AttentionMask;
 use crate::error::{Error, Result};
@@ -14,8 +21,76 @@ use crate::error::{Error, Result};
 pub struct Packed {
     pub ids: Tensor, // (R, W) u32
     pub mask: AttentionMask,
-    /// Flat index into (R·W) of each sequence's first token, in the order given.
-    pub starts: Vec<usize>,
+    /// Where each sequence's tokens lie, in the order given.
+    pub spans: Vec<Span>,
+}
+
+/// Where one sequence's tokens lie in the flattened (R·W) batch: its first `shared`
+/// tokens from `prefix` (a prefix laid once for the sequences that share it; 0 tokens
+/// when it shares none), the rest from `own`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Span {
+    pub prefix: usize,
+    pub shared: usize,
+    pub own: usize,
+}
+
+impl Span {
+    /// The flat index (into R·W) of the sequence's token `t`.
+    pub fn flat(&self, t: usize) -> usize {
+        if t < self.shared {
+            self.prefix + t
+        } else {
+            self.own + t - self.shared
+        }
+    }
+}
+
+/// Sequences laid as one item: the first `shared` tokens of `members[0]` (which every
+/// member begins with), then each member's rest in turn.
+#[derive(Debug, Clone, PartialEq)]
+struct Group {
+    members: Vec<usize>,
+    shared: usize,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Groups sequences that begin with the same tokens. In lexicographic order (where
+/// sequences with long common prefixes are neighbours) a sequence joins the group
+/// before it if their common prefix is at least a token and does not shrink the
+/// group's saving, (members − 1) × shared tokens; else it starts a group. Groups come
+/// in the order of their first member, members in the order given, so a batch with
+/// nothing to share is laid out as without sharing.
+fn share_prefixes(seqs: &[Vec<u32>]) -> Vec<Group> {
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by(|&a, &b| seqs[a].cmp(&seqs[b]).then(a.cmp(&b)));
+    let mut groups: Vec<Group> = vec![];
+    for i in order {
+        if let Some(g) = groups.last_mut() {
+            let k = g.members.len();
+            let l = common_prefix(&seqs[g.members[0]][..g.shared], &seqs[i]);
+            if l >= 1 && k * l >= (k - 1) * g.shared {
+                g.members.push(i);
+                g.shared = l;
+                continue;
+            }
+        }
+        groups.push(Group {
+            members: vec![i],
+            shared: seqs[i].len(),
+        });
+    }
+    for g in &mut groups {
+        g.members.sort_unstable();
+        if g.members.len() == 1 {
+            g.shared = 0;
+        }
+    }
+    groups.sort_by_key(|g| g.members[0]);
+    groups
 }
 
 /// Where the sequences go: rows of `width` tokens, and each sequence's (row, offset),
@@ -89,22 +164,80 @@ pub fn layout(lengths: &[usize], max_width: usize) -> Layout {
 
 impl Packed {
     /// Each sequence is `head ++ tail` (a prompt and its response, or a whole sequence
-    /// and nothing), one example; `pad` fills the rows' ends.
+    /// and nothing), one example; `pad` fills the rows' ends. On CPU, sequences that
+    /// begin alike share their common prefix (see the module's comment).
     pub fn new(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
-        let lengths: Vec<usize> = seqs.iter().map(|(h, t)| h.len() + t.len()).collect();
-        Self::build(&lengths, pad, device, |i, ids, segments, first| {
-            let (head, tail) = seqs[i];
-            for (slot, &t) in ids.iter_mut().zip(head.iter().chain(tail)) {
-                *slot = t;
+        let seqs: Vec<Vec<u32>> = seqs.iter().map(|(h, t)| [*h, *t].concat()).collect();
+        let groups = if device.is_cpu() {
+            share_prefixes(&seqs)
+        } else {
+            (0..seqs.len())
+                .map(|i| Group {
+                    members: vec![i],
+                    shared: 0,
+                })
+                .collect()
+        };
+        let lengths: Vec<usize> = groups
+            .iter()
+            .map(|g| {
+                g.shared
+                    + g.members
+                        .iter()
+                        .map(|&i| seqs[i].len() - g.shared)
+                        .sum::<usize>()
+            })
+            .collect();
+        let mut parents = HashMap::new();
+        let mut spans = vec![
+            Span {
+                prefix: 0,
+                shared: 0,
+                own: 0
+            };
+            seqs.len()
+        ];
+        let (ids, segments, starts) =
+            Self::build(&lengths, pad, device, |k, ids, segments, first| {
+                let g = &groups[k];
+                ids[..g.shared].copy_from_slice(&seqs[g.members[0]][..g.shared]);
+                segments[..g.shared].fill(first);
+                let mut next = first + u32::from(g.shared > 0);
+                let mut at = g.shared;
+                for &i in &g.members {
+                    let rest = &seqs[i][g.shared..];
+                    ids[at..at + rest.len()].copy_from_slice(rest);
+                    segments[at..at + rest.len()].fill(next);
+                    if g.shared > 0 && !rest.is_empty() {
+                        parents.insert(next, first);
+                    }
+                    // Offsets within the item; the item's start is added below.
+                    spans[i] = Span {
+                        prefix: 0,
+                        shared: g.shared,
+                        own: at,
+                    };
+                    at += rest.len();
+                    next += 1;
+                }
+                next
+            })?;
+        for (g, &start) in groups.iter().zip(&starts) {
+            for &i in &g.members {
+                spans[i].prefix += start;
+                spans[i].own += start;
             }
-            segments.fill(first);
-            first + 1
-        })
+        }
+        let width = segments[0].len();
+        let mut mask = AttentionMask::from_tree(&segments, &parents, width, device)?;
+        mask.sequences = seqs.len();
+        Ok(Packed { ids, mask, spans })
     }
 
     /// Rows that may themselves hold several examples: each item is its tokens and
     /// their example numbers (1, 2, ... within the item, as `AttentionMask::
-    /// from_segments` takes them). Examples stay apart when items share a row.
+    /// from_segments` takes them). Examples stay apart when items share a row. Items
+    /// share no prefix.
     pub fn of_rows(items: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
         for (i, (ids, segs)) in items.iter().enumerate() {
             if ids.len() != segs.len() {
@@ -120,25 +253,45 @@ impl Packed {
             }
         }
         let lengths: Vec<usize> = items.iter().map(|(ids, _)| ids.len()).collect();
-        Self::build(&lengths, pad, device, |i, ids, segments, first| {
-            let (tokens, examples) = items[i];
-            ids.copy_from_slice(tokens);
-            for (slot, &e) in segments.iter_mut().zip(examples) {
-                *slot = first - 1 + e;
-            }
-            first + examples.iter().copied().max().unwrap_or(0)
+        let (ids, segments, starts) =
+            Self::build(&lengths, pad, device, |i, ids, segments, first| {
+                let (tokens, examples) = items[i];
+                ids.copy_from_slice(tokens);
+                for (slot, &e) in segments.iter_mut().zip(examples) {
+                    *slot = first - 1 + e;
+                }
+                first + examples.iter().copied().max().unwrap_or(0)
+            })?;
+        let width = segments[0].len();
+        Ok(Packed {
+            ids,
+            mask: AttentionMask::from_segments(&segments, width, device)?,
+            spans: starts
+                .into_iter()
+                .map(|own| Span {
+                    prefix: own,
+                    shared: 0,
+                    own,
+                })
+                .collect(),
         })
+    }
+
+    /// The flat index (into R·W) of sequence `i`'s token `t`.
+    pub fn flat(&self, i: usize, t: usize) -> usize {
+        self.spans[i].flat(t)
     }
 
     /// Lays out items of `lengths`; `write(i, ids, segments, first)` fills item i's
     /// slots, numbering its examples from `first`, and returns the next free number
-    /// (numbers are unique in the batch, so in each row).
+    /// (numbers are unique in the batch, so in each row). Returns the (R, W) ids, the
+    /// rows' example numbers and each item's flat start.
     fn build(
         lengths: &[usize],
         pad: u32,
         device: &Device,
         mut write: impl FnMut(usize, &mut [u32], &mut [u32], u32) -> u32,
-    ) -> Result<Self> {
+    ) -> Result<(Tensor, Vec<Vec<u32>>, Vec<usize>)> {
         let longest = lengths.iter().copied().max().unwrap_or(0);
         if lengths.is_empty() || longest == 0 {
             return Err(Error::Invalid("no sequence to pack".into()));
@@ -166,11 +319,11 @@ impl Packed {
             );
             starts.push(start);
         }
-        Ok(Packed {
-            ids: Tensor::from_vec(ids, (rows, width), device)?,
-            mask: AttentionMask::from_segments(&segments, width, device)?,
+        Ok((
+            Tensor::from_vec(ids, (rows, width), device)?,
+            segments,
             starts,
-        })
+        ))
     }
 }
 
@@ -228,7 +381,10 @@ mod tests {
         // two (a | b + c, 10 slots).
         assert_eq!(packed.ids.dims(), [2, 5]);
         let ids = flat(&packed.ids);
-        assert_eq!(packed.starts, [0, 5, 8]);
+        assert_eq!(
+            (0..3).map(|i| packed.flat(i, 0)).collect::<Vec<_>>(),
+            [0, 5, 8]
+        );
         assert_eq!(ids, [10, 11, 12, 13, 0, 20, 21, 22, 30, 31]);
         let pos = flat(&packed.mask.position_ids);
         assert_eq!(pos, [0, 1, 2, 3, 0, 0, 1, 2, 0, 1]);
@@ -247,6 +403,62 @@ mod tests {
     }
 
     #[test]
+    fn sequences_that_begin_alike_share_their_prefix() {
+        let seqs = |v: &[&[u32]]| -> Vec<Vec<u32>> { v.iter().map(|s| s.to_vec()).collect() };
+        let groups = share_prefixes(&seqs(&[
+            &[1, 2, 3, 4],
+            &[9],
+            &[1, 2, 3, 5, 6],
+            &[1, 2, 3, 4],
+        ]));
+        assert_eq!(
+            groups,
+            [
+                Group {
+                    members: vec![0, 2, 3],
+                    shared: 3
+                },
+                Group {
+                    members: vec![1],
+                    shared: 0
+                }
+            ]
+        );
+        // A third row sharing one token would cut the pair's saving of 5 to 3.
+        let groups = share_prefixes(&seqs(&[&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5], &[1, 9]]));
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].shared, 5);
+        assert_eq!(groups[1].shared, 0);
+
+        let (a, b, c, d): (&[u32], &[u32], &[u32], &[u32]) =
+            (&[1, 2, 3], &[9], &[1, 2, 3, 5], &[1, 2]);
+        let p = Packed::new(
+            &[(a, &[4]), (b, &[]), (c, &[6]), (d, &[3, 4])],
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        // One item of 7 (the prefix 1 2 3, then 4 | 5 6 | 4) and [9]: one row of 8.
+        assert_eq!(flat(&p.ids), [1, 2, 3, 4, 5, 6, 4, 9]);
+        let at = |i: usize, n: usize| -> Vec<usize> { (0..n).map(|t| p.flat(i, t)).collect() };
+        assert_eq!(at(0, 4), [0, 1, 2, 3]);
+        assert_eq!(at(1, 1), [7]);
+        assert_eq!(at(2, 5), [0, 1, 2, 4, 5]);
+        assert_eq!(at(3, 4), [0, 1, 2, 6]);
+        assert_eq!(flat(&p.mask.position_ids), [0, 1, 2, 3, 3, 4, 3, 0]);
+        let sees = |t: usize| -> Vec<usize> { p.mask.causal.visible(0, t).collect() };
+        assert_eq!(sees(5), [0, 1, 2, 4, 5]);
+        assert_eq!(sees(6), [0, 1, 2, 6]);
+        assert_eq!(sees(7), [7]);
+        assert_eq!(p.mask.sequences, 4);
+        // A sequence that is all prefix has no tokens of its own.
+        let p = Packed::new(&[(&[1, 2], &[]), (&[1, 2], &[3])], 0, &Device::Cpu).unwrap();
+        assert_eq!(flat(&p.ids), [1, 2, 3]);
+        assert_eq!((p.flat(0, 1), p.flat(1, 2)), (1, 2));
+        assert_eq!(p.mask.sequences, 2);
+    }
+
+    #[test]
     fn rows_of_several_examples_keep_them_apart_when_they_share_a_row() {
         // Item 0: two examples (2 + 2 tokens); item 1: one example of 3; item 2: one
         // of 1. Width 4: item 0 alone, items 1 and 2 together.
@@ -257,7 +469,7 @@ mod tests {
         ];
         let p = Packed::of_rows(&items, 0, &Device::Cpu).unwrap();
         assert_eq!(p.ids.dims(), [2, 4]);
-        assert_eq!(p.starts, [0, 4, 7]);
+        assert_eq!((0..3).map(|i| p.flat(i, 0)).collect::<Vec<_>>(), [0, 4, 7]);
         assert_eq!(p.mask.sequences, 4);
         let pos = flat(&p.mask.position_ids);
         assert_eq!(pos, [0, 1, 0, 1, 0, 1, 2, 0]);

@@ -16,8 +16,9 @@ use super::{AttentionMask, CausalLm};
 use crate::error::Result;
 
 /// A batch of prompt + response rows, packed (`model::packed`: several short rows
-/// share one row of the batch, each attending only to itself), and the flat
-/// positions of (R·W) whose outputs score response tokens.
+/// share one row of the batch, each attending only to itself, and rows that begin
+/// alike, such as responses to one prompt, share that prefix), and the flat positions
+/// of (R·W) whose outputs score response tokens.
 pub struct ResponseBatch {
     pub ids: Tensor, // (R, W)
     pub mask: AttentionMask,
@@ -45,9 +46,9 @@ impl ResponseBatch {
         let mut positions = vec![];
         let mut targets = vec![];
         let mut lengths = vec![];
-        for ((p, r), &start) in rows.iter().zip(&packed.starts) {
+        for (i, (p, r)) in rows.iter().enumerate() {
             for (j, &t) in r.iter().enumerate() {
-                positions.push((start + p.len() - 1 + j) as u32);
+                positions.push(packed.flat(i, p.len() - 1 + j) as u32);
                 targets.push(t);
             }
             lengths.push(r.len());

@@ -146,7 +146,8 @@ impl ScalarModel {
     }
 
     /// The score of each sequence at its last token (where `RewardInput` puts the end
-    /// of the response), in one packed batch (`model::packed`): seqs → (N,).
+    /// of the response), in one packed batch (`model::packed`; sequences that begin
+    /// alike, such as K responses to one prompt, share that prefix): seqs → (N,).
     pub fn score_last(&self, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor> {
         if let Some(i) = seqs.iter().position(Vec::is_empty) {
             return Err(Error::Invalid(format!("sequence {i} to score is empty")));
@@ -155,8 +156,8 @@ impl ScalarModel {
         let packed = Packed::new(&parts, pad, &self.device)?;
         let last: Vec<u32> = seqs
             .iter()
-            .zip(&packed.starts)
-            .map(|(s, &start)| (start + s.len() - 1) as u32)
+            .enumerate()
+            .map(|(i, s)| packed.flat(i, s.len() - 1) as u32)
             .collect();
         let scores = self.forward(&packed.ids, &packed.mask)?; // (R, W)
         let n = last.len();

@@ -20,7 +20,8 @@ use super::{axpy, dot, f32_slice, with_f32_all, PARALLEL_MIN_WORK};
 /// Which keys each query may attend to. `segments[b·S + j]` is 0 for padding and an
 /// example number otherwise; key j is visible to query t (at key index `offset + t`)
 /// iff j ≤ offset + t and key j belongs to the query's example (for packed rows; an
-/// unpacked row is one example).
+/// unpacked row is one example) or to that example's parent: a shared prefix, whose
+/// keys all come before the example's own (`parents`, from `AttentionMask::from_tree`).
 ///
 /// The visible keys of every query are found once, when the mask is made, as runs of
 /// consecutive keys (`KeyRuns`): every head of every layer, forward and backward,
@@ -52,6 +53,19 @@ impl CausalMask {
     /// `segments` (row-major, `batch · keys` ids). One pass over each row finds its
     /// examples' runs; a query then takes its example's runs up to itself.
     pub fn new(segments: Vec<u32>, batch: usize, keys: usize, queries: usize) -> Self {
+        Self::with_parents(segments, &HashMap::new(), batch, keys, queries)
+    }
+
+    /// As `new`, where example `e` with `parents[e] = p` also sees all of `p`'s keys
+    /// (a prefix it shares with other examples). The caller checks that `p` lies in
+    /// the same row, wholly before `e`'s first key, and has no parent itself.
+    pub fn with_parents(
+        segments: Vec<u32>,
+        parents: &HashMap<u32, u32>,
+        batch: usize,
+        keys: usize,
+        queries: usize,
+    ) -> Self {
         assert!(
             segments.len() == batch * keys && queries <= keys && keys <= u32::MAX as usize,
             "causal mask: {} segment ids for {batch} rows of {keys} keys, {queries} queries",
@@ -70,11 +84,24 @@ impl CausalMask {
                     _ => list.push((j as u32, j as u32 + 1)),
                 }
             }
-            // Each example's runs, one group after another.
-            let mut first: HashMap<u32, usize> = HashMap::with_capacity(by_example.len());
+            // Each example's runs (its parent's first), one group after another:
+            // (first run, runs inherited from the parent).
+            let mut first: HashMap<u32, (usize, usize)> = HashMap::with_capacity(by_example.len());
             for (&seg, list) in &by_example {
                 if seg != 0 {
-                    first.insert(seg, runs.len());
+                    let f = runs.len();
+                    let inherited = match parents.get(&seg).and_then(|p| by_example.get(p)) {
+                        Some(prefix) => {
+                            assert!(
+                                prefix.last().is_some_and(|r| r.1 <= list[0].0),
+                                "causal mask: example {seg}'s parent must come before it"
+                            );
+                            runs.extend_from_slice(prefix);
+                            prefix.len()
+                        }
+                        None => 0,
+                    };
+                    first.insert(seg, (f, inherited));
                     runs.extend_from_slice(list);
                 }
             }
@@ -82,8 +109,8 @@ impl CausalMask {
                 let me = (offset + t) as u32;
                 per_query.push(match first.get(&seg) {
                     None => (0, 0), // padding
-                    Some(&f) => {
-                        let n = by_example[&seg].partition_point(|r| r.0 <= me);
+                    Some(&(f, inherited)) => {
+                        let n = inherited + by_example[&seg].partition_point(|r| r.0 <= me);
                         (f as u32, n as u32)
                     }
                 });
@@ -487,6 +514,63 @@ mod tests {
             }
         }
         assert!(runs_seen > 1000, "the cases should hold many runs");
+    }
+
+    #[test]
+    fn a_shared_prefix_is_seen_by_each_continuation_and_nothing_else() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut inherited = 0;
+        for _ in 0..200 {
+            let batch = rng.random_range(1..3);
+            let mut parents = HashMap::new();
+            let mut segments = vec![];
+            let mut next = 1u32;
+            let mut rows = vec![];
+            for _ in 0..batch {
+                // Items one after another: a plain example, or a prefix followed by
+                // its continuations (interleaved among themselves), with padding.
+                let mut row = vec![];
+                while row.len() < 30 {
+                    let prefix = next;
+                    next += 1;
+                    row.extend(std::iter::repeat_n(prefix, rng.random_range(1..5)));
+                    let children: Vec<u32> =
+                        (0..rng.random_range(0..4)).map(|k| next + k).collect();
+                    next += children.len() as u32;
+                    for &c in &children {
+                        parents.insert(c, prefix);
+                    }
+                    for _ in 0..rng.random_range(0..10) {
+                        if let Some(&c) = children.get(rng.random_range(0..children.len().max(1))) {
+                            row.push(c);
+                        }
+                    }
+                    if rng.random_bool(0.3) {
+                        row.push(0);
+                    }
+                }
+                row.truncate(30);
+                rows.push(row);
+            }
+            for row in &rows {
+                segments.extend_from_slice(row);
+            }
+            let queries = rng.random_range(1..=30);
+            let mask = CausalMask::with_parents(segments, &parents, batch, 30, queries);
+            for (b, row) in rows.iter().enumerate() {
+                for t in 0..queries {
+                    let me = 30 - queries + t;
+                    let seg = row[me];
+                    let parent = parents.get(&seg).copied();
+                    let want: Vec<usize> = (0..=me)
+                        .filter(|&j| seg != 0 && (row[j] == seg || Some(row[j]) == parent))
+                        .collect();
+                    assert_eq!(mask.visible(b, t).collect::<Vec<_>>(), want);
+                    inherited += usize::from(parent.is_some_and(|p| row.contains(&p)));
+                }
+            }
+        }
+        assert!(inherited > 500, "the cases should hold many continuations");
     }
 
     #[test]

@@ -174,9 +174,9 @@ pub fn lm_loss_sum(
     let packed = Packed::of_rows(&items, pad, device)?;
     let mut picked = vec![]; // flat positions (into R·W) with a target
     let mut targets = vec![];
-    for (row, &start) in row_targets.iter().zip(&packed.starts) {
+    for (i, row) in row_targets.iter().enumerate() {
         for &(t, target) in row {
-            picked.push((start + t) as u32);
+            picked.push(packed.flat(i, t) as u32);
             targets.push(target);
         }
     }
