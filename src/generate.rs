@@ -13,7 +13,7 @@ use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -166,19 +166,42 @@ fn generate_with(
     let pad = tokenizer.pad_token_id();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
 
-    // Left-pad the prompts: (B, S0).
-    let mut key_mask: Vec<Vec<u8>> = Vec::with_capacity(prompts.len());
-    let mut ids = Vec::with_capacity(prompts.len() * width);
-    for p in prompts {
+    // A prompt repeated in the batch (K samples of it) is computed once: the distinct
+    // prompts are prefilled, and each row then gets a copy of its prompt's cache row
+    // and logits. `row_of[b]` is row b's prompt among the distinct ones.
+    let mut distinct: Vec<&Vec<u32>> = vec![];
+    let mut first: HashMap<&Vec<u32>, u32> = HashMap::new();
+    let row_of: Vec<u32> = prompts
+        .iter()
+        .map(|p| {
+            *first.entry(p).or_insert_with(|| {
+                distinct.push(p);
+                distinct.len() as u32 - 1
+            })
+        })
+        .collect();
+
+    // Left-pad the distinct prompts: (U, S0).
+    let mut key_mask: Vec<Vec<u8>> = Vec::with_capacity(distinct.len());
+    let mut ids = Vec::with_capacity(distinct.len() * width);
+    for p in &distinct {
         let n_pad = width - p.len();
         ids.extend(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()));
         key_mask.push([vec![0u8; n_pad], vec![1u8; p.len()]].concat());
     }
-    let ids = Tensor::from_vec(ids, (prompts.len(), width), device)?; // (B, S0)
+    let ids = Tensor::from_vec(ids, (distinct.len(), width), device)?; // (U, S0)
 
     let mut cache = model.new_cache();
     let mask = AttentionMask::new(&key_mask, width, device)?;
-    let mut logits = last_logits(model, &ids, &mask, &mut cache)?; // B rows of V
+    let mut logits = last_logits(model, &ids, &mask, &mut cache)?; // U rows of V
+    if distinct.len() < prompts.len() {
+        cache.select_rows(&row_of)?; // (B, ...)
+        logits = row_of.iter().map(|&u| logits[u as usize].clone()).collect(); // B rows
+        key_mask = row_of
+            .iter()
+            .map(|&u| key_mask[u as usize].clone())
+            .collect();
+    }
 
     let mut out: Vec<Completion> = prompts
         .iter()

@@ -314,8 +314,9 @@ fn response_logprobs_follow_the_sampling_temperature() {
 
 /// With a stream per row, a prompt's sampled tokens do not depend on the other rows
 /// of its batch (what lets data-parallel PPO sample what one process samples): each
-/// prompt alone, with its stream, gives the tokens it gets in a batch of three of
-/// different lengths (so with left padding); with one shared stream they differ.
+/// prompt alone, with its stream, gives the tokens it gets in a batch of six rows of
+/// three prompts of different lengths (so with left padding, and repeated prompts
+/// computed once); with one shared stream they differ.
 #[test]
 fn a_stream_per_row_samples_the_same_tokens_in_any_batch() {
     use rlhf::generate::generate_per_row;
@@ -333,15 +334,25 @@ fn a_stream_per_row_samples_the_same_tokens_in_any_batch() {
     let streams = |positions: &[usize]| -> Vec<ChaCha8Rng> {
         positions.iter().map(|&g| sample_stream(9, g)).collect()
     };
+    // Repeated prompts (computed once, each row with a copy of its prompt's cache)
+    // still sample with their own streams.
+    let repeated: Vec<Vec<u32>> = [0, 1, 0, 2, 1, 0]
+        .iter()
+        .map(|&i| prompts[i].clone())
+        .collect();
     let batch = generate_per_row(
         &pre.model,
         &pre.tokenizer,
-        &prompts,
+        &repeated,
         &params,
-        &mut streams(&[0, 1, 2]),
+        &mut streams(&[0, 1, 2, 3, 4, 5]),
     )
     .unwrap();
-    for (g, prompt) in prompts.iter().enumerate() {
+    assert_ne!(
+        batch[0].tokens, batch[2].tokens,
+        "two samples of one prompt"
+    );
+    for (g, prompt) in repeated.iter().enumerate() {
         let alone = generate_per_row(
             &pre.model,
             &pre.tokenizer,
@@ -365,7 +376,7 @@ fn a_stream_per_row_samples_the_same_tokens_in_any_batch() {
     assert_eq!(shared[0].tokens.first(), batch[0].tokens.first());
     assert_ne!(
         shared.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>(),
-        batch.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>()
+        [0, 1, 3].map(|b| batch[b].tokens.clone())
     );
     // The number of streams must match the number of prompts.
     let err = generate_per_row(

@@ -136,6 +136,26 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// Replaces the batch by the given rows of it (indices into the B rows, repeats
+    /// allowed): a batch that samples several completions of one prompt computes the
+    /// prompt once and gives each completion a copy of its row.
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        for c in self.layers.iter_mut().flatten() {
+            let b = c.k.dim(0)?;
+            if let Some(&bad) = rows.iter().find(|&&r| r as usize >= b) {
+                return Err(crate::Error::Invalid(format!(
+                    "KV cache has {b} rows, cannot copy row {bad}"
+                )));
+            }
+            let index = Tensor::from_slice(rows, rows.len(), c.k.device())?;
+            c.k = c.k.index_select(&index, 0)?; // (rows, nkv, cap, hd)
+            c.v = c.v.index_select(&index, 0)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +184,27 @@ mod tests {
             assert_eq!(cv.dims(), want.dims());
         }
         assert_eq!(cache.seq_len(), 141);
+    }
+
+    #[test]
+    fn selected_rows_are_copied_and_grow_apart() {
+        let mut cache = KvCache::new(1);
+        let k = Tensor::rand(0f32, 1f32, (2, 1, 3, 2), &Device::Cpu).unwrap();
+        cache.append(0, &k, &k).unwrap();
+        cache.select_rows(&[1, 0, 1]).unwrap();
+        // Each row appends its own step after the copy.
+        let step = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 1, 1, 2))
+            .unwrap();
+        let (ck, _) = cache.append(0, &step, &step).unwrap();
+        let rows: Vec<Vec<Vec<f32>>> = ck.squeeze(1).unwrap().to_vec3().unwrap();
+        let orig: Vec<Vec<Vec<f32>>> = k.squeeze(1).unwrap().to_vec3().unwrap();
+        for (r, &from) in [1usize, 0, 1].iter().enumerate() {
+            assert_eq!(rows[r][..3], orig[from][..], "row {r}");
+            assert_eq!(rows[r][3], [2.0 * r as f32, 2.0 * r as f32 + 1.0]);
+        }
+        assert!(cache.select_rows(&[3]).is_err());
     }
 
     /// A two-layer cache holding `len` positions of k = 0, 1, 2, ... and v = 2k, with
