@@ -484,8 +484,8 @@ fn a_packed_batch_scores_each_row_as_it_scores_alone() {
 }
 
 /// The causal-LM loss of a batch whose rows (single examples and rows of several)
-/// are packed into fewer rows equals the sum of each row's loss alone, and so do its
-/// gradients, in every family.
+/// are packed into fewer rows, rows that begin alike sharing that prefix, equals the
+/// sum of each row's loss alone, and so do its gradients, in every family.
 #[test]
 fn a_packed_lm_batch_has_the_loss_and_gradients_of_its_rows_alone() {
     use rlhf::data::sft::SftExample;
@@ -504,11 +504,16 @@ fn a_packed_lm_batch_has_the_loss_and_gradients_of_its_rows_alone() {
     )));
     rows.push(Row::single(ex(&[40, 41], &[0, 1])));
     rows.push(Row::single(ex(&[70, 71, 72, 73, 74], &[1, 1, 1, 1, 1])));
+    // Rows beginning alike (laid once): the prefix's last position has a target of
+    // its own in each (21 and 40), and a repeat of the first.
+    rows.push(Row::single(ex(&[5, 9, 13, 21], &[0, 0, 1, 1])));
+    rows.push(Row::single(ex(&[5, 9, 13, 40, 41], &[0, 0, 1, 1, 1])));
+    rows.push(Row::single(ex(&[5, 9, 13, 21], &[0, 0, 1, 1])));
     let refs: Vec<&Row> = rows.iter().collect();
     for family in FAMILIES {
         let pre = load_fixture(family);
         let (sum, n, tokens) = lm_loss_sum(&pre.model, 0, &refs).unwrap();
-        assert_eq!(tokens, 6 + 7 + 2 + 5);
+        assert_eq!(tokens, 6 + 7 + 2 + 5 + 4 + 5 + 4);
         let mut want_n = 0;
         let alone: Vec<Tensor> = refs
             .iter()

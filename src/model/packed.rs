@@ -61,17 +61,22 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// Groups sequences that begin with the same tokens. In lexicographic order (where
 /// sequences with long common prefixes are neighbours) a sequence joins the group
 /// before it if their common prefix is at least a token and does not shrink the
-/// group's saving, (members − 1) × shared tokens; else it starts a group. Groups come
-/// in the order of their first member, members in the order given, so a batch with
-/// nothing to share is laid out as without sharing.
-fn share_prefixes(seqs: &[Vec<u32>]) -> Vec<Group> {
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by(|&a, &b| seqs[a].cmp(&seqs[b]).then(a.cmp(&b)));
+/// group's saving, (members − 1) × shared tokens; else it starts a group. Sequences
+/// not `eligible` (rows of several examples) stay alone. Groups come in the order of
+/// their first member, members in the order given, so a batch with nothing to share
+/// is laid out as without sharing.
+fn share_prefixes(seqs: &[&[u32]], eligible: &[bool]) -> Vec<Group> {
+    let alone = |i: usize| Group {
+        members: vec![i],
+        shared: 0,
+    };
+    let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| eligible[i]).collect();
+    order.sort_by(|&a, &b| seqs[a].cmp(seqs[b]).then(a.cmp(&b)));
     let mut groups: Vec<Group> = vec![];
     for i in order {
         if let Some(g) = groups.last_mut() {
             let k = g.members.len();
-            let l = common_prefix(&seqs[g.members[0]][..g.shared], &seqs[i]);
+            let l = common_prefix(&seqs[g.members[0]][..g.shared], seqs[i]);
             if l >= 1 && k * l >= (k - 1) * g.shared {
                 g.members.push(i);
                 g.shared = l;
@@ -89,6 +94,7 @@ fn share_prefixes(seqs: &[Vec<u32>]) -> Vec<Group> {
             g.shared = 0;
         }
     }
+    groups.extend((0..seqs.len()).filter(|&i| !eligible[i]).map(alone));
     groups.sort_by_key(|g| g.members[0]);
     groups
 }
@@ -168,16 +174,45 @@ impl Packed {
     /// begin alike share their common prefix (see the module's comment).
     pub fn new(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
         let seqs: Vec<Vec<u32>> = seqs.iter().map(|(h, t)| [*h, *t].concat()).collect();
-        let groups = if device.is_cpu() {
-            share_prefixes(&seqs)
-        } else {
-            (0..seqs.len())
-                .map(|i| Group {
-                    members: vec![i],
-                    shared: 0,
-                })
-                .collect()
-        };
+        let ones: Vec<Vec<u32>> = seqs.iter().map(|s| vec![1; s.len()]).collect();
+        let items: Vec<(&[u32], &[u32])> = seqs
+            .iter()
+            .zip(&ones)
+            .map(|(s, o)| (&s[..], &o[..]))
+            .collect();
+        Self::of_rows(&items, pad, device)
+    }
+
+    /// Rows that may themselves hold several examples: each item is its tokens and
+    /// their example numbers (1, 2, ... within the item, as `AttentionMask::
+    /// from_segments` takes them). Examples stay apart when items share a row. On
+    /// CPU, items of one example that begin alike share their common prefix.
+    pub fn of_rows(items: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
+        for (i, (ids, segs)) in items.iter().enumerate() {
+            if ids.len() != segs.len() {
+                return Err(Error::Invalid(format!(
+                    "packed item {i}: tokens and example numbers differ in length"
+                )));
+            }
+            // 0 is padding in a mask, and numbers map to `first - 1 + e`.
+            if segs.iter().any(|&e| e == 0 || e > u32::MAX / 2) {
+                return Err(Error::Invalid(format!(
+                    "packed item {i}: example numbers must count from 1"
+                )));
+            }
+        }
+        let seqs: Vec<&[u32]> = items.iter().map(|(ids, _)| *ids).collect();
+        let single: Vec<bool> = items
+            .iter()
+            .map(|(_, segs)| segs.iter().all(|&e| e == 1))
+            .collect();
+        let groups = share_prefixes(
+            &seqs,
+            &single
+                .iter()
+                .map(|&s| s && device.is_cpu())
+                .collect::<Vec<_>>(),
+        );
         let lengths: Vec<usize> = groups
             .iter()
             .map(|g| {
@@ -189,6 +224,7 @@ impl Packed {
             })
             .collect();
         let mut parents = HashMap::new();
+        // Offsets within each item; the item's start is added below.
         let mut spans = vec![
             Span {
                 prefix: 0,
@@ -200,18 +236,27 @@ impl Packed {
         let (ids, segments, starts) =
             Self::build(&lengths, pad, device, |k, ids, segments, first| {
                 let g = &groups[k];
+                if g.shared == 0 {
+                    // One item as given: its examples numbered from `first`.
+                    let (tokens, examples) = items[g.members[0]];
+                    ids.copy_from_slice(tokens);
+                    for (slot, &e) in segments.iter_mut().zip(examples) {
+                        *slot = first - 1 + e;
+                    }
+                    return first + examples.iter().copied().max().unwrap_or(0);
+                }
+                // The prefix (example `first`), then each member's rest (its child).
                 ids[..g.shared].copy_from_slice(&seqs[g.members[0]][..g.shared]);
                 segments[..g.shared].fill(first);
-                let mut next = first + u32::from(g.shared > 0);
+                let mut next = first + 1;
                 let mut at = g.shared;
                 for &i in &g.members {
                     let rest = &seqs[i][g.shared..];
                     ids[at..at + rest.len()].copy_from_slice(rest);
                     segments[at..at + rest.len()].fill(next);
-                    if g.shared > 0 && !rest.is_empty() {
+                    if !rest.is_empty() {
                         parents.insert(next, first);
                     }
-                    // Offsets within the item; the item's start is added below.
                     spans[i] = Span {
                         prefix: 0,
                         shared: g.shared,
@@ -230,51 +275,12 @@ impl Packed {
         }
         let width = segments[0].len();
         let mut mask = AttentionMask::from_tree(&segments, &parents, width, device)?;
-        mask.sequences = seqs.len();
+        // Every example of every item, those wholly inside a shared prefix included.
+        mask.sequences = items
+            .iter()
+            .map(|(_, segs)| segs.iter().copied().max().unwrap_or(0) as usize)
+            .sum();
         Ok(Packed { ids, mask, spans })
-    }
-
-    /// Rows that may themselves hold several examples: each item is its tokens and
-    /// their example numbers (1, 2, ... within the item, as `AttentionMask::
-    /// from_segments` takes them). Examples stay apart when items share a row. Items
-    /// share no prefix.
-    pub fn of_rows(items: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
-        for (i, (ids, segs)) in items.iter().enumerate() {
-            if ids.len() != segs.len() {
-                return Err(Error::Invalid(format!(
-                    "packed item {i}: tokens and example numbers differ in length"
-                )));
-            }
-            // 0 is padding in a mask, and numbers map to `first - 1 + e`.
-            if segs.iter().any(|&e| e == 0 || e > u32::MAX / 2) {
-                return Err(Error::Invalid(format!(
-                    "packed item {i}: example numbers must count from 1"
-                )));
-            }
-        }
-        let lengths: Vec<usize> = items.iter().map(|(ids, _)| ids.len()).collect();
-        let (ids, segments, starts) =
-            Self::build(&lengths, pad, device, |i, ids, segments, first| {
-                let (tokens, examples) = items[i];
-                ids.copy_from_slice(tokens);
-                for (slot, &e) in segments.iter_mut().zip(examples) {
-                    *slot = first - 1 + e;
-                }
-                first + examples.iter().copied().max().unwrap_or(0)
-            })?;
-        let width = segments[0].len();
-        Ok(Packed {
-            ids,
-            mask: AttentionMask::from_segments(&segments, width, device)?,
-            spans: starts
-                .into_iter()
-                .map(|own| Span {
-                    prefix: own,
-                    shared: 0,
-                    own,
-                })
-                .collect(),
-        })
     }
 
     /// The flat index (into R·W) of sequence `i`'s token `t`.
@@ -404,13 +410,8 @@ mod tests {
 
     #[test]
     fn sequences_that_begin_alike_share_their_prefix() {
-        let seqs = |v: &[&[u32]]| -> Vec<Vec<u32>> { v.iter().map(|s| s.to_vec()).collect() };
-        let groups = share_prefixes(&seqs(&[
-            &[1, 2, 3, 4],
-            &[9],
-            &[1, 2, 3, 5, 6],
-            &[1, 2, 3, 4],
-        ]));
+        let all = |v: &[&[u32]]| -> Vec<Group> { share_prefixes(v, &vec![true; v.len()]) };
+        let groups = all(&[&[1, 2, 3, 4], &[9], &[1, 2, 3, 5, 6], &[1, 2, 3, 4]]);
         assert_eq!(
             groups,
             [
@@ -425,7 +426,7 @@ mod tests {
             ]
         );
         // A third row sharing one token would cut the pair's saving of 5 to 3.
-        let groups = share_prefixes(&seqs(&[&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5], &[1, 9]]));
+        let groups = all(&[&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5], &[1, 9]]);
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].shared, 5);
         assert_eq!(groups[1].shared, 0);
@@ -456,6 +457,21 @@ mod tests {
         assert_eq!(flat(&p.ids), [1, 2, 3]);
         assert_eq!((p.flat(0, 1), p.flat(1, 2)), (1, 2));
         assert_eq!(p.mask.sequences, 2);
+        // Rows of one example share (the first two); a row of two examples does not,
+        // though it begins alike.
+        let items: [(&[u32], &[u32]); 3] = [
+            (&[1, 2, 3], &[1, 1, 1]),
+            (&[1, 2, 4], &[1, 1, 1]),
+            (&[1, 2, 5], &[1, 1, 2]),
+        ];
+        let p = Packed::of_rows(&items, 0, &Device::Cpu).unwrap();
+        assert_eq!(flat(&p.ids), [1, 2, 3, 4, 1, 2, 5]);
+        assert_eq!(flat(&p.mask.position_ids), [0, 1, 2, 2, 0, 1, 0]);
+        assert_eq!((p.flat(1, 1), p.flat(1, 2), p.flat(2, 0)), (1, 3, 4));
+        assert_eq!(p.mask.sequences, 4);
+        // Off the CPU nothing is shared (not tested here: no other device).
+        let g = share_prefixes(&[&[1, 2], &[1, 2]], &[false, false]);
+        assert_eq!(g.iter().map(|g| g.shared).collect::<Vec<_>>(), [0, 0]);
     }
 
     #[test]
