@@ -62,9 +62,10 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// sequences with long common prefixes are neighbours) a sequence joins the group
 /// before it if their common prefix is at least a token and does not shrink the
 /// group's saving, (members − 1) × shared tokens; else it starts a group. Sequences
-/// not `eligible` (rows of several examples) stay alone. Groups come in the order of
-/// their first member, members in the order given, so a batch with nothing to share
-/// is laid out as without sharing.
+/// not `eligible` (rows of several examples) stay alone. A batch whose groups would
+/// save less than 1/`MIN_SAVING` of its tokens shares nothing. Groups come in the
+/// order of their first member, members in the order given, so a batch with nothing to
+/// share is laid out as without sharing.
 fn share_prefixes(seqs: &[&[u32]], eligible: &[bool]) -> Vec<Group> {
     let alone = |i: usize| Group {
         members: vec![i],
@@ -94,10 +95,25 @@ fn share_prefixes(seqs: &[&[u32]], eligible: &[bool]) -> Vec<Group> {
             g.shared = 0;
         }
     }
+    let saved: usize = groups
+        .iter()
+        .map(|g| (g.members.len() - 1) * g.shared)
+        .sum();
+    let total: usize = seqs.iter().map(|s| s.len()).sum();
+    if saved * MIN_SAVING < total {
+        return (0..seqs.len()).map(alone).collect();
+    }
     groups.extend((0..seqs.len()).filter(|&i| !eligible[i]).map(alone));
     groups.sort_by_key(|g| g.members[0]);
     groups
 }
+
+/// Sharing pays only when it saves enough: a batch shares prefixes when that lays at
+/// least 1/16 fewer tokens. Pretraining's blocks that begin alike saved 0.1–1.5 % of a
+/// batch's tokens and made its steps 6 % slower (their items no longer fit the rows
+/// evenly); SFT's rows (the chat template and a question's first words) save 11–20 %
+/// and a reward model's K responses per prompt about 60 %.
+const MIN_SAVING: usize = 16;
 
 /// Where the sequences go: rows of `width` tokens, and each sequence's (row, offset),
 /// in the order given.
@@ -430,6 +446,16 @@ mod tests {
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].shared, 5);
         assert_eq!(groups[1].shared, 0);
+        // Saving 1 token of 16 shares; 1 of 17 does not.
+        let long: Vec<u32> = (10..24).collect();
+        let groups = all(&[&[1], &[1], &long]);
+        assert_eq!(groups.iter().map(|g| g.shared).collect::<Vec<_>>(), [1, 0]);
+        let longer: Vec<u32> = (10..25).collect();
+        let groups = all(&[&[1], &[1], &longer]);
+        assert_eq!(
+            groups.iter().map(|g| g.shared).collect::<Vec<_>>(),
+            [0, 0, 0]
+        );
 
         let (a, b, c, d): (&[u32], &[u32], &[u32], &[u32]) =
             (&[1, 2, 3], &[9], &[1, 2, 3, 5], &[1, 2]);
