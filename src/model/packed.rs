@@ -110,8 +110,8 @@ fn share_prefixes(seqs: &[&[u32]], eligible: &[bool]) -> Vec<Group> {
 
 /// Sharing pays only when it saves enough: a batch shares prefixes when that lays at
 /// least 1/16 fewer tokens. Pretraining's blocks that begin alike saved 0.1–1.5 % of a
-/// batch's tokens and made its steps 6 % slower (their items no longer fit the rows
-/// evenly); SFT's rows (the chat template and a question's first words) save 11–20 %
+/// batch's tokens, and sharing them made its steps 6 % slower (measured, cause not
+/// located); SFT's rows (the chat template and a question's first words) save 11–20 %
 /// and a reward model's K responses per prompt about 60 %.
 const MIN_SAVING: usize = 16;
 
