@@ -510,6 +510,19 @@ fn a_packed_lm_batch_has_the_loss_and_gradients_of_its_rows_alone() {
     rows.push(Row::single(ex(&[5, 9, 13, 40, 41], &[0, 0, 1, 1, 1])));
     rows.push(Row::single(ex(&[5, 9, 13, 21], &[0, 0, 1, 1])));
     let refs: Vec<&Row> = rows.iter().collect();
+    // The batch really shares: the three rows beginning 5 9 13 lay it once (6 of 33
+    // tokens saved, above the 1/16 threshold); the row of two examples, which begins
+    // alike too, stays whole.
+    let items: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..], &r.segments[..])).collect();
+    let packed = rlhf::model::packed::Packed::of_rows(&items, 0, &Device::Cpu).unwrap();
+    let s = &packed.spans;
+    assert_eq!(s[0].shared, 0);
+    assert!(
+        s[4..7]
+            .iter()
+            .all(|x| x.shared == 3 && x.prefix == s[4].prefix),
+        "{s:?}"
+    );
     for family in FAMILIES {
         let pre = load_fixture(family);
         let (sum, n, tokens) = lm_loss_sum(&pre.model, 0, &refs).unwrap();

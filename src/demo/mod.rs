@@ -40,8 +40,8 @@ use world::World;
 pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub output_dir: PathBuf,
-    /// A smaller run: half the documents, fewer steps, prompts and responses (about 60 %
-    /// of the full run's time)
+    /// A smaller run: half the documents, fewer steps, prompts and responses (about half
+    /// to 60 % of the full run's time)
     #[arg(long)]
     pub quick: bool,
     #[arg(long, default_value_t = 0)]

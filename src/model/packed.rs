@@ -6,10 +6,13 @@
 //! computed. (A reward model's batch of K responses per prompt was 28 % padding.)
 //!
 //! On CPU, sequences that begin with the same tokens (a prompt's K responses, a DPO
-//! pair, a GRPO group) also share that prefix: it is laid once, followed by each
+//! pair, a GRPO group, SFT rows opening with the chat template) also share that
+//! prefix, when that saves at least 1/16 of the batch's tokens: it is laid once, followed by each
 //! sequence's own rest, which sees the prefix and itself and counts its positions on
 //! from the prefix's length (`AttentionMask::from_tree`). Each sequence still computes
 //! what it would alone; the prefix is computed once instead of once per sequence.
+//! (LoRA dropout draws its mask per flat element, so sequences sharing a prefix share
+//! its draw there; each sequence's own draw is distributed as before.)
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -446,6 +449,16 @@ mod tests {
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].shared, 5);
         assert_eq!(groups[1].shared, 0);
+        // Below the threshold `of_rows` lays every item whole, a row of two examples
+        // among them: the shared first token is laid once per item (three times).
+        let (a, b): (Vec<u32>, Vec<u32>) =
+            ((1..=20).collect(), [1].into_iter().chain(30..49).collect());
+        let items: [(&[u32], &[u32]); 3] =
+            [(&a, &[1; 20]), (&b, &[1; 20]), (&[1, 2, 3], &[1, 1, 2])];
+        let p = Packed::of_rows(&items, 0, &Device::Cpu).unwrap();
+        assert!(p.spans.iter().all(|s| s.shared == 0), "{:?}", p.spans);
+        assert_eq!(flat(&p.ids).iter().filter(|&&t| t == 1).count(), 3);
+        assert_eq!(p.mask.sequences, 4);
         // Saving 1 token of 16 shares; 1 of 17 does not.
         let long: Vec<u32> = (10..24).collect();
         let groups = all(&[&[1], &[1], &long]);

@@ -147,7 +147,8 @@ impl ScalarModel {
 
     /// The score of each sequence at its last token (where `RewardInput` puts the end
     /// of the response), in one packed batch (`model::packed`; sequences that begin
-    /// alike, such as K responses to one prompt, share that prefix): seqs → (N,).
+    /// alike, such as K responses to one prompt, share that prefix when that saves
+    /// enough): seqs → (N,).
     pub fn score_last(&self, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor> {
         if let Some(i) = seqs.iter().position(Vec::is_empty) {
             return Err(Error::Invalid(format!("sequence {i} to score is empty")));
