@@ -489,7 +489,7 @@ fn a_packed_batch_scores_each_row_as_it_scores_alone() {
 #[test]
 fn a_packed_lm_batch_has_the_loss_and_gradients_of_its_rows_alone() {
     use rlhf::data::sft::SftExample;
-    use rlhf::train::lm_task::{lm_loss_sum, pack, Row};
+    use rlhf::train::lm_task::{lm_loss_sum, pack, packed_batch, Row};
     let ex = |ids: &[u32], mask: &[u8]| SftExample {
         ids: ids.to_vec(),
         loss_mask: mask.to_vec(),
@@ -513,8 +513,7 @@ fn a_packed_lm_batch_has_the_loss_and_gradients_of_its_rows_alone() {
     // The batch really shares: the three rows beginning 5 9 13 lay it once (6 of 33
     // tokens saved, above the 1/16 threshold); the row of two examples, which begins
     // alike too, stays whole.
-    let items: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..], &r.segments[..])).collect();
-    let packed = rlhf::model::packed::Packed::of_rows(&items, 0, &Device::Cpu).unwrap();
+    let packed = packed_batch(&refs, 0, &Device::Cpu).unwrap();
     let s = &packed.spans;
     assert_eq!(s[0].shared, 0);
     assert!(

@@ -7,10 +7,11 @@
 //!
 //! On CPU, sequences that begin with the same tokens (a prompt's K responses, a DPO
 //! pair, a GRPO group, SFT rows opening with the chat template) also share that
-//! prefix, when that saves at least 1/16 of the batch's tokens: it is laid once, followed by each
-//! sequence's own rest, which sees the prefix and itself and counts its positions on
-//! from the prefix's length (`AttentionMask::from_tree`). Each sequence still computes
-//! what it would alone; the prefix is computed once instead of once per sequence.
+//! prefix when that saves at least 1/16 of the batch's tokens: it is laid once,
+//! followed by each sequence's own rest, which sees the prefix and itself and counts
+//! its positions on from the prefix's length (`AttentionMask::from_tree`). Each
+//! sequence still computes what it would alone; the prefix is computed once instead of
+//! once per sequence.
 //! (LoRA dropout draws its mask per flat element, so sequences sharing a prefix share
 //! its draw there; each sequence's own draw is distributed as before.)
 
@@ -193,12 +194,10 @@ impl Packed {
     /// begin alike share their common prefix (see the module's comment).
     pub fn new(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
         let seqs: Vec<Vec<u32>> = seqs.iter().map(|(h, t)| [*h, *t].concat()).collect();
-        let ones: Vec<Vec<u32>> = seqs.iter().map(|s| vec![1; s.len()]).collect();
-        let items: Vec<(&[u32], &[u32])> = seqs
-            .iter()
-            .zip(&ones)
-            .map(|(s, o)| (&s[..], &o[..]))
-            .collect();
+        // Every token is example 1: one buffer of ones, sliced to each length.
+        let ones = vec![1u32; seqs.iter().map(Vec::len).max().unwrap_or(0)];
+        let items: Vec<(&[u32], &[u32])> =
+            seqs.iter().map(|s| (&s[..], &ones[..s.len()])).collect();
         Self::of_rows(&items, pad, device)
     }
 
@@ -207,6 +206,8 @@ impl Packed {
     /// from_segments` takes them). Examples stay apart when items share a row. On
     /// CPU, items of one example that begin alike share their common prefix.
     pub fn of_rows(items: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
+        // How many examples each item holds (its highest example number).
+        let mut examples = Vec::with_capacity(items.len());
         for (i, (ids, segs)) in items.iter().enumerate() {
             if ids.len() != segs.len() {
                 return Err(Error::Invalid(format!(
@@ -219,19 +220,15 @@ impl Packed {
                     "packed item {i}: example numbers must count from 1"
                 )));
             }
+            examples.push(segs.iter().copied().max().unwrap_or(0));
         }
         let seqs: Vec<&[u32]> = items.iter().map(|(ids, _)| *ids).collect();
-        let single: Vec<bool> = items
+        // Items of one example (every number 1) may share, on CPU.
+        let eligible: Vec<bool> = examples
             .iter()
-            .map(|(_, segs)| segs.iter().all(|&e| e == 1))
+            .map(|&e| e == 1 && device.is_cpu())
             .collect();
-        let groups = share_prefixes(
-            &seqs,
-            &single
-                .iter()
-                .map(|&s| s && device.is_cpu())
-                .collect::<Vec<_>>(),
-        );
+        let groups = share_prefixes(&seqs, &eligible);
         let lengths: Vec<usize> = groups
             .iter()
             .map(|g| {
@@ -257,12 +254,13 @@ impl Packed {
                 let g = &groups[k];
                 if g.shared == 0 {
                     // One item as given: its examples numbered from `first`.
-                    let (tokens, examples) = items[g.members[0]];
+                    let i = g.members[0];
+                    let (tokens, numbers) = items[i];
                     ids.copy_from_slice(tokens);
-                    for (slot, &e) in segments.iter_mut().zip(examples) {
+                    for (slot, &e) in segments.iter_mut().zip(numbers) {
                         *slot = first - 1 + e;
                     }
-                    return first + examples.iter().copied().max().unwrap_or(0);
+                    return first + examples[i];
                 }
                 // The prefix (example `first`), then each member's rest (its child).
                 ids[..g.shared].copy_from_slice(&seqs[g.members[0]][..g.shared]);
@@ -295,10 +293,7 @@ impl Packed {
         let width = segments[0].len();
         let mut mask = AttentionMask::from_tree(&segments, &parents, width, device)?;
         // Every example of every item, those wholly inside a shared prefix included.
-        mask.sequences = items
-            .iter()
-            .map(|(_, segs)| segs.iter().copied().max().unwrap_or(0) as usize)
-            .sum();
+        mask.sequences = examples.iter().map(|&e| e as usize).sum();
         Ok(Packed { ids, mask, spans })
     }
 

@@ -17,8 +17,8 @@ use crate::error::Result;
 
 /// A batch of prompt + response rows, packed (`model::packed`: several short rows
 /// share one row of the batch, each attending only to itself, and rows that begin
-/// alike, such as responses to one prompt, share that prefix when that saves enough), and the flat positions
-/// of (R·W) whose outputs score response tokens.
+/// alike, such as responses to one prompt, share that prefix when that saves enough),
+/// and the flat positions of (R·W) whose outputs score response tokens.
 pub struct ResponseBatch {
     pub ids: Tensor, // (R, W)
     pub mask: AttentionMask,

@@ -8,7 +8,7 @@
 //! the model's input as fit (`model::packed`), so short rows are not padded to the
 //! longest.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -141,6 +141,14 @@ impl LmTask {
     }
 }
 
+/// The batch's rows packed into as few rows as fit (`model::packed`: rows of one
+/// example that begin alike share that prefix): the same examples and targets,
+/// without computing the padding.
+pub fn packed_batch(rows: &[&Row], pad: u32, device: &Device) -> Result<Packed> {
+    let items: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..], &r.segments[..])).collect();
+    Packed::of_rows(&items, pad, device)
+}
+
 /// Σ next-token NLL over the targets of `rows` under `model`, the number of targets
 /// and of tokens: (loss sum (scalar), targets, tokens).
 pub fn lm_loss_sum(
@@ -168,10 +176,7 @@ pub fn lm_loss_sum(
             tokens,
         ));
     }
-    // The batch's rows packed into as few rows as fit (`model::packed`): the same
-    // examples and targets, without computing the padding.
-    let items: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..], &r.segments[..])).collect();
-    let packed = Packed::of_rows(&items, pad, device)?;
+    let packed = packed_batch(rows, pad, device)?;
     let mut picked = vec![]; // flat positions (into R·W) with a target
     let mut targets = vec![];
     for (i, row) in row_targets.iter().enumerate() {
