@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::rows;
 use super::simd::{self, simd_kernel};
 use super::{axpy, dot, f32_slice, with_f32_all, PARALLEL_MIN_WORK};
 
@@ -212,17 +213,11 @@ fn row_probs(
     k: &[f32],
     keys: &[usize],
     kbase: usize,
-    hd: usize,
     scale: f32,
     probs: &mut Vec<f32>,
 ) {
-    probs.clear();
-    let mut max = f32::NEG_INFINITY;
-    for &j in keys {
-        let s = scale * dot(q_row, &k[kbase + j * hd..kbase + (j + 1) * hd]);
-        max = max.max(s);
-        probs.push(s);
-    }
+    rows::dots(q_row, k, kbase, keys, scale, probs);
+    let max = probs.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     for p in probs.iter_mut() {
         *p = simd::exp(*p - max);
     }
@@ -245,10 +240,8 @@ simd_kernel! {
                 continue; // a padding query: output 0, never read
             }
             let qrow = &q[d.at(b, h, d.nh, d.t, t)..][..d.hd];
-            row_probs(qrow, k, &keys, kbase, d.hd, op.scale, &mut probs);
-            for (&j, &p) in keys.iter().zip(&probs) {
-                axpy(p, &v[kbase + j * d.hd..kbase + (j + 1) * d.hd], orow);
-            }
+            row_probs(qrow, k, &keys, kbase, op.scale, &mut probs);
+            rows::add_weighted_rows(&probs, v, kbase, &keys, orow);
         }
     }
 }
@@ -273,6 +266,7 @@ simd_kernel! {
         let (b, kvh) = (g / d.nkv, g % d.nkv);
         let kbase = d.at(b, kvh, d.nkv, d.s, 0);
         let mut probs = Vec::with_capacity(d.s);
+        let mut ds = Vec::with_capacity(d.s);
         let mut keys = Vec::with_capacity(d.s);
         for r in 0..rep {
             let h = kvh * rep + r;
@@ -287,15 +281,17 @@ simd_kernel! {
                     &o[qoff..][..d.hd],
                     &dout[qoff..][..d.hd],
                 );
-                row_probs(qrow, k, &keys, kbase, d.hd, op.scale, &mut probs);
+                row_probs(qrow, k, &keys, kbase, op.scale, &mut probs);
                 let dsum = dot(drow, orow);
+                // dS_j = p_j (dO_t·v_j − D_t) · scale, then dq_t = Σ_j dS_j k_j.
+                rows::dots(drow, v, kbase, &keys, 1.0, &mut ds);
+                for (s, &p) in ds.iter_mut().zip(&probs) {
+                    *s = p * (*s - dsum) * op.scale;
+                }
                 let dqrow = &mut dqg[(r * d.t + t) * d.hd..][..d.hd];
-                for (&j, &p) in keys.iter().zip(&probs) {
-                    let krow = &k[kbase + j * d.hd..][..d.hd];
-                    let vrow = &v[kbase + j * d.hd..][..d.hd];
-                    let ds = p * (dot(drow, vrow) - dsum) * op.scale;
-                    axpy(ds, krow, dqrow);
-                    axpy(ds, qrow, &mut dkg[j * d.hd..][..d.hd]);
+                rows::add_weighted_rows(&ds, k, kbase, &keys, dqrow);
+                for ((&j, &p), &s) in keys.iter().zip(&probs).zip(&ds) {
+                    axpy(s, qrow, &mut dkg[j * d.hd..][..d.hd]);
                     axpy(p, drow, &mut dvg[j * d.hd..][..d.hd]);
                 }
             }
@@ -579,5 +575,130 @@ mod tests {
         let per_query: Vec<usize> = (0..7).map(|t| mask.runs(0, t).count()).collect();
         assert_eq!(per_query, [0, 0, 1, 1, 1, 1, 1]);
         assert_eq!(mask.runs(0, 6).collect::<Vec<_>>(), [(5, 7)]);
+    }
+
+    /// The kernels as they were written before `ops::rows` (one `dot` or `axpy` per
+    /// key): the forward and backward must give their bits exactly.
+    fn reference(
+        op: &AttentionOp,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dout: &[f32],
+        d: &Dims,
+    ) -> [Vec<f32>; 4] {
+        let rep = d.nh / d.nkv;
+        let probs_of = |b: usize, h: usize, t: usize| -> (Vec<usize>, Vec<f32>) {
+            let keys: Vec<usize> = op.mask.visible(b, t).collect();
+            let kbase = d.at(b, h / rep, d.nkv, d.s, 0);
+            let qrow = &q[d.at(b, h, d.nh, d.t, t)..][..d.hd];
+            let mut probs = vec![];
+            let mut max = f32::NEG_INFINITY;
+            for &j in &keys {
+                let s = op.scale * dot(qrow, &k[kbase + j * d.hd..][..d.hd]);
+                max = max.max(s);
+                probs.push(s);
+            }
+            for p in probs.iter_mut() {
+                *p = simd::exp(*p - max);
+            }
+            let inv = 1.0 / simd::sum8(&probs, |p| p);
+            probs.iter_mut().for_each(|p| *p *= inv);
+            (keys, probs)
+        };
+        let mut o = vec![0f32; q.len()];
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        for b in 0..d.b {
+            for h in 0..d.nh {
+                let kbase = d.at(b, h / rep, d.nkv, d.s, 0);
+                for t in 0..d.t {
+                    let (keys, probs) = probs_of(b, h, t);
+                    let off = d.at(b, h, d.nh, d.t, t);
+                    for (&j, &p) in keys.iter().zip(&probs) {
+                        axpy(p, &v[kbase + j * d.hd..][..d.hd], &mut o[off..][..d.hd]);
+                    }
+                    // This row's backward, now that its output is whole.
+                    let (qrow, drow) = (&q[off..][..d.hd], &dout[off..][..d.hd]);
+                    let dsum = dot(drow, &o[off..][..d.hd]);
+                    for (&j, &p) in keys.iter().zip(&probs) {
+                        let at = kbase + j * d.hd;
+                        let ds = p * (dot(drow, &v[at..][..d.hd]) - dsum) * op.scale;
+                        axpy(ds, &k[at..][..d.hd], &mut dq[off..][..d.hd]);
+                        axpy(ds, qrow, &mut dk[at..][..d.hd]);
+                        axpy(p, drow, &mut dv[at..][..d.hd]);
+                    }
+                }
+            }
+        }
+        [o, dq, dk, dv]
+    }
+
+    #[test]
+    fn forward_and_backward_have_the_bits_of_one_dot_and_axpy_per_key() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        // (B, nh, nkv, T, S, hd): head sizes on the AVX2 path (64, 72, 16) and off it
+        // (12), grouped-query heads, queries that are the last T < S keys (as after a
+        // KV cache; the cache's wider buffer is tested in tests/models.rs), packed and
+        // padded rows.
+        for &(b, nh, nkv, t, s, hd) in &[
+            (2, 4, 4, 9, 9, 64),
+            (1, 4, 2, 5, 13, 16),
+            (3, 2, 1, 7, 7, 12),
+            (1, 2, 2, 30, 30, 72),
+        ] {
+            let segments: Vec<u32> = (0..b * s)
+                .map(|i| {
+                    if i % s < 2 && i / s == 1 {
+                        0
+                    } else {
+                        1 + (i % s >= s / 2) as u32 * (i / s) as u32
+                    }
+                })
+                .collect();
+            let op = AttentionOp {
+                mask: CausalMask::new(segments, b, s, t),
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let d = Dims {
+                b,
+                nh,
+                nkv,
+                t,
+                s,
+                hd,
+                kv_cap: s,
+            };
+            let mut draw = |len: usize| -> Vec<f32> {
+                (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+            };
+            let (q, k, v, dout) = (
+                draw(b * nh * t * hd),
+                draw(b * nkv * s * hd),
+                draw(b * nkv * s * hd),
+                draw(b * nh * t * hd),
+            );
+            let [o_ref, dq_ref, dk_ref, dv_ref] = reference(&op, &q, &k, &v, &dout, &d);
+            let o = op.forward(&q, &k, &v, &d);
+            let (dq, dk, dv) = op.backward(&q, &k, &v, &o, &dout, &d);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            for (name, got, want) in [
+                ("o", &o, &o_ref),
+                ("dq", &dq, &dq_ref),
+                ("dk", &dk, &dk_ref),
+                ("dv", &dv, &dv_ref),
+            ] {
+                assert_eq!(
+                    bits(got),
+                    bits(want),
+                    "{name} for (B, nh, nkv, T, S, hd) = {:?}",
+                    (b, nh, nkv, t, s, hd)
+                );
+            }
+            assert!(o.iter().any(|&x| x != 0.0) && dk.iter().any(|&x| x != 0.0));
+        }
     }
 }

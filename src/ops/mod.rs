@@ -14,6 +14,7 @@ pub mod lm_head;
 pub mod lora;
 pub mod matmul;
 pub mod norm;
+pub(crate) mod rows;
 pub(crate) mod simd;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
