@@ -588,24 +588,6 @@ mod tests {
         d: &Dims,
     ) -> [Vec<f32>; 4] {
         let rep = d.nh / d.nkv;
-        let probs_of = |b: usize, h: usize, t: usize| -> (Vec<usize>, Vec<f32>) {
-            let keys: Vec<usize> = op.mask.visible(b, t).collect();
-            let kbase = d.at(b, h / rep, d.nkv, d.s, 0);
-            let qrow = &q[d.at(b, h, d.nh, d.t, t)..][..d.hd];
-            let mut probs = vec![];
-            let mut max = f32::NEG_INFINITY;
-            for &j in &keys {
-                let s = op.scale * dot(qrow, &k[kbase + j * d.hd..][..d.hd]);
-                max = max.max(s);
-                probs.push(s);
-            }
-            for p in probs.iter_mut() {
-                *p = simd::exp(*p - max);
-            }
-            let inv = 1.0 / simd::sum8(&probs, |p| p);
-            probs.iter_mut().for_each(|p| *p *= inv);
-            (keys, probs)
-        };
         let mut o = vec![0f32; q.len()];
         let (mut dq, mut dk, mut dv) = (
             vec![0f32; q.len()],
@@ -616,13 +598,25 @@ mod tests {
             for h in 0..d.nh {
                 let kbase = d.at(b, h / rep, d.nkv, d.s, 0);
                 for t in 0..d.t {
-                    let (keys, probs) = probs_of(b, h, t);
+                    let keys: Vec<usize> = op.mask.visible(b, t).collect();
                     let off = d.at(b, h, d.nh, d.t, t);
+                    let (qrow, drow) = (&q[off..][..d.hd], &dout[off..][..d.hd]);
+                    let mut probs = vec![];
+                    let mut max = f32::NEG_INFINITY;
+                    for &j in &keys {
+                        let s = op.scale * dot(qrow, &k[kbase + j * d.hd..][..d.hd]);
+                        max = max.max(s);
+                        probs.push(s);
+                    }
+                    for p in probs.iter_mut() {
+                        *p = simd::exp(*p - max);
+                    }
+                    let inv = 1.0 / simd::sum8(&probs, |p| p);
+                    probs.iter_mut().for_each(|p| *p *= inv);
                     for (&j, &p) in keys.iter().zip(&probs) {
                         axpy(p, &v[kbase + j * d.hd..][..d.hd], &mut o[off..][..d.hd]);
                     }
                     // This row's backward, now that its output is whole.
-                    let (qrow, drow) = (&q[off..][..d.hd], &dout[off..][..d.hd]);
                     let dsum = dot(drow, &o[off..][..d.hd]);
                     for (&j, &p) in keys.iter().zip(&probs) {
                         let at = kbase + j * d.hd;

@@ -12,7 +12,7 @@
 //! **The bits are those of `dot` and `axpy`**, so nothing that calls them moves:
 //! each lane accumulates `acc + x·y` (a multiply, then an add: no FMA, as the
 //! compiler builds `dot`) in the same order, and the eight lanes are summed as `dot`
-//! sums them, ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) + tail. Where AVX2 is
+//! sums them, ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)). Where AVX2 is
 //! missing or the row length is not a multiple of 8, the same loops run through
 //! `dot` and `axpy`. The tests check the AVX2 path (on a CPU that has it) and the
 //! fallback bit for bit against them.
@@ -63,7 +63,7 @@ pub(crate) fn add_weighted_rows(w: &[f32], m: &[f32], base: usize, keys: &[usize
     #[cfg(target_arch = "x86_64")]
     if n.is_multiple_of(8) && super::simd::has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA; `base` and every row read lie in `m` (asserted
-        // above) and has n floats, as `y` has.
+        // above) and have n floats, as `y` has.
         unsafe { avx2::add_weighted_rows(w, m, base, keys, y) };
         return;
     }
@@ -108,9 +108,8 @@ mod avx2 {
     ) {
         let n = a.len();
         let (pa, pm) = (a.as_ptr(), m.as_ptr().add(base));
-        // `dot` adds its (empty) tail, +0.0, last. The lanes' sum is never −0.0 (they
-        // start at +0.0), so this changes no bit; it is kept to mirror `dot` exactly.
-        let tail = _mm_setzero_ps();
+        // `dot` then adds its (empty) tail, +0.0: that changes no bit here, since lanes
+        // that start at +0.0 never sum to −0.0, so it is left out.
         let scale4 = _mm_set1_ps(scale);
         let mut quads = keys.chunks_exact(4);
         let mut o = out.chunks_exact_mut(4);
@@ -124,7 +123,7 @@ mod avx2 {
                     acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(x, y));
                 }
             }
-            let s = _mm_mul_ps(scale4, _mm_add_ps(sum4(acc), tail));
+            let s = _mm_mul_ps(scale4, sum4(acc));
             _mm_storeu_ps(os.as_mut_ptr(), s);
         }
         for (&j, os) in quads.remainder().iter().zip(o.into_remainder()) {
@@ -134,8 +133,7 @@ mod avx2 {
                 let y = _mm256_loadu_ps(row.add(c));
                 acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(pa.add(c)), y));
             }
-            let s = _mm_add_ps(sum4([acc; 4]), tail);
-            *os = scale * _mm_cvtss_f32(s);
+            *os = scale * _mm_cvtss_f32(sum4([acc; 4]));
         }
     }
 
