@@ -6,7 +6,9 @@ use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use rlhf::model::layers::{attention, attention_composite, LayerNorm, RmsNorm};
+use rlhf::model::layers::{
+    attention, attention_composite, attention_qkv, merge_heads, split_heads, LayerNorm, RmsNorm,
+};
 use rlhf::model::AttentionMask;
 
 fn randn(shape: &[usize], seed: u64) -> Var {
@@ -116,20 +118,76 @@ fn attention_matches_composite() {
             .collect();
         let mask = AttentionMask::new(&key_mask, t, &Device::Cpu).unwrap();
         let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask).unwrap();
-        let composite = attention_composite(
-            q.as_tensor(),
-            k.as_tensor(),
-            v.as_tensor(),
-            &mask.bias(&Device::Cpu).unwrap(),
+        let composite = merge_heads(
+            &attention_composite(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                &mask.bias(&Device::Cpu).unwrap(),
+            )
+            .unwrap(),
         )
         .unwrap();
         // Padding queries (no visible key) are unspecified; compare the real ones only.
-        let keep = query_keep(&key_mask, t, nh, hd);
+        let keep = merge_heads(&query_keep(&key_mask, t, nh, hd)).unwrap();
         let (f, c) = ((&fused * &keep).unwrap(), (&composite * &keep).unwrap());
         let d = max_diff(&f, &c);
         assert!(d <= 1e-5, "case {i}: values differ by {d}");
         assert_grads_match(&[&q, &k, &v], &f, &c, 1e-4, &format!("attention case {i}"));
     }
+}
+
+/// Attention read straight from a dense layer's (B, T, 3C) output gives the bits of
+/// `split_heads` of each third into the fused kernel, in the output and in the
+/// gradient of qkv (which the split path assembles from three padded copies), and
+/// matches the composite reference.
+#[test]
+fn attention_on_qkv_has_the_bits_of_split_heads() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    // (B, nh, T, hd): one head, odd head sizes (off the AVX2 path), GPT-2's 64.
+    for (i, &(b, nh, t, hd)) in [(1, 1, 1, 8), (2, 4, 7, 8), (3, 3, 9, 13), (2, 4, 33, 64)]
+        .iter()
+        .enumerate()
+    {
+        let c = nh * hd;
+        let qkv = randn(&[b, t, 3 * c], 50 + i as u64);
+        let key_mask: Vec<Vec<u8>> = (0..b)
+            .map(|_| {
+                let pad = rng.random_range(0..t);
+                (0..t).map(|j| u8::from(j >= pad)).collect()
+            })
+            .collect();
+        let mask = AttentionMask::new(&key_mask, t, &Device::Cpu).unwrap();
+        let x = qkv.as_tensor();
+        let in_place = attention_qkv(x, nh, &mask).unwrap();
+        let third = |j: usize| split_heads(&x.narrow(2, j * c, c).unwrap(), nh).unwrap();
+        let split = attention(&third(0), &third(1), &third(2), &mask).unwrap();
+        assert_eq!(in_place.dims(), &[b, t, c]);
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&in_place), bits(&split), "case {i}: outputs");
+        let g_in_place = probe_loss(&in_place, 98).backward().unwrap();
+        let g_split = probe_loss(&split, 98).backward().unwrap();
+        let (g1, g2) = (g_in_place.get(x).unwrap(), g_split.get(x).unwrap());
+        assert_eq!(bits(g1), bits(g2), "case {i}: gradients of qkv");
+        assert!(max_diff(g1, &g1.zeros_like().unwrap()) > 0.0);
+
+        let composite = rlhf::ops::with_composite(|| attention_qkv(x, nh, &mask)).unwrap();
+        let keep = merge_heads(&query_keep(&key_mask, t, nh, hd)).unwrap();
+        let (f, r) = ((&in_place * &keep).unwrap(), (&composite * &keep).unwrap());
+        assert!(max_diff(&f, &r) <= 1e-5, "case {i}: against the composite");
+        assert_grads_match(&[&qkv], &f, &r, 1e-4, &format!("qkv case {i}"));
+    }
+}
+
+#[test]
+fn attention_on_qkv_refuses_rows_that_do_not_hold_three_sets_of_heads() {
+    let x = Tensor::zeros((1, 2, 10), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let mask = AttentionMask::new(&[vec![1, 1]], 2, &Device::Cpu).unwrap();
+    let err = attention_qkv(&x, 2, &mask).unwrap_err().to_string();
+    assert!(err.contains("do not hold 3 × 2 heads"), "{err}");
 }
 
 /// 1 for query rows that see at least one key, 0 for padding queries: (B, nh, T, hd).

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use super::config::Gpt2Config;
 use super::kv_cache::KvCache;
-use super::layers::{attention, bias_gelu, embed, merge_heads, split_heads, LayerNorm, Linear};
+use super::layers::{attention, attention_qkv, bias_gelu, embed, split_heads, LayerNorm, Linear};
 use super::mask::AttentionMask;
 use super::params::{Init, ParamSpec, Params};
 use crate::error::Result;
@@ -167,15 +167,17 @@ impl Gpt2 {
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.ln_1.forward(&x)?; // (B, T, C)
             let qkv = block.c_attn.forward(&h)?; // (B, T, 3C)
-            let c = qkv.dim(2)? / 3;
-            let q = split_heads(&qkv.narrow(2, 0, c)?, self.n_head)?; // (B, nh, T, hd)
-            let k = split_heads(&qkv.narrow(2, c, c)?, self.n_head)?; // (B, nh, T, hd)
-            let v = split_heads(&qkv.narrow(2, 2 * c, c)?, self.n_head)?; // (B, nh, T, hd)
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => cache.append(i, &k, &v)?, // (B, nh, S, hd) each
-                None => (k, v),
+            let y = match cache.as_deref_mut() {
+                Some(cache) => {
+                    let c = qkv.dim(2)? / 3;
+                    let q = split_heads(&qkv.narrow(2, 0, c)?, self.n_head)?; // (B, nh, T, hd)
+                    let k = split_heads(&qkv.narrow(2, c, c)?, self.n_head)?; // (B, nh, T, hd)
+                    let v = split_heads(&qkv.narrow(2, 2 * c, c)?, self.n_head)?; // (B, nh, T, hd)
+                    let (k, v) = cache.append(i, &k, &v)?; // (B, nh, S, hd) each
+                    attention(&q, &k, &v, mask)? // (B, T, C)
+                }
+                None => attention_qkv(&qkv, self.n_head, mask)?, // (B, T, C)
             };
-            let y = merge_heads(&attention(&q, &k, &v, mask)?)?; // (B, T, C)
             x = (x + block.c_proj.forward(&y)?)?;
             let h = block.ln_2.forward(&x)?; // (B, T, C)
             let h = block.c_fc.forward(&h)?; // (B, T, M)

@@ -296,16 +296,38 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// k and v may have fewer heads than q; each kv head serves `n_heads / n_kv_heads`
 /// query heads. On CPU this is the fused kernel of `ops::attention`.
 ///
-/// q: (B, nh, T, hd), k, v: (B, nkv, S, hd) → (B, nh, T, hd)
+/// q: (B, nh, T, hd), k, v: (B, nkv, S, hd) → (B, T, nh·hd), the heads merged
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
     if crate::ops::fused_for(q) {
         return Ok(ops::attention::causal_attention(q, k, v, &mask.causal)?);
     }
-    attention_composite(q, k, v, &mask.bias(q.device())?)
+    merge_heads(&attention_composite(q, k, v, &mask.bias(q.device())?)?)
+}
+
+/// `attention` on a dense layer's output that holds q, k and v side by side, each
+/// with `n_heads` heads (GPT-2's `c_attn`); without a KV cache. On CPU the fused
+/// kernel reads the heads where they are.
+///
+/// qkv: (B, T, 3C) → (B, T, C)
+pub fn attention_qkv(qkv: &Tensor, n_heads: usize, mask: &AttentionMask) -> Result<Tensor> {
+    if crate::ops::fused_for(qkv) {
+        return Ok(ops::attention::causal_attention_qkv(
+            qkv,
+            n_heads,
+            &mask.causal,
+        )?);
+    }
+    let c = qkv.dim(2)? / 3;
+    let q = split_heads(&qkv.narrow(2, 0, c)?, n_heads)?; // (B, nh, T, hd)
+    let k = split_heads(&qkv.narrow(2, c, c)?, n_heads)?; // (B, nh, T, hd)
+    let v = split_heads(&qkv.narrow(2, 2 * c, c)?, n_heads)?; // (B, nh, T, hd)
+    attention(&q, &k, &v, mask)
 }
 
 /// Attention from candle ops with an additive bias (B, 1, T, S): the fused kernel's
 /// reference, and the path on other devices.
+///
+/// q: (B, nh, T, hd), k, v: (B, nkv, S, hd) → (B, nh, T, hd)
 pub fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (k, v) = (&k.contiguous()?, &v.contiguous()?);
     let (_, n_heads, _, head_dim) = q.dims4()?;

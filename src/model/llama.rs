@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::config::{Arch, LlamaConfig};
 use super::kv_cache::KvCache;
-use super::layers::{attention, embed, merge_heads, split_heads, swiglu, Linear, RmsNorm};
+use super::layers::{attention, embed, split_heads, swiglu, Linear, RmsNorm};
 use super::mask::AttentionMask;
 use super::params::{Init, ParamSpec, Params};
 use crate::error::Result;
@@ -212,7 +212,7 @@ impl Llama {
                 Some(cache) => cache.append(i, &k, &v)?, // (B, nkv, S, hd) each
                 None => (k, v),
             };
-            let y = merge_heads(&attention(&q, &k, &v, mask)?)?; // (B, T, nh·hd)
+            let y = attention(&q, &k, &v, mask)?; // (B, T, nh·hd)
             x = (x + layer.o_proj.forward(&y)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?; // (B, T, H)
             let gate = layer.gate_proj.forward(&h)?; // (B, T, I)

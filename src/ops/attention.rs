@@ -9,7 +9,7 @@
 //!   dS_j = p_j (dO_t·v_j − D_t),  dq_t = scale Σ_j dS_j k_j,
 //!   dk_j += scale dS_j q_t,        dv_j += p_j dO_t.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -166,6 +166,64 @@ impl CausalMask {
     }
 }
 
+/// Where one operand's rows lie in its buffer: row r of head h of batch row b starts
+/// at `base + b·sb + h·sh + r·sr`, and its hd floats are consecutive. The kernels
+/// read q, k and v and write their results through these, so they run on the heads
+/// of a (B, nh, T, hd) tensor and on the columns of a dense layer's (B, T, 3·nh·hd)
+/// output alike, with no copy between.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rows {
+    base: usize,
+    sb: usize,
+    sh: usize,
+    sr: usize,
+}
+
+impl Rows {
+    /// (B, heads, rows, hd), contiguous: the layout after `split_heads`.
+    fn heads_first(heads: usize, rows: usize, hd: usize) -> Self {
+        Rows {
+            base: 0,
+            sb: heads * rows * hd,
+            sh: rows * hd,
+            sr: hd,
+        }
+    }
+
+    /// Columns `col..` of (B, rows, width), head h's row r at column col + h·hd of
+    /// row r: the layout a dense layer writes, (B, T, nh·hd).
+    fn interleaved(rows: usize, width: usize, col: usize, hd: usize) -> Self {
+        Rows {
+            base: col,
+            sb: rows * width,
+            sh: hd,
+            sr: width,
+        }
+    }
+
+    #[inline(always)]
+    fn at(&self, b: usize, h: usize, r: usize) -> usize {
+        self.base + b * self.sb + h * self.sh + r * self.sr
+    }
+
+    /// Whether the hd-wide rows (b, h, r), b < nb, h < nh, r < nr, lie apart: no two
+    /// share a float. Taken smallest stride first, each stride must clear the span of
+    /// the dimensions below it.
+    fn apart(&self, nb: usize, nh: usize, nr: usize, hd: usize) -> bool {
+        let mut dims = [(self.sh, nh), (self.sr, nr), (self.sb, nb)];
+        dims.sort_unstable();
+        let mut span = Some(hd);
+        for (stride, n) in dims {
+            if n > 1 {
+                span = span
+                    .filter(|&s| s <= stride)
+                    .and_then(|s| stride.checked_mul(n - 1)?.checked_add(s));
+            }
+        }
+        span.is_some()
+    }
+}
+
 struct Dims {
     b: usize,
     nh: usize,
@@ -173,32 +231,57 @@ struct Dims {
     t: usize,
     s: usize,
     hd: usize,
-    /// Rows per kv head in k/v's buffer (≥ s when k/v are a KV cache's prefix).
-    kv_cap: usize,
+    /// q's rows (B, nh, T), k's and v's (B, nkv, S), and those of the output and its
+    /// gradient (B, nh, T).
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    o: Rows,
 }
 
-impl Dims {
-    fn of(q: &Shape, k: &Shape) -> Result<Self> {
-        let (b, nh, t, hd) = q.dims4()?;
-        let (_, nkv, s, _) = k.dims4()?;
-        Ok(Dims {
-            b,
-            nh,
-            nkv,
-            t,
-            s,
-            hd,
-            kv_cap: s,
-        })
+/// A buffer that the tasks of one call fill at once, each writing only rows that no
+/// other task writes (checked with `Rows::apart` before the tasks start).
+struct Shared<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buf: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the buffer is reached only through `row`, whose callers keep to rows no
+// other thread touches.
+unsafe impl Send for Shared<'_> {}
+unsafe impl Sync for Shared<'_> {}
+
+impl<'a> Shared<'a> {
+    fn new(buf: &'a mut [f32]) -> Self {
+        Shared {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: std::marker::PhantomData,
+        }
     }
-    /// Offset of row `row` of head `h` in batch `b` for a tensor with `heads` heads.
-    fn at(&self, b: usize, h: usize, heads: usize, len: usize, row: usize) -> usize {
-        ((b * heads + h) * len + row) * self.hd
+
+    /// The n floats at `off`, which must lie in the buffer (asserted).
+    ///
+    /// # Safety
+    /// While the slice lives, no other slice of this buffer overlaps it.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, off: usize, n: usize) -> &mut [f32] {
+        assert!(
+            off.checked_add(n).is_some_and(|e| e <= self.len),
+            "attention: a row past its buffer"
+        );
+        std::slice::from_raw_parts_mut(self.ptr.add(off), n)
     }
 }
 
-/// (group index, (dq rows, (dk rows, dv rows))) of one (batch, kv head).
-type GroupGrads<'a> = (usize, (&'a mut [f32], (&'a mut [f32], &'a mut [f32])));
+/// Where the backward writes dq, dk and dv: a buffer each, or one buffer for all three.
+struct Grads<'a> {
+    dq: (&'a Shared<'a>, Rows),
+    dk: (&'a Shared<'a>, Rows),
+    dv: (&'a Shared<'a>, Rows),
+}
 
 struct AttentionOp {
     mask: CausalMask,
@@ -206,17 +289,18 @@ struct AttentionOp {
 }
 
 /// Softmax probabilities of query row `t` over its visible keys, into `probs`
-/// (indices in `keys`). Returns nothing if the row sees no key (a padding query).
+/// (indices in `keys`; key j's row at `kbase + j·stride`). Returns nothing if the row
+/// sees no key (a padding query).
 #[inline(always)]
 fn row_probs(
     q_row: &[f32],
     k: &[f32],
     keys: &[usize],
-    kbase: usize,
+    (kbase, stride): (usize, usize),
     scale: f32,
     probs: &mut Vec<f32>,
 ) {
-    rows::dots(q_row, k, kbase, keys, scale, probs);
+    rows::dots(q_row, k, kbase, stride, keys, scale, probs);
     let max = probs.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     for p in probs.iter_mut() {
         *p = simd::exp(*p - max);
@@ -225,23 +309,49 @@ fn row_probs(
     probs.iter_mut().for_each(|p| *p *= inv);
 }
 
+/// Rows (b, h, 0..n) of an operand as one run of n·hd floats: where they are if they
+/// lie end to end, else copied into `buf`. Returns the floats and the run's start.
+/// Rows spaced out by a dense layer's whole width fall into few cache sets, so keys
+/// and values read once per query are read from a copy instead.
+#[inline(always)]
+fn run_of_rows<'a>(
+    m: &'a [f32],
+    rows: &Rows,
+    (b, h, n, hd): (usize, usize, usize, usize),
+    buf: &'a mut Vec<f32>,
+) -> (&'a [f32], usize) {
+    let base = rows.at(b, h, 0);
+    if rows.sr == hd {
+        return (m, base);
+    }
+    buf.clear();
+    for r in 0..n {
+        buf.extend_from_slice(&m[base + r * rows.sr..][..hd]);
+    }
+    (buf, 0)
+}
+
 simd_kernel! {
     /// Output rows of one (batch, query head) `bh`.
-    fn forward_head(op: &AttentionOp, q: &[f32], k: &[f32], v: &[f32], d: &Dims, bh: usize, o: &mut [f32]) {
+    fn forward_head(op: &AttentionOp, q: &[f32], k: &[f32], v: &[f32], d: &Dims, bh: usize, out: &Shared) {
         let rep = d.nh / d.nkv;
         let (b, h) = (bh / d.nh, bh % d.nh);
-        let kbase = d.at(b, h / rep, d.nkv, d.kv_cap, 0);
+        let (mut kbuf, mut vbuf) = (vec![], vec![]);
+        let (k, kbase) = run_of_rows(k, &d.k, (b, h / rep, d.s, d.hd), &mut kbuf);
+        let (v, vbase) = run_of_rows(v, &d.v, (b, h / rep, d.s, d.hd), &mut vbuf);
         let mut probs = Vec::with_capacity(d.s);
         let mut keys = Vec::with_capacity(d.s);
         for t in 0..d.t {
             op.mask.visible_into(b, t, &mut keys);
-            let orow = &mut o[t * d.hd..(t + 1) * d.hd];
             if keys.is_empty() {
                 continue; // a padding query: output 0, never read
             }
-            let qrow = &q[d.at(b, h, d.nh, d.t, t)..][..d.hd];
-            row_probs(qrow, k, &keys, kbase, op.scale, &mut probs);
-            rows::add_weighted_rows(&probs, v, kbase, &keys, orow);
+            let qrow = &q[d.q.at(b, h, t)..][..d.hd];
+            row_probs(qrow, k, &keys, (kbase, d.hd), op.scale, &mut probs);
+            // SAFETY: only this task writes head h of batch row b, and the output's
+            // rows lie apart (asserted in `forward`).
+            let orow = unsafe { out.row(d.o.at(b, h, t), d.hd) };
+            rows::add_weighted_rows(&probs, v, vbase, d.hd, &keys, orow);
         }
     }
 }
@@ -258,13 +368,16 @@ simd_kernel! {
         dout: &[f32],
         d: &Dims,
         g: usize,
-        dqg: &mut [f32],
-        dkg: &mut [f32],
-        dvg: &mut [f32],
+        grads: &Grads,
     ) {
         let rep = d.nh / d.nkv;
         let (b, kvh) = (g / d.nkv, g % d.nkv);
-        let kbase = d.at(b, kvh, d.nkv, d.s, 0);
+        let (mut kbuf, mut vbuf) = (vec![], vec![]);
+        let (k, kbase) = run_of_rows(k, &d.k, (b, kvh, d.s, d.hd), &mut kbuf);
+        let (v, vbase) = run_of_rows(v, &d.v, (b, kvh, d.s, d.hd), &mut vbuf);
+        let ((dq, dq_rows), (dk, dk_rows), (dv, dv_rows)) = (grads.dq, grads.dk, grads.dv);
+        // This kv head's dk and dv rows, summed here and written out once at the end.
+        let (mut dk_run, mut dv_run) = (vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd]);
         let mut probs = Vec::with_capacity(d.s);
         let mut ds = Vec::with_capacity(d.s);
         let mut keys = Vec::with_capacity(d.s);
@@ -275,46 +388,63 @@ simd_kernel! {
                 if keys.is_empty() {
                     continue;
                 }
-                let qoff = d.at(b, h, d.nh, d.t, t);
+                let (qoff, ooff) = (d.q.at(b, h, t), d.o.at(b, h, t));
                 let (qrow, orow, drow) = (
                     &q[qoff..][..d.hd],
-                    &o[qoff..][..d.hd],
-                    &dout[qoff..][..d.hd],
+                    &o[ooff..][..d.hd],
+                    &dout[ooff..][..d.hd],
                 );
-                row_probs(qrow, k, &keys, kbase, op.scale, &mut probs);
+                row_probs(qrow, k, &keys, (kbase, d.hd), op.scale, &mut probs);
                 let dsum = dot(drow, orow);
                 // dS_j = p_j (dO_t·v_j − D_t) · scale, then dq_t = Σ_j dS_j k_j.
-                rows::dots(drow, v, kbase, &keys, 1.0, &mut ds);
+                rows::dots(drow, v, vbase, d.hd, &keys, 1.0, &mut ds);
                 for (s, &p) in ds.iter_mut().zip(&probs) {
                     *s = p * (*s - dsum) * op.scale;
                 }
-                let dqrow = &mut dqg[(r * d.t + t) * d.hd..][..d.hd];
-                rows::add_weighted_rows(&ds, k, kbase, &keys, dqrow);
+                // SAFETY: only this task writes the dq rows of its query heads in
+                // batch row b, and they lie apart from every other row written
+                // (asserted in `backward`).
+                let dqrow = unsafe { dq.row(dq_rows.at(b, h, t), d.hd) };
+                rows::add_weighted_rows(&ds, k, kbase, d.hd, &keys, dqrow);
                 for ((&j, &p), &s) in keys.iter().zip(&probs).zip(&ds) {
-                    axpy(s, qrow, &mut dkg[j * d.hd..][..d.hd]);
-                    axpy(p, drow, &mut dvg[j * d.hd..][..d.hd]);
+                    axpy(s, qrow, &mut dk_run[j * d.hd..][..d.hd]);
+                    axpy(p, drow, &mut dv_run[j * d.hd..][..d.hd]);
                 }
             }
+        }
+        for j in 0..d.s {
+            let run = j * d.hd..(j + 1) * d.hd;
+            // SAFETY: as for dq: only this task writes kv head kvh's rows of batch row b.
+            unsafe { dk.row(dk_rows.at(b, kvh, j), d.hd) }.copy_from_slice(&dk_run[run.clone()]);
+            unsafe { dv.row(dv_rows.at(b, kvh, j), d.hd) }.copy_from_slice(&dv_run[run]);
         }
     }
 }
 
 impl AttentionOp {
+    /// The output, rows laid out as `d.o` in a buffer of B·nh·T·hd floats.
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32], d: &Dims) -> Vec<f32> {
         let mut out = vec![0f32; d.b * d.nh * d.t * d.hd];
-        // One task per (batch, query head): its output rows are contiguous.
-        let task = |(bh, o): (usize, &mut [f32])| forward_head(self, q, k, v, d, bh, o);
-        let per_task = d.t * d.hd;
+        assert!(
+            d.o.apart(d.b, d.nh, d.t, d.hd),
+            "attention: output rows overlap"
+        );
+        let shared = Shared::new(&mut out);
+        // One task per (batch, query head): no two write the same output row.
+        let task = |bh: usize| forward_head(self, q, k, v, d, bh, &shared);
         let work = d.b * d.nh * d.t * d.s * d.hd;
         if work >= PARALLEL_MIN_WORK {
-            out.par_chunks_mut(per_task).enumerate().for_each(task);
+            (0..d.b * d.nh).into_par_iter().for_each(task);
         } else {
-            out.chunks_mut(per_task).enumerate().for_each(task);
+            (0..d.b * d.nh).for_each(task);
         }
         out
     }
 
-    /// (dq, dk, dv) given the inputs, the output o and its gradient dout.
+    /// Writes dq, dk and dv, given the inputs, the output o and its gradient dout, into
+    /// `grads`' zeroed buffers (a padding query's dq stays 0). The caller asserts that
+    /// their rows lie apart.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         q: &[f32],
@@ -323,37 +453,60 @@ impl AttentionOp {
         o: &[f32],
         dout: &[f32],
         d: &Dims,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let rep = d.nh / d.nkv;
-        let mut dq = vec![0f32; q.len()];
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
-        let q_per_group = rep * d.t * d.hd; // dq rows of one (batch, kv head)
-        let kv_per_group = d.s * d.hd;
+        grads: &Grads,
+    ) {
         // One task per (batch, kv head): it owns that head's dk/dv rows and the dq
         // rows of the query heads that share it, so no two tasks write the same place.
-        let task = |(g, (dqg, (dkg, dvg))): GroupGrads| {
-            backward_group(self, q, k, v, o, dout, d, g, dqg, dkg, dvg)
-        };
+        let task = |g: usize| backward_group(self, q, k, v, o, dout, d, g, grads);
         let work = d.b * d.nh * d.t * d.s * d.hd;
         if work >= PARALLEL_MIN_WORK {
-            dq.par_chunks_mut(q_per_group)
-                .zip(
-                    dk.par_chunks_mut(kv_per_group)
-                        .zip(dv.par_chunks_mut(kv_per_group)),
-                )
-                .enumerate()
-                .for_each(task);
+            (0..d.b * d.nkv).into_par_iter().for_each(task);
         } else {
-            dq.chunks_mut(q_per_group)
-                .zip(dk.chunks_mut(kv_per_group).zip(dv.chunks_mut(kv_per_group)))
-                .enumerate()
-                .for_each(task);
+            (0..d.b * d.nkv).for_each(task);
         }
+    }
+
+    /// (dq, dk, dv), each in its own buffer laid out (B, heads, rows, hd).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_heads_first(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &[f32],
+        dout: &[f32],
+        d: &Dims,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (q_rows, kv_rows) = (
+            Rows::heads_first(d.nh, d.t, d.hd),
+            Rows::heads_first(d.nkv, d.s, d.hd),
+        );
+        let mut dq = vec![0f32; d.b * d.nh * d.t * d.hd];
+        let mut dk = vec![0f32; d.b * d.nkv * d.s * d.hd];
+        let mut dv = vec![0f32; d.b * d.nkv * d.s * d.hd];
+        // Three buffers: each apart within itself is enough.
+        assert!(q_rows.apart(d.b, d.nh, d.t, d.hd) && kv_rows.apart(d.b, d.nkv, d.s, d.hd));
+        let (sq, sk, sv) = (
+            Shared::new(&mut dq),
+            Shared::new(&mut dk),
+            Shared::new(&mut dv),
+        );
+        let grads = Grads {
+            dq: (&sq, q_rows),
+            dk: (&sk, kv_rows),
+            dv: (&sv, kv_rows),
+        };
+        self.backward(q, k, v, o, dout, d, &grads);
         (dq, dk, dv)
     }
 }
 
+/// The output and its gradient, (B, T, nh·hd): rows as a dense layer reads them.
+fn merged_rows(d: &Dims) -> Rows {
+    Rows::interleaved(d.t, d.nh * d.hd, 0, d.hd)
+}
+
+/// q (B, nh, T, hd), k and v (B, nkv, S, hd) → (B, T, nh·hd).
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "rlhf-causal-attention"
@@ -368,17 +521,31 @@ impl CustomOp3 for AttentionOp {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let mut d = Dims::of(lq.shape(), lk.shape())?;
+        let (b, nh, t, hd) = lq.shape().dims4()?;
+        let (_, nkv, s, _) = lk.shape().dims4()?;
         let q = f32_slice(sq, lq, "attention q")?;
         let (k, cap_k) = kv_slice(sk, lk, "attention k")?;
         let (v, cap_v) = kv_slice(sv, lv, "attention v")?;
         if cap_k != cap_v {
             candle_core::bail!("attention: k and v buffers differ in capacity");
         }
-        d.kv_cap = cap_k;
+        let kv = Rows::heads_first(nkv, cap_k, hd);
+        let mut d = Dims {
+            b,
+            nh,
+            nkv,
+            t,
+            s,
+            hd,
+            q: Rows::heads_first(nh, t, hd),
+            k: kv,
+            v: kv,
+            o: Rows::heads_first(nh, t, hd),
+        };
+        d.o = merged_rows(&d);
         Ok((
             CpuStorage::F32(self.forward(q, k, v, &d)),
-            lq.shape().clone(),
+            Shape::from((b, t, nh * hd)),
         ))
     }
 
@@ -390,9 +557,24 @@ impl CustomOp3 for AttentionOp {
         o: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = Dims::of(q.shape(), k.shape())?;
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let kv = Rows::heads_first(nkv, s, hd);
+        let mut d = Dims {
+            b,
+            nh,
+            nkv,
+            t,
+            s,
+            hd,
+            q: Rows::heads_first(nh, t, hd),
+            k: kv,
+            v: kv,
+            o: kv,
+        };
+        d.o = merged_rows(&d);
         let (dq, dk, dv) = with_f32_all(&[q, k, v, o, dout], |a| {
-            Ok(self.backward(a[0], a[1], a[2], a[3], a[4], &d))
+            Ok(self.backward_heads_first(a[0], a[1], a[2], a[3], a[4], &d))
         })?;
         let dev = q.device();
         Ok((
@@ -400,6 +582,74 @@ impl CustomOp3 for AttentionOp {
             Some(Tensor::from_vec(dk, k.shape(), dev)?),
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
         ))
+    }
+}
+
+/// Attention straight on a dense layer's output: qkv (B, T, 3·nh·hd), q, k and v side
+/// by side in each row (GPT-2's `c_attn`), → (B, T, nh·hd). The heads are read and
+/// their gradients written in place, where `split_heads` and `merge_heads` would copy
+/// each of them twice (once each way) and the backward of `narrow` would pad each
+/// gradient with zeros and add the three.
+struct QkvAttentionOp {
+    op: AttentionOp,
+    heads: usize,
+}
+
+impl QkvAttentionOp {
+    fn dims(&self, shape: &Shape) -> Result<Dims> {
+        let (b, t, width) = shape.dims3()?;
+        let nh = self.heads;
+        if nh == 0 || !width.is_multiple_of(3 * nh) {
+            candle_core::bail!("attention: qkv rows of {width} do not hold 3 × {nh} heads");
+        }
+        let (c, hd) = (width / 3, width / 3 / nh);
+        Ok(Dims {
+            b,
+            nh,
+            nkv: nh,
+            t,
+            s: t,
+            hd,
+            q: Rows::interleaved(t, width, 0, hd),
+            k: Rows::interleaved(t, width, c, hd),
+            v: Rows::interleaved(t, width, 2 * c, hd),
+            o: Rows::interleaved(t, c, 0, hd),
+        })
+    }
+}
+
+impl CustomOp1 for QkvAttentionOp {
+    fn name(&self) -> &'static str {
+        "rlhf-causal-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l.shape())?;
+        let qkv = f32_slice(s, l, "attention qkv")?;
+        Ok((
+            CpuStorage::F32(self.op.forward(qkv, qkv, qkv, &d)),
+            Shape::from((d.b, d.t, d.nh * d.hd)),
+        ))
+    }
+
+    fn bwd(&self, qkv: &Tensor, o: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
+        let d = self.dims(qkv.shape())?;
+        let mut dqkv = vec![0f32; qkv.elem_count()];
+        // dq, dk and dv share one buffer: as heads 0..nh, nh..2nh and 2nh..3nh of one
+        // (B, T, 3·nh) layout, their rows lie apart together.
+        let all = Rows::interleaved(d.t, 3 * d.nh * d.hd, 0, d.hd);
+        assert!(all.apart(d.b, 3 * d.nh, d.t, d.hd));
+        let shared = Shared::new(&mut dqkv);
+        let grads = Grads {
+            dq: (&shared, d.q),
+            dk: (&shared, d.k),
+            dv: (&shared, d.v),
+        };
+        with_f32_all(&[qkv, o, dout], |a| {
+            self.op.backward(a[0], a[0], a[0], a[1], a[2], &d, &grads);
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
     }
 }
 
@@ -425,7 +675,20 @@ fn kv_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32],
     Ok((&s.as_slice::<f32>()?[l.start_offset()..], st[1] / hd))
 }
 
-/// Causal attention. q: (B, nh, T, hd), k, v: (B, nkv, S, hd) → (B, nh, T, hd).
+fn check_mask(mask: &CausalMask, b: usize, t: usize, s: usize) -> Result<()> {
+    if mask.batch != b || mask.keys != s || mask.queries != t {
+        candle_core::bail!(
+            "attention: mask is for (B={}, T={}, S={}), tensors are (B={b}, T={t}, S={s})",
+            mask.batch,
+            mask.queries,
+            mask.keys
+        );
+    }
+    Ok(())
+}
+
+/// Causal attention. q: (B, nh, T, hd), k, v: (B, nkv, S, hd) → (B, T, nh·hd), the
+/// heads merged.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let (bk, nkv, s, hdk) = k.dims4()?;
@@ -437,14 +700,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -
             v.dims()
         );
     }
-    if mask.batch != b || mask.keys != s || mask.queries != t {
-        candle_core::bail!(
-            "attention: mask is for (B={}, T={}, S={}), tensors are (B={b}, T={t}, S={s})",
-            mask.batch,
-            mask.queries,
-            mask.keys
-        );
-    }
+    check_mask(mask, b, t, s)?;
     let op = AttentionOp {
         mask: mask.clone(),
         scale: 1.0 / (hd as f32).sqrt(),
@@ -462,6 +718,26 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -
         }
     };
     q.contiguous()?.apply_op3(&kv(k)?, &kv(v)?, op)
+}
+
+/// Causal attention on a dense layer's output qkv (B, T, 3·C), q, k and v in columns
+/// 0..C, C..2C and 2C..3C of each row, with `heads` heads of C / heads → (B, T, C).
+/// The same bits as `split_heads` of each third into `causal_attention`, forward and
+/// backward, without the copies.
+pub fn causal_attention_qkv(qkv: &Tensor, heads: usize, mask: &CausalMask) -> Result<Tensor> {
+    let (b, t, width) = qkv.dims3()?;
+    if heads == 0 || !width.is_multiple_of(3 * heads) {
+        candle_core::bail!("attention: qkv rows of {width} do not hold 3 × {heads} heads");
+    }
+    check_mask(mask, b, t, t)?;
+    let op = QkvAttentionOp {
+        op: AttentionOp {
+            mask: mask.clone(),
+            scale: 1.0 / ((width / 3 / heads) as f32).sqrt(),
+        },
+        heads,
+    };
+    qkv.contiguous()?.apply_op1(op)
 }
 
 #[cfg(test)]
@@ -570,6 +846,32 @@ mod tests {
     }
 
     #[test]
+    fn rows_lie_apart_in_the_layouts_used_and_not_when_they_overlap() {
+        let (nb, nh, t, hd) = (3, 4, 5, 8);
+        let c = nh * hd;
+        assert!(Rows::heads_first(nh, t, hd).apart(nb, nh, t, hd));
+        assert!(Rows::interleaved(t, c, 0, hd).apart(nb, nh, t, hd));
+        // q, k and v of one (B, T, 3C) buffer, together: 3·nh heads of one layout.
+        assert!(Rows::interleaved(t, 3 * c, 0, hd).apart(nb, 3 * nh, t, hd));
+        // More heads than a row holds, heads narrower than hd, batch rows too close.
+        assert!(!Rows::interleaved(t, c, 0, hd).apart(nb, nh + 1, t, hd));
+        assert!(!Rows::interleaved(t, c, 0, hd).apart(nb, nh, t, hd + 1));
+        let mut close = Rows::heads_first(nh, t, hd);
+        close.sb -= 1;
+        assert!(!close.apart(nb, nh, t, hd));
+        // One batch row: its stride does not matter.
+        assert!(close.apart(1, nh, t, hd));
+        // Strides that overflow are refused, not wrapped.
+        let huge = Rows {
+            base: 0,
+            sb: usize::MAX,
+            sh: hd,
+            sr: c,
+        };
+        assert!(!huge.apart(3, nh, t, hd));
+    }
+
+    #[test]
     fn a_padded_or_packed_row_has_one_run_per_query() {
         let mask = CausalMask::new(vec![0, 0, 1, 1, 1, 2, 2], 1, 7, 7);
         let per_query: Vec<usize> = (0..7).map(|t| mask.runs(0, t).count()).collect();
@@ -596,10 +898,10 @@ mod tests {
         );
         for b in 0..d.b {
             for h in 0..d.nh {
-                let kbase = d.at(b, h / rep, d.nkv, d.s, 0);
+                let kbase = d.k.at(b, h / rep, 0);
                 for t in 0..d.t {
                     let keys: Vec<usize> = op.mask.visible(b, t).collect();
-                    let off = d.at(b, h, d.nh, d.t, t);
+                    let off = d.q.at(b, h, t);
                     let (qrow, drow) = (&q[off..][..d.hd], &dout[off..][..d.hd]);
                     let mut probs = vec![];
                     let mut max = f32::NEG_INFINITY;
@@ -657,6 +959,7 @@ mod tests {
                 mask: CausalMask::new(segments, b, s, t),
                 scale: 1.0 / (hd as f32).sqrt(),
             };
+            let (q_rows, kv_rows) = (Rows::heads_first(nh, t, hd), Rows::heads_first(nkv, s, hd));
             let d = Dims {
                 b,
                 nh,
@@ -664,7 +967,10 @@ mod tests {
                 t,
                 s,
                 hd,
-                kv_cap: s,
+                q: q_rows,
+                k: kv_rows,
+                v: kv_rows,
+                o: q_rows,
             };
             let mut draw = |len: usize| -> Vec<f32> {
                 (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
@@ -677,7 +983,7 @@ mod tests {
             );
             let [o_ref, dq_ref, dk_ref, dv_ref] = reference(&op, &q, &k, &v, &dout, &d);
             let o = op.forward(&q, &k, &v, &d);
-            let (dq, dk, dv) = op.backward(&q, &k, &v, &o, &dout, &d);
+            let (dq, dk, dv) = op.backward_heads_first(&q, &k, &v, &o, &dout, &d);
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             for (name, got, want) in [
                 ("o", &o, &o_ref),
