@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::simd::{self, simd_kernel};
-use super::{f32_slice, with_f32_all, PARALLEL_MIN_WORK};
+use super::{f32_slice, with_f32_all, zeros, PARALLEL_MIN_WORK};
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
@@ -97,7 +97,7 @@ fn chunk_len(c: usize) -> usize {
 /// (dx, db) of y = gelu(x + b) for rows of x with upstream gradient dy.
 fn gelu_backward(x: &[f32], b: &[f32], dy: &[f32], exact: bool) -> (Vec<f32>, Vec<f32>) {
     let c = b.len();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeros(x.len());
     // Each chunk sums its own db; chunks are added in order (deterministic).
     let run = |((xs, dys), dxs): ((&[f32], &[f32]), &mut [f32])| {
         gelu_backward_rows(xs, b, dys, dxs, exact)
@@ -145,7 +145,7 @@ impl CustomOp2 for BiasGeluOp {
         let b = f32_slice(sb, lb, "bias_gelu bias")?;
         let c = b.len();
         let exact = self.exact;
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeros(x.len());
         let run = |(xs, ys): (&[f32], &mut [f32])| gelu_rows(xs, b, ys, exact);
         let n = chunk_len(c);
         if x.len() >= PARALLEL_MIN_WORK {
@@ -187,8 +187,8 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor, exact: bool) -> Result<Tensor> {
 
 /// (dg, du) of y = silu(g)·u with upstream gradient dy.
 fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0f32; g.len()];
-    let mut du = vec![0f32; g.len()];
+    let mut dg = zeros(g.len());
+    let mut du = zeros(g.len());
     let run =
         |(((gs, us), dys), (dgs, dus)): SwiGluGrads| swiglu_backward_all(gs, us, dys, dgs, dus);
     if g.len() >= PARALLEL_MIN_WORK {
@@ -225,7 +225,7 @@ impl CustomOp2 for SwiGluOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = f32_slice(sg, lg, "swiglu gate")?;
         let u = f32_slice(su, lu, "swiglu up")?;
-        let mut y = vec![0f32; g.len()];
+        let mut y = zeros(g.len());
         let run = |((gs, us), ys): ((&[f32], &[f32]), &mut [f32])| swiglu_all(gs, us, ys);
         if g.len() >= PARALLEL_MIN_WORK {
             g.par_chunks(CHUNK)

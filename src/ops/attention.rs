@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::rows;
 use super::simd::{self, simd_kernel};
-use super::{axpy, dot, f32_slice, with_f32_all, PARALLEL_MIN_WORK};
+use super::{axpy, dot, f32_slice, with_f32_all, zeros, PARALLEL_MIN_WORK};
 
 /// Which keys each query may attend to. `segments[b·S + j]` is 0 for padding and an
 /// example number otherwise; key j is visible to query t (at key index `offset + t`)
@@ -325,6 +325,7 @@ fn run_of_rows<'a>(
         return (m, base);
     }
     buf.clear();
+    buf.reserve(n * hd);
     for r in 0..n {
         buf.extend_from_slice(&m[base + r * rows.sr..][..hd]);
     }
@@ -336,7 +337,7 @@ simd_kernel! {
     fn forward_head(op: &AttentionOp, q: &[f32], k: &[f32], v: &[f32], d: &Dims, bh: usize, out: &Shared) {
         let rep = d.nh / d.nkv;
         let (b, h) = (bh / d.nh, bh % d.nh);
-        let (mut kbuf, mut vbuf) = (vec![], vec![]);
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         let (k, kbase) = run_of_rows(k, &d.k, (b, h / rep, d.s, d.hd), &mut kbuf);
         let (v, vbase) = run_of_rows(v, &d.v, (b, h / rep, d.s, d.hd), &mut vbuf);
         let mut probs = Vec::with_capacity(d.s);
@@ -372,7 +373,7 @@ simd_kernel! {
     ) {
         let rep = d.nh / d.nkv;
         let (b, kvh) = (g / d.nkv, g % d.nkv);
-        let (mut kbuf, mut vbuf) = (vec![], vec![]);
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         let (k, kbase) = run_of_rows(k, &d.k, (b, kvh, d.s, d.hd), &mut kbuf);
         let (v, vbase) = run_of_rows(v, &d.v, (b, kvh, d.s, d.hd), &mut vbuf);
         let ((dq, dq_rows), (dk, dk_rows), (dv, dv_rows)) = (grads.dq, grads.dk, grads.dv);
@@ -424,7 +425,7 @@ simd_kernel! {
 impl AttentionOp {
     /// The output, rows laid out as `d.o` in a buffer of B·nh·T·hd floats.
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32], d: &Dims) -> Vec<f32> {
-        let mut out = vec![0f32; d.b * d.nh * d.t * d.hd];
+        let mut out = zeros(d.b * d.nh * d.t * d.hd);
         assert!(
             d.o.apart(d.b, d.nh, d.t, d.hd),
             "attention: output rows overlap"
@@ -481,9 +482,9 @@ impl AttentionOp {
             Rows::heads_first(d.nh, d.t, d.hd),
             Rows::heads_first(d.nkv, d.s, d.hd),
         );
-        let mut dq = vec![0f32; d.b * d.nh * d.t * d.hd];
-        let mut dk = vec![0f32; d.b * d.nkv * d.s * d.hd];
-        let mut dv = vec![0f32; d.b * d.nkv * d.s * d.hd];
+        let mut dq = zeros(d.b * d.nh * d.t * d.hd);
+        let mut dk = zeros(d.b * d.nkv * d.s * d.hd);
+        let mut dv = zeros(d.b * d.nkv * d.s * d.hd);
         // Three buffers: each apart within itself is enough.
         assert!(q_rows.apart(d.b, d.nh, d.t, d.hd) && kv_rows.apart(d.b, d.nkv, d.s, d.hd));
         let (sq, sk, sv) = (
@@ -634,7 +635,7 @@ impl CustomOp1 for QkvAttentionOp {
 
     fn bwd(&self, qkv: &Tensor, o: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
         let d = self.dims(qkv.shape())?;
-        let mut dqkv = vec![0f32; qkv.elem_count()];
+        let mut dqkv = zeros(qkv.elem_count());
         // dq, dk and dv share one buffer: as heads 0..nh, nh..2nh and 2nh..3nh of one
         // (B, T, 3·nh) layout, their rows lie apart together.
         let all = Rows::interleaved(d.t, 3 * d.nh * d.hd, 0, d.hd);

@@ -16,9 +16,10 @@
 //! stored log-probs and its training forward give the same bits.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::cell::Cell;
 
-use super::{f32_slice, gemm, with_f32_all};
+use super::{f32_slice, gemm, gemm_new, with_f32_all};
 
 thread_local! {
     /// Layers run through `dense` on this thread since it started: lets the tests see
@@ -43,26 +44,19 @@ fn forward(
 ) -> Vec<f32> {
     assert_eq!(x.len(), n * inner, "dense: x is not ({n}, {inner})");
     assert_eq!(w.len(), out * inner, "dense: W is not ({out}, {inner})");
-    let mut y = match b {
+    match b {
         Some(b) => {
             assert_eq!(b.len(), out, "dense: b is not ({out},)");
-            b.repeat(n)
+            let mut y = super::repeat_rows(b, n);
+            gemm(n, out, inner, &mut y, true, x, (inner, 1), w, (1, inner));
+            y
         }
-        None => vec![0f32; n * out],
-    };
-    gemm(
-        n,
-        out,
-        inner,
-        &mut y,
-        b.is_some(),
-        x,
-        (inner, 1),
-        w,
-        (1, inner),
-    );
-    y
+        None => gemm_new((n, out, inner), (x, (inner, 1)), (w, (1, inner))),
+    }
 }
+
+/// Columns of db per parallel task.
+const DB_COLUMNS: usize = 64;
 
 /// dx = dy·W (n, in), dW = dyᵀ·x (out, in) and db = Σ_rows dy (out,), each only when
 /// asked.
@@ -80,23 +74,25 @@ fn backward(
     (want_dx, want_dw, want_db): (bool, bool, bool),
 ) -> Grads {
     assert_eq!(dy.len(), n * out, "dense: dy is not ({n}, {out})");
-    let dx = want_dx.then(|| {
-        let mut dx = vec![0f32; n * inner];
-        gemm(n, inner, out, &mut dx, false, dy, (out, 1), w, (inner, 1));
-        dx
-    });
-    let dw = want_dw.then(|| {
-        let mut dw = vec![0f32; out * inner];
-        gemm(out, inner, n, &mut dw, false, dy, (1, out), x, (inner, 1));
-        dw
-    });
-    // Rows in order: the same sum whatever the thread count.
+    let dx = want_dx.then(|| gemm_new((n, inner, out), (dy, (out, 1)), (w, (inner, 1))));
+    let dw = want_dw.then(|| gemm_new((out, inner, n), (dy, (1, out)), (x, (inner, 1))));
+    // Rows in order for every column: the same sum whatever the thread count. The
+    // columns are split among the threads (one thread summing all of dy left the
+    // others waiting).
     let db = want_db.then(|| {
         let mut db = vec![0f32; out];
-        if out > 0 {
+        let sum_columns = |(block, dbc): (usize, &mut [f32])| {
+            let first = block * DB_COLUMNS;
             for row in dy.chunks_exact(out) {
-                super::axpy(1.0, row, &mut db);
+                super::axpy(1.0, &row[first..first + dbc.len()], dbc);
             }
+        };
+        if n * out >= super::PARALLEL_MIN_WORK {
+            db.par_chunks_mut(DB_COLUMNS)
+                .enumerate()
+                .for_each(sum_columns);
+        } else {
+            sum_columns((0, &mut db));
         }
         db
     });
@@ -212,5 +208,41 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, Dense),
         None => x.apply_op2(&w, Dense),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// db is each column's sum over the rows in order, as one thread adding row after
+    /// row gives it, whichever way the columns are split among threads.
+    #[test]
+    fn the_bias_gradient_sums_rows_in_order_in_every_column() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        // Below and above the parallel threshold; column counts around the block.
+        for &(n, out) in &[
+            (3, 5),
+            (600, 63),
+            (600, 64),
+            (700, 65),
+            (40, 1000),
+            (1024, 768),
+        ] {
+            let dy: Vec<f32> = (0..n * out)
+                .map(|_| rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-4..4)))
+                .collect();
+            let g = backward(&[], &[], &dy, (n, 0, out), (false, false, true));
+            let mut want = vec![0f32; out];
+            for row in dy.chunks_exact(out) {
+                for (w, &v) in want.iter_mut().zip(row) {
+                    *w += v;
+                }
+            }
+            let got = g.db.expect("db");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "({n}, {out})");
+        }
     }
 }

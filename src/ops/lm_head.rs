@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 use super::simd::{self, max8, simd_kernel, sum8};
-use super::{dot, f32_slice, gemm, with_f32_all};
+use super::{dot, f32_slice, gemm, with_f32_all, zeros};
 
 /// The most logits (N·V) the forward keeps for the backward: 128 Mi floats, 512 MiB.
 const KEEP_MAX: usize = 1 << 27;
@@ -103,14 +103,14 @@ impl HeadLogprobsOp {
         (n, c, v): (usize, usize, usize),
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let cols = if self.with_entropy { 2 } else { 1 };
-        let mut dh = vec![0f32; n * c];
-        let mut dw = self.weight_grad.then(|| vec![0f32; v * c]);
+        let mut dh = zeros(n * c);
+        let mut dw = self.weight_grad.then(|| zeros(v * c));
         let recompute = kept.is_none();
         let (chunk, mut buf) = match kept {
             Some(p) => (n.max(1), p),
             None => {
                 let chunk = self.chunk_rows(v);
-                (chunk, vec![0f32; chunk.min(n) * v])
+                (chunk, zeros(chunk.min(n) * v))
             }
         };
         for start in (0..n).step_by(chunk) {
@@ -203,7 +203,7 @@ impl CustomOp3 for HeadLogprobsOp {
         } else {
             self.chunk_rows(v)
         };
-        let mut probs = vec![0f32; chunk.min(n) * v];
+        let mut probs = zeros(chunk.min(n) * v);
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);
             let p = &mut probs[..rows * v];

@@ -18,6 +18,7 @@ pub(crate) mod rows;
 pub(crate) mod simd;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
 use std::cell::Cell;
 
 thread_local! {
@@ -135,11 +136,73 @@ pub(crate) fn gemm(
     dst: &mut [f32],
     accumulate: bool,
     a: &[f32],
-    (a_rs, a_cs): (usize, usize),
+    a_strides: (usize, usize),
     b: &[f32],
-    (b_rs, b_cs): (usize, usize),
+    b_strides: (usize, usize),
 ) {
     assert!(dst.len() >= m * n, "gemm: destination too small");
+    // SAFETY: dst holds m·n initialised floats (asserted).
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            accumulate,
+            (a, a_strides),
+            (b, b_strides),
+        )
+    }
+}
+
+/// a (m × k) · b (k × n) into a new (m × n) row-major vector, whose memory is never
+/// zero-filled first: without `accumulate`, gemm writes every element of its
+/// destination (zeros when k = 0) and reads none. (`vec![0.0; m·n]` would be a
+/// memset on the calling thread alone, while the pool's other threads wait.)
+pub(crate) fn gemm_new(
+    (m, n, k): (usize, usize, usize),
+    (a, a_strides): (&[f32], (usize, usize)),
+    (b, b_strides): (&[f32], (usize, usize)),
+) -> Vec<f32> {
+    gemm_into_spare(Vec::new(), (m, n, k), (a, a_strides), (b, b_strides))
+}
+
+/// `gemm_new` in the spare capacity of `dst` (emptied first): the tests hand it memory
+/// full of NaN.
+fn gemm_into_spare(
+    mut dst: Vec<f32>,
+    (m, n, k): (usize, usize, usize),
+    (a, a_strides): (&[f32], (usize, usize)),
+    (b, b_strides): (&[f32], (usize, usize)),
+) -> Vec<f32> {
+    let len = m.checked_mul(n).expect("gemm: m·n overflows");
+    dst.clear();
+    dst.reserve(len);
+    // SAFETY: `dst` has room for m·n floats; gemm without `accumulate` writes all of
+    // them before `set_len` makes them readable, and reads none.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            dst.spare_capacity_mut()[..len].as_mut_ptr().cast(),
+            false,
+            (a, a_strides),
+            (b, b_strides),
+        );
+        dst.set_len(len);
+    }
+    dst
+}
+
+/// dst = [dst +] a · b through the gemm crate, on the pool's threads when the
+/// product is large enough.
+///
+/// # Safety
+/// `dst` points to m·n floats, initialised if `accumulate`.
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    accumulate: bool,
+    (a, (a_rs, a_cs)): (&[f32], (usize, usize)),
+    (b, (b_rs, b_cs)): (&[f32], (usize, usize)),
+) {
     assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
     let threads = rayon::current_num_threads();
@@ -148,13 +211,14 @@ pub(crate) fn gemm(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above keep every access of the three matrices in bounds.
+    // SAFETY: the asserts above keep every read of a and b in bounds; the caller
+    // gives m·n floats at dst.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
@@ -171,5 +235,145 @@ pub(crate) fn gemm(
             false,
             par,
         )
+    }
+}
+
+/// `row` repeated `n` times, written by all of the pool's threads when large (as
+/// `zeros`; `[T]::repeat` copies on the calling thread alone).
+pub(crate) fn repeat_rows(row: &[f32], n: usize) -> Vec<f32> {
+    let c = row.len();
+    let len = c.checked_mul(n).expect("repeat_rows: length overflows");
+    if len < PARALLEL_MIN_WORK {
+        return row.repeat(n);
+    }
+    repeat_rows_into_spare(Vec::new(), row, n)
+}
+
+/// `repeat_rows` in the spare capacity of `v` (emptied first), on the pool.
+fn repeat_rows_into_spare(mut v: Vec<f32>, row: &[f32], n: usize) -> Vec<f32> {
+    let c = row.len();
+    let len = c.checked_mul(n).expect("repeat_rows: length overflows");
+    v.clear();
+    if len == 0 {
+        return v;
+    }
+    v.reserve(len);
+    let rows_per_piece = (ZERO_PIECE / c).max(1);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(rows_per_piece * c)
+        .for_each(|piece| {
+            for out in piece.chunks_exact_mut(c) {
+                for (o, &x) in out.iter_mut().zip(row) {
+                    o.write(x);
+                }
+            }
+        });
+    // SAFETY: the pieces cover the first len floats, each a whole number of rows of
+    // c (len is a multiple of c), and every float of every row was written above.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// Floats per piece of `zeros`' parallel fill.
+const ZERO_PIECE: usize = 1 << 14;
+
+/// n zeros, written by all of the pool's threads when n is large. `vec![0.0; n]` is
+/// one memset (and the first touch of fresh pages) on the calling thread while the
+/// pool's other threads wait: in a training step these serial fills were about 3 %
+/// of the CPU time and more of the wall time (`perf`, session 17).
+pub(crate) fn zeros(n: usize) -> Vec<f32> {
+    if n < PARALLEL_MIN_WORK {
+        return vec![0f32; n];
+    }
+    zeros_into_spare(Vec::new(), n)
+}
+
+/// `zeros` in the spare capacity of `v` (emptied first), on the pool.
+fn zeros_into_spare(mut v: Vec<f32>, n: usize) -> Vec<f32> {
+    v.clear();
+    v.reserve(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(ZERO_PIECE)
+        .for_each(|piece| piece.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the loop above wrote all n floats (the first n of the spare capacity:
+    // indexing it asserted that there are n).
+    unsafe { v.set_len(n) };
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Empty, with room for n floats that all hold NaN: a fill into its spare capacity
+    /// that leaves a float unwritten shows it.
+    fn nan_memory(n: usize) -> Vec<f32> {
+        let mut v = vec![f32::NAN; n];
+        v.clear();
+        v
+    }
+
+    /// `gemm_new` writes what `gemm` writes into a zeroed buffer, bit for bit, also
+    /// where gemm takes its special paths (k = 0, one row, one column, tiny) and where
+    /// it runs on the pool; also into memory full of NaN.
+    #[test]
+    fn gemm_new_writes_every_element_as_gemm_does() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        for &(m, n, k) in &[
+            (0, 3, 4),
+            (3, 0, 4),
+            (5, 7, 0),
+            (1, 9, 5),
+            (9, 1, 5),
+            (4, 4, 4),
+            (33, 17, 65),
+            (128, 96, 64),
+        ] {
+            for transposed_a in [false, true] {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let a_st = if transposed_a { (1, m) } else { (k, 1) };
+                let mut want = vec![0f32; m * n];
+                gemm(m, n, k, &mut want, false, &a, a_st, &b, (n, 1));
+                let what = format!("({m}, {n}, {k}), a transposed: {transposed_a}");
+                let got = gemm_new((m, n, k), (&a, a_st), (&b, (n, 1)));
+                assert_eq!(bits(&got), bits(&want), "{what}");
+                let got = gemm_into_spare(nan_memory(m * n), (m, n, k), (&a, a_st), (&b, (n, 1)));
+                assert_eq!(bits(&got), bits(&want), "{what}, into NaN");
+            }
+        }
+    }
+
+    #[test]
+    fn zeros_and_repeated_rows_fill_every_element() {
+        let sizes = [
+            0,
+            1,
+            1000,
+            PARALLEL_MIN_WORK - 1,
+            PARALLEL_MIN_WORK,
+            3 * ZERO_PIECE + 5,
+        ];
+        for n in sizes {
+            for z in [zeros(n), zeros_into_spare(nan_memory(n), n)] {
+                assert_eq!(z.len(), n);
+                assert!(z.iter().all(|x| x.to_bits() == 0), "zeros({n})");
+            }
+        }
+        // Rows that divide a piece, that do not, wider than a piece; few and many.
+        for c in [1, 3, 256, 1000, ZERO_PIECE + 7] {
+            for n in [0, 1, 5, PARALLEL_MIN_WORK / c + 1, 3 * ZERO_PIECE / c + 2] {
+                let row: Vec<f32> = (0..c).map(|i| i as f32 - 0.5).collect();
+                let want = bits(&row.repeat(n));
+                assert_eq!(bits(&repeat_rows(&row, n)), want, "{n} rows of {c}");
+                let got = repeat_rows_into_spare(nan_memory(c * n), &row, n);
+                assert_eq!(bits(&got), want, "{n} rows of {c}, into NaN");
+            }
+        }
     }
 }

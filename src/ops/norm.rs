@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, with_f32_all, PARALLEL_MIN_WORK};
+use super::{f32_slice, with_f32_all, zeros, PARALLEL_MIN_WORK};
 
 /// Rows per parallel chunk; fixed so that partial sums reduce in the same order.
 const ROWS_PER_CHUNK: usize = 16;
@@ -38,7 +38,7 @@ fn normalize_row(kind: Kind, x: &[f32], eps: f32, out: &mut [f32]) -> f32 {
 
 fn forward(kind: Kind, x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32) -> Vec<f32> {
     let c = w.len();
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeros(x.len());
     let row = |(xr, yr): (&[f32], &mut [f32])| {
         normalize_row(kind, xr, eps, yr);
         for (i, v) in yr.iter_mut().enumerate() {
@@ -62,7 +62,7 @@ fn backward(
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let c = w.len();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeros(x.len());
     // Each chunk of rows accumulates its own (dw, db); chunks are summed in order.
     let chunk = |(xs, (dys, dxs)): (&[f32], (&[f32], &mut [f32]))| {
         let mut dw = vec![0f32; c];

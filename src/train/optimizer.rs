@@ -424,9 +424,10 @@ impl GradAccumulator {
                 *b = b.zeros_like()?;
             }
         }
-        self.buffers
-            .iter_mut()
-            .for_each(|b| b.iter_mut().for_each(|x| *x = 0.0));
+        // On all of the pool's threads: one thread alone left the others waiting.
+        for b in self.buffers.iter_mut() {
+            b.par_chunks_mut(1 << 14).for_each(|piece| piece.fill(0.0));
+        }
         Ok(())
     }
 
