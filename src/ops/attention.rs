@@ -289,18 +289,18 @@ struct AttentionOp {
 }
 
 /// Softmax probabilities of query row `t` over its visible keys, into `probs`
-/// (indices in `keys`; key j's row at `kbase + j·stride`). Returns nothing if the row
-/// sees no key (a padding query).
+/// (indices in `keys`; key j's row at `kbase + j·hd`). Returns nothing if the row sees
+/// no key (a padding query).
 #[inline(always)]
 fn row_probs(
     q_row: &[f32],
     k: &[f32],
     keys: &[usize],
-    (kbase, stride): (usize, usize),
+    kbase: usize,
     scale: f32,
     probs: &mut Vec<f32>,
 ) {
-    rows::dots(q_row, k, kbase, stride, keys, scale, probs);
+    rows::dots(q_row, k, kbase, keys, scale, probs);
     let max = probs.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     for p in probs.iter_mut() {
         *p = simd::exp(*p - max);
@@ -348,11 +348,11 @@ simd_kernel! {
                 continue; // a padding query: output 0, never read
             }
             let qrow = &q[d.q.at(b, h, t)..][..d.hd];
-            row_probs(qrow, k, &keys, (kbase, d.hd), op.scale, &mut probs);
+            row_probs(qrow, k, &keys, kbase, op.scale, &mut probs);
             // SAFETY: only this task writes head h of batch row b, and the output's
             // rows lie apart (asserted in `forward`).
             let orow = unsafe { out.row(d.o.at(b, h, t), d.hd) };
-            rows::add_weighted_rows(&probs, v, vbase, d.hd, &keys, orow);
+            rows::add_weighted_rows(&probs, v, vbase, &keys, orow);
         }
     }
 }
@@ -377,7 +377,8 @@ simd_kernel! {
         let (k, kbase) = run_of_rows(k, &d.k, (b, kvh, d.s, d.hd), &mut kbuf);
         let (v, vbase) = run_of_rows(v, &d.v, (b, kvh, d.s, d.hd), &mut vbuf);
         let ((dq, dq_rows), (dk, dk_rows), (dv, dv_rows)) = (grads.dq, grads.dk, grads.dv);
-        // This kv head's dk and dv rows, summed here and written out once at the end.
+        // This kv head's dk and dv rows (S, hd) each, summed here and written out once
+        // at the end.
         let (mut dk_run, mut dv_run) = (vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd]);
         let mut probs = Vec::with_capacity(d.s);
         let mut ds = Vec::with_capacity(d.s);
@@ -395,18 +396,18 @@ simd_kernel! {
                     &o[ooff..][..d.hd],
                     &dout[ooff..][..d.hd],
                 );
-                row_probs(qrow, k, &keys, (kbase, d.hd), op.scale, &mut probs);
+                row_probs(qrow, k, &keys, kbase, op.scale, &mut probs);
                 let dsum = dot(drow, orow);
                 // dS_j = p_j (dO_t·v_j − D_t) · scale, then dq_t = Σ_j dS_j k_j.
-                rows::dots(drow, v, vbase, d.hd, &keys, 1.0, &mut ds);
+                rows::dots(drow, v, vbase, &keys, 1.0, &mut ds);
                 for (s, &p) in ds.iter_mut().zip(&probs) {
                     *s = p * (*s - dsum) * op.scale;
                 }
                 // SAFETY: only this task writes the dq rows of its query heads in
                 // batch row b, and they lie apart from every other row written
-                // (asserted in `backward`).
+                // (asserted by `backward`'s callers, as its contract asks).
                 let dqrow = unsafe { dq.row(dq_rows.at(b, h, t), d.hd) };
-                rows::add_weighted_rows(&ds, k, kbase, d.hd, &keys, dqrow);
+                rows::add_weighted_rows(&ds, k, kbase, &keys, dqrow);
                 for ((&j, &p), &s) in keys.iter().zip(&probs).zip(&ds) {
                     axpy(s, qrow, &mut dk_run[j * d.hd..][..d.hd]);
                     axpy(p, drow, &mut dv_run[j * d.hd..][..d.hd]);
@@ -443,10 +444,13 @@ impl AttentionOp {
     }
 
     /// Writes dq, dk and dv, given the inputs, the output o and its gradient dout, into
-    /// `grads`' zeroed buffers (a padding query's dq stays 0). The caller asserts that
-    /// their rows lie apart.
+    /// `grads`' zeroed buffers (a padding query's dq stays 0).
+    ///
+    /// # Safety
+    /// The rows of `grads` (dq (B, nh, T), dk and dv (B, nkv, S)) lie apart from each
+    /// other, within and across the three (the callers assert it with `Rows::apart`).
     #[allow(clippy::too_many_arguments)]
-    fn backward(
+    unsafe fn backward(
         &self,
         q: &[f32],
         k: &[f32],
@@ -497,14 +501,31 @@ impl AttentionOp {
             dk: (&sk, kv_rows),
             dv: (&sv, kv_rows),
         };
-        self.backward(q, k, v, o, dout, d, &grads);
+        // SAFETY: three buffers, each one's rows apart (asserted above).
+        unsafe { self.backward(q, k, v, o, dout, d, &grads) };
         (dq, dk, dv)
     }
 }
 
-/// The output and its gradient, (B, T, nh·hd): rows as a dense layer reads them.
-fn merged_rows(d: &Dims) -> Rows {
-    Rows::interleaved(d.t, d.nh * d.hd, 0, d.hd)
+/// The dims of q (B, nh, T, hd) and of k, v (B, nkv, S, hd) in buffers of `cap` ≥ S
+/// rows per head, with the output and its gradient (B, T, nh·hd): rows as a dense
+/// layer reads them.
+fn heads_first_dims(q: &Shape, k: &Shape, cap: usize) -> Result<Dims> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    let kv = Rows::heads_first(nkv, cap, hd);
+    Ok(Dims {
+        b,
+        nh,
+        nkv,
+        t,
+        s,
+        hd,
+        q: Rows::heads_first(nh, t, hd),
+        k: kv,
+        v: kv,
+        o: Rows::interleaved(t, nh * hd, 0, hd),
+    })
 }
 
 /// q (B, nh, T, hd), k and v (B, nkv, S, hd) → (B, T, nh·hd).
@@ -522,31 +543,16 @@ impl CustomOp3 for AttentionOp {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, nh, t, hd) = lq.shape().dims4()?;
-        let (_, nkv, s, _) = lk.shape().dims4()?;
         let q = f32_slice(sq, lq, "attention q")?;
         let (k, cap_k) = kv_slice(sk, lk, "attention k")?;
         let (v, cap_v) = kv_slice(sv, lv, "attention v")?;
         if cap_k != cap_v {
             candle_core::bail!("attention: k and v buffers differ in capacity");
         }
-        let kv = Rows::heads_first(nkv, cap_k, hd);
-        let mut d = Dims {
-            b,
-            nh,
-            nkv,
-            t,
-            s,
-            hd,
-            q: Rows::heads_first(nh, t, hd),
-            k: kv,
-            v: kv,
-            o: Rows::heads_first(nh, t, hd),
-        };
-        d.o = merged_rows(&d);
+        let d = heads_first_dims(lq.shape(), lk.shape(), cap_k)?;
         Ok((
             CpuStorage::F32(self.forward(q, k, v, &d)),
-            Shape::from((b, t, nh * hd)),
+            Shape::from((d.b, d.t, d.nh * d.hd)),
         ))
     }
 
@@ -558,22 +564,8 @@ impl CustomOp3 for AttentionOp {
         o: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, nh, t, hd) = q.dims4()?;
-        let (_, nkv, s, _) = k.dims4()?;
-        let kv = Rows::heads_first(nkv, s, hd);
-        let mut d = Dims {
-            b,
-            nh,
-            nkv,
-            t,
-            s,
-            hd,
-            q: Rows::heads_first(nh, t, hd),
-            k: kv,
-            v: kv,
-            o: kv,
-        };
-        d.o = merged_rows(&d);
+        // k and v are made contiguous for the backward (`with_f32_all`): cap = S.
+        let d = heads_first_dims(q.shape(), k.shape(), k.dim(2)?)?;
         let (dq, dk, dv) = with_f32_all(&[q, k, v, o, dout], |a| {
             Ok(self.backward_heads_first(a[0], a[1], a[2], a[3], a[4], &d))
         })?;
@@ -638,7 +630,15 @@ impl CustomOp1 for QkvAttentionOp {
         let mut dqkv = zeros(qkv.elem_count());
         // dq, dk and dv share one buffer: as heads 0..nh, nh..2nh and 2nh..3nh of one
         // (B, T, 3·nh) layout, their rows lie apart together.
-        let all = Rows::interleaved(d.t, 3 * d.nh * d.hd, 0, d.hd);
+        let (c, all) = (
+            d.nh * d.hd,
+            Rows::interleaved(d.t, 3 * d.nh * d.hd, 0, d.hd),
+        );
+        let heads_from = |base: usize| Rows { base, ..all };
+        assert!(
+            d.q == heads_from(0) && d.k == heads_from(c) && d.v == heads_from(2 * c),
+            "attention: q, k and v are not consecutive heads of qkv"
+        );
         assert!(all.apart(d.b, 3 * d.nh, d.t, d.hd));
         let shared = Shared::new(&mut dqkv);
         let grads = Grads {
@@ -647,7 +647,9 @@ impl CustomOp1 for QkvAttentionOp {
             dv: (&shared, d.v),
         };
         with_f32_all(&[qkv, o, dout], |a| {
-            self.op.backward(a[0], a[0], a[0], a[1], a[2], &d, &grads);
+            // SAFETY: dq, dk and dv are heads 0..nh, nh..2nh and 2nh..3nh of `all`,
+            // whose rows lie apart (both asserted above).
+            unsafe { self.op.backward(a[0], a[0], a[0], a[1], a[2], &d, &grads) };
             Ok(())
         })?;
         Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))

@@ -280,7 +280,7 @@ const ZERO_PIECE: usize = 1 << 14;
 /// n zeros, written by all of the pool's threads when n is large. `vec![0.0; n]` is
 /// one memset (and the first touch of fresh pages) on the calling thread while the
 /// pool's other threads wait: in a training step these serial fills were about 3 %
-/// of the CPU time and more of the wall time (`perf`, session 17).
+/// of the CPU time, all of it on one thread (BENCHMARKS.md, session 17).
 pub(crate) fn zeros(n: usize) -> Vec<f32> {
     if n < PARALLEL_MIN_WORK {
         return vec![0f32; n];
@@ -328,6 +328,8 @@ mod tests {
             (0, 3, 4),
             (3, 0, 4),
             (5, 7, 0),
+            (5, 7, 1),
+            (6, 3, 2),
             (1, 9, 5),
             (9, 1, 5),
             (4, 4, 4),

@@ -19,22 +19,20 @@
 
 use super::{axpy, dot};
 
-/// `out[i] = scale · dot(a, m[base + keys[i]·stride ..][..n])` for every i, where
-/// n = `a.len()` ≤ `stride`: the bits of `dot`, times `scale`. `out` is cleared first.
+/// `out[i] = scale · dot(a, m[base + keys[i]·n ..][..n])` for every i, where n =
+/// `a.len()`: the bits of `dot`, times `scale`. `out` is cleared first.
 #[inline]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn dots(
     a: &[f32],
     m: &[f32],
     base: usize,
-    stride: usize,
     keys: &[usize],
     scale: f32,
     out: &mut Vec<f32>,
 ) {
     let n = a.len();
     assert!(
-        in_bounds(m.len(), base, stride, keys, n),
+        in_bounds(m.len(), base, keys, n),
         "dots: a row is past the matrix"
     );
     out.clear();
@@ -43,54 +41,46 @@ pub(crate) fn dots(
         out.resize(keys.len(), 0.0);
         // SAFETY: the CPU has AVX2 and FMA; `base` and every row read lie in `m` (asserted
         // above), `a` and each row have n floats, and `out` has one slot per key.
-        unsafe { avx2::dots(a, m, base, stride, keys, scale, out) };
+        unsafe { avx2::dots(a, m, base, keys, scale, out) };
         return;
     }
     out.extend(
         keys.iter()
-            .map(|&j| scale * dot(a, &m[base + j * stride..][..n])),
+            .map(|&j| scale * dot(a, &m[base + j * n..][..n])),
     );
 }
 
-/// `y += w[i] · m[base + keys[i]·stride ..][..n]` for i in order, n = `y.len()` ≤
-/// `stride`: the bits of one `axpy` per row.
+/// `y += w[i] · m[base + keys[i]·n ..][..n]` for i in order, n = `y.len()`: the bits
+/// of one `axpy` per row.
 #[inline]
-pub(crate) fn add_weighted_rows(
-    w: &[f32],
-    m: &[f32],
-    base: usize,
-    stride: usize,
-    keys: &[usize],
-    y: &mut [f32],
-) {
+pub(crate) fn add_weighted_rows(w: &[f32], m: &[f32], base: usize, keys: &[usize], y: &mut [f32]) {
     let n = y.len();
     assert_eq!(w.len(), keys.len(), "add_weighted_rows: one weight per row");
     assert!(
-        in_bounds(m.len(), base, stride, keys, n),
+        in_bounds(m.len(), base, keys, n),
         "add_weighted_rows: a row is past the matrix"
     );
     #[cfg(target_arch = "x86_64")]
     if n.is_multiple_of(8) && super::simd::has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA; `base` and every row read lie in `m` (asserted
         // above) and have n floats, as `y` has.
-        unsafe { avx2::add_weighted_rows(w, m, base, stride, keys, y) };
+        unsafe { avx2::add_weighted_rows(w, m, base, keys, y) };
         return;
     }
     for (&j, &wi) in keys.iter().zip(w) {
-        axpy(wi, &m[base + j * stride..][..n], y);
+        axpy(wi, &m[base + j * n..][..n], y);
     }
 }
 
-/// Whether `base` and every row `base + j·stride .. + n` for j in `keys` lie within
-/// a matrix of `len` floats, with n ≤ stride (checked arithmetic: no wrap-around lets
-/// a row slip past).
-fn in_bounds(len: usize, base: usize, stride: usize, keys: &[usize], n: usize) -> bool {
+/// Whether `base` and every row `base + j·n .. + n` for j in `keys` lie within a
+/// matrix of `len` floats (checked arithmetic: no wrap-around lets a row slip past).
+fn in_bounds(len: usize, base: usize, keys: &[usize], n: usize) -> bool {
     let end = keys.iter().max().map_or(Some(base), |&j| {
-        j.checked_mul(stride)
-            .and_then(|r| r.checked_add(n))
+        j.checked_add(1)
+            .and_then(|r| r.checked_mul(n))
             .and_then(|e| e.checked_add(base))
     });
-    n <= stride && base <= len && end.is_some_and(|e| e <= len)
+    base <= len && end.is_some_and(|e| e <= len)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -112,7 +102,6 @@ mod avx2 {
         a: &[f32],
         m: &[f32],
         base: usize,
-        stride: usize,
         keys: &[usize],
         scale: f32,
         out: &mut [f32],
@@ -125,7 +114,7 @@ mod avx2 {
         let mut quads = keys.chunks_exact(4);
         let mut o = out.chunks_exact_mut(4);
         for (js, os) in (&mut quads).zip(&mut o) {
-            let rows = [js[0], js[1], js[2], js[3]].map(|j| pm.add(j * stride));
+            let rows = [js[0], js[1], js[2], js[3]].map(|j| pm.add(j * n));
             let mut acc = [_mm256_setzero_ps(); 4];
             for c in (0..n).step_by(8) {
                 let x = _mm256_loadu_ps(pa.add(c));
@@ -138,7 +127,7 @@ mod avx2 {
             _mm_storeu_ps(os.as_mut_ptr(), s);
         }
         for (&j, os) in quads.remainder().iter().zip(o.into_remainder()) {
-            let row = pm.add(j * stride);
+            let row = pm.add(j * n);
             let mut acc = _mm256_setzero_ps();
             for c in (0..n).step_by(8) {
                 let y = _mm256_loadu_ps(row.add(c));
@@ -156,7 +145,6 @@ mod avx2 {
         w: &[f32],
         m: &[f32],
         base: usize,
-        stride: usize,
         keys: &[usize],
         y: &mut [f32],
     ) {
@@ -164,27 +152,27 @@ mod avx2 {
         let pm = m.as_ptr().add(base);
         let mut c = 0;
         while c + 64 <= n {
-            block::<8>(w, pm.add(c), stride, keys, y.as_mut_ptr().add(c));
+            block::<8>(w, pm.add(c), n, keys, y.as_mut_ptr().add(c));
             c += 64;
         }
         while c < n {
-            block::<1>(w, pm.add(c), stride, keys, y.as_mut_ptr().add(c));
+            block::<1>(w, pm.add(c), n, keys, y.as_mut_ptr().add(c));
             c += 8;
         }
     }
 
-    /// y[..8·V] += Σ_i w[i] · row_i[..8·V] in order, row i at `m + keys[i]·stride`.
+    /// y[..8·V] += Σ_i w[i] · row_i[..8·V] in order, row i at `m + keys[i]·n`.
     #[inline(always)]
     unsafe fn block<const V: usize>(
         w: &[f32],
         m: *const f32,
-        stride: usize,
+        n: usize,
         keys: &[usize],
         y: *mut f32,
     ) {
         let mut acc: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(y.add(8 * v)));
         for (&j, &wi) in keys.iter().zip(w) {
-            let (wv, row) = (_mm256_set1_ps(wi), m.add(j * stride));
+            let (wv, row) = (_mm256_set1_ps(wi), m.add(j * n));
             for (v, a) in acc.iter_mut().enumerate() {
                 *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, _mm256_loadu_ps(row.add(8 * v))));
             }
@@ -201,9 +189,8 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Row lengths on the AVX2 path (multiples of 8, below, at and past one block of
-    /// 64) and off it; rows packed (stride n) or spaced out (as the columns of one
-    /// head in a row of all heads); key lists of every length mod 4, repeats and gaps
-    /// among them; values with signed zeros and a wide range of magnitudes.
+    /// 64) and off it; key lists of every length mod 4, repeats and gaps among them;
+    /// values with signed zeros and a wide range of magnitudes.
     #[test]
     fn dots_and_weighted_rows_have_the_bits_of_dot_and_axpy() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
@@ -211,7 +198,6 @@ mod tests {
         for &n in &[8usize, 16, 24, 64, 72, 128, 136, 12, 5] {
             for nkeys in 0..11 {
                 let rows = 20;
-                let stride = n + [0, 3, 8, 2 * n][rng.random_range(0..4)];
                 let base = rng.random_range(0..3) * n;
                 let value = |rng: &mut rand_chacha::ChaCha8Rng| -> f32 {
                     match rng.random_range(0..10) {
@@ -220,35 +206,31 @@ mod tests {
                         _ => rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-6..6)),
                     }
                 };
-                let m: Vec<f32> = (0..base + rows * stride).map(|_| value(&mut rng)).collect();
+                let m: Vec<f32> = (0..base + rows * n).map(|_| value(&mut rng)).collect();
                 let a: Vec<f32> = (0..n).map(|_| value(&mut rng)).collect();
                 let keys: Vec<usize> = (0..nkeys).map(|_| rng.random_range(0..rows)).collect();
                 let w: Vec<f32> = (0..nkeys).map(|_| value(&mut rng)).collect();
                 let scale = rng.random_range(0.1f32..2.0);
 
                 let mut got = vec![1.0; 3];
-                dots(&a, &m, base, stride, &keys, scale, &mut got);
+                dots(&a, &m, base, &keys, scale, &mut got);
                 let want: Vec<f32> = keys
                     .iter()
-                    .map(|&j| scale * dot(&a, &m[base + j * stride..][..n]))
+                    .map(|&j| scale * dot(&a, &m[base + j * n..][..n]))
                     .collect();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    bits(&got),
-                    bits(&want),
-                    "dots, n = {n}, stride {stride}, {nkeys} keys"
-                );
+                assert_eq!(bits(&got), bits(&want), "dots, n = {n}, {nkeys} keys");
 
                 let mut y: Vec<f32> = (0..n).map(|_| value(&mut rng)).collect();
                 let mut want = y.clone();
-                add_weighted_rows(&w, &m, base, stride, &keys, &mut y);
+                add_weighted_rows(&w, &m, base, &keys, &mut y);
                 for (&j, &wi) in keys.iter().zip(&w) {
-                    axpy(wi, &m[base + j * stride..][..n], &mut want);
+                    axpy(wi, &m[base + j * n..][..n], &mut want);
                 }
                 assert_eq!(
                     bits(&y),
                     bits(&want),
-                    "add_weighted_rows, n = {n}, stride {stride}, {nkeys} keys"
+                    "add_weighted_rows, n = {n}, {nkeys} keys"
                 );
                 cases += 1;
             }
@@ -259,25 +241,12 @@ mod tests {
     #[test]
     #[should_panic(expected = "past the matrix")]
     fn a_base_past_the_matrix_is_refused_even_without_keys() {
-        dots(&[1.0; 8], &[0.0; 8], 9, 8, &[], 1.0, &mut vec![]);
-    }
-
-    #[test]
-    #[should_panic(expected = "past the matrix")]
-    fn a_spaced_row_past_the_matrix_is_refused() {
-        // Row 1 at stride 12 would read floats 12..20 of 16.
-        dots(&[1.0; 8], &[0.0; 16], 0, 12, &[1], 1.0, &mut vec![]);
-    }
-
-    #[test]
-    #[should_panic(expected = "past the matrix")]
-    fn a_stride_shorter_than_the_row_is_refused() {
-        add_weighted_rows(&[1.0], &[0.0; 64], 0, 4, &[0], &mut [0.0; 8]);
+        dots(&[1.0; 8], &[0.0; 8], 9, &[], 1.0, &mut vec![]);
     }
 
     #[test]
     #[should_panic(expected = "past the matrix")]
     fn a_row_past_the_matrix_is_refused() {
-        add_weighted_rows(&[1.0], &[0.0; 16], 8, 8, &[1], &mut [0.0; 8]);
+        add_weighted_rows(&[1.0], &[0.0; 16], 8, &[1], &mut [0.0; 8]);
     }
 }
