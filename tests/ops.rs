@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use rlhf::model::layers::{
-    attention, attention_composite, attention_qkv, merge_heads, split_heads, LayerNorm, RmsNorm,
+    attention, attention_composite, attention_qkv, merge_heads, split_qkv, LayerNorm, RmsNorm,
 };
 use rlhf::model::AttentionMask;
 
@@ -109,13 +109,7 @@ fn attention_matches_composite() {
         let q = randn(&[b, nh, t, hd], 10 + i as u64);
         let k = randn(&[b, nkv, s, hd], 20 + i as u64);
         let v = randn(&[b, nkv, s, hd], 30 + i as u64);
-        // Random left padding per row, leaving at least one real key.
-        let key_mask: Vec<Vec<u8>> = (0..b)
-            .map(|_| {
-                let pad = rng.random_range(0..s);
-                (0..s).map(|j| u8::from(j >= pad)).collect()
-            })
-            .collect();
+        let key_mask = random_left_padding(&mut rng, b, s);
         let mask = AttentionMask::new(&key_mask, t, &Device::Cpu).unwrap();
         let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask).unwrap();
         let composite = merge_heads(
@@ -151,17 +145,12 @@ fn attention_on_qkv_has_the_bits_of_split_heads() {
     {
         let c = nh * hd;
         let qkv = randn(&[b, t, 3 * c], 50 + i as u64);
-        let key_mask: Vec<Vec<u8>> = (0..b)
-            .map(|_| {
-                let pad = rng.random_range(0..t);
-                (0..t).map(|j| u8::from(j >= pad)).collect()
-            })
-            .collect();
+        let key_mask = random_left_padding(&mut rng, b, t);
         let mask = AttentionMask::new(&key_mask, t, &Device::Cpu).unwrap();
         let x = qkv.as_tensor();
         let in_place = attention_qkv(x, nh, &mask).unwrap();
-        let third = |j: usize| split_heads(&x.narrow(2, j * c, c).unwrap(), nh).unwrap();
-        let split = attention(&third(0), &third(1), &third(2), &mask).unwrap();
+        let (q, k, v) = split_qkv(x, nh).unwrap();
+        let split = attention(&q, &k, &v, &mask).unwrap();
         assert_eq!(in_place.dims(), &[b, t, c]);
         let bits = |t: &Tensor| -> Vec<u32> {
             let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
@@ -188,6 +177,16 @@ fn attention_on_qkv_refuses_rows_that_do_not_hold_three_sets_of_heads() {
     let mask = AttentionMask::new(&[vec![1, 1]], 2, &Device::Cpu).unwrap();
     let err = attention_qkv(&x, 2, &mask).unwrap_err().to_string();
     assert!(err.contains("do not hold 3 × 2 heads"), "{err}");
+}
+
+/// A key mask (B, S) with random left padding per row, leaving at least one real key.
+fn random_left_padding(rng: &mut ChaCha8Rng, b: usize, s: usize) -> Vec<Vec<u8>> {
+    (0..b)
+        .map(|_| {
+            let pad = rng.random_range(0..s);
+            (0..s).map(|j| u8::from(j >= pad)).collect()
+        })
+        .collect()
 }
 
 /// 1 for query rows that see at least one key, 0 for padding queries: (B, nh, T, hd).

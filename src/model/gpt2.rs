@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use super::config::Gpt2Config;
 use super::kv_cache::KvCache;
-use super::layers::{attention, attention_qkv, bias_gelu, embed, split_heads, LayerNorm, Linear};
+use super::layers::{attention, attention_qkv, bias_gelu, embed, split_qkv, LayerNorm, Linear};
 use super::mask::AttentionMask;
 use super::params::{Init, ParamSpec, Params};
 use crate::error::Result;
@@ -169,10 +169,7 @@ impl Gpt2 {
             let qkv = block.c_attn.forward(&h)?; // (B, T, 3C)
             let y = match cache.as_deref_mut() {
                 Some(cache) => {
-                    let c = qkv.dim(2)? / 3;
-                    let q = split_heads(&qkv.narrow(2, 0, c)?, self.n_head)?; // (B, nh, T, hd)
-                    let k = split_heads(&qkv.narrow(2, c, c)?, self.n_head)?; // (B, nh, T, hd)
-                    let v = split_heads(&qkv.narrow(2, 2 * c, c)?, self.n_head)?; // (B, nh, T, hd)
+                    let (q, k, v) = split_qkv(&qkv, self.n_head)?; // (B, nh, T, hd) each
                     let (k, v) = cache.append(i, &k, &v)?; // (B, nh, S, hd) each
                     attention(&q, &k, &v, mask)? // (B, T, C)
                 }

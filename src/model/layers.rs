@@ -317,11 +317,16 @@ pub fn attention_qkv(qkv: &Tensor, n_heads: usize, mask: &AttentionMask) -> Resu
             &mask.causal,
         )?);
     }
-    let c = qkv.dim(2)? / 3;
-    let q = split_heads(&qkv.narrow(2, 0, c)?, n_heads)?; // (B, nh, T, hd)
-    let k = split_heads(&qkv.narrow(2, c, c)?, n_heads)?; // (B, nh, T, hd)
-    let v = split_heads(&qkv.narrow(2, 2 * c, c)?, n_heads)?; // (B, nh, T, hd)
+    let (q, k, v) = split_qkv(qkv, n_heads)?;
     attention(&q, &k, &v, mask)
+}
+
+/// q, k and v, each (B, nh, T, hd), from a dense layer's output (B, T, 3C) that holds
+/// them side by side (GPT-2's `c_attn`).
+pub fn split_qkv(qkv: &Tensor, n_heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = qkv.dim(2)? / 3;
+    let third = |j: usize| split_heads(&qkv.narrow(2, j * c, c)?, n_heads);
+    Ok((third(0)?, third(1)?, third(2)?))
 }
 
 /// Attention from candle ops with an additive bias (B, 1, T, S): the fused kernel's

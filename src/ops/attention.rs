@@ -443,23 +443,13 @@ impl AttentionOp {
         out
     }
 
-    /// Writes dq, dk and dv, given the inputs, the output o and its gradient dout, into
-    /// `grads`' zeroed buffers (a padding query's dq stays 0).
+    /// Writes dq, dk and dv, given the inputs [q, k, v, o, dout] (o the output, dout
+    /// its gradient), into `grads`' zeroed buffers (a padding query's dq stays 0).
     ///
     /// # Safety
     /// The rows of `grads` (dq (B, nh, T), dk and dv (B, nkv, S)) lie apart from each
     /// other, within and across the three (the callers assert it with `Rows::apart`).
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn backward(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        o: &[f32],
-        dout: &[f32],
-        d: &Dims,
-        grads: &Grads,
-    ) {
+    unsafe fn backward(&self, [q, k, v, o, dout]: [&[f32]; 5], d: &Dims, grads: &Grads) {
         // One task per (batch, kv head): it owns that head's dk/dv rows and the dq
         // rows of the query heads that share it, so no two tasks write the same place.
         let task = |g: usize| backward_group(self, q, k, v, o, dout, d, g, grads);
@@ -471,15 +461,11 @@ impl AttentionOp {
         }
     }
 
-    /// (dq, dk, dv), each in its own buffer laid out (B, heads, rows, hd).
-    #[allow(clippy::too_many_arguments)]
+    /// (dq, dk, dv) given [q, k, v, o, dout], each in its own buffer laid out
+    /// (B, heads, rows, hd).
     fn backward_heads_first(
         &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        o: &[f32],
-        dout: &[f32],
+        inputs: [&[f32]; 5],
         d: &Dims,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (q_rows, kv_rows) = (
@@ -502,7 +488,7 @@ impl AttentionOp {
             dv: (&sv, kv_rows),
         };
         // SAFETY: three buffers, each one's rows apart (asserted above).
-        unsafe { self.backward(q, k, v, o, dout, d, &grads) };
+        unsafe { self.backward(inputs, d, &grads) };
         (dq, dk, dv)
     }
 }
@@ -567,7 +553,7 @@ impl CustomOp3 for AttentionOp {
         // k and v are made contiguous for the backward (`with_f32_all`): cap = S.
         let d = heads_first_dims(q.shape(), k.shape(), k.dim(2)?)?;
         let (dq, dk, dv) = with_f32_all(&[q, k, v, o, dout], |a| {
-            Ok(self.backward_heads_first(a[0], a[1], a[2], a[3], a[4], &d))
+            Ok(self.backward_heads_first([a[0], a[1], a[2], a[3], a[4]], &d))
         })?;
         let dev = q.device();
         Ok((
@@ -588,27 +574,26 @@ struct QkvAttentionOp {
     heads: usize,
 }
 
-impl QkvAttentionOp {
-    fn dims(&self, shape: &Shape) -> Result<Dims> {
-        let (b, t, width) = shape.dims3()?;
-        let nh = self.heads;
-        if nh == 0 || !width.is_multiple_of(3 * nh) {
-            candle_core::bail!("attention: qkv rows of {width} do not hold 3 × {nh} heads");
-        }
-        let (c, hd) = (width / 3, width / 3 / nh);
-        Ok(Dims {
-            b,
-            nh,
-            nkv: nh,
-            t,
-            s: t,
-            hd,
-            q: Rows::interleaved(t, width, 0, hd),
-            k: Rows::interleaved(t, width, c, hd),
-            v: Rows::interleaved(t, width, 2 * c, hd),
-            o: Rows::interleaved(t, c, 0, hd),
-        })
+/// The dims of qkv (B, T, 3·nh·hd) with `nh` heads: q, k and v in columns 0..C,
+/// C..2C and 2C..3C of each row (C = nh·hd), the output (B, T, C).
+fn qkv_dims(shape: &Shape, nh: usize) -> Result<Dims> {
+    let (b, t, width) = shape.dims3()?;
+    if nh == 0 || !width.is_multiple_of(3 * nh) {
+        candle_core::bail!("attention: qkv rows of {width} do not hold 3 × {nh} heads");
     }
+    let (c, hd) = (width / 3, width / 3 / nh);
+    Ok(Dims {
+        b,
+        nh,
+        nkv: nh,
+        t,
+        s: t,
+        hd,
+        q: Rows::interleaved(t, width, 0, hd),
+        k: Rows::interleaved(t, width, c, hd),
+        v: Rows::interleaved(t, width, 2 * c, hd),
+        o: Rows::interleaved(t, c, 0, hd),
+    })
 }
 
 impl CustomOp1 for QkvAttentionOp {
@@ -617,7 +602,7 @@ impl CustomOp1 for QkvAttentionOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = self.dims(l.shape())?;
+        let d = qkv_dims(l.shape(), self.heads)?;
         let qkv = f32_slice(s, l, "attention qkv")?;
         Ok((
             CpuStorage::F32(self.op.forward(qkv, qkv, qkv, &d)),
@@ -626,7 +611,7 @@ impl CustomOp1 for QkvAttentionOp {
     }
 
     fn bwd(&self, qkv: &Tensor, o: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
-        let d = self.dims(qkv.shape())?;
+        let d = qkv_dims(qkv.shape(), self.heads)?;
         let mut dqkv = zeros(qkv.elem_count());
         // dq, dk and dv share one buffer: as heads 0..nh, nh..2nh and 2nh..3nh of one
         // (B, T, 3·nh) layout, their rows lie apart together.
@@ -649,7 +634,7 @@ impl CustomOp1 for QkvAttentionOp {
         with_f32_all(&[qkv, o, dout], |a| {
             // SAFETY: dq, dk and dv are heads 0..nh, nh..2nh and 2nh..3nh of `all`,
             // whose rows lie apart (both asserted above).
-            unsafe { self.op.backward(a[0], a[0], a[0], a[1], a[2], &d, &grads) };
+            unsafe { self.op.backward([a[0], a[0], a[0], a[1], a[2]], &d, &grads) };
             Ok(())
         })?;
         Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
@@ -728,15 +713,12 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &CausalMask) -
 /// The same bits as `split_heads` of each third into `causal_attention`, forward and
 /// backward, without the copies.
 pub fn causal_attention_qkv(qkv: &Tensor, heads: usize, mask: &CausalMask) -> Result<Tensor> {
-    let (b, t, width) = qkv.dims3()?;
-    if heads == 0 || !width.is_multiple_of(3 * heads) {
-        candle_core::bail!("attention: qkv rows of {width} do not hold 3 × {heads} heads");
-    }
-    check_mask(mask, b, t, t)?;
+    let d = qkv_dims(qkv.shape(), heads)?;
+    check_mask(mask, d.b, d.t, d.s)?;
     let op = QkvAttentionOp {
         op: AttentionOp {
             mask: mask.clone(),
-            scale: 1.0 / ((width / 3 / heads) as f32).sqrt(),
+            scale: 1.0 / (d.hd as f32).sqrt(),
         },
         heads,
     };
@@ -986,7 +968,7 @@ mod tests {
             );
             let [o_ref, dq_ref, dk_ref, dv_ref] = reference(&op, &q, &k, &v, &dout, &d);
             let o = op.forward(&q, &k, &v, &d);
-            let (dq, dk, dv) = op.backward_heads_first(&q, &k, &v, &o, &dout, &d);
+            let (dq, dk, dv) = op.backward_heads_first([&q, &k, &v, &o, &dout], &d);
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             for (name, got, want) in [
                 ("o", &o, &o_ref),

@@ -288,6 +288,17 @@ pub(crate) fn zeros(n: usize) -> Vec<f32> {
     zeros_into_spare(Vec::new(), n)
 }
 
+/// Sets every float of `buf` to zero, on all of the pool's threads when it is large
+/// (as `zeros`, for a buffer that is reused).
+pub(crate) fn clear(buf: &mut [f32]) {
+    if buf.len() < PARALLEL_MIN_WORK {
+        buf.fill(0.0);
+    } else {
+        buf.par_chunks_mut(ZERO_PIECE)
+            .for_each(|piece| piece.fill(0.0));
+    }
+}
+
 /// `zeros` in the spare capacity of `v` (emptied first), on the pool.
 fn zeros_into_spare(mut v: Vec<f32>, n: usize) -> Vec<f32> {
     v.clear();

@@ -425,13 +425,7 @@ impl GradAccumulator {
             }
         }
         // On all of the pool's threads: one thread alone left the others waiting.
-        for b in self.buffers.iter_mut() {
-            if b.len() >= 1 << 15 {
-                b.par_chunks_mut(1 << 14).for_each(|piece| piece.fill(0.0));
-            } else {
-                b.fill(0.0);
-            }
-        }
+        self.buffers.iter_mut().for_each(|b| crate::ops::clear(b));
         Ok(())
     }
 
