@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::simd::{self, simd_kernel};
-use super::{f32_slice, with_f32_all, zeros, PARALLEL_MIN_WORK};
+use super::{f32_slice, filled, with_f32_all, zeros, PARALLEL_MIN_WORK};
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
@@ -97,25 +97,11 @@ fn chunk_len(c: usize) -> usize {
 /// (dx, db) of y = gelu(x + b) for rows of x with upstream gradient dy.
 fn gelu_backward(x: &[f32], b: &[f32], dy: &[f32], exact: bool) -> (Vec<f32>, Vec<f32>) {
     let c = b.len();
-    let mut dx = zeros(x.len());
-    // Each chunk sums its own db; chunks are added in order (deterministic).
-    let run = |((xs, dys), dxs): ((&[f32], &[f32]), &mut [f32])| {
-        gelu_backward_rows(xs, b, dys, dxs, exact)
-    };
-    let n = chunk_len(c);
-    let parts: Vec<Vec<f32>> = if x.len() >= PARALLEL_MIN_WORK {
-        x.par_chunks(n)
-            .zip(dy.par_chunks(n))
-            .zip(dx.par_chunks_mut(n))
-            .map(run)
-            .collect()
-    } else {
-        x.chunks(n)
-            .zip(dy.chunks(n))
-            .zip(dx.chunks_mut(n))
-            .map(run)
-            .collect()
-    };
+    // Each piece of rows sums its own db; pieces are added in order (deterministic).
+    let (dx, parts) = filled(x.len(), chunk_len(c), |start, dxs| {
+        let rows = start..start + dxs.len();
+        gelu_backward_rows(&x[rows.clone()], b, &dy[rows], dxs, exact)
+    });
     let mut db = vec![0f32; c];
     for p in parts {
         for (d, v) in db.iter_mut().zip(p) {
@@ -145,14 +131,9 @@ impl CustomOp2 for BiasGeluOp {
         let b = f32_slice(sb, lb, "bias_gelu bias")?;
         let c = b.len();
         let exact = self.exact;
-        let mut y = zeros(x.len());
-        let run = |(xs, ys): (&[f32], &mut [f32])| gelu_rows(xs, b, ys, exact);
-        let n = chunk_len(c);
-        if x.len() >= PARALLEL_MIN_WORK {
-            x.par_chunks(n).zip(y.par_chunks_mut(n)).for_each(run);
-        } else {
-            x.chunks(n).zip(y.chunks_mut(n)).for_each(run);
-        }
+        let (y, _) = filled(x.len(), chunk_len(c), |start, ys| {
+            gelu_rows(&x[start..start + ys.len()], b, ys, exact)
+        });
         Ok((CpuStorage::F32(y), lx.shape().clone()))
     }
 

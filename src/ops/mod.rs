@@ -299,6 +299,52 @@ pub(crate) fn clear(buf: &mut [f32]) {
     }
 }
 
+/// A new vector of n floats that `fill(start, piece)` writes piece by piece: pieces
+/// of `piece_len` floats (the last one shorter) beginning at float `start`, on all
+/// of the pool's threads when n is large. Each piece is zeroed just before `fill`
+/// gets it, on the same thread, so it is still in cache when `fill` writes it:
+/// one pass over the memory where `zeros` and then a kernel make two. Returns each
+/// piece's result, in order.
+pub(crate) fn filled<R: Send>(
+    n: usize,
+    piece_len: usize,
+    fill: impl Fn(usize, &mut [f32]) -> R + Sync,
+) -> (Vec<f32>, Vec<R>) {
+    filled_in_spare(Vec::new(), n, piece_len, fill)
+}
+
+/// `filled` in the spare capacity of `v` (emptied first).
+fn filled_in_spare<R: Send>(
+    mut v: Vec<f32>,
+    n: usize,
+    piece_len: usize,
+    fill: impl Fn(usize, &mut [f32]) -> R + Sync,
+) -> (Vec<f32>, Vec<R>) {
+    let piece_len = piece_len.max(1);
+    v.clear();
+    v.reserve(n);
+    let run = |(i, piece): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+        piece.fill(std::mem::MaybeUninit::new(0.0));
+        // SAFETY: every float of `piece` was written just above.
+        let piece = unsafe { &mut *(piece as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+        fill(i * piece_len, piece)
+    };
+    let spare = &mut v.spare_capacity_mut()[..n];
+    let results: Vec<R> = if n >= PARALLEL_MIN_WORK {
+        spare
+            .par_chunks_mut(piece_len)
+            .enumerate()
+            .map(run)
+            .collect()
+    } else {
+        spare.chunks_mut(piece_len).enumerate().map(run).collect()
+    };
+    // SAFETY: `run` zeroed every piece, and the pieces cover the first n floats of
+    // the spare capacity (indexing it asserted that there are n).
+    unsafe { v.set_len(n) };
+    (v, results)
+}
+
 /// `zeros` in the spare capacity of `v` (emptied first), on the pool.
 fn zeros_into_spare(mut v: Vec<f32>, n: usize) -> Vec<f32> {
     v.clear();
@@ -386,6 +432,45 @@ mod tests {
                 assert_eq!(bits(&repeat_rows(&row, n)), want, "{n} rows of {c}");
                 let got = repeat_rows_into_spare(nan_memory(c * n), &row, n);
                 assert_eq!(bits(&got), want, "{n} rows of {c}, into NaN");
+            }
+        }
+    }
+
+    /// `filled` hands each piece over zeroed, once, at its own start (pieces in order,
+    /// the last one shorter), and returns the pieces' results in order; what `fill`
+    /// leaves unwritten stays zero even in memory that held NaN.
+    #[test]
+    fn filled_hands_out_every_piece_once_zeroed_and_in_order() {
+        for n in [0, 1, 1000, PARALLEL_MIN_WORK - 1, PARALLEL_MIN_WORK + 3] {
+            for piece_len in [1, 7, ZERO_PIECE, n.max(1)] {
+                let fill = |start: usize, piece: &mut [f32]| {
+                    assert!(piece.iter().all(|x| x.to_bits() == 0), "zeroed");
+                    // Every other float written: the rest must stay zero.
+                    for (i, v) in piece.iter_mut().enumerate().step_by(2) {
+                        *v = (start + i) as f32;
+                    }
+                    (start, piece.len())
+                };
+                for (v, parts) in [
+                    filled(n, piece_len, fill),
+                    filled_in_spare(nan_memory(n), n, piece_len, fill),
+                ] {
+                    let want: Vec<(usize, usize)> = (0..n)
+                        .step_by(piece_len)
+                        .map(|s| (s, piece_len.min(n - s)))
+                        .collect();
+                    assert_eq!(parts, want, "pieces of {piece_len} in {n}");
+                    let expect: Vec<f32> = (0..n)
+                        .map(|i| {
+                            if (i % piece_len) % 2 == 0 {
+                                i as f32
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    assert_eq!(bits(&v), bits(&expect), "{n} floats, pieces of {piece_len}");
+                }
             }
         }
     }
