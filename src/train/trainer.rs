@@ -231,6 +231,8 @@ pub fn train(
     let mut window_start = Instant::now();
     let mut last_loss = f64::NAN;
     let mut eval = BTreeMap::new();
+    // The last periodic checkpoint, while its fsyncs and rename finish.
+    let mut finishing: Option<checkpoint::Finishing> = None;
 
     let stop_at = args.stop_after_steps.map_or(total_steps, |n| {
         (state.global_step + n as u64).min(total_steps)
@@ -373,17 +375,26 @@ pub fn train(
                 opt: &opt,
                 state: &state,
             };
-            saved.write(comm.as_ref(), &out, args, resolved_config)?;
+            // The previous checkpoint is finished first (saves stay in order).
+            if let Some(previous) = finishing.take() {
+                previous.wait()?;
+            }
+            finishing = saved.write(comm.as_ref(), &out, args, resolved_config)?;
         }
     }
     bar.finish_and_clear();
+    if let Some(previous) = finishing.take() {
+        previous.wait()?;
+    }
     // A final checkpoint, so that an interrupted or finished run resumes from here.
     let saved = Saved {
         task: &*task,
         opt: &opt,
         state: &state,
     };
-    saved.write(comm.as_ref(), &out, args, resolved_config)?;
+    if let Some(last) = saved.write(comm.as_ref(), &out, args, resolved_config)? {
+        last.wait()?;
+    }
     if state.global_step < total_steps {
         crate::note!(
             "stopped at step {} of {total_steps} (--stop_after_steps); rerun the same command to continue",
@@ -422,13 +433,14 @@ struct Saved<'a> {
 }
 
 impl Saved<'_> {
+    /// Rank 0's save, still being finished on its own thread (`checkpoint::start_save`).
     fn write(
         &self,
         comm: &dyn crate::distributed::Collective,
         out: &Path,
         args: &TrainingArgs,
         resolved_config: &Value,
-    ) -> Result<()> {
+    ) -> Result<Option<checkpoint::Finishing>> {
         // Each rank's own task state (its rollouts; GRPO's and RLOO's sampling stream) goes into the
         // checkpoint: gathered on rank 0 in rank order.
         let mut state = self.state.clone();
@@ -438,17 +450,20 @@ impl Saved<'_> {
             state.task = serde_json::json!({ "ranks": ranks });
             state.world_size = comm.world_size() as u64;
         }
-        if comm.is_main() {
-            save_checkpoint(
+        let finishing = if comm.is_main() {
+            Some(save_checkpoint(
                 self.task,
                 self.opt,
                 &state,
                 out,
                 args.save_total_limit,
                 resolved_config,
-            )?;
-        }
-        comm.barrier()
+            )?)
+        } else {
+            None
+        };
+        comm.barrier()?;
+        Ok(finishing)
     }
 }
 
@@ -500,9 +515,9 @@ fn save_checkpoint(
     out: &Path,
     limit: Option<usize>,
     resolved_config: &Value,
-) -> Result<()> {
+) -> Result<checkpoint::Finishing> {
     ensure_finite(task.params())?;
-    checkpoint::save(out, state.global_step, limit, |dir| {
+    checkpoint::start_save(out, state.global_step, limit, |dir| {
         task.save_model(dir)?;
         save_safetensors(
             &opt.state_tensors(task.params())?,
@@ -513,8 +528,7 @@ fn save_checkpoint(
             &serde_json::to_value(state).expect("state serializes"),
         )?;
         write_json(&dir.join(TRAINING_ARGS_FILE), resolved_config)
-    })?;
-    Ok(())
+    })
 }
 
 /// Loads weights, optimizer and trainer state from a validated checkpoint.
