@@ -260,13 +260,7 @@ fn generate_with(
         }
         let step_ids = Tensor::from_vec(next, (prompts.len(), 1), device)?; // (B, 1)
         let mask = AttentionMask::new(&key_mask, 1, device)?;
-        // A decoding step has one row per sequence: the skinny kernel streams each
-        // weight once, where gemm would pack every weight again at each step (1.2–1.7×
-        // slower at 32–64 rows; `examples/bench_skinny`). The sampled log-probs are
-        // for reporting only: every method scores its samples again for training.
-        logits = crate::ops::with_row_independent_products(|| {
-            last_logits(model, &step_ids, &mask, &mut cache)
-        })?;
+        logits = last_logits(model, &step_ids, &mask, &mut cache)?;
     }
 
     for c in &mut out {
