@@ -442,7 +442,7 @@ mod tests {
     #[test]
     fn filled_hands_out_every_piece_once_zeroed_and_in_order() {
         for n in [0, 1, 1000, PARALLEL_MIN_WORK - 1, PARALLEL_MIN_WORK + 3] {
-            for piece_len in [1, 7, ZERO_PIECE, n.max(1)] {
+            for piece_len in [0, 1, 7, ZERO_PIECE, n.max(1)] {
                 let fill = |start: usize, piece: &mut [f32]| {
                     assert!(piece.iter().all(|x| x.to_bits() == 0), "zeroed");
                     // Every other float written: the rest must stay zero.
@@ -455,19 +455,13 @@ mod tests {
                     filled(n, piece_len, fill),
                     filled_in_spare(nan_memory(n), n, piece_len, fill),
                 ] {
-                    let want: Vec<(usize, usize)> = (0..n)
-                        .step_by(piece_len)
-                        .map(|s| (s, piece_len.min(n - s)))
-                        .collect();
+                    // A piece length of 0 means pieces of one float.
+                    let len = piece_len.max(1);
+                    let want: Vec<(usize, usize)> =
+                        (0..n).step_by(len).map(|s| (s, len.min(n - s))).collect();
                     assert_eq!(parts, want, "pieces of {piece_len} in {n}");
                     let expect: Vec<f32> = (0..n)
-                        .map(|i| {
-                            if (i % piece_len) % 2 == 0 {
-                                i as f32
-                            } else {
-                                0.0
-                            }
-                        })
+                        .map(|i| if (i % len) % 2 == 0 { i as f32 } else { 0.0 })
                         .collect();
                     assert_eq!(bits(&v), bits(&expect), "{n} floats, pieces of {piece_len}");
                 }

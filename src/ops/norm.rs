@@ -98,8 +98,7 @@ simd_kernel! {
 simd_kernel! {
     /// One row's dx, and its dy·x̂ and dy added into dw and db.
     fn row_backward(
-        x: &[f32],
-        dy: &[f32],
+        x_dy: (&[f32], &[f32]),
         w: &[f32],
         stats: (f32, f32),
         means: (f32, f32),
@@ -107,7 +106,7 @@ simd_kernel! {
         db: &mut [f32],
         dx: &mut [f32],
     ) {
-        let ((mean, r), (mean_g, mean_gx)) = (stats, means);
+        let ((x, dy), (mean, r), (mean_g, mean_gx)) = (x_dy, stats, means);
         let c = w.len().min(x.len()).min(dy.len()).min(dw.len()).min(db.len()).min(dx.len());
         for i in 0..c {
             let xhat = (x[i] - mean) * r;
@@ -169,7 +168,7 @@ fn backward_chunk(
                 Kind::Layer => mean_g,
                 Kind::Rms => 0.0,
             };
-            row_backward(x, dy, w, st, (mean_g, mean_gx), &mut dw, &mut db, dx);
+            row_backward((x, dy), w, st, (mean_g, mean_gx), &mut dw, &mut db, dx);
         }
     }
     (dw, db)
@@ -525,5 +524,49 @@ mod tests {
                 }
             }
         }
+    }
+    /// `norms_keep_the_bits_of_the_row_at_a_time_code`'s fingerprints, computed by
+    /// the row-at-a-time code (commit 8568150's src/ops/norm.rs with that test).
+    const GOLDEN: [u64; 4] = [
+        17715739819960714597,
+        16432332572031053164,
+        3890305694518907227,
+        4196033069534974589,
+    ];
+
+    /// FNV-1a over the floats' bits.
+    fn fingerprint(vs: &[&[f32]]) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for x in vs.iter().flat_map(|v| v.iter()) {
+            for byte in x.to_bits().to_le_bytes() {
+                h = (h ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+
+    /// LayerNorm and RMSNorm keep the bits of the row-at-a-time code they replaced
+    /// (the fingerprints below are that code's, at commit 8568150): outputs and all
+    /// three gradients, on the pool (≥ PARALLEL_MIN_WORK floats) and off it, with
+    /// negative weights and rows whose dy is +0.0 or −0.0.
+    #[test]
+    fn norms_keep_the_bits_of_the_row_at_a_time_code() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut got = vec![];
+        for kind in [Kind::Layer, Kind::Rms] {
+            for (n, c) in [(160, 256), (37, 13)] {
+                let x = rows(&mut rng, n, c);
+                let w: Vec<f32> = (0..c).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let b: Vec<f32> = (0..c).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let mut dy: Vec<f32> = (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+                dy[..c].fill(0.0);
+                dy[2 * c..3 * c].fill(-0.0);
+                let bias = matches!(kind, Kind::Layer).then_some(b.as_slice());
+                let y = forward(kind, &x, &w, bias, 1e-5);
+                let (dx, dw, db) = backward(kind, &x, &w, &dy, 1e-5);
+                got.push(fingerprint(&[&y, &dx, &dw, &db]));
+            }
+        }
+        assert_eq!(got, GOLDEN);
     }
 }

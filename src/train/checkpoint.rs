@@ -181,9 +181,11 @@ impl Finishing {
 impl Drop for Finishing {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
-            // An unwaited save's error has nowhere to go: the trainer is already
-            // returning another one (or panicking).
-            let _ = handle.join();
+            // Unwaited, the trainer is already returning another error (or
+            // panicking): this one is said on stderr rather than lost.
+            if let Ok(Err(e)) = handle.join() {
+                crate::note!("warning: the last checkpoint was not saved: {e}");
+            }
         }
     }
 }
@@ -292,8 +294,11 @@ mod tests {
 
     fn weights(d: &Path, byte: u8) -> Result<()> {
         std::fs::create_dir_all(d.join("sub")).map_err(|e| Error::write(d, e))?;
-        for name in ["weights.bin", "sub/state.bin"] {
-            std::fs::write(d.join(name), vec![byte; 1 << 16]).map_err(|e| Error::write(d, e))?;
+        // Contents that differ between the files, so that a hash listed against the
+        // wrong file does not validate.
+        for (i, name) in ["weights.bin", "sub/state.bin"].into_iter().enumerate() {
+            std::fs::write(d.join(name), vec![byte ^ i as u8; 1 << 16])
+                .map_err(|e| Error::write(d, e))?;
         }
         Ok(())
     }

@@ -296,6 +296,10 @@ pub fn train(
                 state.global_step
             ));
             if state.consecutive_nonfinite >= args.max_nonfinite_steps as u64 {
+                // "Intact" holds only once the last save has finished (and did).
+                if let Some(previous) = finishing.take() {
+                    previous.wait()?;
+                }
                 return Err(Error::Invalid(format!(
                     "aborting: {} non-finite steps in a row (last at step {}); lower --learning_rate or check the data. The last checkpoint is intact.",
                     state.consecutive_nonfinite, state.global_step
@@ -379,7 +383,7 @@ pub fn train(
             if let Some(previous) = finishing.take() {
                 previous.wait()?;
             }
-            finishing = saved.write(comm.as_ref(), &out, args, resolved_config)?;
+            finishing = saved.write(comm.as_ref(), &out, args, resolved_config, true)?;
         }
     }
     bar.finish_and_clear();
@@ -392,9 +396,7 @@ pub fn train(
         opt: &opt,
         state: &state,
     };
-    if let Some(last) = saved.write(comm.as_ref(), &out, args, resolved_config)? {
-        last.wait()?;
-    }
+    saved.write(comm.as_ref(), &out, args, resolved_config, false)?;
     if state.global_step < total_steps {
         crate::note!(
             "stopped at step {} of {total_steps} (--stop_after_steps); rerun the same command to continue",
@@ -433,13 +435,16 @@ struct Saved<'a> {
 }
 
 impl Saved<'_> {
-    /// Rank 0's save, still being finished on its own thread (`checkpoint::start_save`).
+    /// With `background`, rank 0's save is returned while it is still being finished
+    /// on its own thread (`checkpoint::start_save`); otherwise it is on disk before
+    /// the ranks meet at the barrier.
     fn write(
         &self,
         comm: &dyn crate::distributed::Collective,
         out: &Path,
         args: &TrainingArgs,
         resolved_config: &Value,
+        background: bool,
     ) -> Result<Option<checkpoint::Finishing>> {
         // Each rank's own task state (its rollouts; GRPO's and RLOO's sampling stream) goes into the
         // checkpoint: gathered on rank 0 in rank order.
@@ -450,7 +455,7 @@ impl Saved<'_> {
             state.task = serde_json::json!({ "ranks": ranks });
             state.world_size = comm.world_size() as u64;
         }
-        let finishing = if comm.is_main() {
+        let mut finishing = if comm.is_main() {
             Some(save_checkpoint(
                 self.task,
                 self.opt,
@@ -462,6 +467,11 @@ impl Saved<'_> {
         } else {
             None
         };
+        if !background {
+            if let Some(save) = finishing.take() {
+                save.wait()?;
+            }
+        }
         comm.barrier()?;
         Ok(finishing)
     }
