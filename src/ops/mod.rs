@@ -345,17 +345,10 @@ fn filled_in_spare<R: Send>(
     (v, results)
 }
 
-/// `zeros` in the spare capacity of `v` (emptied first), on the pool.
-fn zeros_into_spare(mut v: Vec<f32>, n: usize) -> Vec<f32> {
-    v.clear();
-    v.reserve(n);
-    v.spare_capacity_mut()[..n]
-        .par_chunks_mut(ZERO_PIECE)
-        .for_each(|piece| piece.fill(std::mem::MaybeUninit::new(0.0)));
-    // SAFETY: the loop above wrote all n floats (the first n of the spare capacity:
-    // indexing it asserted that there are n).
-    unsafe { v.set_len(n) };
-    v
+/// `zeros` in the spare capacity of `v` (emptied first), on the pool: `filled` with
+/// nothing written after the zeroing.
+fn zeros_into_spare(v: Vec<f32>, n: usize) -> Vec<f32> {
+    filled_in_spare(v, n, ZERO_PIECE, |_, _| ()).0
 }
 
 #[cfg(test)]

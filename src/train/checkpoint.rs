@@ -176,6 +176,14 @@ impl Finishing {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
+
+    /// Waits for the save in `slot`, if there is one, and empties it.
+    pub fn wait_for(slot: &mut Option<Finishing>) -> Result<()> {
+        match slot.take() {
+            Some(save) => save.wait().map(drop),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Drop for Finishing {

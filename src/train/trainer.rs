@@ -297,9 +297,7 @@ pub fn train(
             ));
             if state.consecutive_nonfinite >= args.max_nonfinite_steps as u64 {
                 // "Intact" holds only once the last save has finished (and did).
-                if let Some(previous) = finishing.take() {
-                    previous.wait()?;
-                }
+                checkpoint::Finishing::wait_for(&mut finishing)?;
                 return Err(Error::Invalid(format!(
                     "aborting: {} non-finite steps in a row (last at step {}); lower --learning_rate or check the data. The last checkpoint is intact.",
                     state.consecutive_nonfinite, state.global_step
@@ -380,16 +378,12 @@ pub fn train(
                 state: &state,
             };
             // The previous checkpoint is finished first (saves stay in order).
-            if let Some(previous) = finishing.take() {
-                previous.wait()?;
-            }
+            checkpoint::Finishing::wait_for(&mut finishing)?;
             finishing = saved.write(comm.as_ref(), &out, args, resolved_config, true)?;
         }
     }
     bar.finish_and_clear();
-    if let Some(previous) = finishing.take() {
-        previous.wait()?;
-    }
+    checkpoint::Finishing::wait_for(&mut finishing)?;
     // A final checkpoint, so that an interrupted or finished run resumes from here.
     let saved = Saved {
         task: &*task,
@@ -468,9 +462,7 @@ impl Saved<'_> {
             None
         };
         if !background {
-            if let Some(save) = finishing.take() {
-                save.wait()?;
-            }
+            checkpoint::Finishing::wait_for(&mut finishing)?;
         }
         comm.barrier()?;
         Ok(finishing)
