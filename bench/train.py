@@ -10,6 +10,11 @@ tiny, 3 on 124M) after one warm-up step, within one run of this script (not a
 median over runs). Prints the CPU it ran on.
 
     python3 bench/train.py            # torch side skipped (with a message) without torch
+    python3 bench/train.py --bf16     # both sides under bf16 autocast (rlhf: needs AMX-BF16)
+
+--bf16: matrix products in bf16 with f32 master weights on both sides: rlhf's `--bf16`
+(AMX tiles, `ops::amx`) against `torch.autocast("cpu", dtype=torch.bfloat16)` around
+PyTorch's forward and loss (its backward follows autocast's dtypes).
 """
 import json
 import os
@@ -29,7 +34,8 @@ SHAPES = [  # label, preset, (layers, width, heads), vocab, batch, seq, steps
 ]
 
 
-def torch_side(layers, width, heads, vocab, batch, seq, steps):
+def torch_side(layers, width, heads, vocab, batch, seq, steps, bf16=0):
+    import contextlib
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.set_num_threads(2)
@@ -42,7 +48,8 @@ def torch_side(layers, width, heads, vocab, batch, seq, steps):
     times = []
     for step in range(steps + 1):
         t = time.perf_counter()
-        loss = model(ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = model(ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -58,6 +65,7 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--torch":
         torch_side(*map(int, sys.argv[2:]))
         return
+    bf16 = "--bf16" in sys.argv[1:]
     subprocess.run(["cargo", "build", "--release", "--example", "bench_train"], cwd=ROOT, check=True)
     try:
         import torch  # noqa: F401
@@ -65,18 +73,21 @@ def main():
     except ImportError:
         have_torch = False
         print("torch is not installed: PyTorch side skipped")
-    print(f"\ntraining step (fwd + CE + bwd + clip + AdamW), f32, 2 threads")
+    precision = "bf16 autocast (f32 master weights)" if bf16 else "f32"
+    print(f"\ntraining step (fwd + CE + bwd + clip + AdamW), {precision}, 2 threads")
     print(describe())
     print("compared: wall time of each side's whole training step, median of the timed steps after 1 warm-up")
     print(f"{'shape':<11}{'batch':>8}{'rlhf tok/s':>12}{'torch tok/s':>13}{'ratio':>8}{'rlhf RSS':>10}{'torch RSS':>11}")
     for label, preset, (layers, width, heads), vocab, batch, seq, steps in SHAPES:
         env = dict(os.environ, RAYON_NUM_THREADS="2")
-        ours = json.loads(subprocess.run([BENCH, preset, str(vocab), str(batch), str(seq), str(steps)], check=True,
+        extra = ["cpu", "bf16"] if bf16 else []
+        ours = json.loads(subprocess.run([BENCH, preset, str(vocab), str(batch), str(seq), str(steps)] + extra, check=True,
                                          capture_output=True, text=True, env=env).stdout)
         theirs = None
         if have_torch:
             out = subprocess.run([sys.executable, __file__, "--torch", str(layers), str(width), str(heads), str(vocab),
-                                  str(batch), str(seq), str(steps)], check=True, capture_output=True, text=True).stdout
+                                  str(batch), str(seq), str(steps), str(int(bf16))], check=True, capture_output=True,
+                                 text=True).stdout
             theirs = json.loads(out.strip().splitlines()[-1])
         t_tok = f"{theirs['tokens_per_s']:.0f}" if theirs else "-"
         ratio = f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x" if theirs else "-"

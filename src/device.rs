@@ -7,7 +7,9 @@
 //! GPU twin; `ops::fused_for` sends other devices down the composite candle path,
 //! which has a backward. `--bf16` is autocast as PyTorch's: the matrix products run in
 //! bf16 on bf16 copies of their operands, everything else (norms, softmax, losses,
-//! the optimizer and its f32 master weights) stays in f32.
+//! the optimizer and its f32 master weights) stays in f32. On a CPU it needs AMX-BF16
+//! tiles (`ops::amx`): there the fused kernels' products (dense layers, the LM head)
+//! run in bf16 and candle's own matmuls (the composite paths) stay f32.
 
 use candle_core::{DType, Device, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,9 +85,9 @@ fn open_cuda(n: usize) -> Result<Device> {
 /// Sets the process' device and autocast. Called once, by the binary, before any
 /// model is loaded; a second call with another device is refused.
 pub fn set_default(spec: DeviceSpec, bf16: bool) -> Result<()> {
-    if bf16 && spec == DeviceSpec::Cpu {
+    if bf16 && spec == DeviceSpec::Cpu && !crate::ops::amx::available() {
         return Err(Error::Invalid(
-            "--bf16 is autocast on a GPU (--device cuda); on the CPU the kernels are f32".into(),
+            "--bf16 is autocast on a GPU (--device cuda) or on a CPU with AMX-BF16 tiles (Intel Xeon, 4th generation on); this CPU has none, and its kernels are f32: run without --bf16".into(),
         ));
     }
     let dev = spec.open()?;
@@ -96,6 +98,7 @@ pub fn set_default(spec: DeviceSpec, bf16: bool) -> Result<()> {
         )));
     }
     AUTOCAST_BF16.store(bf16, Ordering::Relaxed);
+    crate::ops::amx::set_autocast(bf16 && spec == DeviceSpec::Cpu);
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! so results are bit-identical from run to run (resumed training depends on it).
 
 pub mod activation;
+pub mod amx;
 pub mod attention;
 pub mod dense;
 pub mod lm_head;
@@ -191,8 +192,13 @@ fn gemm_into_spare(
     dst
 }
 
+/// Under `--bf16` on the CPU, products with both sides of C at least this long run
+/// in bf16 on AMX tiles (`amx`); smaller ones (a few rows of a decoding step) stay
+/// f32, as padding them to whole tiles would cost more than it saves.
+const AMX_MIN_SIDE: usize = 16;
+
 /// dst = [dst +] a · b through the gemm crate, on the pool's threads when the
-/// product is large enough.
+/// product is large enough; in bf16 on AMX under `--bf16` on the CPU (`amx`).
 ///
 /// # Safety
 /// `dst` points to m·n floats, initialised if `accumulate`.
@@ -205,6 +211,20 @@ unsafe fn gemm_raw(
 ) {
     assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    if m.min(n) >= AMX_MIN_SIDE && m * n * k >= 1 << 16 && amx::autocast() {
+        // SAFETY: autocast on the CPU is set only where `amx::available()`; the asserts
+        // above and the caller's contract are `amx::gemm`'s.
+        unsafe {
+            amx::gemm(
+                (m, n, k),
+                dst,
+                accumulate,
+                (a, (a_rs, a_cs)),
+                (b, (b_rs, b_cs)),
+            )
+        };
+        return;
+    }
     let threads = rayon::current_num_threads();
     let par = if m * n * k >= 1 << 16 && threads > 1 {
         gemm::Parallelism::Rayon(threads)
