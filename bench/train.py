@@ -12,9 +12,12 @@ median over runs). Prints the CPU it ran on.
     python3 bench/train.py            # torch side skipped (with a message) without torch
     python3 bench/train.py --bf16     # both sides under bf16 autocast (rlhf: needs AMX-BF16)
 
---bf16: matrix products in bf16 with f32 master weights on both sides: rlhf's `--bf16`
-(AMX tiles, `ops::amx`) against `torch.autocast("cpu", dtype=torch.bfloat16)` around
-PyTorch's forward and loss (its backward follows autocast's dtypes).
+--bf16: bf16 autocast with f32 master weights on both sides, each as it defines it:
+rlhf's `--bf16` (the dense layers' and LM head's products on AMX tiles with f32
+results; attention and the rest f32: `src/ops/amx.rs`) against
+`torch.autocast("cpu", dtype=torch.bfloat16)` around PyTorch's forward and loss (every
+matmul it covers, attention's too, with bf16 results; the backward follows). Not the
+same arithmetic: rlhf's keeps more in f32.
 """
 import json
 import os
@@ -81,8 +84,12 @@ def main():
     for label, preset, (layers, width, heads), vocab, batch, seq, steps in SHAPES:
         env = dict(os.environ, RAYON_NUM_THREADS="2")
         extra = ["cpu", "bf16"] if bf16 else []
-        ours = json.loads(subprocess.run([BENCH, preset, str(vocab), str(batch), str(seq), str(steps)] + extra, check=True,
-                                         capture_output=True, text=True, env=env).stdout)
+        run = subprocess.run([BENCH, preset, str(vocab), str(batch), str(seq), str(steps)] + extra,
+                             capture_output=True, text=True, env=env)
+        if run.returncode != 0:  # e.g. --bf16 on a CPU without AMX-BF16: its message, not a traceback
+            print(run.stderr.strip(), file=sys.stderr)
+            return 2
+        ours = json.loads(run.stdout)
         theirs = None
         if have_torch:
             out = subprocess.run([sys.executable, __file__, "--torch", str(layers), str(width), str(heads), str(vocab),

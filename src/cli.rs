@@ -61,8 +61,8 @@ pub struct Cli {
         value_name = "cpu|cuda[:N]"
     )]
     pub device: crate::device::DeviceSpec,
-    /// bf16 autocast: matrix products in bf16, f32 master weights; on a GPU, or on a
-    /// CPU with AMX-BF16 tiles (Intel Xeon, 4th generation on).
+    /// bf16 autocast: matrix products in bf16, f32 master weights; on a GPU, or for
+    /// training on a CPU with AMX-BF16 tiles (Intel Xeon, 4th generation on).
     #[arg(long, global = true)]
     pub bf16: bool,
 }

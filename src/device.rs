@@ -8,8 +8,9 @@
 //! which has a backward. `--bf16` is autocast as PyTorch's: the matrix products run in
 //! bf16 on bf16 copies of their operands, everything else (norms, softmax, losses,
 //! the optimizer and its f32 master weights) stays in f32. On a CPU it needs AMX-BF16
-//! tiles (`ops::amx`): there the fused kernels' products (dense layers, the LM head)
-//! run in bf16 and candle's own matmuls (the composite paths) stay f32.
+//! tiles (`ops::amx`): there the dense layers' and the LM head's products run in bf16
+//! with f32 results, and attention and candle's own matmuls (the composite paths)
+//! stay f32 (`ops::amx` says exactly which).
 
 use candle_core::{DType, Device, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +84,8 @@ fn open_cuda(n: usize) -> Result<Device> {
 }
 
 /// Sets the process' device and autocast. Called once, by the binary, before any
-/// model is loaded; a second call with another device is refused.
+/// model is loaded; a second call with another device is refused (one with the same
+/// device sets autocast again: `tests/bf16.rs` compares both in one process).
 pub fn set_default(spec: DeviceSpec, bf16: bool) -> Result<()> {
     if bf16 && spec == DeviceSpec::Cpu && !crate::ops::amx::available() {
         return Err(Error::Invalid(

@@ -986,7 +986,8 @@ fn a_failed_generate_leaves_its_previous_output_untouched() {
 }
 
 /// `--device`, `--bf16` and a launcher's rank variables, refused with exit code 2 and
-/// a message that says what to do, where this build cannot honour them.
+/// a message that says what to do, where this build or CPU cannot honour them
+/// (`--bf16 --device cpu` is accepted where the CPU has AMX-BF16 tiles).
 #[test]
 fn devices_and_launchers_this_build_cannot_serve_exit_2() {
     let run = |args: &[&str], env: &[(&str, &str)]| {

@@ -192,9 +192,10 @@ fn gemm_into_spare(
     dst
 }
 
-/// Under `--bf16` on the CPU, products with both sides of C at least this long run
-/// in bf16 on AMX tiles (`amx`); smaller ones (a few rows of a decoding step) stay
-/// f32, as padding them to whole tiles would cost more than it saves.
+/// Under `--bf16` on the CPU, products with both sides of C at least this long (and
+/// 2¹⁶ multiply-adds) run in bf16 on AMX tiles (`amx`); smaller ones stay f32, as
+/// padding them to whole 32 × 32 blocks would cost more than it saves. So a batch's
+/// last chunk of under 16 rows (the LM head's) keeps f32 products.
 const AMX_MIN_SIDE: usize = 16;
 
 /// dst = [dst +] a · b through the gemm crate, on the pool's threads when the
