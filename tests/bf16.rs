@@ -4,66 +4,13 @@
 
 mod common;
 
-use common::fixture;
-use rlhf::data::sft::SftExample;
+use common::{sft_steps, SftSteps};
 use rlhf::device::DeviceSpec;
-use rlhf::model::hf::load_pretrained;
-use rlhf::train::lm_task::{LmTask, Row};
-use rlhf::train::optimizer::{AdamW, AdamWConfig, GradAccumulator};
 
-/// Losses of 8 steps, the first step's gradients, and the weights before and after.
-type Run = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
-
-fn sft_steps(bf16: bool) -> Run {
+/// 8 SFT steps of the GPT-2 fixture with autocast `bf16` on the CPU.
+fn steps(bf16: bool) -> SftSteps {
     rlhf::device::set_default(DeviceSpec::Cpu, bf16).unwrap();
-    let dev = candle_core::Device::Cpu;
-    let host =
-        |t: &candle_core::Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-    let pre = load_pretrained(&fixture("gpt2"), &dev).unwrap();
-    let rows: Vec<Row> = (0..4u32)
-        .map(|r| {
-            Row::single(SftExample {
-                ids: (0..24).map(|i| (r * 31 + i * 7 + 3) % 300).collect(),
-                loss_mask: (0..24).map(|i| u8::from(i >= 8)).collect(),
-            })
-        })
-        .collect();
-    let task = LmTask::new(pre, rows, vec![], 4, 4, 0);
-    let params = &task.pre.model.params;
-    let flat = || -> Vec<f32> {
-        params
-            .vars()
-            .iter()
-            .flat_map(|(_, v)| host(v.as_tensor()))
-            .collect()
-    };
-    let start = flat();
-    let cfg = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
-    let mut opt = AdamW::new(params, cfg).unwrap();
-    let mut acc = GradAccumulator::new(params).unwrap();
-    let refs: Vec<&Row> = task.train_rows.iter().collect();
-    let (mut losses, mut first_grads) = (vec![], vec![]);
-    for step in 0..8 {
-        let (sum, n, _) = task.loss_sum(&refs).unwrap();
-        let loss = (sum / n as f64).unwrap();
-        losses.push(loss.to_scalar::<f32>().unwrap());
-        let grads = loss.backward().unwrap();
-        if step == 0 {
-            for (_, v) in params.vars() {
-                first_grads.extend(host(grads.get(v.as_tensor()).unwrap()));
-            }
-        }
-        acc.zero().unwrap();
-        acc.add(params, &grads).unwrap();
-        acc.clip(1.0).unwrap();
-        opt.step(params, &acc, 1e-3).unwrap();
-    }
-    (losses, first_grads, start, flat())
+    sft_steps(&candle_core::Device::Cpu, 8)
 }
 
 #[test]
@@ -72,8 +19,20 @@ fn bf16_autocast_steps_follow_the_f32_steps_within_bf16_rounding() {
         println!("skipped: this CPU or its kernel offers no AMX-BF16 tiles");
         return;
     }
-    let (f_losses, f_grads, start, f_weights) = sft_steps(false);
-    let (b_losses, b_grads, b_start, b_weights) = sft_steps(true);
+    let f32_run = steps(false);
+    let bf16_run = steps(true);
+    let (f_losses, f_grads, start, f_weights) = (
+        f32_run.losses,
+        f32_run.first_grads,
+        f32_run.start,
+        f32_run.end,
+    );
+    let (b_losses, b_grads, b_start, b_weights) = (
+        bf16_run.losses,
+        bf16_run.first_grads,
+        bf16_run.start,
+        bf16_run.end,
+    );
     rlhf::device::set_default(DeviceSpec::Cpu, false).unwrap();
     assert_eq!(start, b_start, "both start from the same weights");
     println!("SFT losses: f32 {f_losses:?}, bf16 {b_losses:?}");

@@ -9,10 +9,8 @@ mod common;
 use candle_core::{Device, Tensor};
 
 use common::{fixture, ids_of, max_abs_diff, reference, FAMILIES};
-use rlhf::data::sft::SftExample;
 use rlhf::model::hf::load_pretrained;
 use rlhf::model::{AttentionMask, CausalLm};
-use rlhf::train::lm_task::{LmTask, Row};
 use rlhf::train::optimizer::{AdamW, AdamWConfig, GradAccumulator};
 
 fn gpu() -> Option<Device> {
@@ -74,56 +72,9 @@ fn cuda_greedy_continuations_match_transformers() {
 #[test]
 fn cuda_sft_steps_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
-    let host = |t: &Tensor| -> Vec<f32> {
-        let t = t.to_device(&Device::Cpu).unwrap();
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    };
-    let run = |dev: &Device| -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
-        let pre = load_pretrained(&fixture("gpt2"), dev).unwrap();
-        let rows: Vec<Row> = (0..4u32)
-            .map(|r| {
-                Row::single(SftExample {
-                    ids: (0..24).map(|i| (r * 31 + i * 7 + 3) % 300).collect(),
-                    loss_mask: (0..24).map(|i| u8::from(i >= 8)).collect(),
-                })
-            })
-            .collect();
-        let task = LmTask::new(pre, rows, vec![], 4, 4, 0);
-        let params = &task.pre.model.params;
-        let flat = || -> Vec<f32> {
-            params
-                .vars()
-                .iter()
-                .flat_map(|(_, v)| host(v.as_tensor()))
-                .collect()
-        };
-        let start = flat();
-        let cfg = AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        };
-        let mut opt = AdamW::new(params, cfg).unwrap();
-        let mut acc = GradAccumulator::new(params).unwrap();
-        let refs: Vec<&Row> = task.train_rows.iter().collect();
-        let (mut losses, mut first_grads) = (vec![], vec![]);
-        for step in 0..5 {
-            let (sum, n, _) = task.loss_sum(&refs).unwrap();
-            let loss = (sum / n as f64).unwrap();
-            losses.push(loss.to_scalar::<f32>().unwrap());
-            let grads = loss.backward().unwrap();
-            if step == 0 {
-                for (_, v) in params.vars() {
-                    first_grads.extend(host(grads.get(v.as_tensor()).unwrap()));
-                }
-            }
-            acc.zero().unwrap();
-            acc.add(params, &grads).unwrap();
-            acc.clip(1.0).unwrap();
-            opt.step(params, &acc, 1e-3).unwrap();
-        }
-        (losses, first_grads, start, flat())
+    let run = |dev: &Device| {
+        let r = common::sft_steps(dev, 5);
+        (r.losses, r.first_grads, r.start, r.end)
     };
     let (gpu_losses, gpu_grads, start, gpu_weights) = run(&gpu);
     let (cpu_losses, cpu_grads, cpu_start, cpu_weights) = run(&Device::Cpu);

@@ -181,3 +181,75 @@ pub fn lm_weight_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
 
 pub mod browser;
 pub mod server;
+
+/// What `sft_steps` returns: each step's loss, the first step's gradients, and every
+/// parameter before and after (flattened, in `params.vars()` order, on the host).
+pub struct SftSteps {
+    pub losses: Vec<f32>,
+    pub first_grads: Vec<f32>,
+    pub start: Vec<f32>,
+    pub end: Vec<f32>,
+}
+
+/// `steps` SFT steps (AdamW, lr 1e-3, clipping at 1) of the GPT-2 fixture on `dev`,
+/// over four fixed 24-token rows with the first 8 tokens masked: the same run on two
+/// devices or precisions, to compare.
+pub fn sft_steps(dev: &Device, steps: usize) -> SftSteps {
+    use rlhf::data::sft::SftExample;
+    use rlhf::train::lm_task::{LmTask, Row};
+    use rlhf::train::optimizer::{AdamW, AdamWConfig, GradAccumulator};
+    let host = |t: &candle_core::Tensor| -> Vec<f32> {
+        let t = t.to_device(&Device::Cpu).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let pre = load_pretrained(&fixture("gpt2"), dev).unwrap();
+    let rows: Vec<Row> = (0..4u32)
+        .map(|r| {
+            Row::single(SftExample {
+                ids: (0..24).map(|i| (r * 31 + i * 7 + 3) % 300).collect(),
+                loss_mask: (0..24).map(|i| u8::from(i >= 8)).collect(),
+            })
+        })
+        .collect();
+    let task = LmTask::new(pre, rows, vec![], 4, 4, 0);
+    let params = &task.pre.model.params;
+    let flat = || -> Vec<f32> {
+        params
+            .vars()
+            .iter()
+            .flat_map(|(_, v)| host(v.as_tensor()))
+            .collect()
+    };
+    let start = flat();
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut opt = AdamW::new(params, cfg).unwrap();
+    let mut acc = GradAccumulator::new(params).unwrap();
+    let refs: Vec<&Row> = task.train_rows.iter().collect();
+    let (mut losses, mut first_grads) = (vec![], vec![]);
+    for step in 0..steps {
+        let (sum, n, _) = task.loss_sum(&refs).unwrap();
+        let loss = (sum / n as f64).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        let grads = loss.backward().unwrap();
+        if step == 0 {
+            for (_, v) in params.vars() {
+                first_grads.extend(host(grads.get(v.as_tensor()).unwrap()));
+            }
+        }
+        acc.zero().unwrap();
+        acc.add(params, &grads).unwrap();
+        acc.clip(1.0).unwrap();
+        opt.step(params, &acc, 1e-3).unwrap();
+    }
+    SftSteps {
+        losses,
+        first_grads,
+        start,
+        end: flat(),
+    }
+}
