@@ -7,7 +7,7 @@
 //!     cargo run --release --example bench_train -- PRESET VOCAB BATCH SEQ STEPS [DEVICE [bf16]]
 //!
 //! DEVICE is `cpu` (the default) or `cuda[:N]` in a build with `--features cuda`;
-//! `bf16` turns on autocast there. On a GPU the timer waits for the device's queue
+//! `bf16` turns on autocast (on the CPU: AMX tiles, refused where there are none). On a GPU the timer waits for the device's queue
 //! (the gradient norm is read back every step, and the device is synchronised before
 //! the clock is read).
 

@@ -89,7 +89,7 @@ fn open_cuda(n: usize) -> Result<Device> {
 pub fn set_default(spec: DeviceSpec, bf16: bool) -> Result<()> {
     if bf16 && spec == DeviceSpec::Cpu && !crate::ops::amx::available() {
         return Err(Error::Invalid(
-            "--bf16 is autocast on a GPU (--device cuda) or on a CPU with AMX-BF16 tiles (Intel Xeon, 4th generation on); this CPU has none, and its kernels are f32: run without --bf16".into(),
+            "--bf16 is autocast on a GPU (--device cuda) or on a CPU with AMX-BF16 tiles (Intel Xeon, 4th generation on, under Linux 5.16 or later); this CPU or its OS offers none, and the CPU kernels are f32: run without --bf16".into(),
         ));
     }
     let dev = spec.open()?;

@@ -6,11 +6,12 @@
 //! even) into packed copies and `tdpbf16ps` sums the products in f32 (bf16 denormals
 //! count as zero there). Closer to f32 than PyTorch's or the GPU path's autocast:
 //! - C stays f32 (theirs is rounded to bf16);
-//! - only the products that go through `ops::gemm` change: the dense layers (forward,
-//!   dx, dW) and the LM head; attention's scores and weighted sums, the norms and
-//!   everything else stay f32, as do products with fewer than 16 rows or columns or
-//!   under 2¹⁶ multiply-adds (`ops::AMX_MIN_SIDE`), and the skinny kernel of
-//!   `rlhf generate` and `rlhf serve` (so `--bf16` leaves their products f32).
+//! - only the products that go through `ops::gemm` change, all of them whatever their
+//!   size (a row's result does not depend on how many rows share the call): the
+//!   dense layers (forward, dx, dW) and the LM head; attention's scores and weighted
+//!   sums, the norms and everything else stay f32, and so does the skinny kernel
+//!   (dense layers of 16 rows or fewer, and every product of `rlhf generate` and
+//!   `rlhf serve`, which `--bf16` therefore leaves f32).
 //!
 //! The master weights, the gradients' accumulation and the optimizer stay f32.
 //! Neither the gemm crate nor candle has a bf16 CPU kernel, and Rust's AMX
@@ -115,8 +116,9 @@ thread_local! {
     static SCRATCH: std::cell::Cell<(Vec<u16>, Vec<u16>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
-/// The most bf16 per packed operand kept between calls (8 MiB).
-const SCRATCH_KEEP: usize = 4 << 20;
+/// The most bf16 per packed operand kept between calls (32 MiB: GPT-2's LM-head
+/// gradient operand, 50272 × 96 for a chunk, fits).
+const SCRATCH_KEEP: usize = 16 << 20;
 
 /// `buf` resized to `len` (its contents left as they are: every group is cleared by
 /// its packer).
@@ -174,7 +176,7 @@ simd_kernel! {
                 }
             }
         } else {
-            // Stored along m (a transposed A): 32 stored rows of up to 128 floats
+            // Stored along m (a transposed A): 32 stored rows of up to 256 floats
             // into a block in cache, then each of its tiles' rows from a column.
             let mut blk = [[0u16; GROUPS_PER_TASK * 16]; K_STEP];
             for t in 0..p.kt {
@@ -324,15 +326,13 @@ pub(crate) unsafe fn gemm(
         let dst = dst;
         let (lo, hi) = (r * blocks / runs, (r + 1) * blocks / runs);
         // SAFETY: `available()` (the caller's contract).
-        let _tiles = unsafe { tiles::Config::load() };
+        let config = unsafe { tiles::Config::load() };
         let mut c = [0f32; BLOCK * BLOCK];
         for t in lo..hi {
             let (bj, bi) = (t / mb, t % mb);
             let a_rows = &pa_ref[bi * 2 * group..][..2 * group];
             let b_cols = &pb_ref[bj * 2 * group..][..2 * group];
-            // SAFETY: the configuration is loaded; two groups of `kt` tiles on each
-            // side (sliced above).
-            unsafe { tiles::block(a_rows, b_cols, p.kt, &mut c) };
+            tiles::block(&config, a_rows, b_cols, p.kt, &mut c);
             let (i0, j0) = (bi * BLOCK, bj * BLOCK);
             let (h, w) = ((m - i0).min(BLOCK), (n - j0).min(BLOCK));
             for ii in 0..h {
@@ -357,7 +357,7 @@ pub(crate) unsafe fn gemm(
     // Kept for the next call unless large (the LM head's packed gradient on a GPT-2
     // vocabulary is tens of MB).
     let keep = |v: Vec<u16>| {
-        if v.len() <= SCRATCH_KEEP {
+        if v.capacity() <= SCRATCH_KEEP {
             v
         } else {
             Vec::new()
@@ -415,7 +415,12 @@ mod tiles {
     /// It is machine state that compiled code, which uses no AMX, never changes, so
     /// it stays loaded between `block` calls: loading it for every block cost 7 % of a
     /// GPT-2 124M step (`perf`, most of the block kernel's time).
-    pub(super) struct Config(());
+    ///
+    /// It relies on two things: the OS saves and restores the configuration with the
+    /// thread's state (XSAVE's XTILECFG), and nothing between `load` and the last
+    /// `block` hands work to the pool, where another run on this thread would release
+    /// it first (`gemm`'s runs only call `block` and copy). `Config` is not `Send`.
+    pub(super) struct Config(std::marker::PhantomData<*const ()>);
 
     impl Config {
         /// # Safety
@@ -423,7 +428,7 @@ mod tiles {
         pub(super) unsafe fn load() -> Config {
             // SAFETY: a valid palette-1 configuration; the caller has the permission.
             unsafe { asm!("ldtilecfg [{}]", in(reg) PALETTE.0.as_ptr(), options(nostack)) };
-            Config(())
+            Config(std::marker::PhantomData)
         }
     }
 
@@ -442,12 +447,11 @@ mod tiles {
     /// register's value lives from one statement to the next, where compiled code
     /// runs.
     ///
-    /// # Safety
-    /// A `Config` is loaded on this thread.
-    pub(super) unsafe fn block(a: &[u16], b: &[u16], kt: usize, c: &mut [f32; BLOCK * BLOCK]) {
+    pub(super) fn block(_: &Config, a: &[u16], b: &[u16], kt: usize, c: &mut [f32; BLOCK * BLOCK]) {
         let group = kt * TILE;
         assert!(kt >= 1 && a.len() >= 2 * group && b.len() >= 2 * group);
-        // SAFETY: the caller's configuration; each tile load reads one whole tile (16
+        // SAFETY: the configuration is loaded on this thread (a `Config`, not `Send`,
+        // borrowed); each tile load reads one whole tile (16
         // rows of 64 bytes, 1 KiB) inside `a` or `b` by the assert, kt times, 1 KiB
         // further each time; the stores write 16 rows of 64 bytes at 128 bytes a row,
         // the four quadrants of `c` (4 KiB).
@@ -506,7 +510,7 @@ mod tiles {
         }
     }
 
-    pub(super) unsafe fn block(_: &[u16], _: &[u16], _: usize, _: &mut [f32; BLOCK * BLOCK]) {
+    pub(super) fn block(_: &Config, _: &[u16], _: &[u16], _: usize, _: &mut [f32; BLOCK * BLOCK]) {
         unreachable!("AMX tiles are used on x86_64 Linux only")
     }
 }
@@ -603,16 +607,29 @@ mod tests {
     /// A matrix's row and column strides.
     type Strides = (usize, usize);
 
-    /// A random product's operands, A and B each stored as given or transposed.
+    /// How a test operand is stored: row-major, transposed, or every other float of
+    /// rows twice as long (neither stride 1).
+    const LAYOUTS: [&str; 3] = ["rows", "transposed", "strided"];
+
+    /// The strides of a (rows × cols) matrix stored as `LAYOUTS[layout]`, and the
+    /// floats that takes.
+    fn layout(layout: usize, rows: usize, cols: usize) -> (Strides, usize) {
+        match layout {
+            0 => ((cols, 1), rows * cols),
+            1 => ((1, rows), rows * cols),
+            _ => ((2 * cols, 2), 2 * rows * cols),
+        }
+    }
+
+    /// A random product's operands, A and B each stored as `LAYOUTS` says.
     fn operands(
         rng: &mut rand_chacha::ChaCha8Rng,
         (m, n, k): (usize, usize, usize),
-        transposed: (bool, bool),
+        (la, lb): (usize, usize),
     ) -> (Vec<f32>, Strides, Vec<f32>, Strides) {
-        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let sa = if transposed.0 { (1, m) } else { (k, 1) };
-        let sb = if transposed.1 { (1, k) } else { (n, 1) };
+        let ((sa, a_len), (sb, b_len)) = (layout(la, m, k), layout(lb, k, n));
+        let a: Vec<f32> = (0..a_len).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let b: Vec<f32> = (0..b_len).map(|_| rng.random_range(-2.0..2.0)).collect();
         (a, sa, b, sb)
     }
 
@@ -620,13 +637,20 @@ mod tests {
     fn packed_tiles_hold_the_bf16_operands_with_zero_padding_on_any_cpu() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for &(m, n, k) in &SHAPES {
-            for ta in [false, true] {
-                for tb in [false, true] {
-                    let (mut a, sa, b, sb) = operands(&mut rng, (m, n, k), (ta, tb));
-                    // An infinity in A's first k tile: its row must come out ±inf, not
-                    // NaN (a stale copy of it in the padding would meet B's zeros).
-                    a[0] = f32::INFINITY;
+            for (la, ta) in LAYOUTS.iter().enumerate() {
+                for (lb, tb) in LAYOUTS.iter().enumerate() {
+                    let (mut a, sa, b, sb) = operands(&mut rng, (m, n, k), (la, lb));
                     let p = Packed::new(m, n, k);
+                    // An infinity in row 0 at the last column of the next-to-last k tile
+                    // (where k ends inside the last one): its row must come out ±inf,
+                    // not NaN, which a stale copy of it in the last tile's padding would
+                    // give against B's zero rows.
+                    let kk_inf = if k % K_STEP != 0 && p.kt >= 2 {
+                        (p.kt - 1) * K_STEP - 1
+                    } else {
+                        0
+                    };
+                    a[kk_inf * sa.1] = f32::INFINITY;
                     let mut packed = vec![];
                     for threads in [1, 2] {
                         let pool = rayon::ThreadPoolBuilder::new()
@@ -698,15 +722,20 @@ mod tests {
     #[test]
     fn amx_products_are_the_bf16_products_summed_in_f32() {
         if !available() {
+            // RLHF_REQUIRE_AMX=1 (on a runner known to have AMX) makes the skip a failure.
+            assert!(
+                std::env::var_os("RLHF_REQUIRE_AMX").is_none(),
+                "RLHF_REQUIRE_AMX is set but this CPU or its kernel offers no AMX-BF16 tiles"
+            );
             println!("skipped: this CPU or its kernel offers no AMX-BF16 tiles");
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         for &(m, n, k) in SHAPES.iter().chain(&[(600, 520, 300)]) {
-            for ta in [false, true] {
-                for tb in [false, true] {
+            for (la, ta) in LAYOUTS.iter().enumerate() {
+                for (lb, tb) in LAYOUTS.iter().enumerate() {
                     for accumulate in [false, true] {
-                        let (a, sa, b, sb) = operands(&mut rng, (m, n, k), (ta, tb));
+                        let (a, sa, b, sb) = operands(&mut rng, (m, n, k), (la, lb));
                         let start: Vec<f32> =
                             (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
                         let mut results = vec![];
@@ -732,6 +761,18 @@ mod tests {
                             bits(&results[1]),
                             "{m}×{n}×{k}: bits depend on the threads"
                         );
+                        if !accumulate && m >= 2 {
+                            // A row's bits do not depend on how many rows share the call.
+                            let h = m / 2;
+                            let mut top = vec![f32::NAN; h * n];
+                            // SAFETY: AMX is available; top holds h·n floats.
+                            unsafe { gemm((h, n, k), top.as_mut_ptr(), false, (&a, sa), (&b, sb)) };
+                            assert_eq!(
+                                bits(&top),
+                                bits(&results[0][..h * n]),
+                                "{m}×{n}×{k}: the first {h} rows alone differ"
+                            );
+                        }
                         let want = reference((m, n, k), &a, sa, &b, sb);
                         for (idx, (&got, &w)) in results[0].iter().zip(&want).enumerate() {
                             let w = w + if accumulate { start[idx] as f64 } else { 0.0 };

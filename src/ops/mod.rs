@@ -192,14 +192,8 @@ fn gemm_into_spare(
     dst
 }
 
-/// Under `--bf16` on the CPU, products with both sides of C at least this long (and
-/// 2¹⁶ multiply-adds) run in bf16 on AMX tiles (`amx`); smaller ones stay f32, as
-/// padding them to whole 32 × 32 blocks would cost more than it saves. So a batch's
-/// last chunk of under 16 rows (the LM head's) keeps f32 products.
-const AMX_MIN_SIDE: usize = 16;
-
 /// dst = [dst +] a · b through the gemm crate, on the pool's threads when the
-/// product is large enough; in bf16 on AMX under `--bf16` on the CPU (`amx`).
+/// product is large enough; in bf16 on AMX tiles under `--bf16` on the CPU (`amx`).
 ///
 /// # Safety
 /// `dst` points to m·n floats, initialised if `accumulate`.
@@ -212,7 +206,10 @@ unsafe fn gemm_raw(
 ) {
     assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    if m.min(n) >= AMX_MIN_SIDE && m * n * k >= 1 << 16 && amx::autocast() {
+    // Under `--bf16` on the CPU every product here runs on AMX, whatever its size: a
+    // row's precision must not depend on how many rows share its call (PPO's old
+    // log-probs are scored in chunks, its new ones in one call).
+    if amx::autocast() {
         // SAFETY: autocast on the CPU is set only where `amx::available()`; the asserts
         // above and the caller's contract are `amx::gemm`'s.
         unsafe {
