@@ -65,14 +65,10 @@ fn bf16_autocast_steps_follow_the_f32_steps_within_bf16_rounding() {
         diff > 0.0 && diff <= 4e-2 * scale,
         "gradients differ by {diff}"
     );
-    let norm = |a: &[f32], b: &[f32]| -> f64 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-    };
-    let (moved, apart) = (norm(&f_weights, &start), norm(&b_weights, &f_weights));
+    let (moved, apart) = (
+        common::l2_distance(&f_weights, &start),
+        common::l2_distance(&b_weights, &f_weights),
+    );
     println!("weights after 8 steps: ‖bf16 − f32‖ = {apart:.2e}, ‖f32 − start‖ = {moved:.2e}");
     assert!(
         moved > 0.0 && apart <= 0.1 * moved,

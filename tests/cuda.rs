@@ -107,15 +107,8 @@ fn cuda_sft_steps_match_the_cpu() {
         grad_diff <= 1e-4 * grad_scale,
         "gradients differ by {grad_diff}"
     );
-    let norm = |a: &[f32], b: &[f32]| -> f64 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-    };
-    let moved = norm(&cpu_weights, &start);
-    let apart = norm(&gpu_weights, &cpu_weights);
+    let moved = common::l2_distance(&cpu_weights, &start);
+    let apart = common::l2_distance(&gpu_weights, &cpu_weights);
     println!(
         "weights after 5 steps: ‖GPU − CPU‖ = {apart:.2e}, ‖CPU − start‖ = {moved:.2e} (ratio {:.2e}); max |GPU − CPU| {:.2e}",
         apart / moved,

@@ -182,6 +182,15 @@ pub fn lm_weight_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
 pub mod browser;
 pub mod server;
 
+/// ‖a − b‖₂ of two flattened weight sets, summed in f64.
+pub fn l2_distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
 /// What `sft_steps` returns: each step's loss, the first step's gradients, and every
 /// parameter before and after (flattened, in `params.vars()` order, on the host).
 pub struct SftSteps {
