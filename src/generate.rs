@@ -12,6 +12,7 @@
 use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -216,21 +217,37 @@ fn generate_with(
     let mut done = vec![false; prompts.len()];
 
     for _step in 0..params.max_new_tokens {
+        // Each running row's distribution, rows in parallel (the exponentials over the
+        // vocabulary are most of sampling), then the draws in row order, so a shared
+        // stream is drawn exactly as row after row.
+        let rows: Vec<Option<Distribution>> = {
+            let row = |b: usize| {
+                (!done[b]).then(|| {
+                    let c = &out[b];
+                    // Only the repetition penalty reads the history: build it only then.
+                    let history: Vec<u32> = if params.repetition_penalty != 1.0 {
+                        c.prompt_tokens.iter().chain(&c.tokens).copied().collect()
+                    } else {
+                        vec![]
+                    };
+                    Distribution::with_lse(&logits[b], &history, params)
+                })
+            };
+            let work = logits.len() * logits.first().map_or(0, Vec::len);
+            if logits.len() > 1 && work >= SAMPLING_PARALLEL_MIN {
+                (0..logits.len()).into_par_iter().map(row).collect()
+            } else {
+                (0..logits.len()).map(row).collect()
+            }
+        };
         let mut next = Vec::with_capacity(prompts.len());
-        for (b, row) in logits.iter().enumerate() {
-            if done[b] {
+        for (b, dist) in rows.into_iter().enumerate() {
+            let Some(dist) = dist else {
                 next.push(pad);
                 continue;
-            }
-            let c = &mut out[b];
-            // Only the repetition penalty reads the history: build it only then.
-            let history: Vec<u32> = if params.repetition_penalty != 1.0 {
-                c.prompt_tokens.iter().chain(&c.tokens).copied().collect()
-            } else {
-                vec![]
             };
-            let (token, logprob) =
-                sample_token_and_logprob(row, &history, params, draws.for_row(b));
+            let c = &mut out[b];
+            let (token, logprob) = dist.draw_with_logprob(&logits[b], draws.for_row(b));
             c.tokens.push(token);
             c.logprobs.push(logprob);
             next.push(token);
@@ -338,14 +355,18 @@ fn last_logits(
 
 /// log softmax(logits)[index], computed in f64.
 pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
+    (logits[index] as f64 - log_sum_exp(logits)) as f32
+}
+
+/// log Σ exp(logits), in f64, the maximum taken out first.
+fn log_sum_exp(logits: &[f32]) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits
+    logits
         .iter()
         .map(|&x| (x as f64 - max).exp())
         .sum::<f64>()
         .ln()
-        + max;
-    (logits[index] as f64 - lse) as f32
+        + max
 }
 
 /// Picks the next token from one row of logits. `history` is the sequence so far
@@ -356,7 +377,7 @@ pub fn sample_token(
     params: &SamplingParams,
     rng: &mut ChaCha8Rng,
 ) -> u32 {
-    sample(logits, history, params, rng).0
+    Distribution::new(logits, history, params).draw(rng).0
 }
 
 /// `sample_token` and the token's log-probability under the unmodified distribution
@@ -369,86 +390,139 @@ pub fn sample_token_and_logprob(
     params: &SamplingParams,
     rng: &mut ChaCha8Rng,
 ) -> (u32, f32) {
-    let (token, lse) = sample(logits, history, params, rng);
-    let logprob = match lse {
-        Some(lse) => (logits[token as usize] as f64 - lse) as f32,
-        None => log_softmax_at(logits, token as usize),
-    };
-    (token, logprob)
+    let (token, lse) = Distribution::new(logits, history, params).draw(rng);
+    let lse = lse.unwrap_or_else(|| log_sum_exp(logits));
+    (token, (logits[token as usize] as f64 - lse) as f32)
 }
 
-/// The token, and log Σ exp(logits) when the sampling weights were its terms.
-fn sample(
-    logits: &[f32],
-    history: &[u32],
-    params: &SamplingParams,
-    rng: &mut ChaCha8Rng,
-) -> (u32, Option<f64>) {
-    let mut scores = logits.to_vec();
-    if params.repetition_penalty != 1.0 {
-        // transformers' RepetitionPenaltyLogitsProcessor: shrink toward less likely.
-        let p = params.repetition_penalty;
-        let mut seen = history.to_vec();
-        seen.sort_unstable();
-        seen.dedup();
-        for &t in &seen {
-            if let Some(s) = scores.get_mut(t as usize) {
-                *s = if *s < 0.0 { *s * p } else { *s / p };
+/// Rows × vocabulary below which a step's rows are sampled on the calling thread.
+const SAMPLING_PARALLEL_MIN: usize = 1 << 14;
+
+/// What a draw needs from one row of logits, computed without the random stream
+/// (so rows can be prepared in parallel and drawn in order).
+enum Distribution {
+    /// Temperature 0: the highest score (and log Σ exp(logits) when `with_lse`
+    /// computed it).
+    Greedy { token: u32, lse: Option<f64> },
+    Weighted {
+        /// Candidate ids in the order the draw walks them.
+        candidates: Vec<usize>,
+        /// exp((score − max) / T) of each candidate.
+        weights: Vec<f64>,
+        total: f64,
+        /// log Σ exp(logits) when known: the weights were its terms (plain
+        /// sampling), or `with_lse` computed it.
+        lse: Option<f64>,
+    },
+}
+
+impl Distribution {
+    fn new(logits: &[f32], history: &[u32], params: &SamplingParams) -> Distribution {
+        let mut scores = logits.to_vec();
+        if params.repetition_penalty != 1.0 {
+            // transformers' RepetitionPenaltyLogitsProcessor: shrink toward less likely.
+            let p = params.repetition_penalty;
+            let mut seen = history.to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            for &t in &seen {
+                if let Some(s) = scores.get_mut(t as usize) {
+                    *s = if *s < 0.0 { *s * p } else { *s / p };
+                }
+            }
+        }
+        if params.temperature == 0.0 {
+            return Distribution::Greedy {
+                token: argmax(&scores) as u32,
+                lse: None,
+            };
+        }
+        // Candidate ids: the whole vocabulary unless top-k or top-p cut it. Only top-p
+        // needs an order, so the common case (plain temperature sampling) sorts nothing.
+        let mut candidates: Vec<usize> = (0..scores.len()).collect();
+        if params.top_k > 0 && params.top_k < candidates.len() {
+            let k = params.top_k;
+            // Highest score first; ties keep the lower id (a total, deterministic order).
+            candidates.select_nth_unstable_by(k - 1, |&a, &b| {
+                scores[b].total_cmp(&scores[a]).then(a.cmp(&b))
+            });
+            candidates.truncate(k);
+        }
+        let max = candidates
+            .iter()
+            .map(|&i| scores[i])
+            .fold(f32::NEG_INFINITY, f32::max) as f64;
+        let inv_t = 1.0 / params.temperature as f64;
+        let weight = |i: usize| ((scores[i] as f64 - max) * inv_t).exp();
+        if params.top_p < 1.0 {
+            candidates.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
+            let total: f64 = weights.iter().sum();
+            let mut cum = 0.0;
+            let keep = weights
+                .iter()
+                .position(|&w| {
+                    cum += w / total;
+                    cum >= params.top_p as f64
+                })
+                .map_or(candidates.len(), |i| i + 1);
+            candidates.truncate(keep);
+        }
+        let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
+        let total: f64 = weights.iter().sum();
+        // The whole vocabulary in id order, the logits unchanged, (x − max)·1 = x − max:
+        // `total` is log_sum_exp's sum, term for term.
+        let plain = params.repetition_penalty == 1.0
+            && params.temperature == 1.0
+            && candidates.len() == logits.len()
+            && params.top_p >= 1.0;
+        Distribution::Weighted {
+            candidates,
+            weights,
+            total,
+            lse: plain.then(|| total.ln() + max),
+        }
+    }
+
+    /// `new`, with log Σ exp(logits) computed here when the weights do not give it.
+    fn with_lse(logits: &[f32], history: &[u32], params: &SamplingParams) -> Distribution {
+        let mut d = Distribution::new(logits, history, params);
+        let (Distribution::Greedy { lse, .. } | Distribution::Weighted { lse, .. }) = &mut d;
+        if lse.is_none() {
+            *lse = Some(log_sum_exp(logits));
+        }
+        d
+    }
+
+    /// The token, and log Σ exp(logits) when known.
+    fn draw(&self, rng: &mut ChaCha8Rng) -> (u32, Option<f64>) {
+        match self {
+            Distribution::Greedy { token, lse } => (*token, *lse),
+            Distribution::Weighted {
+                candidates,
+                weights,
+                total,
+                lse,
+            } => {
+                let r = rng.random::<f64>() * total;
+                let mut cum = 0.0;
+                for (&i, w) in candidates.iter().zip(weights) {
+                    cum += w;
+                    if r < cum {
+                        return (i as u32, *lse);
+                    }
+                }
+                (candidates[candidates.len() - 1] as u32, *lse)
             }
         }
     }
-    if params.temperature == 0.0 {
-        return (argmax(&scores) as u32, None);
+
+    /// The token and its log-probability under the unmodified `logits`.
+    fn draw_with_logprob(&self, logits: &[f32], rng: &mut ChaCha8Rng) -> (u32, f32) {
+        let (token, lse) = self.draw(rng);
+        let lse = lse.unwrap_or_else(|| log_sum_exp(logits));
+        (token, (logits[token as usize] as f64 - lse) as f32)
     }
-    // Candidate ids: the whole vocabulary unless top-k or top-p cut it. Only top-p
-    // needs an order, so the common case (plain temperature sampling) sorts nothing.
-    let mut candidates: Vec<usize> = (0..scores.len()).collect();
-    if params.top_k > 0 && params.top_k < candidates.len() {
-        let k = params.top_k;
-        // Highest score first; ties keep the lower id (a total, deterministic order).
-        candidates.select_nth_unstable_by(k - 1, |&a, &b| {
-            scores[b].total_cmp(&scores[a]).then(a.cmp(&b))
-        });
-        candidates.truncate(k);
-    }
-    let max = candidates
-        .iter()
-        .map(|&i| scores[i])
-        .fold(f32::NEG_INFINITY, f32::max) as f64;
-    let inv_t = 1.0 / params.temperature as f64;
-    let weight = |i: usize| ((scores[i] as f64 - max) * inv_t).exp();
-    if params.top_p < 1.0 {
-        candidates.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-        let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
-        let total: f64 = weights.iter().sum();
-        let mut cum = 0.0;
-        let keep = weights
-            .iter()
-            .position(|&w| {
-                cum += w / total;
-                cum >= params.top_p as f64
-            })
-            .map_or(candidates.len(), |i| i + 1);
-        candidates.truncate(keep);
-    }
-    let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
-    let total: f64 = weights.iter().sum();
-    // The whole vocabulary in id order, the logits unchanged, (x − max)·1 = x − max:
-    // `total` is log_softmax_at's sum, term for term.
-    let plain = params.repetition_penalty == 1.0
-        && params.temperature == 1.0
-        && candidates.len() == logits.len()
-        && params.top_p >= 1.0;
-    let lse = plain.then(|| total.ln() + max);
-    let r = rng.random::<f64>() * total;
-    let mut cum = 0.0;
-    for (&i, w) in candidates.iter().zip(&weights) {
-        cum += w;
-        if r < cum {
-            return (i as u32, lse);
-        }
-    }
-    (candidates[candidates.len() - 1] as u32, lse)
 }
 
 fn argmax(xs: &[f32]) -> usize {

@@ -1,0 +1,129 @@
+//! gemm (the crate candle's matmuls and `ops::gemm` run on) on the training step's
+//! shapes, in wall time on the pool, in GFLOP/s to set against
+//! `examples/bench_fma_peak`: how far the products of a step are from the machine's
+//! ceiling, and so what a faster kernel could still gain.
+//!
+//!     cargo run --release --example bench_gemm [TOKENS [ROUNDS]]
+//!
+//! Every product of GPT-2 small at TOKENS rows (default 512 = `bench/train.py`'s
+//! 4×128) in the three layouts a dense layer uses: forward y = x·Wᵀ, dx = dy·W,
+//! dW = dyᵀ·x. Each is timed once per round, the rounds interleaved, and the fastest
+//! round is printed (a shared host's slow spells show in the slower rounds).
+
+mod common;
+
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// An operand: its floats and (row, column) strides.
+type Operand<'a> = (&'a [f32], (usize, usize));
+
+/// dst (m × n, row-major) = a (m × k) · b (k × n), on every pool thread.
+fn product(
+    (m, n, k): (usize, usize, usize),
+    (a, a_s): Operand,
+    (b, b_s): Operand,
+    dst: &mut [f32],
+) {
+    assert!(dst.len() >= m * n);
+    assert!(a.len() > (m - 1) * a_s.0 + (k - 1) * a_s.1);
+    assert!(b.len() > (k - 1) * b_s.0 + (n - 1) * b_s.1);
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts keep every read of a and b in bounds and dst holds m·n.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_s.1 as isize,
+            a_s.0 as isize,
+            b.as_ptr(),
+            b_s.1 as isize,
+            b_s.0 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+fn main() {
+    rlhf::setup_process();
+    rlhf::in_worker_pool(run)
+}
+
+fn run() {
+    println!("{}", common::cpu_info());
+    let arg = |i: usize, default: usize| {
+        std::env::args()
+            .nth(i)
+            .map_or(default, |a| a.parse().expect("a number"))
+    };
+    let (t, rounds) = (arg(1, 512), arg(2, 6).max(2));
+    println!("threads {}", rayon::current_num_threads());
+    // (in, out) of GPT-2 small's products: c_attn, attn c_proj, c_fc, mlp c_proj, LM head.
+    let layers = [
+        (768, 2304),
+        (768, 768),
+        (768, 3072),
+        (3072, 768),
+        (768, 50257),
+    ];
+    let (mut seconds, mut flops) = (0.0, 0.0);
+    for (l, (i, o)) in layers.into_iter().enumerate() {
+        // Twelve blocks, one LM head.
+        let times = if l < 4 { 12.0 } else { 1.0 };
+        let x = vec![0.5f32; t * i];
+        let w = vec![0.25f32; o * i];
+        let dy = vec![0.125f32; t * o];
+        let (mut y, mut dx, mut dw) = (vec![0f32; t * o], vec![0f32; t * i], vec![0f32; o * i]);
+        let flop = 2.0 * (t * i * o) as f64;
+        let mut best = [f64::MAX; 3];
+        for round in 0..rounds {
+            for (which, best) in best.iter_mut().enumerate() {
+                let start = Instant::now();
+                match which {
+                    // y (t × o) = x (t × i) · Wᵀ, W stored (o, i)
+                    0 => product((t, o, i), (&x, (i, 1)), (&w, (1, i)), &mut y),
+                    // dx (t × i) = dy (t × o) · W (o × i)
+                    1 => product((t, i, o), (&dy, (o, 1)), (&w, (i, 1)), &mut dx),
+                    // dW (o × i) = dyᵀ (o × t) · x (t × i)
+                    _ => product((o, i, t), (&dy, (1, o)), (&x, (i, 1)), &mut dw),
+                }
+                if round > 0 {
+                    *best = best.min(start.elapsed().as_secs_f64()); // round 0 warms up
+                }
+            }
+        }
+        for (name, sec) in ["forward", "dx", "dW"].iter().zip(best) {
+            seconds += times * sec;
+            flops += times * flop;
+            println!(
+                "{t:>5} {i:>5} {o:>6} {name:<8} {:>9.3} ms {:>7.1} GFLOP/s",
+                sec * 1e3,
+                flop / sec / 1e9
+            );
+        }
+    }
+    println!(
+        "the products of one step (12 blocks and the head, forward and backward): {:.1} GFLOP in {:.1} ms, {:.1} GFLOP/s",
+        flops / 1e9,
+        seconds * 1e3,
+        flops / seconds / 1e9
+    );
+}
