@@ -39,7 +39,9 @@ import time
 from cpu import describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RLHF = os.path.join(ROOT, "target", "release", "rlhf")
+# RLHF_BIN=path: serve with that binary (another build, for a before/after in one
+# sitting) instead of building target/release/rlhf.
+RLHF = os.environ.get("RLHF_BIN") or os.path.join(ROOT, "target", "release", "rlhf")
 TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "tokenizer.json")
 PROMPT_TOKENS, NEW, TOTAL_REQUESTS = 32, 32, 16
 CLIENTS = [1, 4, 16]
@@ -204,7 +206,9 @@ def main():
     unknown = [m for m in wanted if m not in {s[0] for s in SHAPES}]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; expected one of {[s[0] for s in SHAPES]}")
-    subprocess.run(["cargo", "build", "--release", "--bin", "rlhf"], cwd=ROOT, check=True)
+    if not os.environ.get("RLHF_BIN"):
+        subprocess.run(["cargo", "build", "--release", "--bin", "rlhf"], cwd=ROOT, check=True)
+    print(f"server binary: {RLHF}")
     print(describe())
     print(f"load: {os.getloadavg()[0]:.2f} (1-minute average at the start)")
     rows = []

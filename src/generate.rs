@@ -217,37 +217,29 @@ fn generate_with(
     let mut done = vec![false; prompts.len()];
 
     for _step in 0..params.max_new_tokens {
-        // Each running row's distribution, rows in parallel (the exponentials over the
-        // vocabulary are most of sampling), then the draws in row order, so a shared
-        // stream is drawn exactly as row after row.
-        let rows: Vec<Option<Distribution>> = {
-            let row = |b: usize| {
+        let sampled = sample_rows(
+            &logits,
+            |b| {
                 (!done[b]).then(|| {
                     let c = &out[b];
                     // Only the repetition penalty reads the history: build it only then.
-                    let history: Vec<u32> = if params.repetition_penalty != 1.0 {
+                    if params.repetition_penalty != 1.0 {
                         c.prompt_tokens.iter().chain(&c.tokens).copied().collect()
                     } else {
                         vec![]
-                    };
-                    Distribution::with_lse(&logits[b], &history, params)
+                    }
                 })
-            };
-            let work = logits.len() * logits.first().map_or(0, Vec::len);
-            if logits.len() > 1 && work >= SAMPLING_PARALLEL_MIN {
-                (0..logits.len()).into_par_iter().map(row).collect()
-            } else {
-                (0..logits.len()).map(row).collect()
-            }
-        };
+            },
+            params,
+            &mut draws,
+        );
         let mut next = Vec::with_capacity(prompts.len());
-        for (b, dist) in rows.into_iter().enumerate() {
-            let Some(dist) = dist else {
+        for (b, sampled) in sampled.into_iter().enumerate() {
+            let Some((token, logprob)) = sampled else {
                 next.push(pad);
                 continue;
             };
             let c = &mut out[b];
-            let (token, logprob) = dist.draw_with_logprob(&logits[b], draws.for_row(b));
             c.tokens.push(token);
             c.logprobs.push(logprob);
             next.push(token);
@@ -353,6 +345,30 @@ fn last_logits(
     Ok(logits.to_vec2()?)
 }
 
+/// One decoding step's tokens and their log-probabilities, `None` for the rows
+/// `history` gives none for (finished). Each row's distribution is computed first,
+/// rows in parallel when there is enough work (the exponentials over the vocabulary
+/// are most of sampling), and the draws then come in row order, so a shared stream
+/// is drawn exactly as row after row (`sample_token_and_logprob` on each row).
+fn sample_rows(
+    logits: &[Vec<f32>],
+    history: impl Fn(usize) -> Option<Vec<u32>> + Sync,
+    params: &SamplingParams,
+    draws: &mut Draws,
+) -> Vec<Option<(u32, f32)>> {
+    let row = |b: usize| history(b).map(|h| Distribution::with_lse(&logits[b], &h, params));
+    let work = logits.len() * logits.first().map_or(0, Vec::len);
+    let rows: Vec<Option<Distribution>> = if logits.len() > 1 && work >= SAMPLING_PARALLEL_MIN {
+        (0..logits.len()).into_par_iter().map(row).collect()
+    } else {
+        (0..logits.len()).map(row).collect()
+    };
+    rows.into_iter()
+        .enumerate()
+        .map(|(b, d)| d.map(|d| d.draw_with_logprob(&logits[b], draws.for_row(b))))
+        .collect()
+}
+
 /// log softmax(logits)[index], computed in f64.
 pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
     (logits[index] as f64 - log_sum_exp(logits)) as f32
@@ -390,9 +406,7 @@ pub fn sample_token_and_logprob(
     params: &SamplingParams,
     rng: &mut ChaCha8Rng,
 ) -> (u32, f32) {
-    let (token, lse) = Distribution::new(logits, history, params).draw(rng);
-    let lse = lse.unwrap_or_else(|| log_sum_exp(logits));
-    (token, (logits[token as usize] as f64 - lse) as f32)
+    Distribution::new(logits, history, params).draw_with_logprob(logits, rng)
 }
 
 /// Rows × vocabulary below which a step's rows are sampled on the calling thread.
@@ -539,6 +553,65 @@ fn argmax(xs: &[f32]) -> usize {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// A step's rows, prepared in parallel, draw from a shared stream exactly as
+    /// `sample_token_and_logprob` row after row would, and from per-row streams as
+    /// each row alone; finished rows draw nothing.
+    #[test]
+    fn a_steps_rows_sample_as_row_after_row() {
+        let vocab = SAMPLING_PARALLEL_MIN / 4 + 3; // 6 rows: the parallel path
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let logits: Vec<Vec<f32>> = (0..6)
+            .map(|_| {
+                (0..vocab)
+                    .map(|_| rng.random::<f32>() * 8.0 - 4.0)
+                    .collect()
+            })
+            .collect();
+        let running = [true, false, true, true, false, true];
+        let settings = [
+            params(1.0),
+            params(0.7),
+            params(0.0),
+            SamplingParams {
+                top_p: 0.8,
+                top_k: 40,
+                repetition_penalty: 1.3,
+                ..params(1.2)
+            },
+        ];
+        for p in &settings {
+            let history = |b: usize| running[b].then(|| vec![b as u32, 7, 9]);
+            let mut shared = ChaCha8Rng::seed_from_u64(11);
+            let got = sample_rows(&logits, history, p, &mut Draws::Shared(&mut shared));
+            let mut sequential = ChaCha8Rng::seed_from_u64(11);
+            let want: Vec<Option<(u32, f32)>> = (0..6)
+                .map(|b| {
+                    history(b).map(|h| sample_token_and_logprob(&logits[b], &h, p, &mut sequential))
+                })
+                .collect();
+            assert_eq!(got, want, "shared stream, {p:?}");
+            assert_eq!(
+                shared.random::<u64>(),
+                sequential.random::<u64>(),
+                "as many draws"
+            );
+
+            let mut streams: Vec<ChaCha8Rng> = (0..6).map(ChaCha8Rng::seed_from_u64).collect();
+            let got = sample_rows(&logits, history, p, &mut Draws::PerRow(&mut streams));
+            for (b, got) in got.iter().enumerate() {
+                let want = history(b).map(|h| {
+                    sample_token_and_logprob(
+                        &logits[b],
+                        &h,
+                        p,
+                        &mut ChaCha8Rng::seed_from_u64(b as u64),
+                    )
+                });
+                assert_eq!(*got, want, "row {b}'s own stream, {p:?}");
+            }
+        }
+    }
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {
