@@ -6,8 +6,9 @@
 //! makes of them is latency-bound: a query's score against one key of 64 floats is
 //! one chain of eight dependent adds, and `y += α·x` loads and stores `y` for every
 //! row. Written with AVX2 intrinsics (the compiler spread a four-row version of
-//! `dot` over 128-bit lanes, session 15), four keys are scored at once on four
-//! independent chains, and the output row stays in registers across all the rows.
+//! `dot` over 128-bit lanes, session 15), eight keys are scored at once on eight
+//! independent chains (four, session 16–19, left the adds waiting on their latency),
+//! and the output row stays in registers across all the rows.
 //!
 //! **The bits are those of `dot` and `axpy`**, so nothing that calls them moves:
 //! each lane accumulates `acc + x·y` (a multiply, then an add: no FMA, as the
@@ -111,6 +112,26 @@ mod avx2 {
         // `dot` then adds its (empty) tail, +0.0: that changes no bit here, since lanes
         // that start at +0.0 never sum to −0.0, so it is left out.
         let scale4 = _mm_set1_ps(scale);
+        // Eight keys at a time: eight independent add chains (four left the adds
+        // waiting on their latency), the query's chunk loaded once for all eight.
+        let mut octets = keys.chunks_exact(8);
+        let mut o8 = out.chunks_exact_mut(8);
+        for (js, os) in (&mut octets).zip(&mut o8) {
+            let rows: [*const f32; 8] = std::array::from_fn(|r| pm.add(js[r] * n));
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in (0..n).step_by(8) {
+                let x = _mm256_loadu_ps(pa.add(c));
+                for r in 0..8 {
+                    let y = _mm256_loadu_ps(rows[r].add(c));
+                    acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(x, y));
+                }
+            }
+            let lo = _mm_mul_ps(scale4, sum4([acc[0], acc[1], acc[2], acc[3]]));
+            let hi = _mm_mul_ps(scale4, sum4([acc[4], acc[5], acc[6], acc[7]]));
+            _mm_storeu_ps(os.as_mut_ptr(), lo);
+            _mm_storeu_ps(os.as_mut_ptr().add(4), hi);
+        }
+        let (keys, out) = (octets.remainder(), o8.into_remainder());
         let mut quads = keys.chunks_exact(4);
         let mut o = out.chunks_exact_mut(4);
         for (js, os) in (&mut quads).zip(&mut o) {
@@ -189,14 +210,15 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Row lengths on the AVX2 path (multiples of 8, below, at and past one block of
-    /// 64) and off it; key lists of every length mod 4, repeats and gaps among them;
+    /// 64) and off it; key lists of 0–20 keys (every length mod 8, past two blocks of
+    /// eight), repeats and gaps among them;
     /// values with signed zeros and a wide range of magnitudes.
     #[test]
     fn dots_and_weighted_rows_have_the_bits_of_dot_and_axpy() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let mut cases = 0;
         for &n in &[8usize, 16, 24, 64, 72, 128, 136, 12, 5] {
-            for nkeys in 0..11 {
+            for nkeys in 0..21 {
                 let rows = 20;
                 let base = rng.random_range(0..3) * n;
                 let value = |rng: &mut rand_chacha::ChaCha8Rng| -> f32 {
@@ -235,7 +257,7 @@ mod tests {
                 cases += 1;
             }
         }
-        assert_eq!(cases, 99);
+        assert_eq!(cases, 9 * 21);
     }
 
     #[test]
