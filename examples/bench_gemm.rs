@@ -3,11 +3,12 @@
 //! `examples/bench_fma_peak`: how far the products of a step are from the machine's
 //! ceiling, and so what a faster kernel could still gain.
 //!
-//!     cargo run --release --example bench_gemm [TOKENS [ROUNDS]]
+//!     cargo run --release --example bench_gemm [gpt2|tiny [TOKENS [ROUNDS]]]
 //!
-//! Every product of GPT-2 small at TOKENS rows (default 512 = `bench/train.py`'s
-//! 4×128) in the three layouts a dense layer uses: forward y = x·Wᵀ, dx = dy·W,
-//! dW = dyᵀ·x. Each is timed once per round, the rounds interleaved, and the fastest
+//! Every product of GPT-2 small (12 blocks of width 768, vocabulary 50257) or tiny
+//! (4 of width 256, vocabulary 8192) at TOKENS rows (default: `bench/train.py`'s
+//! batch, 4×128 and 16×128) in the three layouts a dense layer uses: forward
+//! y = x·Wᵀ, dx = dy·W, dW = dyᵀ·x. Each is timed once per round, the rounds interleaved, and the fastest
 //! round is printed (a shared host's slow spells show in the slower rounds).
 
 mod common;
@@ -69,25 +70,26 @@ fn main() {
 
 fn run() {
     println!("{}", common::cpu_info());
+    let preset = std::env::args().nth(1).unwrap_or("gpt2".into());
+    let (width, blocks, vocab, tokens) = match preset.as_str() {
+        "gpt2" => (768, 12, 50257, 512),
+        "tiny" => (256, 4, 8192, 2048),
+        other => panic!("preset: gpt2 or tiny, not {other:?}"),
+    };
     let arg = |i: usize, default: usize| {
         std::env::args()
             .nth(i)
             .map_or(default, |a| a.parse().expect("a number"))
     };
-    let (t, rounds) = (arg(1, 512), arg(2, 6).max(2));
-    println!("threads {}", rayon::current_num_threads());
-    // (in, out) of GPT-2 small's products: c_attn, attn c_proj, c_fc, mlp c_proj, LM head.
-    let layers = [
-        (768, 2304),
-        (768, 768),
-        (768, 3072),
-        (3072, 768),
-        (768, 50257),
-    ];
+    let (t, rounds) = (arg(2, tokens), arg(3, 6).max(2));
+    println!("{preset}, threads {}", rayon::current_num_threads());
+    // (in, out) of each block's products (c_attn, attn c_proj, c_fc, mlp c_proj), then
+    // the LM head's.
+    let c = width;
+    let layers = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c), (c, vocab)];
     let (mut seconds, mut flops) = (0.0, 0.0);
     for (l, (i, o)) in layers.into_iter().enumerate() {
-        // Twelve blocks, one LM head.
-        let times = if l < 4 { 12.0 } else { 1.0 };
+        let times = if l < 4 { blocks as f64 } else { 1.0 };
         let x = vec![0.5f32; t * i];
         let w = vec![0.25f32; o * i];
         let dy = vec![0.125f32; t * o];
@@ -121,7 +123,7 @@ fn run() {
         }
     }
     println!(
-        "the products of one step (12 blocks and the head, forward and backward): {:.1} GFLOP in {:.1} ms, {:.1} GFLOP/s",
+        "the products of one step (every block and the head, forward and backward): {:.1} GFLOP in {:.1} ms, {:.1} GFLOP/s",
         flops / 1e9,
         seconds * 1e3,
         flops / seconds / 1e9
