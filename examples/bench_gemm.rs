@@ -82,6 +82,7 @@ fn run() {
             .map_or(default, |a| a.parse().expect("a number"))
     };
     let (t, rounds) = (arg(2, tokens), arg(3, 6).max(2));
+    assert!(t > 0, "TOKENS: at least one row");
     println!("{preset}, threads {}", rayon::current_num_threads());
     // (in, out) of each block's products (c_attn, attn c_proj, c_fc, mlp c_proj), then
     // the LM head's.

@@ -461,6 +461,8 @@ impl Distribution {
                 scores[b].total_cmp(&scores[a]).then(a.cmp(&b))
             });
             candidates.truncate(k);
+            // A step holds every row's distribution at once: not a vocabulary each.
+            candidates.shrink_to_fit();
         }
         let max = candidates
             .iter()
@@ -481,6 +483,7 @@ impl Distribution {
                 })
                 .map_or(candidates.len(), |i| i + 1);
             candidates.truncate(keep);
+            candidates.shrink_to_fit();
         }
         let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
         let total: f64 = weights.iter().sum();
@@ -556,7 +559,9 @@ mod tests {
 
     /// A step's rows, prepared in parallel, draw from a shared stream exactly as
     /// `sample_token_and_logprob` row after row would, and from per-row streams as
-    /// each row alone; finished rows draw nothing.
+    /// each row alone, one draw per running row (none at temperature 0); finished
+    /// rows draw nothing. The fingerprint pins the tokens and log-prob bits to those
+    /// of the sequential `sample` before this split (96230ba).
     #[test]
     fn a_steps_rows_sample_as_row_after_row() {
         let vocab = SAMPLING_PARALLEL_MIN / 4 + 3; // 6 rows: the parallel path
@@ -580,6 +585,10 @@ mod tests {
                 ..params(1.2)
             },
         ];
+        let bits = |v: &[Option<(u32, f32)>]| -> Vec<Option<(u32, u32)>> {
+            v.iter().map(|o| o.map(|(t, l)| (t, l.to_bits()))).collect()
+        };
+        let mut fingerprint = 0xcbf2_9ce4_8422_2325u64; // FNV-1a over tokens and bits
         for p in &settings {
             let history = |b: usize| running[b].then(|| vec![b as u32, 7, 9]);
             let mut shared = ChaCha8Rng::seed_from_u64(11);
@@ -590,28 +599,45 @@ mod tests {
                     history(b).map(|h| sample_token_and_logprob(&logits[b], &h, p, &mut sequential))
                 })
                 .collect();
-            assert_eq!(got, want, "shared stream, {p:?}");
+            assert_eq!(bits(&got), bits(&want), "shared stream, {p:?}");
             assert_eq!(
                 shared.random::<u64>(),
                 sequential.random::<u64>(),
                 "as many draws"
             );
+            for (t, l) in got.iter().flatten() {
+                for byte in [t.to_le_bytes(), l.to_bits().to_le_bytes()].concat() {
+                    fingerprint = (fingerprint ^ byte as u64).wrapping_mul(0x100_0000_01b3);
+                }
+            }
 
             let mut streams: Vec<ChaCha8Rng> = (0..6).map(ChaCha8Rng::seed_from_u64).collect();
             let got = sample_rows(&logits, history, p, &mut Draws::PerRow(&mut streams));
-            for (b, got) in got.iter().enumerate() {
-                let want = history(b).map(|h| {
-                    sample_token_and_logprob(
-                        &logits[b],
-                        &h,
-                        p,
-                        &mut ChaCha8Rng::seed_from_u64(b as u64),
-                    )
-                });
-                assert_eq!(*got, want, "row {b}'s own stream, {p:?}");
+            for (b, (got, stream)) in got.iter().zip(&mut streams).enumerate() {
+                let mut own = ChaCha8Rng::seed_from_u64(b as u64);
+                let want =
+                    history(b).map(|h| sample_token_and_logprob(&logits[b], &h, p, &mut own));
+                assert_eq!(bits(&[*got]), bits(&[want]), "row {b}'s own stream, {p:?}");
+                let draws = usize::from(running[b] && p.temperature != 0.0);
+                let mut fresh = ChaCha8Rng::seed_from_u64(b as u64);
+                for _ in 0..draws {
+                    fresh.random::<f64>();
+                }
+                assert_eq!(
+                    stream.random::<u64>(),
+                    fresh.random::<u64>(),
+                    "row {b}: {draws} draws"
+                );
             }
         }
+        assert_eq!(
+            fingerprint, GOLDEN,
+            "not the tokens and bits of 96230ba's `sample`"
+        );
     }
+
+    /// `a_steps_rows_sample_as_row_after_row`'s fingerprint.
+    const GOLDEN: u64 = 16_412_741_962_811_351_588;
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {

@@ -8,12 +8,14 @@
 //! the bits do not depend on how many rows come together (tests/ops.rs checks them
 //! against a scalar model of this arithmetic).
 //!
-//! With AVX-512 the same arithmetic runs two x rows per register: each 16-lane
+//! With AVX-512 and two rows or more, the same arithmetic runs two x rows per
+//! register: x is packed in pairs once per call (`Packed`), and each 16-lane
 //! accumulator holds one output's 8 lanes for x row 2p in its low half and for row
 //! 2p + 1 in its high half, against W's 8 floats broadcast to both halves, so every
 //! output still gets the same 8-lane FMA chain, `hsum` and tail, and the same bits
 //! (`tests::avx512_kernel_has_the_bits_of_the_avx2_kernel`), in half the FMA
-//! instructions.
+//! instructions (1.2–1.6× faster at 8 rows, `examples/bench_skinny 8`). One row
+//! stays on the AVX2 kernel: half of every 16-lane FMA would be empty.
 //!
 //! The gemm crate's general kernels pack the weight for every call, which for n ≤ 16
 //! rows costs more than the product itself (measured: 2–3× slower on GPT-2 shapes).
@@ -26,14 +28,31 @@ use super::{dot, f32_slice, PARALLEL_MIN_WORK};
 /// W rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
 
-/// x rows the kernel takes at a time (a multiple of its three-row blocks).
+/// x rows the kernel takes at a time (a multiple of the AVX2 kernel's three-row
+/// blocks, and even: the AVX-512 kernel's panels start on a pair).
 const X_PANEL: usize = 96;
 
 struct SkinnyMatmul;
 
+/// x's rows in pairs for the AVX-512 kernel, packed once per product (every task
+/// reads them); `None` where that kernel does not run.
+struct Packed(Option<Vec<f32>>);
+
+impl Packed {
+    fn new(x: &[f32], inner: usize, n: usize) -> Packed {
+        #[cfg(target_arch = "x86_64")]
+        if n >= 2 && avx512::available() {
+            return Packed(Some(avx512::pack(x, inner, n)));
+        }
+        let _ = (x, inner, n);
+        Packed(None)
+    }
+}
+
 /// Columns `o0..o0 + rows` of y (n, out) = x · Wᵀ for the W rows in `w` (a slice of
-/// `rows` whole rows), x (n, in); `y` points at the whole (n, out) output.
-fn kernel(w: &[f32], x: &[f32], inner: usize, n: usize, y: Columns) {
+/// `rows` whole rows), x (n, in) and `packed` its pairs; `y` points at the whole
+/// (n, out) output.
+fn kernel(w: &[f32], x: &[f32], packed: &Packed, inner: usize, n: usize, y: Columns) {
     assert!(
         inner > 0 && w.len().is_multiple_of(inner),
         "skinny matmul: W holds {} floats, not whole rows of {inner}",
@@ -51,9 +70,15 @@ fn kernel(w: &[f32], x: &[f32], inner: usize, n: usize, y: Columns) {
     );
     #[cfg(target_arch = "x86_64")]
     {
-        if avx512::available() {
-            // SAFETY: as for the AVX2 kernel below, with AVX-512F checked too.
-            unsafe { avx512::kernel(w, x, inner, n, y) };
+        if let Packed(Some(xp)) = packed {
+            assert_eq!(
+                xp.len(),
+                n.div_ceil(2) * 2 * (inner / 8 * 8),
+                "skinny matmul: x packed for another shape"
+            );
+            // SAFETY: `Packed::new` packs only where `avx512::available()`; xp holds
+            // x's ceil(n/2) pairs (asserted), and as for the AVX2 kernel below.
+            unsafe { avx512::kernel(w, x, xp, inner, n, y) };
             return;
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -239,7 +264,7 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU has AVX-512F, AVX2 and FMA; `wp` points at 4 rows of `inner` floats,
-    /// `xp` at NP packed pairs (16·full/8 floats each), `x` at nb rows of `inner`
+    /// `xp` at NP packed pairs (2·full floats each), `x` at nb rows of `inner`
     /// floats; b + nb ≤ n and o + 4 ≤ this task's columns of `y`.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
@@ -303,7 +328,7 @@ mod avx512 {
     /// x's first `full` columns, two rows interleaved eight floats at a time: pair p
     /// holds rows 2p and 2p + 1 as [row 2p k..k+8, row 2p+1 k..k+8] for each k, the
     /// high half of a last odd row zero (its outputs are not written).
-    fn pack(x: &[f32], inner: usize, n: usize) -> Vec<f32> {
+    pub(super) fn pack(x: &[f32], inner: usize, n: usize) -> Vec<f32> {
         let full = inner / 8 * 8;
         let mut xp = vec![0f32; n.div_ceil(2) * 2 * full];
         for (j, row) in x.chunks(inner).take(n).enumerate() {
@@ -317,13 +342,20 @@ mod avx512 {
 
     /// # Safety
     /// The CPU has AVX-512F, AVX2 and FMA (`available`); `inner > 0`, `w` is whole
-    /// rows of `inner`, `x` holds at least `n * inner` floats and `y` has room for
-    /// `w`'s rows as columns (`super::kernel` asserts these).
+    /// rows of `inner`, `x` holds at least `n * inner` floats, `xp` is `pack(x,
+    /// inner, n)` and `y` has room for `w`'s rows as columns (`super::kernel`
+    /// asserts these).
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn kernel(w: &[f32], x: &[f32], inner: usize, n: usize, y: Columns) {
+    pub(super) unsafe fn kernel(
+        w: &[f32],
+        x: &[f32],
+        xp: &[f32],
+        inner: usize,
+        n: usize,
+        y: Columns,
+    ) {
         let rows = w.len() / inner;
         let full = inner / 8 * 8;
-        let xp = pack(x, inner, n);
         // Panels of X_PANEL x rows (even, so a panel starts on a pair), as avx2's.
         const { assert!(super::X_PANEL.is_multiple_of(2)) };
         let mut b0 = 0;
@@ -374,6 +406,7 @@ impl CustomOp2 for SkinnyMatmul {
         let x = f32_slice(sx, lx, "skinny matmul x")?;
         let w = f32_slice(sw, lw, "skinny matmul w")?;
         let mut y = vec![0f32; n * out]; // (n, out)
+        let packed = Packed::new(x, inner, n);
         let columns = Columns {
             ptr: y.as_mut_ptr(),
             n,
@@ -385,10 +418,10 @@ impl CustomOp2 for SkinnyMatmul {
                 .enumerate()
                 .for_each(|(t, wc)| {
                     let o0 = t * ROWS_PER_TASK;
-                    kernel(wc, x, inner, n, columns.from(o0))
+                    kernel(wc, x, &packed, inner, n, columns.from(o0))
                 });
         } else {
-            kernel(w, x, inner, n, columns);
+            kernel(w, x, &packed, inner, n, columns);
         }
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
@@ -474,13 +507,7 @@ mod tests {
     use super::*;
 
     /// y (n, out) = x·Wᵀ by one of the kernels, on a single task.
-    fn product(
-        f: unsafe fn(&[f32], &[f32], usize, usize, Columns),
-        w: &[f32],
-        x: &[f32],
-        inner: usize,
-        n: usize,
-    ) -> Vec<f32> {
+    fn product(avx512: bool, w: &[f32], x: &[f32], inner: usize, n: usize) -> Vec<f32> {
         let out = w.len() / inner;
         let mut y = vec![f32::NAN; n * out];
         let columns = Columns {
@@ -489,9 +516,15 @@ mod tests {
             out,
             o0: 0,
         };
-        // SAFETY: the callers check the CPU's features; w is `out` whole rows, x
-        // `n` rows, and y (n, out) takes every column.
-        unsafe { f(w, x, inner, n, columns) };
+        // SAFETY: the caller checks the CPU's features; w is `out` whole rows, x
+        // `n` rows packed by `pack`, and y (n, out) takes every column.
+        unsafe {
+            if avx512 {
+                avx512::kernel(w, x, &avx512::pack(x, inner, n), inner, n, columns)
+            } else {
+                avx2::kernel(w, x, inner, n, columns)
+            }
+        };
         y
     }
 
@@ -515,8 +548,8 @@ mod tests {
                 for &out in &[1, 4, 5, 11, 64] {
                     let w: Vec<f32> = (0..out * inner).map(|_| next()).collect();
                     let x: Vec<f32> = (0..n * inner).map(|_| next()).collect();
-                    let a = product(avx2::kernel, &w, &x, inner, n);
-                    let b = product(avx512::kernel, &w, &x, inner, n);
+                    let a = product(false, &w, &x, inner, n);
+                    let b = product(true, &w, &x, inner, n);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&a), bits(&b), "n {n}, inner {inner}, out {out}");
                     assert!(a.iter().all(|v| v.is_finite()), "every output written");
