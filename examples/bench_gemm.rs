@@ -1,5 +1,5 @@
-//! gemm (the crate candle's matmuls and `ops::gemm` run on) on the training step's
-//! shapes, in wall time on the pool, in GFLOP/s to set against
+//! `ops::gemm` (the gemm crate's kernels on the pool, as training runs them) on the
+//! training step's shapes, in wall time on the pool, in GFLOP/s to set against
 //! `examples/bench_fma_peak`: how far the products of a step are from the machine's
 //! ceiling, and so what a faster kernel could still gain.
 //!
@@ -21,46 +21,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// An operand: its floats and (row, column) strides.
 type Operand<'a> = (&'a [f32], (usize, usize));
 
-/// dst (m × n, row-major) = a (m × k) · b (k × n), on every pool thread.
+/// dst (m × n, row-major) = a (m × k) · b (k × n): `ops::gemm`, the path every
+/// product of a training step takes.
 fn product(
     (m, n, k): (usize, usize, usize),
     (a, a_s): Operand,
     (b, b_s): Operand,
     dst: &mut [f32],
 ) {
-    assert!(dst.len() >= m * n);
-    assert!(a.len() > (m - 1) * a_s.0 + (k - 1) * a_s.1);
-    assert!(b.len() > (k - 1) * b_s.0 + (n - 1) * b_s.1);
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts keep every read of a and b in bounds and dst holds m·n.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_s.1 as isize,
-            a_s.0 as isize,
-            b.as_ptr(),
-            b_s.1 as isize,
-            b_s.0 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    rlhf::ops::gemm(m, n, k, dst, false, a, a_s, b, b_s)
 }
 
 fn main() {

@@ -131,6 +131,48 @@ impl Columns {
     }
 }
 
+/// Four outputs (W rows o..o+4 at `wp` against the x row at `xr`) from their 8-lane
+/// sums `s`: the scalar tail past the last whole 8 columns added one column at a
+/// time (a multiply, then an add), then written to row `row` of y. Both SIMD kernels
+/// end every output here.
+///
+/// # Safety
+/// `wp` points at 4 rows of `inner` floats and `xr` at one; row < n and o + 4 ≤ this
+/// task's columns of `y`.
+#[inline(always)]
+unsafe fn finish(
+    mut s: [f32; 4],
+    wp: *const f32,
+    xr: *const f32,
+    inner: usize,
+    o: usize,
+    row: usize,
+    y: Columns,
+) {
+    for kk in inner / 8 * 8..inner {
+        let xv = *xr.add(kk);
+        for (r, sr) in s.iter_mut().enumerate() {
+            *sr += *wp.add(r * inner + kk) * xv;
+        }
+    }
+    for (r, sr) in s.iter().enumerate() {
+        y.set(row, o + r, *sr);
+    }
+}
+
+/// The W rows past the last whole block of four, one `dot` per output (both SIMD
+/// kernels).
+fn remainder_rows(w: &[f32], x: &[f32], inner: usize, n: usize, y: Columns) {
+    let rows = w.len() / inner;
+    for o in rows / 4 * 4..rows {
+        let wrow = &w[o * inner..(o + 1) * inner];
+        for b in 0..n {
+            // SAFETY: b < n and o0 + o < out (`kernel` asserts that w's rows fit).
+            unsafe { y.set(b, o, dot(wrow, &x[b * inner..(b + 1) * inner])) };
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Columns;
@@ -185,22 +227,13 @@ mod avx2 {
         // j picks the column of acc (its second axis), and the x row.
         #[allow(clippy::needless_range_loop)]
         for j in 0..NB {
-            let mut s = [
+            let s = [
                 hsum(acc[0][j]),
                 hsum(acc[1][j]),
                 hsum(acc[2][j]),
                 hsum(acc[3][j]),
             ];
-            let xr = xp.add(j * inner);
-            for kk in full..inner {
-                let xv = *xr.add(kk);
-                for (r, sr) in s.iter_mut().enumerate() {
-                    *sr += *wp.add(r * inner + kk) * xv;
-                }
-            }
-            for (r, sr) in s.iter().enumerate() {
-                y.set(b + j, o + r, *sr);
-            }
+            super::finish(s, wp, xp.add(j * inner), inner, o, b + j, y);
         }
     }
 
@@ -233,13 +266,7 @@ mod avx2 {
             }
             b0 = end;
         }
-        let o = rows / 4 * 4;
-        for o in o..rows {
-            let wrow = &w[o * inner..(o + 1) * inner];
-            for b in 0..n {
-                y.set(b, o, super::dot(wrow, &x[b * inner..(b + 1) * inner]));
-            }
-        }
+        super::remainder_rows(w, x, inner, n, y);
     }
 }
 
@@ -306,22 +333,13 @@ mod avx512 {
                 }
             };
             let p = j / 2;
-            let mut s = [
+            let s = [
                 hsum(half(acc[0][p])),
                 hsum(half(acc[1][p])),
                 hsum(half(acc[2][p])),
                 hsum(half(acc[3][p])),
             ];
-            let xr = x.add(j * inner);
-            for kk in full..inner {
-                let xv = *xr.add(kk);
-                for (r, sr) in s.iter_mut().enumerate() {
-                    *sr += *wp.add(r * inner + kk) * xv;
-                }
-            }
-            for (r, sr) in s.iter().enumerate() {
-                y.set(b + j, o + r, *sr);
-            }
+            super::finish(s, wp, x.add(j * inner), inner, o, b + j, y);
         }
     }
 
@@ -380,12 +398,7 @@ mod avx512 {
             }
             b0 = end;
         }
-        for o in rows / 4 * 4..rows {
-            let wrow = &w[o * inner..(o + 1) * inner];
-            for b in 0..n {
-                y.set(b, o, super::dot(wrow, &x[b * inner..(b + 1) * inner]));
-            }
-        }
+        super::remainder_rows(w, x, inner, n, y);
     }
 }
 

@@ -128,9 +128,11 @@ pub(crate) fn with_f32_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Resul
 }
 
 /// dst (m × n, row-major) = [dst +] a (m × k) · b (k × n), each operand given by its
-/// row and column strides.
+/// row and column strides: every product of training goes through here (gemm's
+/// kernels on all of the pool's threads, or AMX tiles under `--bf16`). Public for
+/// `examples/bench_gemm`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
+pub fn gemm(
     m: usize,
     n: usize,
     k: usize,
