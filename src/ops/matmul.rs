@@ -36,6 +36,7 @@ struct SkinnyMatmul;
 
 /// x's rows in pairs for the AVX-512 kernel, packed once per product (every task
 /// reads them); `None` where that kernel does not run.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Packed(Option<Vec<f32>>);
 
 impl Packed {
@@ -68,6 +69,9 @@ fn kernel(w: &[f32], x: &[f32], packed: &Packed, inner: usize, n: usize, y: Colu
         y.o0 + w.len() / inner <= y.out,
         "skinny matmul: W rows past the output's columns"
     );
+    assert!(n <= y.n, "skinny matmul: x rows past the output's rows");
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = packed;
     #[cfg(target_arch = "x86_64")]
     {
         if let Packed(Some(xp)) = packed {
@@ -76,8 +80,10 @@ fn kernel(w: &[f32], x: &[f32], packed: &Packed, inner: usize, n: usize, y: Colu
                 n.div_ceil(2) * 2 * (inner / 8 * 8),
                 "skinny matmul: x packed for another shape"
             );
-            // SAFETY: `Packed::new` packs only where `avx512::available()`; xp holds
-            // x's ceil(n/2) pairs (asserted), and as for the AVX2 kernel below.
+            // SAFETY: `Packed::new` packs only where `avx512::available()`; xp has the
+            // length of x's ceil(n/2) pairs (asserted: every read stays inside it;
+            // that it holds x's rows is `cpu_fwd`'s doing), and as for the AVX2
+            // kernel below.
             unsafe { avx512::kernel(w, x, xp, inner, n, y) };
             return;
         }
@@ -134,11 +140,12 @@ impl Columns {
 /// Four outputs (W rows o..o+4 at `wp` against the x row at `xr`) from their 8-lane
 /// sums `s`: the scalar tail past the last whole 8 columns added one column at a
 /// time (a multiply, then an add), then written to row `row` of y. Both SIMD kernels
-/// end every output here.
+/// end every output of a whole block of four W rows here.
 ///
 /// # Safety
 /// `wp` points at 4 rows of `inner` floats and `xr` at one; row < n and o + 4 ≤ this
 /// task's columns of `y`.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn finish(
     mut s: [f32; 4],
@@ -162,12 +169,18 @@ unsafe fn finish(
 
 /// The W rows past the last whole block of four, one `dot` per output (both SIMD
 /// kernels).
-fn remainder_rows(w: &[f32], x: &[f32], inner: usize, n: usize, y: Columns) {
+///
+/// # Safety
+/// `inner > 0`, `w` is whole rows of `inner`, n ≤ y's rows, and y's columns from
+/// its first take `w`'s rows, none written by another task (`kernel` asserts the
+/// sizes).
+#[cfg(target_arch = "x86_64")]
+unsafe fn remainder_rows(w: &[f32], x: &[f32], inner: usize, n: usize, y: Columns) {
     let rows = w.len() / inner;
     for o in rows / 4 * 4..rows {
         let wrow = &w[o * inner..(o + 1) * inner];
         for b in 0..n {
-            // SAFETY: b < n and o0 + o < out (`kernel` asserts that w's rows fit).
+            // SAFETY: b < n ≤ y's rows and o0 + o < out (the contract above).
             unsafe { y.set(b, o, dot(wrow, &x[b * inner..(b + 1) * inner])) };
         }
     }
@@ -266,6 +279,7 @@ mod avx2 {
             }
             b0 = end;
         }
+        // SAFETY: this kernel's own contract.
         super::remainder_rows(w, x, inner, n, y);
     }
 }
@@ -360,9 +374,10 @@ mod avx512 {
 
     /// # Safety
     /// The CPU has AVX-512F, AVX2 and FMA (`available`); `inner > 0`, `w` is whole
-    /// rows of `inner`, `x` holds at least `n * inner` floats, `xp` is `pack(x,
-    /// inner, n)` and `y` has room for `w`'s rows as columns (`super::kernel`
-    /// asserts these).
+    /// rows of `inner`, `x` holds at least `n * inner` floats, `xp` is as long as
+    /// `pack(x, inner, n)` and `y` has room for n rows and `w`'s rows as columns
+    /// (`super::kernel` asserts these; that `xp` holds x's rows is `cpu_fwd`'s
+    /// doing, and only the values depend on it).
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn kernel(
         w: &[f32],
@@ -398,6 +413,7 @@ mod avx512 {
             }
             b0 = end;
         }
+        // SAFETY: this kernel's own contract.
         super::remainder_rows(w, x, inner, n, y);
     }
 }

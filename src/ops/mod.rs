@@ -129,8 +129,9 @@ pub(crate) fn with_f32_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Resul
 
 /// dst (m × n, row-major) = [dst +] a (m × k) · b (k × n), each operand given by its
 /// row and column strides: every product of training goes through here (gemm's
-/// kernels on all of the pool's threads, or AMX tiles under `--bf16`). Public for
-/// `examples/bench_gemm`.
+/// kernels, on the pool's threads above 2¹⁶ multiply-adds, or AMX tiles under
+/// `--bf16`). Public for `examples/bench_gemm`; shapes and strides whose extents
+/// overflow are refused (a panic), as are strides past `isize::MAX`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     m: usize,
@@ -143,7 +144,8 @@ pub fn gemm(
     b: &[f32],
     b_strides: (usize, usize),
 ) {
-    assert!(dst.len() >= m * n, "gemm: destination too small");
+    let len = m.checked_mul(n).expect("gemm: m·n overflows");
+    assert!(dst.len() >= len, "gemm: destination too small");
     // SAFETY: dst holds m·n initialised floats (asserted).
     unsafe {
         gemm_raw(
@@ -206,8 +208,21 @@ unsafe fn gemm_raw(
     (a, (a_rs, a_cs)): (&[f32], (usize, usize)),
     (b, (b_rs, b_cs)): (&[f32], (usize, usize)),
 ) {
-    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // The last element of a (rows × cols) operand, in checked arithmetic: no
+    // wrap-around lets a read slip past the slice.
+    let last = |rows: usize, cols: usize, (rs, cs): (usize, usize)| {
+        (rows - 1)
+            .checked_mul(rs)
+            .and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)))
+    };
+    assert!(m == 0 || k == 0 || last(m, k, (a_rs, a_cs)).is_some_and(|e| e < a.len()));
+    assert!(k == 0 || n == 0 || last(k, n, (b_rs, b_cs)).is_some_and(|e| e < b.len()));
+    assert!(
+        [a_rs, a_cs, b_rs, b_cs]
+            .iter()
+            .all(|&s| isize::try_from(s).is_ok()),
+        "gemm: a stride past isize::MAX"
+    );
     // Under `--bf16` on the CPU every product here runs on AMX, whatever its size: a
     // row's precision must not depend on how many rows share its call (PPO's old
     // log-probs are scored in chunks, its new ones in one call).
@@ -226,7 +241,7 @@ unsafe fn gemm_raw(
         return;
     }
     let threads = rayon::current_num_threads();
-    let par = if m * n * k >= 1 << 16 && threads > 1 {
+    let par = if m.saturating_mul(n).saturating_mul(k) >= 1 << 16 && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -378,6 +393,39 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    #[should_panic(expected = "m·n overflows")]
+    fn gemm_refuses_a_destination_whose_size_wraps() {
+        gemm(
+            1 << 32,
+            1 << 32,
+            1,
+            &mut [],
+            false,
+            &[1.0],
+            (0, 0),
+            &[1.0],
+            (0, 0),
+        );
+    }
+
+    #[test]
+    fn gemm_refuses_operand_extents_that_wrap_or_strides_past_isize() {
+        let run = |a_strides: (usize, usize), b_strides: (usize, usize)| {
+            std::panic::catch_unwind(|| {
+                let mut dst = [0f32; 3];
+                gemm(
+                    3, 1, 1, &mut dst, false, &[1.0; 4], a_strides, &[1.0; 4], b_strides,
+                );
+            })
+            .is_err()
+        };
+        assert!(!run((1, 1), (1, 1)), "a product that fits runs");
+        assert!(run((1 << 63, 1), (1, 1)), "(m − 1)·stride wraps to 0");
+        assert!(run((1, 1), (1, usize::MAX)), "a stride past isize::MAX");
+        assert!(run((2, 1), (1, 1)), "a read past a");
     }
 
     /// Empty, with room for n floats that all hold NaN: a fill into its spare capacity
