@@ -472,7 +472,11 @@ impl Distribution {
         let weight = |i: usize| ((scores[i] as f64 - max) * inv_t).exp();
         if params.top_p < 1.0 {
             candidates.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-            let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
+        }
+        let mut weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
+        if params.top_p < 1.0 {
+            // The smallest head of the sorted candidates whose mass reaches top_p; the
+            // kept weights are the same numbers, so they are truncated, not recomputed.
             let total: f64 = weights.iter().sum();
             let mut cum = 0.0;
             let keep = weights
@@ -484,8 +488,9 @@ impl Distribution {
                 .map_or(candidates.len(), |i| i + 1);
             candidates.truncate(keep);
             candidates.shrink_to_fit();
+            weights.truncate(keep);
+            weights.shrink_to_fit();
         }
-        let weights: Vec<f64> = candidates.iter().map(|&i| weight(i)).collect();
         let total: f64 = weights.iter().sum();
         // The whole vocabulary in id order, the logits unchanged, (x − max)·1 = x − max:
         // `total` is log_sum_exp's sum, term for term.

@@ -117,35 +117,13 @@ mod avx2 {
         let mut octets = keys.chunks_exact(8);
         let mut o8 = out.chunks_exact_mut(8);
         for (js, os) in (&mut octets).zip(&mut o8) {
-            let rows: [*const f32; 8] = std::array::from_fn(|r| pm.add(js[r] * n));
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for c in (0..n).step_by(8) {
-                let x = _mm256_loadu_ps(pa.add(c));
-                for r in 0..8 {
-                    let y = _mm256_loadu_ps(rows[r].add(c));
-                    acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(x, y));
-                }
-            }
-            let lo = _mm_mul_ps(scale4, sum4([acc[0], acc[1], acc[2], acc[3]]));
-            let hi = _mm_mul_ps(scale4, sum4([acc[4], acc[5], acc[6], acc[7]]));
-            _mm_storeu_ps(os.as_mut_ptr(), lo);
-            _mm_storeu_ps(os.as_mut_ptr().add(4), hi);
+            keys_block::<8>(pa, pm, n, js, scale4, os);
         }
         let (keys, out) = (octets.remainder(), o8.into_remainder());
         let mut quads = keys.chunks_exact(4);
         let mut o = out.chunks_exact_mut(4);
         for (js, os) in (&mut quads).zip(&mut o) {
-            let rows = [js[0], js[1], js[2], js[3]].map(|j| pm.add(j * n));
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for c in (0..n).step_by(8) {
-                let x = _mm256_loadu_ps(pa.add(c));
-                for r in 0..4 {
-                    let y = _mm256_loadu_ps(rows[r].add(c));
-                    acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(x, y));
-                }
-            }
-            let s = _mm_mul_ps(scale4, sum4(acc));
-            _mm_storeu_ps(os.as_mut_ptr(), s);
+            keys_block::<4>(pa, pm, n, js, scale4, os);
         }
         for (&j, os) in quads.remainder().iter().zip(o.into_remainder()) {
             let row = pm.add(j * n);
@@ -155,6 +133,32 @@ mod avx2 {
                 acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(pa.add(c)), y));
             }
             *os = scale * _mm_cvtss_f32(sum4([acc; 4]));
+        }
+    }
+
+    /// The scores of the N keys `js` (N a multiple of 4), one add chain each, summed
+    /// four at a time by `sum4`, times `scale4`, into `os`.
+    #[inline(always)]
+    unsafe fn keys_block<const N: usize>(
+        pa: *const f32,
+        pm: *const f32,
+        n: usize,
+        js: &[usize],
+        scale4: __m128,
+        os: &mut [f32],
+    ) {
+        let rows: [*const f32; N] = std::array::from_fn(|r| pm.add(js[r] * n));
+        let mut acc = [_mm256_setzero_ps(); N];
+        for c in (0..n).step_by(8) {
+            let x = _mm256_loadu_ps(pa.add(c));
+            for r in 0..N {
+                let y = _mm256_loadu_ps(rows[r].add(c));
+                acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(x, y));
+            }
+        }
+        for (g, out) in os[..N].chunks_exact_mut(4).enumerate() {
+            let s = sum4([acc[4 * g], acc[4 * g + 1], acc[4 * g + 2], acc[4 * g + 3]]);
+            _mm_storeu_ps(out.as_mut_ptr(), _mm_mul_ps(scale4, s));
         }
     }
 
