@@ -91,7 +91,7 @@ fn run() -> anyhow::Result<()> {
         let (sum, _, _) = task.batch_loss_sum(&refs)?;
         let grads = (sum / prompts as f64)?.backward()?;
         acc.zero()?;
-        acc.add(params, &grads)?;
+        acc.add_final(params, &grads)?;
         acc.clip(1.0)?;
         opt.step(params, &acc, 1e-5)?;
         if step > 0 {

@@ -88,7 +88,7 @@ fn run() -> anyhow::Result<()> {
         let loss = (sum / n as f64)?;
         let grads = loss.backward()?;
         acc.zero()?;
-        acc.add(params, &grads)?;
+        acc.add_final(params, &grads)?;
         acc.clip(1.0)?;
         opt.step(params, &acc, 1e-4)?;
         rlhf::device::synchronize(&device)?;
@@ -114,7 +114,7 @@ fn run() -> anyhow::Result<()> {
         let grads = loss.backward()?;
         lap(1, &mut t)?;
         acc.zero()?;
-        acc.add(params, &grads)?;
+        acc.add_final(params, &grads)?;
         acc.clip(1.0)?;
         lap(2, &mut t)?;
         opt.step(params, &acc, 1e-4)?;

@@ -97,6 +97,16 @@ simd_kernel! {
     }
 }
 
+simd_kernel! {
+    /// y = 0 + x: what `add_into` gives on a zeroed y (−0 becomes +0 as there), in
+    /// one pass that neither zeroes y first nor reads it.
+    fn set_from(y: &mut [f32], x: &[f32]) {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi = 0.0 + xi;
+        }
+    }
+}
+
 /// The update of one f32 parameter in its own storage (no copy out and back).
 struct InPlaceUpdate<'a> {
     /// (exp_avg, exp_avg_sq), borrowed mutably through `cpu_fwd`'s `&self`.
@@ -180,7 +190,7 @@ impl AdamW {
     pub fn step(&mut self, params: &Params, grads: &GradAccumulator, lr: f64) -> Result<()> {
         match &grads.device {
             Some(g) => self.update_on_device(params, g, lr),
-            None => self.update(params, &grads.buffers, lr),
+            None => self.update(params, grads.buffers()?, lr),
         }
     }
 
@@ -353,9 +363,20 @@ fn begin_step(step: &mut u64, c: AdamWConfig, grads: usize, vars: usize) -> Resu
 /// Gradients summed over the micro-batches of one optimizer step, one flat buffer
 /// per parameter (in `Params::vars()` order); on a GPU, one tensor per parameter on
 /// the device instead (`buffers` is then empty).
+///
+/// Zeroing is lazy: `zero` marks the buffers `fresh`, and the first `add` writes
+/// 0 + g instead of adding g to a zero-filled buffer (the same bits, one pass over
+/// memory less and no read of the buffer). `add_final`, the step's last micro-batch,
+/// also takes the sums of squares that the global norm needs while each piece is
+/// still in cache, so clipping does not read every gradient again.
 #[derive(Debug, Clone)]
 pub struct GradAccumulator {
-    pub buffers: Vec<Vec<f32>>,
+    buffers: Vec<Vec<f32>>,
+    /// Buffers whose contents are stale: zero until the next `add` writes them.
+    fresh: Vec<bool>,
+    /// Σ g² of every CHUNK piece of every buffer, in `global_norm`'s order, taken by
+    /// `add_final`; `None` once the buffers change after it.
+    piece_sums: Option<Vec<f64>>,
     device: Option<Vec<Tensor>>,
 }
 
@@ -369,6 +390,8 @@ impl GradAccumulator {
                 .collect::<candle_core::Result<_>>()?;
             return Ok(GradAccumulator {
                 buffers: vec![],
+                fresh: vec![],
+                piece_sums: None,
                 device: Some(device),
             });
         }
@@ -377,12 +400,35 @@ impl GradAccumulator {
                 .iter()
                 .map(|(_, v)| vec![0.0; v.elem_count()])
                 .collect(),
+            fresh: vec![false; vars.len()],
+            piece_sums: None,
             device: None,
         })
     }
 
+    /// The summed gradients, one flat buffer per parameter (empty on a GPU).
+    pub fn buffers(&self) -> Result<&[Vec<f32>]> {
+        if self.fresh.iter().any(|&f| f) {
+            return Err(Error::Invalid(
+                "gradient accumulator: read after `zero` with no `add`, `clip` or `all_reduce`"
+                    .into(),
+            ));
+        }
+        Ok(&self.buffers)
+    }
+
     /// Adds one backward pass's gradients; a parameter the loss did not reach adds 0.
     pub fn add(&mut self, params: &Params, grads: &GradStore) -> Result<()> {
+        self.accumulate(params, grads, false)
+    }
+
+    /// `add` for the step's last micro-batch: also takes the pieces' sums of squares
+    /// for `global_norm` (the same sums, in the same order, that it would take).
+    pub fn add_final(&mut self, params: &Params, grads: &GradStore) -> Result<()> {
+        self.accumulate(params, grads, true)
+    }
+
+    fn accumulate(&mut self, params: &Params, grads: &GradStore, squares: bool) -> Result<()> {
         if let Some(bufs) = self.device.as_mut() {
             for (buf, (_, var)) in bufs.iter_mut().zip(params.vars()) {
                 if let Some(g) = grads.get(var.as_tensor()) {
@@ -391,18 +437,68 @@ impl GradAccumulator {
             }
             return Ok(());
         }
-        for (buf, (_, var)) in self.buffers.iter_mut().zip(params.vars()) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                // The gradient's own f32 storage, read in place (no copy).
-                crate::ops::with_f32_all(&[g], |g| {
-                    buf.par_chunks_mut(CHUNK)
-                        .zip(g[0].par_chunks(CHUNK))
-                        .for_each(|(b, g)| add_into(b, g));
-                    Ok(())
-                })?;
+        let mut sums = Vec::new();
+        let vars = params.vars();
+        if vars.len() != self.buffers.len() {
+            return Err(Error::Invalid(format!(
+                "gradient accumulator: {} parameters for {} buffers",
+                vars.len(),
+                self.buffers.len()
+            )));
+        }
+        for ((buf, fresh), (_, var)) in self.buffers.iter_mut().zip(&mut self.fresh).zip(vars) {
+            let piece = |b: &mut [f32]| if squares { sum_of_squares(b) } else { 0.0 };
+            match grads.get(var.as_tensor()) {
+                Some(g) => {
+                    // The gradient's own f32 storage, read in place (no copy).
+                    crate::ops::with_f32_all(&[g], |g| {
+                        let g = g[0];
+                        if g.len() != buf.len() {
+                            candle_core::bail!(
+                                "gradient accumulator: {} gradients for {} weights",
+                                g.len(),
+                                buf.len()
+                            );
+                        }
+                        let first = *fresh;
+                        let s: Vec<f64> = buf
+                            .par_chunks_mut(CHUNK)
+                            .zip(g.par_chunks(CHUNK))
+                            .map(|(b, g)| {
+                                if first {
+                                    set_from(b, g)
+                                } else {
+                                    add_into(b, g)
+                                }
+                                piece(b)
+                            })
+                            .collect();
+                        sums.extend(s);
+                        Ok(())
+                    })?;
+                }
+                None => {
+                    if *fresh {
+                        crate::ops::clear(buf);
+                    }
+                    if squares {
+                        sums.extend(buf.par_chunks_mut(CHUNK).map(piece).collect::<Vec<_>>());
+                    }
+                }
+            }
+            *fresh = false;
+        }
+        self.piece_sums = squares.then_some(sums);
+        Ok(())
+    }
+
+    /// Zero-fills the buffers still waiting for their first `add`.
+    fn settle(&mut self) {
+        for (b, fresh) in self.buffers.iter_mut().zip(&mut self.fresh) {
+            if std::mem::take(fresh) {
+                crate::ops::clear(b);
             }
         }
-        Ok(())
     }
 
     /// Replaces every gradient by its sum over the ranks of a data-parallel run.
@@ -412,6 +508,8 @@ impl GradAccumulator {
                 *b = comm.all_reduce_tensor(b)?;
             }
         }
+        self.settle();
+        self.piece_sums = None;
         for b in self.buffers.iter_mut() {
             comm.all_reduce_sum(b)?;
         }
@@ -424,8 +522,9 @@ impl GradAccumulator {
                 *b = b.zeros_like()?;
             }
         }
-        // On all of the pool's threads: one thread alone left the others waiting.
-        self.buffers.iter_mut().for_each(|b| crate::ops::clear(b));
+        // Lazily: the next `add` overwrites them (or `settle` zeroes them).
+        self.fresh.iter_mut().for_each(|f| *f = true);
+        self.piece_sums = None;
         Ok(())
     }
 
@@ -441,15 +540,20 @@ impl GradAccumulator {
             let sums = Tensor::stack(&sums, 0)?.to_dtype(candle_core::DType::F64)?;
             return Ok(sums.to_vec1::<f64>()?.iter().sum::<f64>().sqrt());
         }
+        if let Some(sums) = &self.piece_sums {
+            return Ok(sums.iter().sum::<f64>().sqrt());
+        }
         // Fixed pieces of CHUNK elements, each summed on its own task, then the
-        // pieces' sums in order: the same bits on every thread count.
+        // pieces' sums in order: the same bits on every thread count. A buffer still
+        // waiting for its first `add` holds zeros, whose squares sum to 0.
         let sums: Vec<f64> = self
             .buffers
             .iter()
-            .flat_map(|b| b.chunks(CHUNK))
+            .zip(&self.fresh)
+            .flat_map(|(b, &fresh)| b.chunks(CHUNK).map(move |c| (c, fresh)))
             .collect::<Vec<_>>()
             .par_iter()
-            .map(|piece| sum_of_squares(piece))
+            .map(|&(piece, fresh)| if fresh { 0.0 } else { sum_of_squares(piece) })
             .collect();
         Ok(sums.iter().sum::<f64>().sqrt())
     }
@@ -459,6 +563,7 @@ impl GradAccumulator {
     /// Returns the norm before clipping.
     pub fn clip(&mut self, max_norm: f64) -> Result<f64> {
         let norm = self.global_norm()?;
+        self.settle();
         if max_norm > 0.0 && norm.is_finite() {
             let coef = max_norm / (norm + 1e-6);
             if coef < 1.0 {
@@ -468,6 +573,7 @@ impl GradAccumulator {
                         *b = (&*b * coef)?;
                     }
                 }
+                self.piece_sums = None;
                 self.buffers.iter_mut().for_each(|b| {
                     b.par_chunks_mut(CHUNK)
                         .for_each(|b| b.iter_mut().for_each(|x| *x *= c))
@@ -543,5 +649,88 @@ mod tests {
         acc.buffers[0] = vec![0.3, 0.4];
         acc.clip(1.0).unwrap();
         assert_eq!(acc.buffers[0], [0.3, 0.4]);
+    }
+
+    /// The eager accumulator this one replaced: zero-filled buffers, `add_into` for
+    /// every gradient, the norm from a pass over all pieces.
+    fn eager(params: &Params, passes: &[GradStore]) -> (Vec<Vec<f32>>, f64) {
+        let mut bufs: Vec<Vec<f32>> = params
+            .vars()
+            .iter()
+            .map(|(_, v)| vec![0.0; v.elem_count()])
+            .collect();
+        for grads in passes {
+            for (b, (_, var)) in bufs.iter_mut().zip(params.vars()) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    add_into(b, &g);
+                }
+            }
+        }
+        let sums: Vec<f64> = bufs
+            .iter()
+            .flat_map(|b| b.chunks(CHUNK))
+            .map(sum_of_squares)
+            .collect();
+        (bufs, sums.iter().sum::<f64>().sqrt())
+    }
+
+    #[test]
+    fn lazy_zero_and_final_squares_give_the_eager_bits() {
+        // "a" spans several CHUNK pieces; "unused" is reached by no loss; a −0
+        // gradient must come out +0 as adding it to a zeroed buffer gives.
+        let n = 2 * CHUNK + 77;
+        let specs = vec![
+            ParamSpec::new("a", &[n], Init::Normal(1.0)),
+            ParamSpec::new("unused", &[5], Init::Zeros),
+            ParamSpec::new("b", &[3], Init::Zeros),
+        ];
+        let params = Params::init(specs, 7, &Device::Cpu).unwrap();
+        let (a, b) = (params.var("a").unwrap(), params.var("b").unwrap());
+        let pass = |scale: f64| {
+            let la = (a.as_tensor().sqr().unwrap().sum_all().unwrap() * scale).unwrap();
+            let lb = b.as_tensor().sum_all().unwrap();
+            let mut g = (la + lb).unwrap().backward().unwrap();
+            let minus_zero = Tensor::new(&[-0.0f32, -0.0, -0.0], &Device::Cpu).unwrap();
+            g.insert(b.as_tensor(), minus_zero);
+            g
+        };
+        let passes = [pass(0.3), pass(-1.7), pass(0.011)];
+        let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
+            v.iter()
+                .map(|b| b.iter().map(|x| x.to_bits()).collect())
+                .collect()
+        };
+        let mut acc = GradAccumulator::new(&params).unwrap();
+        for k in 1..=passes.len() {
+            // Stale contents from the previous round must not leak through `zero`.
+            acc.zero().unwrap();
+            assert!(acc.buffers().is_err(), "read before any add");
+            for (j, g) in passes[..k].iter().enumerate() {
+                if j + 1 == k {
+                    acc.add_final(&params, g).unwrap();
+                } else {
+                    acc.add(&params, g).unwrap();
+                }
+            }
+            let (want, norm) = eager(&params, &passes[..k]);
+            assert_eq!(bits(acc.buffers().unwrap()), bits(&want), "{k} passes");
+            assert_eq!(
+                acc.global_norm().unwrap().to_bits(),
+                norm.to_bits(),
+                "{k} passes"
+            );
+            assert!(
+                acc.buffers().unwrap()[2].iter().all(|x| x.to_bits() == 0),
+                "+0, not -0"
+            );
+            // Without the final squares the norm is recomputed: the same bits.
+            acc.piece_sums = None;
+            assert_eq!(acc.global_norm().unwrap().to_bits(), norm.to_bits());
+        }
+        // A zeroed accumulator reads as zeros through clip and its norm.
+        acc.zero().unwrap();
+        assert_eq!(acc.clip(1.0).unwrap(), 0.0);
+        assert!(acc.buffers().unwrap().iter().flatten().all(|&x| x == 0.0));
     }
 }

@@ -264,7 +264,10 @@ pub fn train(
         let mut loss = 0.0;
         let mut tokens = 0;
         if total_weight > 0.0 {
-            for (&(e, i), &w) in micro.iter().zip(&weights) {
+            // The last micro-batch also takes the norm's squares (in a data-parallel
+            // run the sum over ranks comes first, and the norm is taken after it).
+            let last = micro.len().checked_sub(1).filter(|_| !parallel);
+            for (k, (&(e, i), &w)) in micro.iter().zip(&weights).enumerate() {
                 if parallel && w == 0.0 {
                     continue; // this rank's shard of the batch is empty
                 }
@@ -275,7 +278,11 @@ pub fn train(
                     .to_scalar::<f64>()?;
                 tokens += parts.tokens;
                 let grads = scaled.backward()?;
-                acc.add(task.params(), &grads)?;
+                if Some(k) == last {
+                    acc.add_final(task.params(), &grads)?;
+                } else {
+                    acc.add(task.params(), &grads)?;
+                }
             }
         }
         if parallel {
