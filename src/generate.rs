@@ -419,8 +419,9 @@ enum Distribution {
     /// computed it).
     Greedy { token: u32, lse: Option<f64> },
     Weighted {
-        /// Candidate ids in the order the draw walks them.
-        candidates: Vec<usize>,
+        /// Candidate ids in the order the draw walks them; `None` for the whole
+        /// vocabulary in id order (plain sampling: no list of ids to build and walk).
+        candidates: Option<Vec<usize>>,
         /// exp((score − max) / T) of each candidate.
         weights: Vec<f64>,
         total: f64,
@@ -432,27 +433,51 @@ enum Distribution {
 
 impl Distribution {
     fn new(logits: &[f32], history: &[u32], params: &SamplingParams) -> Distribution {
-        let mut scores = logits.to_vec();
+        // The logits themselves unless a penalty changes them (no copy of the row).
+        let mut scores = std::borrow::Cow::Borrowed(logits);
         if params.repetition_penalty != 1.0 {
             // transformers' RepetitionPenaltyLogitsProcessor: shrink toward less likely.
             let p = params.repetition_penalty;
             let mut seen = history.to_vec();
             seen.sort_unstable();
             seen.dedup();
+            let scores = scores.to_mut();
             for &t in &seen {
                 if let Some(s) = scores.get_mut(t as usize) {
                     *s = if *s < 0.0 { *s * p } else { *s / p };
                 }
             }
         }
+        let scores: &[f32] = &scores;
         if params.temperature == 0.0 {
             return Distribution::Greedy {
-                token: argmax(&scores) as u32,
+                token: argmax(scores) as u32,
                 lse: None,
             };
         }
+        let inv_t = 1.0 / params.temperature as f64;
+        let cut = (params.top_k > 0 && params.top_k < scores.len()) || params.top_p < 1.0;
+        if !cut {
+            // The whole vocabulary in id order: the same max, weights and sum as the
+            // candidate list below would give, without the list.
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let weights: Vec<f64> = scores
+                .iter()
+                .map(|&x| ((x as f64 - max) * inv_t).exp())
+                .collect();
+            let total: f64 = weights.iter().sum();
+            // The logits unchanged, (x − max)·1 = x − max: `total` is log_sum_exp's
+            // sum, term for term.
+            let plain = params.repetition_penalty == 1.0 && params.temperature == 1.0;
+            return Distribution::Weighted {
+                candidates: None,
+                weights,
+                total,
+                lse: plain.then(|| total.ln() + max),
+            };
+        }
         // Candidate ids: the whole vocabulary unless top-k or top-p cut it. Only top-p
-        // needs an order, so the common case (plain temperature sampling) sorts nothing.
+        // needs an order.
         let mut candidates: Vec<usize> = (0..scores.len()).collect();
         if params.top_k > 0 && params.top_k < candidates.len() {
             let k = params.top_k;
@@ -468,7 +493,6 @@ impl Distribution {
             .iter()
             .map(|&i| scores[i])
             .fold(f32::NEG_INFINITY, f32::max) as f64;
-        let inv_t = 1.0 / params.temperature as f64;
         let weight = |i: usize| ((scores[i] as f64 - max) * inv_t).exp();
         if params.top_p < 1.0 {
             candidates.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
@@ -492,17 +516,11 @@ impl Distribution {
             weights.shrink_to_fit();
         }
         let total: f64 = weights.iter().sum();
-        // The whole vocabulary in id order, the logits unchanged, (x − max)·1 = x − max:
-        // `total` is log_sum_exp's sum, term for term.
-        let plain = params.repetition_penalty == 1.0
-            && params.temperature == 1.0
-            && candidates.len() == logits.len()
-            && params.top_p >= 1.0;
         Distribution::Weighted {
-            candidates,
+            candidates: Some(candidates),
             weights,
             total,
-            lse: plain.then(|| total.ln() + max),
+            lse: None,
         }
     }
 
@@ -527,14 +545,15 @@ impl Distribution {
                 lse,
             } => {
                 let r = rng.random::<f64>() * total;
+                let id = |k: usize| candidates.as_ref().map_or(k, |c| c[k]) as u32;
                 let mut cum = 0.0;
-                for (&i, w) in candidates.iter().zip(weights) {
+                for (k, w) in weights.iter().enumerate() {
                     cum += w;
                     if r < cum {
-                        return (i as u32, *lse);
+                        return (id(k), *lse);
                     }
                 }
-                (candidates[candidates.len() - 1] as u32, *lse)
+                (id(weights.len() - 1), *lse)
             }
         }
     }
