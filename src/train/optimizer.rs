@@ -49,6 +49,8 @@ const CHUNK: usize = 1 << 16;
 /// One step's scalars for one parameter.
 #[derive(Debug, Clone, Copy)]
 struct Hyper {
+    /// The gradient's clipping factor (1 when not clipped: g·1 = g exactly).
+    clip: f32,
     wd: f32,
     b1: f32,
     b2: f32,
@@ -64,6 +66,8 @@ simd_kernel! {
     fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: Hyper) {
         assert!(m.len() == p.len() && v.len() == p.len() && g.len() == p.len());
         for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            // The product `clip` used to store into the gradient buffer, here.
+            let g = g * h.clip;
             *p -= h.wd * *p;
             *m = h.b1 * *m + (1.0 - h.b1) * g;
             *v = h.b2 * *v + (1.0 - h.b2) * g * g;
@@ -190,7 +194,10 @@ impl AdamW {
     pub fn step(&mut self, params: &Params, grads: &GradAccumulator, lr: f64) -> Result<()> {
         match &grads.device {
             Some(g) => self.update_on_device(params, g, lr),
-            None => self.update(params, grads.buffers()?, lr),
+            None => {
+                let (buffers, clip) = grads.unscaled()?;
+                self.update_clipped(params, buffers, clip, lr)
+            }
         }
     }
 
@@ -227,6 +234,18 @@ impl AdamW {
 
     /// One update of every parameter with gradients `grads` (same order) at `lr`.
     pub fn update(&mut self, params: &Params, grads: &[Vec<f32>], lr: f64) -> Result<()> {
+        self.update_clipped(params, grads, 1.0, lr)
+    }
+
+    /// `update` with the gradients `grads` times `clip` (clipping's factor, applied
+    /// as each gradient is read: no pass of its own over them).
+    fn update_clipped(
+        &mut self,
+        params: &Params,
+        grads: &[Vec<f32>],
+        clip: f32,
+        lr: f64,
+    ) -> Result<()> {
         if self.device_moments.is_some() {
             return Err(Error::Invalid(
                 "optimizer: host gradients for parameters on a GPU (use `step`)".into(),
@@ -253,6 +272,7 @@ impl AdamW {
                     0.0
                 };
                 let h = Hyper {
+                    clip,
                     wd,
                     b1,
                     b2,
@@ -368,10 +388,14 @@ fn begin_step(step: &mut u64, c: AdamWConfig, grads: usize, vars: usize) -> Resu
 /// 0 + g instead of adding g to a zero-filled buffer (the same bits, one pass over
 /// memory less and no read of the buffer). `add_final`, the step's last micro-batch,
 /// also takes the sums of squares that the global norm needs while each piece is
-/// still in cache, so clipping does not read every gradient again.
+/// still in cache, so clipping does not read every gradient again; and clipping
+/// records its factor (`clip`), which AdamW applies as it reads each gradient,
+/// instead of a pass that scales them in place.
 #[derive(Debug, Clone)]
 pub struct GradAccumulator {
     buffers: Vec<Vec<f32>>,
+    /// Clipping's factor, not yet applied to `buffers` (1: none).
+    clip: f32,
     /// Buffers whose contents are stale: zero until the next `add` writes them.
     fresh: Vec<bool>,
     /// Σ g² of every CHUNK piece of every buffer, in `global_norm`'s order, taken by
@@ -390,6 +414,7 @@ impl GradAccumulator {
                 .collect::<candle_core::Result<_>>()?;
             return Ok(GradAccumulator {
                 buffers: vec![],
+                clip: 1.0,
                 fresh: vec![],
                 piece_sums: None,
                 device: Some(device),
@@ -400,21 +425,42 @@ impl GradAccumulator {
                 .iter()
                 .map(|(_, v)| vec![0.0; v.elem_count()])
                 .collect(),
+            clip: 1.0,
             fresh: vec![false; vars.len()],
             piece_sums: None,
             device: None,
         })
     }
 
-    /// The summed gradients, one flat buffer per parameter (empty on a GPU).
-    pub fn buffers(&self) -> Result<&[Vec<f32>]> {
+    /// The summed (and clipped) gradients, one flat buffer per parameter (empty on
+    /// a GPU).
+    pub fn buffers(&mut self) -> Result<&[Vec<f32>]> {
+        self.apply_clip();
+        Ok(self.unscaled()?.0)
+    }
+
+    /// The buffers before clipping's factor, and the factor (AdamW's view).
+    fn unscaled(&self) -> Result<(&[Vec<f32>], f32)> {
         if self.fresh.iter().any(|&f| f) {
             return Err(Error::Invalid(
                 "gradient accumulator: read after `zero` with no `add`, `clip` or `all_reduce`"
                     .into(),
             ));
         }
-        Ok(&self.buffers)
+        Ok((&self.buffers, self.clip))
+    }
+
+    /// Scales the buffers by clipping's factor, where something other than AdamW
+    /// is to read or change them.
+    fn apply_clip(&mut self) {
+        let c = std::mem::replace(&mut self.clip, 1.0);
+        if c != 1.0 {
+            self.piece_sums = None;
+            self.buffers.iter_mut().for_each(|b| {
+                b.par_chunks_mut(CHUNK)
+                    .for_each(|b| b.iter_mut().for_each(|x| *x *= c))
+            });
+        }
     }
 
     /// Adds one backward pass's gradients; a parameter the loss did not reach adds 0.
@@ -429,6 +475,7 @@ impl GradAccumulator {
     }
 
     fn accumulate(&mut self, params: &Params, grads: &GradStore, squares: bool) -> Result<()> {
+        self.apply_clip();
         if let Some(bufs) = self.device.as_mut() {
             for (buf, (_, var)) in bufs.iter_mut().zip(params.vars()) {
                 if let Some(g) = grads.get(var.as_tensor()) {
@@ -509,6 +556,7 @@ impl GradAccumulator {
             }
         }
         self.settle();
+        self.apply_clip();
         self.piece_sums = None;
         for b in self.buffers.iter_mut() {
             comm.all_reduce_sum(b)?;
@@ -525,13 +573,15 @@ impl GradAccumulator {
         // Lazily: the next `add` overwrites them (or `settle` zeroes them).
         self.fresh.iter_mut().for_each(|f| *f = true);
         self.piece_sums = None;
+        self.clip = 1.0;
         Ok(())
     }
 
     /// The global L2 norm of all gradients (in f64: fixed pieces of CHUNK elements in
     /// parameter order, each with eight partial sums, so the bits do not depend on the
     /// thread count; on a GPU each parameter's sum of squares is taken there, in f32).
-    pub fn global_norm(&self) -> Result<f64> {
+    pub fn global_norm(&mut self) -> Result<f64> {
+        self.apply_clip();
         if let Some(bufs) = &self.device {
             let sums: Vec<Tensor> = bufs
                 .iter()
@@ -573,11 +623,11 @@ impl GradAccumulator {
                         *b = (&*b * coef)?;
                     }
                 }
-                self.piece_sums = None;
-                self.buffers.iter_mut().for_each(|b| {
-                    b.par_chunks_mut(CHUNK)
-                        .for_each(|b| b.iter_mut().for_each(|x| *x *= c))
-                });
+                // Applied by AdamW as it reads the gradients (or by `apply_clip`
+                // where anything else reads them first); on a GPU, done above.
+                if self.device.is_none() {
+                    self.clip = c;
+                }
             }
         }
         Ok(norm)
@@ -732,5 +782,58 @@ mod tests {
         acc.zero().unwrap();
         assert_eq!(acc.clip(1.0).unwrap(), 0.0);
         assert!(acc.buffers().unwrap().iter().flatten().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn clipping_inside_adamw_gives_the_bits_of_scaled_gradients() {
+        let specs = vec![
+            ParamSpec::new("a", &[CHUNK + 9], Init::Normal(1.0)).decayed(),
+            ParamSpec::new("b", &[4], Init::Normal(1.0)),
+        ];
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let lazy = Params::init(specs.clone(), 3, &Device::Cpu).unwrap();
+        let eager_params = Params::init(specs, 3, &Device::Cpu).unwrap();
+        let (mut opt_lazy, mut opt_eager) = (
+            AdamW::new(&lazy, cfg).unwrap(),
+            AdamW::new(&eager_params, cfg).unwrap(),
+        );
+        let mut acc = GradAccumulator::new(&lazy).unwrap();
+        for step in 0..3 {
+            let loss = |p: &Params| {
+                let a = p.var("a").unwrap().as_tensor();
+                let b = p.var("b").unwrap().as_tensor();
+                let l = (a.sqr().unwrap().sum_all().unwrap() * (1.0 + step as f64)).unwrap();
+                (l + b.sum_all().unwrap()).unwrap().backward().unwrap()
+            };
+            acc.zero().unwrap();
+            acc.add_final(&lazy, &loss(&lazy)).unwrap();
+            let norm = acc.clip(0.5).unwrap();
+            opt_lazy.step(&lazy, &acc, 1e-2).unwrap();
+            // The eager way: scale the buffers in place, then update.
+            let (mut bufs, want_norm) = eager(&eager_params, &[loss(&eager_params)]);
+            assert_eq!(norm.to_bits(), want_norm.to_bits());
+            let c = (0.5 / (want_norm + 1e-6)) as f32;
+            assert!(c < 1.0, "the test must clip");
+            bufs.iter_mut().flatten().for_each(|x| *x *= c);
+            opt_eager.update(&eager_params, &bufs, 1e-2).unwrap();
+            for name in ["a", "b"] {
+                let bits = |p: &Params| -> Vec<u32> {
+                    p.get(name)
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect()
+                };
+                assert_eq!(bits(&lazy), bits(&eager_params), "{name}, step {step}");
+            }
+            // What `buffers` shows is the clipped gradients.
+            assert_eq!(acc.buffers().unwrap()[1], bufs[1]);
+        }
     }
 }
