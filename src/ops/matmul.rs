@@ -15,7 +15,10 @@
 //! output still gets the same 8-lane FMA chain, `hsum` and tail, and the same bits
 //! (`tests::avx512_kernel_has_the_bits_of_the_avx2_kernel`), in half the FMA
 //! instructions (1.2–1.6× faster at 8 rows, `examples/bench_skinny 8`). One row
-//! stays on the AVX2 kernel: half of every 16-lane FMA would be empty.
+//! stays on the AVX2 kernel: half of every 16-lane FMA would be empty. A full block's
+//! 32 horizontal sums are taken together by one network of shuffles and adds that
+//! pairs the lanes as `hsum` does (`sums_of_eight_rows`): the same bits, a tenth of
+//! the shuffles.
 //!
 //! The gemm crate's general kernels pack the weight for every call, which for n ≤ 16
 //! rows costs more than the product itself (measured: 2–3× slower on GPT-2 shapes).
@@ -301,7 +304,8 @@ mod avx512 {
     /// in pairs from `xp`, x's first `full` columns packed pair by pair (`pack`).
     /// Accumulator [r][p]'s low half is avx2's accumulator for (W row r, x row 2p),
     /// its high half the one for row 2p + 1: the same FMAs lane for lane, then the
-    /// same `hsum` and scalar tail (read from `x`), so the same bits.
+    /// same `hsum` (for a full block of eight rows, `sums_of_eight_rows`: the same
+    /// additions) and scalar tail (read from `x`), so the same bits.
     ///
     /// # Safety
     /// The CPU has AVX-512F, AVX2 and FMA; `wp` points at 4 rows of `inner` floats,
