@@ -17,8 +17,8 @@
 //! instructions (1.2–1.6× faster at 8 rows, `examples/bench_skinny 8`). One row
 //! stays on the AVX2 kernel: half of every 16-lane FMA would be empty. A full block's
 //! 32 horizontal sums are taken together by one network of shuffles and adds that
-//! pairs the lanes as `hsum` does (`sums_of_eight_rows`): the same bits, a tenth of
-//! the shuffles.
+//! pairs the lanes as `hsum` does (`sums_of_eight_rows`): the same bits, 28
+//! shuffles where the 32 `hsum`s took 96.
 //!
 //! The gemm crate's general kernels pack the weight for every call, which for n ≤ 16
 //! rows costs more than the product itself (measured: 2–3× slower on GPT-2 shapes).
@@ -373,7 +373,8 @@ mod avx512 {
 
     /// `hsum` of every half of a full block's sixteen accumulators ([W row][pair]),
     /// as s[x row][W row], in 42 shuffles and adds instead of 32 `hsum`s (at GPT-2
-    /// tiny's width of 256 the per-output `hsum`s took a third of the kernel's time).
+    /// tiny's width of 256 an output's 16 FMAs met 3–4 `hsum` shuffles on the port
+    /// that runs half of them).
     /// The adds pair the lanes as `hsum` does, each sum ((l0+l4)+(l2+l6)) +
     /// ((l1+l5)+(l3+l7)), so the bits are `hsum`'s (an add's operands commute
     /// exactly): first each 4-lane chunk (one output's lanes 0..4 or 4..8) meets
@@ -455,12 +456,9 @@ mod avx512 {
         let full = inner / 8 * 8;
         // Panels of X_PANEL x rows (even, so a panel starts on a pair), as avx2's.
         const { assert!(super::X_PANEL.is_multiple_of(2)) };
-        // Panels that stay in L1 beside a W block: 32 KiB of packed x, at least
-        // one block of eight rows.
-        let panel = (32 * 1024 / (4 * full.max(1)) / 8 * 8).max(8);
         let mut b0 = 0;
         while b0 < n {
-            let end = (b0 + panel).min(n);
+            let end = (b0 + super::X_PANEL).min(n);
             let mut o = 0;
             while o + 4 <= rows {
                 let wp = w.as_ptr().add(o * inner);

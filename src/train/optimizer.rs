@@ -730,22 +730,34 @@ mod tests {
         // "a" spans several CHUNK pieces; "unused" is reached by no loss; a −0
         // gradient must come out +0 as adding it to a zeroed buffer gives.
         let n = 2 * CHUNK + 77;
+        // "middle" is reached by the second pass only: a buffer that a pass leaves
+        // alone after an earlier round wrote it must read as zeros, and later passes
+        // must add to what it holds.
         let specs = vec![
             ParamSpec::new("a", &[n], Init::Normal(1.0)),
             ParamSpec::new("unused", &[5], Init::Zeros),
             ParamSpec::new("b", &[3], Init::Zeros),
+            ParamSpec::new("middle", &[4], Init::Normal(1.0)),
         ];
         let params = Params::init(specs, 7, &Device::Cpu).unwrap();
         let (a, b) = (params.var("a").unwrap(), params.var("b").unwrap());
+        let middle = params.var("middle").unwrap();
         let pass = |scale: f64| {
             let la = (a.as_tensor().sqr().unwrap().sum_all().unwrap() * scale).unwrap();
             let lb = b.as_tensor().sum_all().unwrap();
-            let mut g = (la + lb).unwrap().backward().unwrap();
+            let mut loss = (la + lb).unwrap();
+            if scale < 0.0 {
+                let lm = (middle.as_tensor().sqr().unwrap().sum_all().unwrap() * 3.0).unwrap();
+                loss = (loss + lm).unwrap();
+            }
+            let mut g = loss.backward().unwrap();
             let minus_zero = Tensor::new(&[-0.0f32, -0.0, -0.0], &Device::Cpu).unwrap();
             g.insert(b.as_tensor(), minus_zero);
             g
         };
         let passes = [pass(0.3), pass(-1.7), pass(0.011)];
+        assert!(passes[0].get(middle.as_tensor()).is_none());
+        assert!(passes[1].get(middle.as_tensor()).is_some());
         let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
             v.iter()
                 .map(|b| b.iter().map(|x| x.to_bits()).collect())
@@ -778,6 +790,19 @@ mod tests {
             acc.piece_sums = None;
             assert_eq!(acc.global_norm().unwrap().to_bits(), norm.to_bits());
         }
+        // Round 1 wrote "middle"; a round whose only pass does not reach it must
+        // not see that.
+        acc.zero().unwrap();
+        acc.add(&params, &passes[1]).unwrap();
+        acc.zero().unwrap();
+        acc.add_final(&params, &passes[2]).unwrap();
+        let (want, norm) = eager(&params, &passes[2..]);
+        assert_eq!(
+            bits(acc.buffers().unwrap()),
+            bits(&want),
+            "a pass that skips a buffer"
+        );
+        assert_eq!(acc.global_norm().unwrap().to_bits(), norm.to_bits());
         // A zeroed accumulator reads as zeros through clip and its norm.
         acc.zero().unwrap();
         assert_eq!(acc.clip(1.0).unwrap(), 0.0);
@@ -813,6 +838,9 @@ mod tests {
             acc.zero().unwrap();
             acc.add_final(&lazy, &loss(&lazy)).unwrap();
             let norm = acc.clip(0.5).unwrap();
+            // The clipped gradients' norm, with the factor pending.
+            let mut probe = acc.clone();
+            assert!((probe.global_norm().unwrap() - 0.5).abs() < 1e-6);
             opt_lazy.step(&lazy, &acc, 1e-2).unwrap();
             // The eager way: scale the buffers in place, then update.
             let (mut bufs, want_norm) = eager(&eager_params, &[loss(&eager_params)]);
@@ -835,5 +863,43 @@ mod tests {
             // What `buffers` shows is the clipped gradients.
             assert_eq!(acc.buffers().unwrap()[1], bufs[1]);
         }
+    }
+
+    #[test]
+    fn an_add_after_clip_adds_to_the_clipped_gradients() {
+        let specs = vec![ParamSpec::new("a", &[CHUNK + 5], Init::Normal(1.0))];
+        let params = Params::init(specs, 4, &Device::Cpu).unwrap();
+        let a = params.var("a").unwrap();
+        let grads = |s: f64| {
+            (a.as_tensor().sqr().unwrap().sum_all().unwrap() * s)
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g1, g2) = (grads(1.0), grads(-0.25));
+        let mut acc = GradAccumulator::new(&params).unwrap();
+        acc.zero().unwrap();
+        acc.add_final(&params, &g1).unwrap();
+        let norm = acc.clip(0.1).unwrap();
+        acc.add_final(&params, &g2).unwrap();
+        // Eagerly: g1 scaled in place, then g2 added; the norm of that.
+        let (mut want, n1) = eager(&params, &[g1]);
+        assert_eq!(norm.to_bits(), n1.to_bits());
+        let c = (0.1 / (n1 + 1e-6)) as f32;
+        want.iter_mut().flatten().for_each(|x| *x *= c);
+        let g2 = g2.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        add_into(&mut want[0], &g2);
+        let want_norm = want[0]
+            .chunks(CHUNK)
+            .map(sum_of_squares)
+            .sum::<f64>()
+            .sqrt();
+        assert_eq!(acc.global_norm().unwrap().to_bits(), want_norm.to_bits());
+        let got: Vec<u32> = acc.buffers().unwrap()[0]
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        let want: Vec<u32> = want[0].iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want);
     }
 }
