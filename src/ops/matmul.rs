@@ -343,10 +343,8 @@ mod avx512 {
             k += 8;
         }
         if NP == 4 && nb == 8 {
-            // SAFETY: as this function's (the same CPU features, rows and columns).
-            let full_block: [[__m512; 4]; 4] =
-                std::array::from_fn(|r| std::array::from_fn(|p| acc[r][p]));
-            let s = sums_of_eight_rows(&full_block);
+            // v[i], i = 4·r + p: W row r, x rows 2p (lanes 0..8) and 2p + 1 (8..16).
+            let s = sums_of_eight_rows(std::array::from_fn(|i| acc[i / 4][i % 4]));
             for (j, sj) in s.iter().enumerate() {
                 super::finish(*sj, wp, x.add(j * inner), inner, o, b + j, y);
             }
@@ -371,7 +369,7 @@ mod avx512 {
         }
     }
 
-    /// `hsum` of every half of a full block's sixteen accumulators ([W row][pair]),
+    /// `hsum` of every half of a full block's sixteen accumulators (v[4·W row + pair]),
     /// as s[x row][W row], in 42 shuffles and adds instead of 32 `hsum`s (at GPT-2
     /// tiny's width of 256 an output's 16 FMAs met 3–4 `hsum` shuffles on the port
     /// that runs half of them).
@@ -384,9 +382,7 @@ mod avx512 {
     /// The CPU has AVX-512F.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn sums_of_eight_rows(acc: &[[__m512; 4]; 4]) -> [[f32; 4]; 8] {
-        // v[i], i = 4·r + p: W row r, x rows 2p (lanes 0..8) and 2p + 1 (8..16).
-        let v: [__m512; 16] = std::array::from_fn(|i| acc[i / 4][i % 4]);
+    unsafe fn sums_of_eight_rows(v: [__m512; 16]) -> [[f32; 4]; 8] {
         // w[m]'s chunk c: output (v[2m + c/2], half c % 2), lanes k + (k + 4).
         let w: [__m512; 8] = std::array::from_fn(|m| {
             let (a, b) = (v[2 * m], v[2 * m + 1]);

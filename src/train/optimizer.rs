@@ -484,6 +484,7 @@ impl GradAccumulator {
             }
             return Ok(());
         }
+        // Σ g² of each piece, in `global_norm`'s order, when `squares`.
         let mut sums = Vec::new();
         let vars = params.vars();
         if vars.len() != self.buffers.len() {
@@ -494,7 +495,6 @@ impl GradAccumulator {
             )));
         }
         for ((buf, fresh), (_, var)) in self.buffers.iter_mut().zip(&mut self.fresh).zip(vars) {
-            let piece = |b: &mut [f32]| if squares { sum_of_squares(b) } else { 0.0 };
             match grads.get(var.as_tensor()) {
                 Some(g) => {
                     // The gradient's own f32 storage, read in place (no copy).
@@ -508,19 +508,26 @@ impl GradAccumulator {
                             );
                         }
                         let first = *fresh;
-                        let s: Vec<f64> = buf
-                            .par_chunks_mut(CHUNK)
-                            .zip(g.par_chunks(CHUNK))
-                            .map(|(b, g)| {
-                                if first {
-                                    set_from(b, g)
-                                } else {
-                                    add_into(b, g)
-                                }
-                                piece(b)
-                            })
-                            .collect();
-                        sums.extend(s);
+                        let pieces = buf.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK));
+                        let write = |b: &mut [f32], g: &[f32]| {
+                            if first {
+                                set_from(b, g)
+                            } else {
+                                add_into(b, g)
+                            }
+                        };
+                        // The squares right after the write, while the piece is in cache.
+                        if squares {
+                            let s: Vec<f64> = pieces
+                                .map(|(b, g)| {
+                                    write(b, g);
+                                    sum_of_squares(b)
+                                })
+                                .collect();
+                            sums.extend(s);
+                        } else {
+                            pieces.for_each(|(b, g)| write(b, g));
+                        }
                         Ok(())
                     })?;
                 }
@@ -529,7 +536,8 @@ impl GradAccumulator {
                         crate::ops::clear(buf);
                     }
                     if squares {
-                        sums.extend(buf.par_chunks_mut(CHUNK).map(piece).collect::<Vec<_>>());
+                        let s: Vec<f64> = buf.par_chunks(CHUNK).map(sum_of_squares).collect();
+                        sums.extend(s);
                     }
                 }
             }
